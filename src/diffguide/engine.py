@@ -1,0 +1,149 @@
+"""The guided model: all branches of a step in one batched forward.
+
+At each step the active terms declare the branches they need. Rows are laid out branch by
+branch, ``[uncond?, cond, perturbed_1, ...]`` with B images each (the order diffusers' PAG
+pipelines use), so row ``k * B + i`` is image i of branch k. The rows run as ONE forward,
+or in contiguous chunks of at most ``max_rows``; before each chunk the engine tells every
+installed perturbation which of the chunk's rows are its own. Terms outside their window
+add no rows. Predictions are then split per branch and combined::
+
+    g = c + sum_i term_i.delta(preds)      g = term_i.post(g, preds)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError
+from .guidance.base import COND, UNCOND, Branch, GuidanceTerm, StepInfo
+from .models.denoiser import Conditioning, Denoiser
+from .perturb.base import BranchRows, ForwardContext
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The guided prediction and every branch's prediction, each (B, C, H, W)."""
+
+    guided: Tensor
+    preds: dict[str, Tensor]
+
+
+def _branch_table(terms: Sequence[GuidanceTerm]) -> dict[str, Branch]:
+    table: dict[str, Branch] = {"cond": COND}
+    for term in terms:
+        for branch in term.branches():
+            known = table.get(branch.name)
+            if known is not None and known != branch:
+                raise ConfigError(
+                    f"two guidance terms define a branch named '{branch.name}'; give one of them another name="
+                )
+            table[branch.name] = branch
+    return table
+
+
+class GuidedModel:
+    """Evaluates the guided prediction for a batch of B images at one step."""
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        terms: Sequence[GuidanceTerm],
+        cond: Conditioning,
+        uncond: Conditioning | None,
+        seeds: Sequence[int],
+        max_rows: int | None = None,
+    ) -> None:
+        self.denoiser, self.terms = denoiser, tuple(terms)
+        self.branches = _branch_table(self.terms)
+        if "uncond" in self.branches and uncond is None:
+            raise ConfigError(
+                "a guidance term needs the unconditional branch but no negative conditioning was given"
+            )
+        if uncond is not None and uncond.batch != cond.batch:
+            raise ConfigError(f"negative conditioning has {uncond.batch} rows, the prompt {cond.batch}")
+        if len(seeds) != cond.batch:
+            raise ConfigError(f"{len(seeds)} seeds for {cond.batch} images: give one seed per image")
+        if max_rows is not None and max_rows < 1:
+            raise ConfigError(f"max_rows must be >= 1, got {max_rows}")
+        check = getattr(denoiser, "check", None)
+        for c in (cond, uncond):
+            if check is not None and c is not None:
+                check(c)
+        self.cond, self.uncond, self.max_rows = cond, uncond, max_rows
+        self.ctx = ForwardContext(tuple(seeds))
+        self._rows_cache: dict[tuple[str, ...], Conditioning] = {}
+        self.forward_calls = 0
+
+    @contextmanager
+    def installed(self) -> Iterator[GuidedModel]:
+        """Install every perturbation of every branch for the run; all removed on exit."""
+        with ExitStack() as stack:
+            for branch in self.branches.values():
+                if branch.perturbation is not None:
+                    stack.enter_context(
+                        branch.perturbation.install(self.denoiser.model, branch.name, self.ctx)
+                    )
+            yield self
+
+    def active_branches(self, step: StepInfo) -> tuple[list[GuidanceTerm], list[Branch]]:
+        terms = [t for t in self.terms if t.active(step)]
+        names = {b.name for t in terms for b in t.branches()}
+        order = [UNCOND] if "uncond" in names else []
+        order.append(COND)
+        order += [b for t in terms for b in t.branches() if b.name not in ("cond", "uncond")]
+        return terms, order
+
+    def _conditioning(self, branches: list[Branch]) -> Conditioning:
+        key = tuple(b.name for b in branches)
+        if key not in self._rows_cache:
+            parts = [self.cond if b.prompt == "cond" else self.uncond for b in branches]
+            self._rows_cache[key] = Conditioning.cat([p for p in parts if p is not None])
+        return self._rows_cache[key]
+
+    def _forward(
+        self, x: Tensor, t: Tensor, cond: Conditioning, branches: list[Branch], batch: int
+    ) -> Tensor:
+        total = x.shape[0]
+        size = self.max_rows or total
+        outs = []
+        for start in range(0, total, size):
+            stop = min(start + size, total)
+            self.ctx.rows = _rows_in(branches, batch, start, stop)
+            try:
+                tt = t[start:stop] if t.ndim > 0 else t
+                outs.append(self.denoiser(x[start:stop], tt, cond.rows(start, stop)))
+                self.forward_calls += 1
+            finally:
+                self.ctx.rows = {}
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def __call__(self, x: Tensor, t: Tensor, step: StepInfo) -> StepResult:
+        """x: (B, C, H, W) scaled model input; t: model timestep (scalar or (B,))."""
+        batch = x.shape[0]
+        terms, branches = self.active_branches(step)
+        rows_x = torch.cat([x] * len(branches)) if len(branches) > 1 else x  # (K*B, C, H, W)
+        rows_t = torch.cat([t] * len(branches)) if t.ndim > 0 else t
+        out = self._forward(rows_x, rows_t, self._conditioning(branches), branches, batch)
+        preds = {b.name: out[k * batch : (k + 1) * batch] for k, b in enumerate(branches)}
+        guided = preds["cond"]
+        for term in terms:
+            guided = guided + term.delta(preds, step)
+        for term in terms:
+            guided = term.post(guided, preds, step)
+        return StepResult(guided, preds)
+
+
+def _rows_in(branches: list[Branch], batch: int, start: int, stop: int) -> dict[str, BranchRows]:
+    """For each perturbed branch, its rows within the chunk [start, stop), chunk-relative."""
+    rows = {}
+    for k, branch in enumerate(branches):
+        lo, hi = max(k * batch, start), min((k + 1) * batch, stop)
+        if branch.perturbation is not None and lo < hi:
+            images = tuple(range(lo - k * batch, hi - k * batch))
+            rows[branch.name] = BranchRows(slice(lo - start, hi - start), images)
+    return rows

@@ -1,0 +1,8 @@
+"""Guidance terms: pure tensor math, one method per file."""
+
+from .base import COND, UNCOND, Branch, GuidanceTerm, StepInfo, Window
+from .cfg import CFG
+from .pag import PAG
+from .tpg import TPG
+
+__all__ = ["CFG", "COND", "PAG", "TPG", "UNCOND", "Branch", "GuidanceTerm", "StepInfo", "Window"]

@@ -1,0 +1,128 @@
+"""Branches, windows and the guidance-term protocol.
+
+A *branch* is one model evaluation per image: the conditional prediction ``c``, the
+unconditional prediction ``u``, or a perturbed conditional prediction ``p`` (the cond
+prompt evaluated with a model-side perturbation installed on that branch's rows).
+
+A *guidance term* declares the branches it needs and returns a delta that is added to the
+conditional prediction. The guided prediction of one step is::
+
+    g = c + sum_i delta_i(c, u, p_i, step)      then   g = post_i(g, ...) for each term
+
+All predictions live in the model's own output space (epsilon or v), exactly as diffusers'
+pipelines combine them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+from torch import Tensor
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..perturb.base import Perturbation
+
+Prompt = Literal["cond", "uncond"]
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One model evaluation per image.
+
+    ``name`` is unique within a run ("cond", "uncond", or the name of the term that owns a
+    perturbed branch). ``prompt`` says which text conditioning the rows use.
+    """
+
+    name: str
+    prompt: Prompt
+    perturbation: Perturbation | None = None
+
+
+COND = Branch("cond", "cond")
+UNCOND = Branch("uncond", "uncond")
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Where the sampler is: evaluation ``index`` of ``count``, at noise level ``sigma``.
+
+    ``timestep`` is the model timestep (0..999 for SD-family models), used by diffusers'
+    adaptive PAG scale.
+    """
+
+    index: int
+    count: int
+    sigma: float
+    timestep: float
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of the run already done: 0 at the first evaluation."""
+        return self.index / max(self.count, 1)
+
+
+@dataclass(frozen=True)
+class Window:
+    """When a term is active: ``sigma_min <= sigma <= sigma_max`` and ``start <= fraction < end``.
+
+    ``fraction`` is ``index / count`` (0 at the first model evaluation). The default window
+    covers the whole run. A term outside its window adds no rows to the batch.
+    """
+
+    sigma_min: float = 0.0
+    sigma_max: float = math.inf
+    start: float = 0.0
+    end: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.start <= 1.0 and 0.0 <= self.end <= 1.0):
+            raise ConfigError(f"window start/end must lie in [0, 1], got start={self.start}, end={self.end}")
+        if self.start >= self.end:
+            raise ConfigError(f"window start ({self.start}) must be below its end ({self.end})")
+        if self.sigma_min < 0 or self.sigma_min > self.sigma_max:
+            raise ConfigError(
+                f"window needs 0 <= sigma_min <= sigma_max, got sigma_min={self.sigma_min}, "
+                f"sigma_max={self.sigma_max}"
+            )
+
+    def contains(self, step: StepInfo) -> bool:
+        return self.sigma_min <= step.sigma <= self.sigma_max and self.start <= step.fraction < self.end
+
+
+Predictions = Mapping[str, Tensor]
+
+
+@runtime_checkable
+class GuidanceTerm(Protocol):
+    """What the engine needs from a guidance method."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def window(self) -> Window: ...
+
+    def branches(self) -> tuple[Branch, ...]:
+        """Branches this term needs besides ``cond`` (which every run evaluates)."""
+        ...
+
+    def active(self, step: StepInfo) -> bool:
+        """Whether the term contributes at this step (window, and a non-zero strength)."""
+        ...
+
+    def delta(self, preds: Predictions, step: StepInfo) -> Tensor:
+        """The term's contribution, added to ``c``. Shapes: every tensor is (B, C, H, W)."""
+        ...
+
+    def post(self, guided: Tensor, preds: Predictions, step: StepInfo) -> Tensor:
+        """A correction of the combined prediction (CFG's rescale); identity by default."""
+        ...
+
+    def describe(self) -> dict[str, object]:
+        """Parameters for the manifest."""
+        ...

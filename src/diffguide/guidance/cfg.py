@@ -1,0 +1,69 @@
+"""Classifier-free guidance (Ho & Salimans 2022) with guidance rescale (Lin et al. 2023).
+
+Formula (epsilon or v space; w = ``scale``)::
+
+    g = u + w (c - u)  =  c + (w - 1)(c - u)
+
+Convention: w = 1 is no guidance (no unconditional branch is evaluated); this is the
+convention of diffusers' pipelines (``guidance_scale``) and ComfyUI's ``cfg``. ComfyUI
+combines in x0 space; for a linear combination at one sigma the two are identical.
+
+Rescale (phi = ``rescale``), applied to the combined prediction as diffusers does::
+
+    g <- phi * g * std(c) / std(g) + (1 - phi) * g      (std over all non-batch dims)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from ..errors import ConfigError
+from .base import UNCOND, Branch, Predictions, StepInfo, Window
+
+
+def cfg_delta(c: Tensor, u: Tensor, w: float) -> Tensor:
+    """(w - 1)(c - u), so that c + delta = u + w (c - u).  c, u: (B, C, H, W)."""
+    return (w - 1.0) * (c - u)
+
+
+def rescale(g: Tensor, c: Tensor, phi: float) -> Tensor:
+    """Guidance rescale: match the std of g to that of c, blended by phi.  g, c: (B, ...)."""
+    dims = list(range(1, c.ndim))
+    std_c = c.std(dim=dims, keepdim=True)
+    std_g = g.std(dim=dims, keepdim=True)
+    return phi * (g * (std_c / std_g)) + (1.0 - phi) * g
+
+
+@dataclass(frozen=True)
+class CFG:
+    """Classifier-free guidance. ``scale`` w >= 0 (1 = off); ``rescale`` phi in [0, 1]."""
+
+    scale: float = 7.5
+    rescale: float = 0.0
+    window: Window = field(default_factory=Window)
+    name: str = "cfg"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.scale <= 100.0:
+            raise ConfigError(f"CFG scale must be in [0, 100], got {self.scale}")
+        if not 0.0 <= self.rescale <= 1.0:
+            raise ConfigError(f"CFG rescale must be in [0, 1], got {self.rescale}")
+
+    def branches(self) -> tuple[Branch, ...]:
+        return (UNCOND,)
+
+    def active(self, step: StepInfo) -> bool:
+        return self.scale != 1.0 and self.window.contains(step)
+
+    def delta(self, preds: Predictions, step: StepInfo) -> Tensor:
+        return cfg_delta(preds["cond"], preds["uncond"], self.scale)
+
+    def post(self, guided: Tensor, preds: Predictions, step: StepInfo) -> Tensor:
+        if self.rescale == 0.0:
+            return guided
+        return rescale(guided, preds["cond"], self.rescale)
+
+    def describe(self) -> dict[str, object]:
+        return {"method": "cfg", "scale": self.scale, "rescale": self.rescale, "window": vars(self.window)}

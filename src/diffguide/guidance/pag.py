@@ -1,0 +1,78 @@
+"""Perturbed-Attention Guidance (Ahn et al. 2024).
+
+``p`` is the conditional prediction with the selected self-attention maps replaced by the
+identity (see :mod:`diffguide.perturb.identity_attention`). With s = ``scale``::
+
+    g = c + s (c - p)                   (PAG alone)
+    g = u + w (c - u) + s (c - p)       (with CFG)
+
+This is the convention of diffusers' PAG pipelines (``pag_scale``) and of ComfyUI's
+PerturbedAttentionGuidance node (``scale``). diffusers' *modular* PAG guider without CFG
+computes ``p + s (c - p) = c + (s - 1)(c - p)``: its scale s equals diffguide's s - 1.
+
+Adaptive scale, as diffusers' pipelines define it (t = model timestep, 999 -> 0)::
+
+    s_t = max(0, s - adaptive_scale * (1000 - t))
+
+Paper defaults: mid-block self-attention on SD1.5 and SDXL; s = 3 with CFG 4, or s = 5 alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..perturb.identity_attention import IdentityAttention
+from .base import Branch, Predictions, StepInfo, Window
+from .perturbed import perturbation_delta
+
+
+def adaptive_scale(s: float, s_ad: float, t: float) -> float:
+    """diffusers' adaptive PAG scale: max(0, s - s_ad (1000 - t))."""
+    return max(0.0, s - s_ad * (1000.0 - t))
+
+
+@dataclass(frozen=True)
+class PAG:
+    """Perturbed-Attention Guidance. ``layers``: a layer spec, or None for the paper's preset."""
+
+    scale: float = 3.0
+    layers: str | None = None
+    adaptive_scale: float = 0.0
+    window: Window = field(default_factory=Window)
+    name: str = "pag"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.scale <= 100.0:
+            raise ConfigError(f"PAG scale must be in [0, 100], got {self.scale}")
+        if self.adaptive_scale < 0.0:
+            raise ConfigError(f"PAG adaptive_scale must be >= 0, got {self.adaptive_scale}")
+
+    def branches(self) -> tuple[Branch, ...]:
+        return (Branch(self.name, "cond", IdentityAttention(self.layers)),)
+
+    def scale_at(self, step: StepInfo) -> float:
+        if self.adaptive_scale == 0.0:
+            return self.scale
+        return adaptive_scale(self.scale, self.adaptive_scale, step.timestep)
+
+    def active(self, step: StepInfo) -> bool:
+        return self.window.contains(step) and self.scale_at(step) != 0.0
+
+    def delta(self, preds: Predictions, step: StepInfo) -> Tensor:
+        return perturbation_delta(preds["cond"], preds[self.name], self.scale_at(step))
+
+    def post(self, guided: Tensor, preds: Predictions, step: StepInfo) -> Tensor:
+        return guided
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "method": "pag",
+            "name": self.name,
+            "scale": self.scale,
+            "adaptive_scale": self.adaptive_scale,
+            "layers": self.layers,
+            "window": vars(self.window),
+        }

@@ -1,0 +1,59 @@
+"""Token Perturbation Guidance (Rajabi et al. 2025), the paper's operation.
+
+``p`` is the conditional prediction with the hidden-state tokens entering each selected
+transformer block permuted along the token axis (see :mod:`diffguide.perturb.token_shuffle`).
+With s = ``scale``::
+
+    g = c + s (c - p)                       (TPG alone)
+    g = c + (w - 1)(c - u) + s (c - p)      (with CFG w: the paper's combination)
+
+Paper defaults: s = 3; SDXL layers ``d2.2-9,d3``; CFG off in its unconditional runs.
+This is not the ``MD_ApplyTPG`` ComfyUI node, which shuffles self-attention *queries* of the
+unconditional rows in place (no extra branch): see docs/methods.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..perturb.token_shuffle import TokenShuffle
+from .base import Branch, Predictions, StepInfo, Window
+from .perturbed import perturbation_delta
+
+
+@dataclass(frozen=True)
+class TPG:
+    """Token Perturbation Guidance. ``layers``: a layer spec, or None for the paper's preset."""
+
+    scale: float = 3.0
+    layers: str | None = None
+    window: Window = field(default_factory=Window)
+    name: str = "tpg"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.scale <= 100.0:
+            raise ConfigError(f"TPG scale must be in [0, 100], got {self.scale}")
+
+    def branches(self) -> tuple[Branch, ...]:
+        return (Branch(self.name, "cond", TokenShuffle(self.layers)),)
+
+    def active(self, step: StepInfo) -> bool:
+        return self.scale != 0.0 and self.window.contains(step)
+
+    def delta(self, preds: Predictions, step: StepInfo) -> Tensor:
+        return perturbation_delta(preds["cond"], preds[self.name], self.scale)
+
+    def post(self, guided: Tensor, preds: Predictions, step: StepInfo) -> Tensor:
+        return guided
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "method": "tpg",
+            "name": self.name,
+            "scale": self.scale,
+            "layers": self.layers,
+            "window": vars(self.window),
+        }

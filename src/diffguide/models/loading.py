@@ -1,0 +1,69 @@
+"""Loading diffusers pipelines from a folder or a single .safetensors file, and LoRAs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import DiffguideError
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+
+
+def _check_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise DiffguideError(f"{what} '{path}' does not exist")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise DiffguideError(
+            f"{what} '{path}' is a pickle file ({path.suffix}); diffguide loads only .safetensors, which cannot "
+            "run code. Convert it once with safetensors (torch.load with weights_only=True, then save_file)."
+        )
+    if path.suffix.lower() != ".safetensors":
+        raise DiffguideError(f"{what} '{path}' is not a .safetensors file or a diffusers model folder")
+    with path.open("rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or int.from_bytes(head, "little") > path.stat().st_size:
+        raise DiffguideError(f"{what} '{path}' is not a valid safetensors file (truncated or wrong format)")
+
+
+def load_pipeline(path: str | Path, *, dtype: torch.dtype = torch.float32, config: str | None = None) -> Any:
+    """A diffusers SD1.5/SDXL pipeline from a diffusers folder or a single-file checkpoint.
+
+    Single-file checkpoints need ``config``: a local diffusers folder of the same
+    architecture whose configs describe the checkpoint (nothing is downloaded).
+    """
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise DiffguideError(f"'{path}' is a folder but not a diffusers model (no model_index.json)")
+        kwargs: dict[str, Any] = {"torch_dtype": dtype}
+        index = (path / "model_index.json").read_text()
+        if '"safety_checker"' in index:
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        return DiffusionPipeline.from_pretrained(str(path), **kwargs)
+    _check_file(path, "model file")
+    if config is None:
+        raise DiffguideError(
+            f"single-file checkpoint '{path}' needs --config: a local diffusers folder of the same architecture "
+            "(SD1.5 or SDXL), since nothing can be downloaded"
+        )
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        is_xl = any(k.startswith("conditioner.embedders.1") for k in f.keys())  # noqa: SIM118
+    cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
+    return cls.from_single_file(str(path), config=config, torch_dtype=dtype, local_files_only=True)
+
+
+def load_lora(pipe: Any, path: str | Path, name: str) -> None:
+    """Load a LoRA (.safetensors) into the pipeline's UNet/text encoders as adapter ``name``."""
+    path = Path(path)
+    _check_file(path, "LoRA file")
+    try:
+        pipe.load_lora_weights(str(path), adapter_name=name)
+    except Exception as err:  # diffusers raises several types for incompatible files
+        raise DiffguideError(f"could not load LoRA '{path}': {err}") from err

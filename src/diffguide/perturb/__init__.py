@@ -1,0 +1,7 @@
+"""Model-side perturbations, scoped to one run and to their branch's rows."""
+
+from .base import BranchRows, ForwardContext, Perturbation, branch_seed
+from .identity_attention import IdentityAttention
+from .token_shuffle import TokenShuffle
+
+__all__ = ["BranchRows", "ForwardContext", "IdentityAttention", "Perturbation", "TokenShuffle", "branch_seed"]

@@ -1,0 +1,84 @@
+"""Scoped, row-aware model perturbations.
+
+A perturbation is a *spec* (frozen dataclass: what to do and to which layers). ``install``
+binds it to one model for one run and returns a context manager that puts its hooks or
+attention processors in place on entry and removes them in ``finally``.
+
+While installed, a perturbation acts only on the rows of its own branch. The engine says
+which rows those are, per forward call, through the shared :class:`ForwardContext`; a
+perturbation whose branch has no rows in the current call leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class BranchRows:
+    """Rows ``rows`` of the current forward call belong to the branch; row r shows image ``images[r]``."""
+
+    rows: slice
+    images: tuple[int, ...]
+
+
+@dataclass
+class ForwardContext:
+    """Mutable state the engine shares with installed perturbations during one run."""
+
+    seeds: tuple[int, ...]
+    rows: dict[str, BranchRows] = field(default_factory=dict)
+
+    def rows_of(self, branch: str) -> BranchRows | None:
+        return self.rows.get(branch)
+
+
+@runtime_checkable
+class Perturbation(Protocol):
+    """A model-side perturbation applied to one branch's rows."""
+
+    @property
+    def layers(self) -> str | None:
+        """The layer spec, or None for the method's preset."""
+        ...
+
+    def targets(self, model: nn.Module) -> list[str]:
+        """Fully-qualified names of the modules the spec selects on ``model`` (a dry run)."""
+        ...
+
+    def install(self, model: nn.Module, branch: str, ctx: ForwardContext) -> AbstractContextManager[None]:
+        """Install on ``model`` for rows of ``branch``; removed when the context exits."""
+        ...
+
+
+def branch_seed(seed: int, branch: str) -> int:
+    """A 63-bit seed for a branch's own random draws (e.g. TPG permutations) of one image.
+
+    Derived from the image seed and the branch name with SHA-256, so it never collides with
+    the noise generator and two perturbed branches draw independent values.
+    """
+    digest = hashlib.sha256(f"diffguide/{branch}/{seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def take_rows(x: torch.Tensor, rows: slice, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a per-row tensor (first dim ``n``) into (rows outside ``rows``, rows inside)."""
+    start, stop = rows.start or 0, rows.stop if rows.stop is not None else n
+    inside = x[start:stop]
+    if start == 0:
+        return x[stop:], inside
+    if stop == n:
+        return x[:start], inside
+    return torch.cat([x[:start], x[stop:]]), inside
+
+
+def put_rows(outside: torch.Tensor, inside: torch.Tensor, rows: slice, n: int) -> torch.Tensor:
+    """Inverse of :func:`take_rows`: reassemble the full (n, ...) tensor in row order."""
+    start = rows.start or 0
+    return torch.cat([outside[:start], inside, outside[start:]])

@@ -1,0 +1,74 @@
+"""Token shuffle (TPG's perturbation; Rajabi et al. 2025).
+
+On the branch's rows, the hidden states (B, N, C) entering each selected transformer block
+are permuted along the token axis N. Each call draws a fresh permutation; nothing
+un-shuffles the tokens afterwards (as in the paper's official SDXL code).
+
+Permutations come from one CPU generator per image, seeded with
+``branch_seed(seed_i, branch)``: a run repeats exactly, and image i of a batch gets the same
+permutations as its seed run alone. (The paper draws one permutation shared by the batch;
+per-image draws are equally distributed and make batches reproducible image by image.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models.layers import select
+from .base import ForwardContext, branch_seed, put_rows, take_rows
+
+
+def is_transformer_block(name: str, module: nn.Module) -> bool:
+    return type(module).__name__ in ("BasicTransformerBlock", "JointTransformerBlock") or (
+        name.split(".")[-2:-1] == ["transformer_blocks"] and hasattr(module, "attn1")
+    )
+
+
+def shuffle_tokens(h: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
+    """Permute tokens row by row: out[b, n] = h[b, perms[b, n]].  h: (R, N, C); perms: (R, N)."""
+    return torch.gather(h, 1, perms.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+
+
+@dataclass(frozen=True)
+class TokenShuffle:
+    """Shuffle the tokens entering the selected transformer blocks."""
+
+    layers: str | None = None  # None: the model's preset (see models.presets)
+
+    def targets(self, model: nn.Module) -> list[str]:
+        from ..models.presets import default_layers
+
+        return select(model, self.layers or default_layers(model, "tpg"), is_transformer_block)
+
+    @contextmanager
+    def install(self, model: nn.Module, branch: str, ctx: ForwardContext) -> Iterator[None]:
+        gens = {i: torch.Generator().manual_seed(branch_seed(s, branch)) for i, s in enumerate(ctx.seeds)}
+
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            sel = ctx.rows_of(branch)
+            if sel is None:
+                return None
+            h = args[0] if args else kwargs["hidden_states"]
+            n = h.shape[0]
+            keep, rows = take_rows(h, sel.rows, n)
+            perms = torch.stack([torch.randperm(h.shape[1], generator=gens[i]) for i in sel.images])
+            h = put_rows(keep, shuffle_tokens(rows, perms.to(h.device)), sel.rows, n)
+            if args:
+                return (h, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": h}
+
+        modules = dict(model.named_modules())
+        handles = []
+        try:
+            for name in self.targets(model):
+                handles.append(modules[name].register_forward_pre_hook(hook, with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()

@@ -1,0 +1,283 @@
+"""The one composer: load, encode, sample, decode; returns images, latents and manifests."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .engine import GuidedModel
+from .errors import ConfigError
+from .guidance.base import GuidanceTerm
+from .guidance.cfg import CFG
+from .manifest import MANIFEST_VERSION, attention_backend, environment, file_hash, module_hash, tensor_hash
+from .models.denoiser import Conditioning, UNetDenoiser
+from .models.loading import load_lora, load_pipeline
+from .sampling.loop import Callback, sample
+from .sampling.noise import generators, image_seeds, initial_noise
+from .sampling.schedulers import make_scheduler, sigma_at
+
+MAX_STEPS = 1000
+
+
+def _as_list(value: str | Sequence[str], count: int | None, what: str) -> list[str]:
+    items = [value] if isinstance(value, str) else list(value)
+    if count is None or len(items) == count:
+        return items
+    if len(items) == 1:
+        return items * count
+    raise ConfigError(f"{len(items)} {what}s for {count} images: give one {what}, or one per image")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Everything a run depends on besides the model. Build with :meth:`create`."""
+
+    prompts: tuple[str, ...]
+    negative_prompts: tuple[str, ...]
+    guidance: tuple[GuidanceTerm, ...] = field(default_factory=lambda: (CFG(),))
+    steps: int = 30
+    width: int | None = None
+    height: int | None = None
+    seed: int = 0
+    scheduler: str = "euler"
+    eta: float = 0.0
+    max_rows: int | None = None
+
+    @staticmethod
+    def create(
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] = "",
+        *,
+        num_images: int | None = None,
+        guidance: Sequence[GuidanceTerm] | None = None,
+        **kwargs: Any,
+    ) -> GenerateConfig:
+        count = num_images if num_images is not None else (None if isinstance(prompt, str) else len(prompt))
+        if count is not None and count < 1:
+            raise ConfigError(f"number of images must be >= 1, got {count}")
+        prompts = _as_list(prompt, count, "prompt")
+        negatives = _as_list(negative_prompt, len(prompts), "negative prompt")
+        terms: tuple[GuidanceTerm, ...] = (CFG(),) if guidance is None else tuple(guidance)
+        cfg = GenerateConfig(tuple(prompts), tuple(negatives), terms, **kwargs)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise ConfigError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
+        for side, v in (("width", self.width), ("height", self.height)):
+            if v is not None and (v < 8 or v % 8):
+                raise ConfigError(f"{side} must be a positive multiple of 8, got {v}")
+        if not self.prompts:
+            raise ConfigError("give at least one prompt")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ConfigError(f"eta must be in [0, 1], got {self.eta}")
+
+    @property
+    def num_images(self) -> int:
+        return len(self.prompts)
+
+    def describe(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k != "guidance"}
+        d["guidance"] = [t.describe() for t in self.guidance]
+        return d
+
+
+@dataclass
+class GenerationResult:
+    latents: Tensor  # (B, C, h, w) final latents, before VAE scaling is undone
+    images: list[Image.Image]
+    manifests: list[dict[str, Any]]  # one per image
+    forward_calls: int = 0
+
+
+@dataclass
+class LoRA:
+    path: str
+    scale: float
+    name: str
+    sha256: str
+
+
+@dataclass
+class GuidedPipeline:
+    """Guided sampling over a diffusers SD1.5 or SDXL pipeline (wrapped, not copied)."""
+
+    pipe: Any
+    source: str | None = None
+    loras: list[LoRA] = field(default_factory=list)
+    _hashes: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        config: str | None = None,
+    ) -> GuidedPipeline:
+        pipe = load_pipeline(path, dtype=dtype, config=config).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, source=str(path))
+
+    @property
+    def is_xl(self) -> bool:
+        return getattr(self.pipe, "text_encoder_2", None) is not None or hasattr(self.pipe, "tokenizer_2")
+
+    @property
+    def unet(self) -> Any:
+        return self.pipe.unet
+
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
+        name = f"lora{len(self.loras)}"
+        load_lora(self.pipe, path, name)
+        self.loras.append(LoRA(str(path), scale, name, file_hash(str(path))))
+        self.pipe.set_adapters(
+            [lo.name for lo in self.loras], adapter_weights=[lo.scale for lo in self.loras]
+        )
+        self._hashes.pop("unet", None)
+
+    # -- encoding --------------------------------------------------------------------------
+    def encode(
+        self, cfg: GenerateConfig, height: int, width: int
+    ) -> tuple[Conditioning, Conditioning | None]:
+        need_uncond = any(b.name == "uncond" for t in cfg.guidance for b in t.branches())
+        device = self.pipe.device
+        with torch.inference_mode():
+            if not self.is_xl:
+                pe, ne = self.pipe.encode_prompt(
+                    list(cfg.prompts), device, 1, need_uncond, negative_prompt=list(cfg.negative_prompts)
+                )
+                return Conditioning(pe), (Conditioning(ne) if need_uncond else None)
+            # As diffusers does: an empty negative prompt on SDXL means zero embeddings
+            # (force_zeros_for_empty_prompt); pass None so encode_prompt applies that rule.
+            empty = not any(cfg.negative_prompts)
+            pe, ne, pp, npool = self.pipe.encode_prompt(
+                prompt=list(cfg.prompts),
+                device=device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=need_uncond,
+                negative_prompt=None if empty else list(cfg.negative_prompts),
+            )
+            te2 = self.pipe.text_encoder_2
+            proj = int(pp.shape[-1]) if te2 is None else te2.config.projection_dim
+            ids = self.pipe._get_add_time_ids((height, width), (0, 0), (height, width), pe.dtype, proj)
+            ids = ids.to(device).repeat(pe.shape[0], 1)
+            cond = Conditioning(pe, pp, ids)
+            return cond, (Conditioning(ne, npool, ids) if need_uncond else None)
+
+    # -- sampling --------------------------------------------------------------------------
+    def default_size(self) -> int:
+        return int(self.unet.config.sample_size * self.pipe.vae_scale_factor)
+
+    def generate(
+        self,
+        prompt: str | Sequence[str] | GenerateConfig,
+        negative_prompt: str | Sequence[str] = "",
+        *,
+        callback: Callback | None = None,
+        progress: bool = False,
+        decode: bool = True,
+        **kwargs: Any,
+    ) -> GenerationResult:
+        """Sample images. ``prompt`` may be a ready :class:`GenerateConfig`; else kwargs build one."""
+        cfg = (
+            prompt
+            if isinstance(prompt, GenerateConfig)
+            else GenerateConfig.create(prompt, negative_prompt, **kwargs)
+        )
+        height, width = cfg.height or self.default_size(), cfg.width or self.default_size()
+        cond, uncond = self.encode(cfg, height, width)
+        seeds = image_seeds(cfg.seed, cfg.num_images)
+        denoiser = UNetDenoiser(self.unet, self.pipe.scheduler.config.get("prediction_type", "epsilon"))
+        guided = GuidedModel(denoiser, cfg.guidance, cond, uncond, seeds, cfg.max_rows)
+        scheduler = make_scheduler(cfg.scheduler, self.pipe.scheduler.config)
+        scheduler.set_timesteps(cfg.steps, device=self.pipe.device)
+        f = self.pipe.vae_scale_factor
+        shape = (self.unet.config.in_channels, height // f, width // f)
+        noise = initial_noise(seeds, shape, self.pipe.device, cond.embeds.dtype)
+        latents = sample(
+            guided, scheduler, noise, generators(seeds), eta=cfg.eta, callback=callback, progress=progress
+        )
+        images = self.decode(latents) if decode else []
+        manifests = [
+            self.manifest(cfg, scheduler, seeds[i], i, cond, uncond, height, width) for i in range(len(seeds))
+        ]
+        return GenerationResult(latents, images, manifests, guided.forward_calls)
+
+    __call__ = generate
+
+    def decode(self, latents: Tensor) -> list[Image.Image]:
+        vae = self.pipe.vae
+        with torch.inference_mode():
+            image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        return list(self.pipe.image_processor.postprocess(image, output_type="pil"))
+
+    # -- provenance ------------------------------------------------------------------------
+    def component_hashes(self) -> dict[str, str]:
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            module = getattr(self.pipe, name, None)
+            if module is not None and name not in self._hashes:
+                self._hashes[name] = module_hash(module)
+        return dict(self._hashes)
+
+    def manifest(
+        self,
+        cfg: GenerateConfig,
+        scheduler: Any,
+        seed: int,
+        index: int,
+        cond: Conditioning,
+        uncond: Conditioning | None,
+        height: int,
+        width: int,
+    ) -> dict[str, Any]:
+        params = cfg.describe()
+        params.update(height=height, width=width)
+        rows = slice(index, index + 1)
+        return {
+            "diffguide_manifest": MANIFEST_VERSION,
+            "model": {
+                "source": self.source,
+                "architecture": "sdxl" if self.is_xl else "sd15",
+                "prediction_type": self.pipe.scheduler.config.get("prediction_type", "epsilon"),
+                "hashes": self.component_hashes(),
+                "loras": [{"path": lo.path, "scale": lo.scale, "sha256": lo.sha256} for lo in self.loras],
+            },
+            "parameters": params,
+            "image": {
+                "index": index,
+                "seed": seed,
+                "prompt": cfg.prompts[index],
+                "negative_prompt": cfg.negative_prompts[index],
+            },
+            "noise": {"policy": "diffusers", "generator": "cpu", "seed": seed},
+            "scheduler": {
+                "name": cfg.scheduler,
+                "class": type(scheduler).__name__,
+                "config": dict(scheduler.config),
+                "timesteps": [float(t) for t in scheduler.timesteps],
+                "sigmas": [sigma_at(scheduler, float(t)) for t in scheduler.timesteps],
+            },
+            "conditioning": {
+                "cond": tensor_hash(cond.embeds[rows], _rows(cond.pooled, rows), _rows(cond.time_ids, rows)),
+                "uncond": None
+                if uncond is None
+                else tensor_hash(
+                    uncond.embeds[rows], _rows(uncond.pooled, rows), _rows(uncond.time_ids, rows)
+                ),
+            },
+            "attention_backend": attention_backend(self.unet),
+            "environment": environment(self.pipe.device, self.unet.dtype),
+        }
+
+
+def _rows(t: Tensor | None, rows: slice) -> Tensor | None:
+    return None if t is None else t[rows]

