@@ -304,6 +304,9 @@ def build_tokenizer(out_dir: Path):
                         bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
                         pad_token="<|endoftext|>")
     tok.save_pretrained(out_dir)
+    # also keep the classic slow-tokenizer files (as in SD1.5's tokenizer/ folder)
+    shutil.copy(vf, out_dir / "vocab.json")
+    shutil.copy(mf, out_dir / "merges.txt")
     shutil.rmtree(tmp)
     return CLIPTokenizer.from_pretrained(out_dir)
 
@@ -317,7 +320,7 @@ def check_tokenizer(tok):
 
 def get_tokenizer(run: Path):
     d = run / "tokenizer"
-    if (d / "vocab.json").exists():
+    if (d / "tokenizer_config.json").exists():
         from transformers import CLIPTokenizer
 
         return CLIPTokenizer.from_pretrained(d)
@@ -430,7 +433,7 @@ def stage_export(args, run: Path, log: Logger):
     vae.save_pretrained(tmp / "vae", safe_serialization=True)
     unet.save_pretrained(tmp / "unet", safe_serialization=True)
     text.save_pretrained(tmp / "text_encoder", safe_serialization=True)
-    tok.save_pretrained(tmp / "tokenizer")
+    shutil.copytree(run / "tokenizer", tmp / "tokenizer")
     EulerDiscreteScheduler(**SCHED_KW).save_pretrained(tmp / "scheduler")
     import diffusers
 
