@@ -210,6 +210,8 @@ class GuidedPipeline:
         manifests = [
             self.manifest(cfg, scheduler, seeds[i], i, cond, uncond, height, width) for i in range(len(seeds))
         ]
+        for i, m in enumerate(manifests):
+            m["output"] = {"latents_hash": tensor_hash(latents[i : i + 1]), "shape": list(latents.shape[1:])}
         return GenerationResult(latents, images, manifests, guided.forward_calls)
 
     __call__ = generate

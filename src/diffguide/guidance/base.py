@@ -90,6 +90,21 @@ class Window:
                 f"sigma_max={self.sigma_max}"
             )
 
+    def describe(self) -> dict[str, float | None]:
+        """JSON-safe form (an infinite sigma_max is written as None)."""
+        sigma_max = None if math.isinf(self.sigma_max) else self.sigma_max
+        return {"sigma_min": self.sigma_min, "sigma_max": sigma_max, "start": self.start, "end": self.end}
+
+    @staticmethod
+    def from_dict(d: Mapping[str, float | None]) -> Window:
+        sigma_max = d.get("sigma_max")
+        return Window(
+            float(d.get("sigma_min") or 0.0),
+            math.inf if sigma_max is None else float(sigma_max),
+            float(d.get("start", 0.0) or 0.0),
+            float(d.get("end", 1.0) if d.get("end") is not None else 1.0),
+        )
+
     def contains(self, step: StepInfo) -> bool:
         return self.sigma_min <= step.sigma <= self.sigma_max and self.start <= step.fraction < self.end
 

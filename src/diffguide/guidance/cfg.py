@@ -66,4 +66,9 @@ class CFG:
         return rescale(guided, preds["cond"], self.rescale)
 
     def describe(self) -> dict[str, object]:
-        return {"method": "cfg", "scale": self.scale, "rescale": self.rescale, "window": vars(self.window)}
+        return {
+            "method": "cfg",
+            "scale": self.scale,
+            "rescale": self.rescale,
+            "window": self.window.describe(),
+        }

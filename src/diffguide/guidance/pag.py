@@ -74,5 +74,5 @@ class PAG:
             "scale": self.scale,
             "adaptive_scale": self.adaptive_scale,
             "layers": self.layers,
-            "window": vars(self.window),
+            "window": self.window.describe(),
         }

@@ -55,5 +55,5 @@ class TPG:
             "name": self.name,
             "scale": self.scale,
             "layers": self.layers,
-            "window": vars(self.window),
+            "window": self.window.describe(),
         }
