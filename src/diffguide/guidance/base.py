@@ -97,13 +97,11 @@ class Window:
 
     @staticmethod
     def from_dict(d: Mapping[str, float | None]) -> Window:
-        sigma_max = d.get("sigma_max")
-        return Window(
-            float(d.get("sigma_min") or 0.0),
-            math.inf if sigma_max is None else float(sigma_max),
-            float(d.get("start", 0.0) or 0.0),
-            float(d.get("end", 1.0) if d.get("end") is not None else 1.0),
-        )
+        def get(key: str, default: float) -> float:
+            value = d.get(key)
+            return default if value is None else float(value)
+
+        return Window(get("sigma_min", 0.0), get("sigma_max", math.inf), get("start", 0.0), get("end", 1.0))
 
     def contains(self, step: StepInfo) -> bool:
         return self.sigma_min <= step.sigma <= self.sigma_max and self.start <= step.fraction < self.end
