@@ -278,6 +278,8 @@ def _exponential(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
 
 
 def _kl_optimal(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    if n < 2:  # ComfyUI divides by n - 1 and returns NaN sigmas
+        raise ConfigError("the kl_optimal schedule needs at least 2 steps")
     adj_idxs = torch.arange(n, dtype=torch.float).div_(n - 1)
     sigmas = adj_idxs.new_zeros(n + 1)
     sigmas[:-1] = (adj_idxs * math.atan(sigma_min) + (1 - adj_idxs) * math.atan(sigma_max)).tan_()
