@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .conditioning import ConditioningFile
 from .engine import GuidedModel
 from .errors import ConfigError
 from .guidance.base import GuidanceTerm
@@ -185,16 +186,24 @@ class GuidedPipeline:
         callback: Callback | None = None,
         progress: bool = False,
         decode: bool = True,
+        conditioning: ConditioningFile | None = None,
         **kwargs: Any,
     ) -> GenerationResult:
-        """Sample images. ``prompt`` may be a ready :class:`GenerateConfig`; else kwargs build one."""
+        """Sample images. ``prompt`` may be a ready :class:`GenerateConfig`; else kwargs build one.
+
+        ``conditioning``: precomputed embeddings (a loaded conditioning file) used instead of
+        encoding the prompts; its batch must be 1 or the number of images.
+        """
         cfg = (
             prompt
             if isinstance(prompt, GenerateConfig)
             else GenerateConfig.create(prompt, negative_prompt, **kwargs)
         )
         height, width = cfg.height or self.default_size(), cfg.width or self.default_size()
-        cond, uncond = self.encode(cfg, height, width)
+        if conditioning is None:
+            cond, uncond = self.encode(cfg, height, width)
+        else:
+            cond, uncond = _broadcast(conditioning, cfg.num_images, self.pipe.device)
         seeds = image_seeds(cfg.seed, cfg.num_images)
         denoiser = UNetDenoiser(self.unet, self.pipe.scheduler.config.get("prediction_type", "epsilon"))
         guided = GuidedModel(denoiser, cfg.guidance, cond, uncond, seeds, cfg.max_rows)
@@ -211,6 +220,9 @@ class GuidedPipeline:
             self.manifest(cfg, scheduler, seeds[i], i, cond, uncond, height, width) for i in range(len(seeds))
         ]
         for i, m in enumerate(manifests):
+            m["conditioning"]["source"] = "encoded" if conditioning is None else "file"
+            if conditioning is not None:
+                m["conditioning"]["metadata"] = dict(conditioning.metadata)
             m["output"] = {"latents_hash": tensor_hash(latents[i : i + 1]), "shape": list(latents.shape[1:])}
         return GenerationResult(latents, images, manifests, guided.forward_calls)
 
@@ -279,6 +291,25 @@ class GuidedPipeline:
             "attention_backend": attention_backend(self.unet),
             "environment": environment(self.pipe.device, self.unet.dtype),
         }
+
+
+def _broadcast(
+    conditioning: ConditioningFile, count: int, device: torch.device
+) -> tuple[Conditioning, Conditioning | None]:
+    """Conditioning of batch 1 or ``count``, as ``count`` rows on ``device``."""
+
+    def fit(c: Conditioning) -> Conditioning:
+        if c.batch not in (1, count):
+            raise ConfigError(f"conditioning has batch {c.batch}, but {count} images were asked for")
+        reps = count if c.batch == 1 else 1
+
+        def rep(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.repeat(reps, *([1] * (t.ndim - 1))).to(device)
+
+        return Conditioning(c.embeds.repeat(reps, 1, 1).to(device), rep(c.pooled), rep(c.time_ids))
+
+    uncond = conditioning.uncond
+    return fit(conditioning.cond), (None if uncond is None else fit(uncond))
 
 
 def _rows(t: Tensor | None, rows: slice) -> Tensor | None:

@@ -1,0 +1,140 @@
+"""Conditioning files: precomputed prompt embeddings with their metadata.
+
+A conditioning file is a .safetensors file of named tensors (batch first):
+
+| key | shape | needed by |
+| --- | --- | --- |
+| ``prompt_embeds`` | (B, L, D) | every model |
+| ``negative_prompt_embeds`` | (B, L, D) | CFG |
+| ``pooled_prompt_embeds`` / ``negative_pooled_prompt_embeds`` | (B, P) | SDXL |
+| ``time_ids`` / ``negative_time_ids`` | (B, 6) | SDXL |
+
+plus string metadata (prompt, encoder, anything). ``.pt`` files are read only with
+``torch.load(weights_only=True)`` and must hold the same dict. Nothing is filled in silently:
+a model that needs pooled embeddings or time ids fails loudly when they are missing, and a
+ComfyUI-style ``[[tensor, {}]]`` list is refused (that wrapping drops the metadata).
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .errors import DiffguideError
+from .models.denoiser import Conditioning
+
+KEYS = {
+    "prompt_embeds": 3,
+    "negative_prompt_embeds": 3,
+    "pooled_prompt_embeds": 2,
+    "negative_pooled_prompt_embeds": 2,
+    "time_ids": 2,
+    "negative_time_ids": 2,
+}
+
+
+@dataclass(frozen=True)
+class ConditioningFile:
+    cond: Conditioning
+    uncond: Conditioning | None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    if not path.exists():
+        raise DiffguideError(f"conditioning file '{path}' does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        try:
+            with safe_open(str(path), "pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+        except Exception as err:
+            raise DiffguideError(f"'{path}' is not a readable safetensors file: {err}") from err
+    if suffix in (".pt", ".pth"):
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise DiffguideError(
+                f"'{path}' holds arbitrary Python objects; diffguide reads .pt files only with weights_only=True. "
+                "Save a dict of tensors with safetensors instead."
+            ) from err
+        if isinstance(obj, (list, tuple)):
+            raise DiffguideError(
+                f"'{path}' holds a {type(obj).__name__} (ComfyUI-style [[tensor, {{}}]] wrapping?), which drops "
+                f"the metadata; save a dict with keys {', '.join(KEYS)}"
+            )
+        if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+            raise DiffguideError(f"'{path}' must hold a dict of named tensors, got {type(obj).__name__}")
+        return dict(obj), {}
+    raise DiffguideError(f"conditioning file '{path}' must be .safetensors (or .pt via weights_only)")
+
+
+def _validate(tensors: dict[str, Tensor], path: Path) -> None:
+    unknown = sorted(set(tensors) - set(KEYS))
+    if unknown:
+        raise DiffguideError(
+            f"'{path}': unknown conditioning keys {unknown}; expected some of {sorted(KEYS)}"
+        )
+    if "prompt_embeds" not in tensors:
+        raise DiffguideError(f"'{path}' has no 'prompt_embeds'")
+    batch = tensors["prompt_embeds"].shape[0]
+    for key, t in tensors.items():
+        if t.ndim != KEYS[key] or t.shape[0] != batch:
+            raise DiffguideError(
+                f"'{path}': '{key}' has shape {tuple(t.shape)}; expected {KEYS[key]} dims with batch {batch}"
+            )
+    for a, b in (
+        ("pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
+        ("time_ids", "negative_time_ids"),
+    ):
+        if b in tensors and a not in tensors:
+            raise DiffguideError(f"'{path}' has '{b}' but not '{a}'")
+
+
+def load_conditioning(path: str | Path) -> ConditioningFile:
+    """Read and validate a conditioning file."""
+    path = Path(path)
+    tensors, metadata = _read(path)
+    _validate(tensors, path)
+    cond = Conditioning(
+        tensors["prompt_embeds"], tensors.get("pooled_prompt_embeds"), tensors.get("time_ids")
+    )
+    uncond = None
+    if "negative_prompt_embeds" in tensors:
+        uncond = Conditioning(
+            tensors["negative_prompt_embeds"],
+            tensors.get("negative_pooled_prompt_embeds"),
+            tensors.get("negative_time_ids", tensors.get("time_ids")),
+        )
+    return ConditioningFile(cond, uncond, metadata)
+
+
+def save_conditioning(
+    path: str | Path, cond: Conditioning, uncond: Conditioning | None, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write a conditioning file atomically."""
+    path = Path(path)
+    tensors = {"prompt_embeds": cond.embeds}
+    if cond.pooled is not None:
+        tensors["pooled_prompt_embeds"] = cond.pooled
+    if cond.time_ids is not None:
+        tensors["time_ids"] = cond.time_ids
+    if uncond is not None:
+        tensors["negative_prompt_embeds"] = uncond.embeds
+        if uncond.pooled is not None:
+            tensors["negative_pooled_prompt_embeds"] = uncond.pooled
+        if uncond.time_ids is not None:
+            tensors["negative_time_ids"] = uncond.time_ids
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(
+        {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata or {}
+    )
+    tmp.replace(path)
+    return path
