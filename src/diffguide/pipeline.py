@@ -211,10 +211,12 @@ class GuidedPipeline:
         scheduler.set_timesteps(cfg.steps, device=self.pipe.device)
         f = self.pipe.vae_scale_factor
         shape = (self.unet.config.in_channels, height // f, width // f)
-        noise = initial_noise(seeds, shape, self.pipe.device, cond.embeds.dtype)
-        latents = sample(
-            guided, scheduler, noise, generators(seeds), eta=cfg.eta, callback=callback, progress=progress
-        )
+        # One generator per image for the initial noise AND the scheduler's per-step noise, in
+        # that order (as diffusers' pipelines do); fresh generators for the steps would replay
+        # the initial noise in ancestral samplers.
+        gens = generators(seeds)
+        noise = initial_noise(seeds, shape, self.pipe.device, cond.embeds.dtype, gens=gens)
+        latents = sample(guided, scheduler, noise, gens, eta=cfg.eta, callback=callback, progress=progress)
         images = self.decode(latents) if decode else []
         manifests = [
             self.manifest(cfg, scheduler, seeds[i], i, cond, uncond, height, width) for i in range(len(seeds))

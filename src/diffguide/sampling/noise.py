@@ -28,8 +28,12 @@ def initial_noise(
     shape: tuple[int, ...],
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    gens: list[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """(B, C, H, W) standard normal noise; row i from a generator seeded ``seeds[i]`` (diffusers policy)."""
-    return randn_tensor(
-        (len(seeds), *shape), generator=generators(seeds), device=torch.device(device), dtype=dtype
-    )
+    """(B, C, H, W) standard normal noise; row i from a generator seeded ``seeds[i]`` (diffusers policy).
+
+    Pass ``gens`` (from :func:`generators`) to draw from generators that the scheduler then keeps
+    using for its per-step noise, as diffusers does; otherwise fresh ones are made.
+    """
+    gens = generators(seeds) if gens is None else gens
+    return randn_tensor((len(seeds), *shape), generator=gens, device=torch.device(device), dtype=dtype)
