@@ -1,0 +1,1 @@
+"""Reproducibility tools: tensor/file diffs (:mod:`.diff`) and step traces (:mod:`.trace`)."""
