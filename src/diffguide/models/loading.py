@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,30 @@ def _check_file(path: Path, what: str) -> None:
         )
     if path.suffix.lower() != ".safetensors":
         raise DiffguideError(f"{what} '{path}' is not a .safetensors file or a diffusers model folder")
+    if not _safetensors_complete(path):
+        raise DiffguideError(f"{what} '{path}' is not a valid safetensors file (truncated or wrong format)")
+
+
+def _safetensors_complete(path: Path) -> bool:
+    """Header readable and the tensor data it describes ends exactly at the end of the file.
+
+    Checking only the header length let files truncated inside the tensor data through, to
+    fail later with a raw ``SafetensorError`` (or a misleading "needs --config").
+    """
+    size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
-    if len(head) < 8 or int.from_bytes(head, "little") > path.stat().st_size:
-        raise DiffguideError(f"{what} '{path}' is not a valid safetensors file (truncated or wrong format)")
+        if len(head) < 8:
+            return False
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            return False
+        try:
+            header = json.loads(f.read(n))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return False
+    return 8 + n + max(ends, default=0) == size
 
 
 def load_pipeline(path: str | Path, *, dtype: torch.dtype = torch.float32, config: str | None = None) -> Any:
