@@ -38,7 +38,9 @@ def _branch_table(terms: Sequence[GuidanceTerm]) -> dict[str, Branch]:
     for term in terms:
         for branch in term.branches():
             known = table.get(branch.name)
-            if known is not None and known != branch:
+            # A perturbed branch belongs to one term: two equal ones (e.g. two PAG() terms, both
+            # named "pag") would otherwise both be laid out, with only the last copy perturbed.
+            if known is not None and (known != branch or branch.perturbation is not None):
                 raise ConfigError(
                     f"two guidance terms define a branch named '{branch.name}'; give one of them another name="
                 )
