@@ -299,6 +299,11 @@ def test_bad_input_errors(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
     with pytest.raises(DiffguideError, match="not a valid safetensors"):
         load_tensors(tmp_path / "junk.safetensors")
+    save_file({"x": torch.randn(100)}, str(tmp_path / "full.safetensors"))
+    data = (tmp_path / "full.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-8])  # truncated inside the tensor data
+    with pytest.raises(DiffguideError, match="not a valid safetensors"):
+        load_tensors(tmp_path / "cut.safetensors")
     (tmp_path / "junk.pt").write_bytes(b"garbage12345")
     with pytest.raises(DiffguideError, match="not a readable PyTorch file"):
         load_tensors(tmp_path / "junk.pt")
