@@ -19,11 +19,13 @@ from .guidance.cfg import CFG
 from .manifest import MANIFEST_VERSION, attention_backend, environment, file_hash, module_hash, tensor_hash
 from .models.denoiser import Conditioning, UNetDenoiser
 from .models.loading import load_lora, load_pipeline
-from .sampling.loop import Callback, sample
+from .sampling.comfy import COMFY_SCHEDULERS, ComfyModelSampling, comfy_noise, comfy_sigmas
+from .sampling.loop import Callback, sample, sample_comfy
 from .sampling.noise import generators, image_seeds, initial_noise
 from .sampling.schedulers import make_scheduler, sigma_at
 
 MAX_STEPS = 1000
+NOISE_POLICIES = ("diffusers", "comfy")
 
 
 def _as_list(value: str | Sequence[str], count: int | None, what: str) -> list[str]:
@@ -49,6 +51,8 @@ class GenerateConfig:
     scheduler: str = "euler"
     eta: float = 0.0
     max_rows: int | None = None
+    noise: str = "diffusers"
+    schedule: str | None = None  # comfy policy only: ComfyUI scheduler ("normal", "karras", ...)
 
     @staticmethod
     def create(
@@ -79,6 +83,23 @@ class GenerateConfig:
             raise ConfigError("give at least one prompt")
         if not 0.0 <= self.eta <= 1.0:
             raise ConfigError(f"eta must be in [0, 1], got {self.eta}")
+        if self.noise not in NOISE_POLICIES:
+            raise ConfigError(
+                f"unknown noise policy '{self.noise}'; choose one of: {', '.join(NOISE_POLICIES)}"
+            )
+        if self.noise == "comfy":
+            if self.scheduler != "euler":
+                raise ConfigError(
+                    f"the comfy noise policy supports the euler sampler only, not '{self.scheduler}'"
+                )
+            if (self.schedule or "normal") not in COMFY_SCHEDULERS:
+                raise ConfigError(
+                    f"unknown ComfyUI schedule '{self.schedule}'; one of: {', '.join(COMFY_SCHEDULERS)}"
+                )
+        elif self.schedule is not None:
+            raise ConfigError(
+                "--schedule applies to the comfy noise policy only (diffusers schedulers set their own)"
+            )
 
     @property
     def num_images(self) -> int:
@@ -207,19 +228,17 @@ class GuidedPipeline:
         seeds = image_seeds(cfg.seed, cfg.num_images)
         denoiser = UNetDenoiser(self.unet, self.pipe.scheduler.config.get("prediction_type", "epsilon"))
         guided = GuidedModel(denoiser, cfg.guidance, cond, uncond, seeds, cfg.max_rows)
-        scheduler = make_scheduler(cfg.scheduler, self.pipe.scheduler.config)
-        scheduler.set_timesteps(cfg.steps, device=self.pipe.device)
         f = self.pipe.vae_scale_factor
-        shape = (self.unet.config.in_channels, height // f, width // f)
-        # One generator per image for the initial noise AND the scheduler's per-step noise, in
-        # that order (as diffusers' pipelines do); fresh generators for the steps would replay
-        # the initial noise in ancestral samplers.
-        gens = generators(seeds)
-        noise = initial_noise(seeds, shape, self.pipe.device, cond.embeds.dtype, gens=gens)
-        latents = sample(guided, scheduler, noise, gens, eta=cfg.eta, callback=callback, progress=progress)
+        shape = (cfg.num_images, self.unet.config.in_channels, height // f, width // f)
+        if cfg.noise == "comfy":
+            latents, schedule = self._sample_comfy(
+                cfg, guided, shape, denoiser.prediction_type, callback, progress
+            )
+        else:
+            latents, schedule = self._sample_diffusers(cfg, guided, shape, seeds, callback, progress)
         images = self.decode(latents) if decode else []
         manifests = [
-            self.manifest(cfg, scheduler, seeds[i], i, cond, uncond, height, width) for i in range(len(seeds))
+            self.manifest(cfg, schedule, seeds[i], i, cond, uncond, height, width) for i in range(len(seeds))
         ]
         for i, m in enumerate(manifests):
             m["conditioning"]["source"] = "encoded" if conditioning is None else "file"
@@ -229,6 +248,68 @@ class GuidedPipeline:
         return GenerationResult(latents, images, manifests, guided.forward_calls)
 
     __call__ = generate
+
+    def _sample_diffusers(
+        self,
+        cfg: GenerateConfig,
+        guided: GuidedModel,
+        shape: tuple[int, ...],
+        seeds: list[int],
+        callback: Callback | None,
+        progress: bool,
+    ) -> tuple[Tensor, dict[str, Any]]:
+        scheduler = make_scheduler(cfg.scheduler, self.pipe.scheduler.config)
+        scheduler.set_timesteps(cfg.steps, device=self.pipe.device)
+        # One generator per image for the initial noise AND the scheduler's per-step noise, in
+        # that order (as diffusers' pipelines do); fresh generators for the steps would replay
+        # the initial noise in ancestral samplers.
+        gens = generators(seeds)
+        noise = initial_noise(seeds, shape[1:], self.pipe.device, guided.cond.embeds.dtype, gens=gens)
+        latents = sample(guided, scheduler, noise, gens, eta=cfg.eta, callback=callback, progress=progress)
+        schedule = {
+            "name": cfg.scheduler,
+            "class": type(scheduler).__name__,
+            "config": dict(scheduler.config),
+            "timesteps": [float(t) for t in scheduler.timesteps],
+            "sigmas": [sigma_at(scheduler, float(t)) for t in scheduler.timesteps],
+            "noise": {
+                "policy": "diffusers",
+                "generator": "cpu",
+                "seeds": "seed + i, one generator per image",
+            },
+        }
+        return latents, schedule
+
+    def _sample_comfy(
+        self,
+        cfg: GenerateConfig,
+        guided: GuidedModel,
+        shape: tuple[int, ...],
+        prediction_type: str,
+        callback: Callback | None,
+        progress: bool,
+    ) -> tuple[Tensor, dict[str, Any]]:
+        ms = ComfyModelSampling(prediction_type=prediction_type)
+        name = cfg.schedule or "normal"
+        sigmas = comfy_sigmas(name, cfg.steps, model_sampling=ms)
+        dtype = guided.cond.embeds.dtype
+        noise = comfy_noise(cfg.seed, shape).to(self.pipe.device, dtype)
+        latents = sample_comfy(
+            guided, ms, noise, sigmas.to(self.pipe.device), callback=callback, progress=progress
+        )
+        schedule = {
+            "name": f"comfy euler/{name}",
+            "class": "ComfyModelSampling",
+            "config": {"prediction_type": prediction_type, "beta_schedule": "scaled_linear 0.00085..0.012"},
+            "timesteps": [float(t) for t in ms.sigma_to_timestep(sigmas[:-1])],
+            "sigmas": [float(s) for s in sigmas],
+            "noise": {
+                "policy": "comfy",
+                "generator": "cpu",
+                "seeds": "one generator seeded with seed, whole batch",
+            },
+        }
+        return latents.to(dtype), schedule
 
     def decode(self, latents: Tensor) -> list[Image.Image]:
         vae = self.pipe.vae
@@ -247,7 +328,7 @@ class GuidedPipeline:
     def manifest(
         self,
         cfg: GenerateConfig,
-        scheduler: Any,
+        schedule: dict[str, Any],
         seed: int,
         index: int,
         cond: Conditioning,
@@ -274,14 +355,8 @@ class GuidedPipeline:
                 "prompt": cfg.prompts[index],
                 "negative_prompt": cfg.negative_prompts[index],
             },
-            "noise": {"policy": "diffusers", "generator": "cpu", "seed": seed},
-            "scheduler": {
-                "name": cfg.scheduler,
-                "class": type(scheduler).__name__,
-                "config": dict(scheduler.config),
-                "timesteps": [float(t) for t in scheduler.timesteps],
-                "sigmas": [sigma_at(scheduler, float(t)) for t in scheduler.timesteps],
-            },
+            "noise": {**schedule["noise"], "seed": seed},
+            "scheduler": {k: v for k, v in schedule.items() if k != "noise"},
             "conditioning": {
                 "cond": tensor_hash(cond.embeds[rows], _rows(cond.pooled, rows), _rows(cond.time_ids, rows)),
                 "uncond": None

@@ -57,3 +57,40 @@ def sample(
                 callback(StepState(step, latents, result.preds, result.guided, new))
             latents = new
     return latents
+
+
+def sample_comfy(
+    guided: GuidedModel,
+    model_sampling: Any,
+    noise: Tensor,
+    sigmas: Tensor,
+    *,
+    callback: Callback | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """ComfyUI's KSampler ``euler`` path (k-diffusion Euler in sigma space, no churn).
+
+    ``model_sampling`` is a :class:`~diffguide.sampling.comfy.ComfyModelSampling`: input
+    scaling ``x / sqrt(sigma^2 + 1)``, integer timesteps (nearest by log sigma), x0 from the
+    guided prediction. ``sigmas`` has steps + 1 values ending in 0.
+    """
+    ms = model_sampling
+    x = ms.noise_scaling(sigmas[0], noise, torch.zeros_like(noise), ms.is_max_denoise(sigmas))
+    count = len(sigmas) - 1
+    with guided.installed(), torch.inference_mode():
+        for i in tqdm(range(count), disable=not progress, desc="sampling", leave=False):
+            sigma = sigmas[i] * x.new_ones(x.shape[0])
+            t = ms.sigma_to_timestep(sigma).float()
+            result = guided(
+                ms.calculate_input(sigma, x), t, StepInfo(i, count, float(sigmas[i]), float(t[0]))
+            )
+            denoised = ms.calculate_denoised(sigma, result.guided.float(), x)
+            new = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])  # Euler step
+            if callback is not None:
+                callback(
+                    StepState(
+                        StepInfo(i, count, float(sigmas[i]), float(t[0])), x, result.preds, result.guided, new
+                    )
+                )
+            x = new
+    return x

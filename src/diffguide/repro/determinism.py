@@ -1,0 +1,69 @@
+"""``check-determinism``: run a generation again (and batch vs single, and under torch's
+deterministic-algorithms flag) and report any difference with the diff report."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..pipeline import GenerateConfig, GuidedPipeline
+from .diff import DiffReport, compare
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    expectation: str  # "bit-identical" or "within 1e-5"
+    report: DiffReport
+
+    @property
+    def ok(self) -> bool:
+        return self.report.ok
+
+
+@contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """Turn on torch's deterministic algorithms (errors on nondeterministic ops), then restore."""
+    before, warn = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn)
+
+
+def check_determinism(
+    pipe: GuidedPipeline,
+    cfg: GenerateConfig,
+    *,
+    batch_vs_single: bool = False,
+    strict: bool = False,
+    atol_batch: float = 1e-5,
+) -> list[Check]:
+    """Run ``cfg`` twice (must be bit-identical); optionally each image alone (within
+    ``atol_batch``: batch composition changes CPU arithmetic slightly) and under
+    ``torch.use_deterministic_algorithms(True)`` (bit-identical)."""
+    ref = pipe.generate(cfg, decode=False).latents
+    again = pipe.generate(cfg, decode=False).latents
+    checks = [Check("rerun", "bit-identical", compare(again, ref, rtol=0.0, atol=0.0, name="rerun"))]
+    if batch_vs_single and cfg.num_images > 1:
+        for i in range(cfg.num_images):
+            single = replace(
+                cfg, prompts=(cfg.prompts[i],), negative_prompts=(cfg.negative_prompts[i],), seed=cfg.seed + i
+            )
+            lat = pipe.generate(single, decode=False).latents
+            name = f"image {i} alone (seed {cfg.seed + i})"
+            report = compare(lat, ref[i : i + 1], rtol=0.0, atol=atol_batch, name=name)
+            checks.append(Check(name, f"within {atol_batch:g}", report))
+    if strict:
+        with deterministic_algorithms():
+            lat = pipe.generate(cfg, decode=False).latents
+        report = compare(lat, ref, rtol=0.0, atol=0.0, name="deterministic algorithms")
+        checks.append(Check("deterministic algorithms", "bit-identical", report))
+    return checks

@@ -1,0 +1,99 @@
+"""Replay a run from its manifest and say whether the result is bit-identical.
+
+The manifest holds the whole batch's parameters, so replay regenerates the same batch
+(batch composition changes CPU arithmetic in the last bits) with the recorded thread count,
+then compares the image's latents with the recorded latents hash, and the decoded pixels
+with the saved PNG when there is one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import DiffguideError
+from ..guidance.registry import term_from_dict
+from ..manifest import tensor_hash
+from ..pipeline import GenerateConfig, GuidedPipeline
+from .diff import DiffReport, compare
+
+
+def config_from_manifest(manifest: dict[str, Any]) -> GenerateConfig:
+    """The :class:`GenerateConfig` a manifest was made with."""
+    try:
+        p = manifest["parameters"]
+        cfg = GenerateConfig(
+            prompts=tuple(p["prompts"]),
+            negative_prompts=tuple(p["negative_prompts"]),
+            guidance=tuple(term_from_dict(d) for d in p["guidance"]),
+            steps=int(p["steps"]),
+            width=p.get("width"),
+            height=p.get("height"),
+            seed=int(p["seed"]),
+            scheduler=p["scheduler"],
+            eta=float(p.get("eta", 0.0)),
+            max_rows=p.get("max_rows"),
+            noise=p.get("noise", "diffusers"),
+            schedule=p.get("schedule"),
+        )
+    except KeyError as err:
+        raise DiffguideError(f"manifest lacks {err}; it was not written by a compatible diffguide") from err
+    cfg.validate()
+    return cfg
+
+
+@dataclass(frozen=True)
+class ReplayReport:
+    index: int
+    identical: bool
+    expected_hash: str | None
+    actual_hash: str
+    model_mismatch: dict[str, tuple[str, str]]  # component -> (recorded, loaded)
+    pixels: DiffReport | None  # decoded image vs the saved PNG, when a PNG was given
+    threads: int
+
+
+def load_for_replay(
+    manifest: dict[str, Any], model: str | None = None, device: str | None = None
+) -> GuidedPipeline:
+    source = model or manifest.get("model", {}).get("source")
+    if not source:
+        raise DiffguideError("the manifest does not record the model path; pass --model")
+    env = manifest.get("environment", {})
+    dtype = getattr(torch, env.get("dtype", "float32"))
+    pipe = GuidedPipeline.from_pretrained(source, dtype=dtype, device=device or env.get("device", "cpu"))
+    for lora in manifest.get("model", {}).get("loras", []):
+        pipe.load_lora(lora["path"], lora["scale"])
+    return pipe
+
+
+def replay(manifest: dict[str, Any], pipe: GuidedPipeline, png: str | Path | None = None) -> ReplayReport:
+    """Regenerate the manifest's batch on ``pipe`` and compare image ``index`` with the record."""
+    cfg = config_from_manifest(manifest)
+    index = int(manifest.get("image", {}).get("index", 0))
+    recorded = manifest.get("model", {}).get("hashes", {})
+    loaded = pipe.component_hashes()
+    mismatch = {k: (v, loaded.get(k, "missing")) for k, v in recorded.items() if loaded.get(k) != v}
+    threads = int(manifest.get("environment", {}).get("threads", torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        result = pipe.generate(cfg, decode=png is not None)
+    finally:
+        torch.set_num_threads(before)
+    latents = result.latents[index : index + 1]
+    actual = tensor_hash(latents)
+    expected = manifest.get("output", {}).get("latents_hash")
+    pixels = None
+    if png is not None:
+        from PIL import Image
+
+        saved = np.asarray(Image.open(png).convert("RGB"), dtype=np.float64)
+        mine = np.asarray(result.images[index].convert("RGB"), dtype=np.float64)
+        pixels = compare(torch.from_numpy(mine), torch.from_numpy(saved), rtol=0.0, atol=0.0, name="pixels")
+    identical = expected == actual and (pixels is None or pixels.ok)
+    return ReplayReport(index, identical, expected, actual, mismatch, pixels, threads)
