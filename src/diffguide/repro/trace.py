@@ -4,7 +4,8 @@ A trace records, for every model evaluation, the noise level, the latents before
 the scheduler step, every branch's prediction, the guided prediction, and optionally the
 outputs of selected modules (forward hooks, installed for the run and removed afterwards).
 Keys are ``step_0003/latents_in``, ``step_0003/pred/cond``, ``step_0003/guided``,
-``step_0003/module/mid_block.attentions.0``, ``step_0003/latents_out``; the file's
+``step_0003/module/mid_block.attentions.0/cond`` (a module's output rows, split per branch),
+``step_0003/latents_out``; the file's
 metadata holds the manifest and the per-step sigmas and timesteps as JSON.
 """
 
@@ -46,8 +47,11 @@ class TraceRecorder:
         i = state.step.index
         self.steps.append({"index": i, "sigma": state.step.sigma, "timestep": state.step.timestep})
         self.tensors[step_key(i, "latents_in")] = state.latents_in.detach().cpu().clone()
+        branches = list(state.preds)  # the engine's row layout: branch k holds rows k*B..(k+1)*B
         for name, outs in self._pending.items():
-            self.tensors[step_key(i, f"module/{name}")] = torch.cat(outs)
+            rows = torch.cat(outs)
+            for k, part in enumerate(rows.chunk(len(branches))):
+                self.tensors[step_key(i, f"module/{name}/{branches[k]}")] = part
         self._pending = {}
         for branch, pred in state.preds.items():
             self.tensors[step_key(i, f"pred/{branch}")] = pred.detach().cpu().clone()

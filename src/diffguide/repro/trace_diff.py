@@ -87,7 +87,7 @@ def render_trace_diff(d: TraceDiff, console: Any) -> None:
     else:
         console.print(
             f"[red]first divergence[/red]: step {d.first_step}, tensor [bold]{d.first.name}[/bold] "
-            f"(max abs err {d.first.max_abs_err:.3g}, {d.first.violations} elements beyond tolerance)"
+            f"(max abs err {_fmt(d.first.max_abs_err)}, {d.first.violations} elements beyond tolerance)"
         )
         if d.first.reason:
             console.print(f"reason: {d.first.reason}")
