@@ -1,0 +1,168 @@
+"""Option parsing shared by commands: model path, device, dtype, windows, LoRAs, layer specs."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import math
+import re
+import warnings
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError, DiffguideError, LayerSpecError
+from ..guidance.base import Window
+
+DEFAULT_MODEL_NAME = "tiny-sd"  # src/diffguide/assets/tiny-sd, a diffusers folder shipped with the package
+MODEL_ENVVAR = "DIFFGUIDE_MODEL"
+KINDS = {"pag": "self-attention modules", "tpg": "transformer blocks"}  # what each method's layers are
+
+
+def plural(count: int, noun: str) -> str:
+    """``noun`` (a plural) made singular for a count of 1: 'transformer blocks' -> 'transformer block'."""
+    return noun.removesuffix("s") if count == 1 else noun
+
+
+class DType(enum.StrEnum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+def default_model_path() -> Path | None:
+    """The bundled default model folder, or None while the package ships none."""
+    folder = Path(str(resources.files("diffguide") / "assets" / DEFAULT_MODEL_NAME))
+    return folder if (folder / "model_index.json").is_file() else None
+
+
+def resolve_model(model: Path | None) -> Path:
+    if model is not None:
+        return model
+    default = default_model_path()
+    if default is None:
+        raise DiffguideError(
+            f"no default model yet: pass --model (a diffusers folder or a .safetensors file) or set ${MODEL_ENVVAR}"
+        )
+    return default
+
+
+def resolve_device(name: str | None) -> str:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``mps``; None picks cuda when available, else cpu."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    name = name.strip().lower()
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
+        raise ConfigError(f"unknown device '{name}': use cpu, cuda, cuda:N or mps")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DiffguideError(
+                f"device '{name}' requested but CUDA is not available here; use --device cpu"
+            )
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise DiffguideError(f"device '{name}': only {torch.cuda.device_count()} CUDA device(s) here")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise DiffguideError("device 'mps' requested but MPS is not available here; use --device cpu")
+    return name
+
+
+def torch_dtype(dtype: DType | str) -> torch.dtype:
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
+        DType(dtype).value
+    ]
+
+
+def _float(text: str, default: float, option: str, spec: str) -> float:
+    text = text.strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{option} '{spec}': '{text}' is not a number") from None
+    if math.isnan(value):
+        raise ConfigError(f"{option} '{spec}': NaN is not a valid bound")
+    return value
+
+
+WINDOW_SYNTAX = (
+    "START:END (fractions of the run, e.g. 0:0.5) and/or sigma:LO:HI (e.g. sigma:1:), comma-separated; "
+    "an empty bound is open"
+)
+
+
+def parse_window(spec: str, option: str = "window") -> Window:
+    """Parse a window option into a :class:`Window`.
+
+    Comma-separated parts; a term is active where ALL parts hold:
+
+    * ``START:END``: fractions of the run, ``START <= i/n < END`` at model evaluation i of n
+      (``0:0.5`` = first half, ``0.25:`` = from a quarter on; empty bounds mean 0 and 1);
+    * ``sigma:LO:HI``: noise levels ``LO <= sigma <= HI`` (``sigma:1:`` = sigma >= 1,
+      ``sigma::5`` = sigma <= 5).
+    """
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts:
+        raise ConfigError(f"{option}: empty window; use {WINDOW_SYNTAX}")
+    start, end, lo, hi = 0.0, 1.0, 0.0, math.inf
+    seen: set[str] = set()
+    for part in parts:
+        fields = part.split(":")
+        kind = "sigma" if fields[0].strip().lower() == "sigma" else "fraction"
+        if kind in seen:
+            raise ConfigError(f"{option} '{spec}': two {kind} ranges; give at most one of each")
+        seen.add(kind)
+        if kind == "sigma":
+            if len(fields) != 3:
+                raise ConfigError(f"{option} '{spec}': '{part}' should be sigma:LO:HI, e.g. sigma:1:14")
+            lo, hi = _float(fields[1], 0.0, option, spec), _float(fields[2], math.inf, option, spec)
+        else:
+            if len(fields) != 2:
+                raise ConfigError(f"{option} '{spec}': '{part}' is not a window; use {WINDOW_SYNTAX}")
+            start, end = _float(fields[0], 0.0, option, spec), _float(fields[1], 1.0, option, spec)
+    try:
+        return Window(sigma_min=lo, sigma_max=hi, start=start, end=end)
+    except ConfigError as err:
+        raise ConfigError(f"{option} '{spec}': {err}") from None
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """``PATH`` or ``PATH:SCALE`` (the last ``:`` followed by a number is the scale; default 1)."""
+    path, sep, tail = spec.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def check_spec(spec: str | None, option: str) -> str | None:
+    """A layer spec as given; an empty one is an error (it would otherwise mean the preset)."""
+    if spec is not None and not spec.replace(",", "").strip():
+        raise LayerSpecError(f"{option}: empty layer spec; name at least one layer (e.g. 'mid' or 'd2.2-9')")
+    return spec
+
+
+@contextlib.contextmanager
+def library_noise_off() -> Iterator[None]:
+    """Silence diffusers' and transformers' info logs, loading bars and FutureWarnings (restored after)."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in (dlog, tlog)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        for lib, _, _ in saved:
+            lib.set_verbosity_error()
+            lib.disable_progress_bar()
+        try:
+            yield
+        finally:
+            for lib, verbosity, bars in saved:
+                lib.set_verbosity(verbosity)
+                if bars:
+                    lib.enable_progress_bar()

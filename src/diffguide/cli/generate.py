@@ -1,0 +1,402 @@
+"""``diffguide generate``: sample images with CFG / PAG / TPG and save them with manifests."""
+
+from __future__ import annotations
+
+import enum
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..errors import ConfigError
+from ..guidance import CFG, PAG, TPG, GuidanceTerm, Window
+from ..io import save_result
+from ..models.presets import default_layers
+from ..pipeline import NOISE_POLICIES, GenerateConfig, GuidedPipeline
+from ..sampling.comfy import COMFY_SCHEDULERS
+from ..sampling.schedulers import SCHEDULERS
+from .common import (
+    KINDS,
+    MODEL_ENVVAR,
+    WINDOW_SYNTAX,
+    DType,
+    check_spec,
+    library_noise_off,
+    parse_lora,
+    parse_window,
+    plural,
+    resolve_device,
+    resolve_model,
+    torch_dtype,
+)
+
+Scheduler = enum.Enum("Scheduler", {name: name for name in SCHEDULERS}, type=str)  # type: ignore[misc]
+Noise = enum.Enum("Noise", {name: name for name in NOISE_POLICIES}, type=str)  # type: ignore[misc]
+
+P_PROMPT, P_GUIDE, P_MODEL, P_OUT = "Prompt and sampling", "Guidance", "Model and device", "Output"
+
+
+def build_guidance(
+    *,
+    cfg: float,
+    cfg_rescale: float,
+    cfg_window: str | None,
+    pag: float,
+    pag_layers: str | None,
+    pag_adaptive: float,
+    pag_window: str | None,
+    tpg: float,
+    tpg_layers: str | None,
+    tpg_window: str | None,
+) -> list[GuidanceTerm]:
+    """The guidance terms the options ask for; a term whose scale means "off" is left out."""
+
+    def window(spec: str | None, option: str) -> Window:
+        return Window() if spec is None else parse_window(spec, option)
+
+    terms: list[GuidanceTerm] = []
+    if cfg != 1.0:
+        terms.append(CFG(cfg, cfg_rescale, window(cfg_window, "--cfg-window")))
+    elif cfg_rescale or cfg_window:
+        raise ConfigError("--cfg-rescale/--cfg-window given but --cfg is 1 (CFG off): set --cfg")
+    if pag != 0.0:
+        terms.append(
+            PAG(pag, check_spec(pag_layers, "--pag-layers"), pag_adaptive, window(pag_window, "--pag-window"))
+        )
+    elif pag_layers is not None or pag_adaptive or pag_window:
+        raise ConfigError(
+            "--pag-layers/--pag-adaptive/--pag-window given but --pag is 0 (PAG off): set --pag"
+        )
+    if tpg != 0.0:
+        terms.append(TPG(tpg, check_spec(tpg_layers, "--tpg-layers"), window(tpg_window, "--tpg-window")))
+    elif tpg_layers is not None or tpg_window:
+        raise ConfigError("--tpg-layers/--tpg-window given but --tpg is 0 (TPG off): set --tpg")
+    return terms
+
+
+def generate(
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--prompt",
+            "-p",
+            metavar="TEXT",
+            help="Prompt; repeat for several prompts (one image each).",
+            rich_help_panel=P_PROMPT,
+        ),
+    ] = None,
+    negative_prompt: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--negative-prompt",
+            "-N",
+            metavar="TEXT",
+            help="Negative prompt: one for all images, or one per image.",
+            rich_help_panel=P_PROMPT,
+        ),
+    ] = None,
+    batch: Annotated[
+        int | None,
+        typer.Option(
+            "--batch",
+            "-n",
+            help="Number of images. Image i uses seed + i.",
+            show_default="one per prompt",
+            rich_help_panel=P_PROMPT,
+        ),
+    ] = None,
+    steps: Annotated[
+        int, typer.Option("--steps", "-s", help="Sampling steps (1..1000).", rich_help_panel=P_PROMPT)
+    ] = 20,
+    width: Annotated[
+        int | None,
+        typer.Option(
+            "--width",
+            "-W",
+            help="Width in pixels, a multiple of 8.",
+            show_default="the model's native size",
+            rich_help_panel=P_PROMPT,
+        ),
+    ] = None,
+    height: Annotated[
+        int | None,
+        typer.Option(
+            "--height",
+            "-H",
+            help="Height in pixels, a multiple of 8.",
+            show_default="the model's native size",
+            rich_help_panel=P_PROMPT,
+        ),
+    ] = None,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed", min=0, help="Seed of the first image; image i uses seed + i.", rich_help_panel=P_PROMPT
+        ),
+    ] = 0,
+    scheduler: Annotated[
+        Scheduler, typer.Option("--scheduler", help="Sampler.", rich_help_panel=P_PROMPT)
+    ] = Scheduler.euler,  # type: ignore[attr-defined]
+    eta: Annotated[
+        float, typer.Option("--eta", help="DDIM eta (0 = deterministic).", rich_help_panel=P_PROMPT)
+    ] = 0.0,
+    noise: Annotated[
+        Noise,
+        typer.Option(
+            "--noise",
+            help="Noise policy: diffusers (per-image CPU generators, as diffusers) or comfy (as ComfyUI's KSampler; euler only).",
+            rich_help_panel=P_PROMPT,
+        ),
+    ] = Noise.diffusers,  # type: ignore[attr-defined]
+    schedule: Annotated[
+        str | None,
+        typer.Option(
+            "--schedule",
+            help="With --noise comfy: ComfyUI sigma schedule (" + ", ".join(COMFY_SCHEDULERS) + ").",
+            show_default="normal",
+            rich_help_panel=P_PROMPT,
+        ),
+    ] = None,
+    cfg: Annotated[
+        float,
+        typer.Option(
+            "--cfg",
+            help="CFG scale w in [0, 100]; 1 = off (no unconditional branch).",
+            rich_help_panel=P_GUIDE,
+        ),
+    ] = 5.0,
+    cfg_rescale: Annotated[
+        float, typer.Option("--cfg-rescale", help="CFG rescale phi in [0, 1].", rich_help_panel=P_GUIDE)
+    ] = 0.0,
+    cfg_window: Annotated[
+        str | None,
+        typer.Option(
+            "--cfg-window",
+            metavar="WINDOW",
+            help="When CFG is active: " + WINDOW_SYNTAX + ".",
+            rich_help_panel=P_GUIDE,
+        ),
+    ] = None,
+    pag: Annotated[
+        float, typer.Option("--pag", help="PAG scale in [0, 100]; 0 = off.", rich_help_panel=P_GUIDE)
+    ] = 0.0,
+    pag_layers: Annotated[
+        str | None,
+        typer.Option(
+            "--pag-layers",
+            metavar="SPEC",
+            help="PAG layers, e.g. 'mid' or 'd2.2-9'.",
+            show_default="preset, see 'diffguide layers'",
+            rich_help_panel=P_GUIDE,
+        ),
+    ] = None,
+    pag_adaptive: Annotated[
+        float,
+        typer.Option(
+            "--pag-adaptive",
+            help="Adaptive PAG: scale_t = max(0, s - a (1000 - t)); 0 = constant.",
+            rich_help_panel=P_GUIDE,
+        ),
+    ] = 0.0,
+    pag_window: Annotated[
+        str | None,
+        typer.Option(
+            "--pag-window",
+            metavar="WINDOW",
+            help="When PAG is active (same syntax as --cfg-window).",
+            rich_help_panel=P_GUIDE,
+        ),
+    ] = None,
+    tpg: Annotated[
+        float, typer.Option("--tpg", help="TPG scale in [0, 100]; 0 = off.", rich_help_panel=P_GUIDE)
+    ] = 0.0,
+    tpg_layers: Annotated[
+        str | None,
+        typer.Option(
+            "--tpg-layers",
+            metavar="SPEC",
+            help="TPG layers.",
+            show_default="preset, see 'diffguide layers'",
+            rich_help_panel=P_GUIDE,
+        ),
+    ] = None,
+    tpg_window: Annotated[
+        str | None,
+        typer.Option(
+            "--tpg-window",
+            metavar="WINDOW",
+            help="When TPG is active (same syntax as --cfg-window).",
+            rich_help_panel=P_GUIDE,
+        ),
+    ] = None,
+    max_rows: Annotated[
+        int | None,
+        typer.Option(
+            "--max-rows",
+            help="Run at most this many rows per forward (memory cap).",
+            show_default="all rows in one forward",
+            rich_help_panel=P_GUIDE,
+        ),
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            "-m",
+            envvar=MODEL_ENVVAR,
+            help="Diffusers model folder or single-file .safetensors checkpoint.",
+            show_default="the bundled tiny-sd",
+            rich_help_panel=P_MODEL,
+        ),
+    ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option(
+            "--config",
+            help="For a single-file checkpoint: a local diffusers folder of the same architecture.",
+            rich_help_panel=P_MODEL,
+        ),
+    ] = None,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--lora",
+            metavar="PATH[:SCALE]",
+            help="LoRA .safetensors, optional scale (default 1); repeatable.",
+            rich_help_panel=P_MODEL,
+        ),
+    ] = None,
+    dtype: Annotated[
+        DType, typer.Option("--dtype", help="Weights and compute dtype.", rich_help_panel=P_MODEL)
+    ] = DType.float32,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            "--device",
+            help="cpu, cuda, cuda:N or mps.",
+            show_default="cuda if available, else cpu",
+            rich_help_panel=P_MODEL,
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            min=1,
+            help="CPU threads for torch (recorded in the manifest).",
+            show_default="torch's default",
+            rich_help_panel=P_MODEL,
+        ),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder (created).", rich_help_panel=P_OUT)
+    ] = Path("outputs"),
+    prefix: Annotated[
+        str, typer.Option("--prefix", help="File name prefix.", rich_help_panel=P_OUT)
+    ] = "diffguide",
+    save_latents: Annotated[
+        bool,
+        typer.Option(
+            "--save-latents",
+            help="Also save each image's final latents (.safetensors).",
+            rich_help_panel=P_OUT,
+        ),
+    ] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet", "-q", help="No progress bar or messages; only the saved paths.", rich_help_panel=P_OUT
+        ),
+    ] = False,
+) -> None:
+    """Generate images and save each as PNG + JSON manifest (+ latents).
+
+    Prints the saved files, one per line: for each image its .png, .json and, with
+    --save-latents, .safetensors.
+    """
+
+    # Everything that can be checked without the model is checked before loading it.
+    terms = build_guidance(
+        cfg=cfg, cfg_rescale=cfg_rescale, cfg_window=cfg_window,
+        pag=pag, pag_layers=pag_layers, pag_adaptive=pag_adaptive, pag_window=pag_window,
+        tpg=tpg, tpg_layers=tpg_layers, tpg_window=tpg_window,
+    )  # fmt: skip
+    if not prompt:
+        raise ConfigError("give a prompt: --prompt TEXT (repeat it for several prompts)")
+    if max_rows is not None and max_rows < 1:
+        raise ConfigError(f"--max-rows must be >= 1, got {max_rows}")
+    config_ = GenerateConfig.create(
+        prompt if len(prompt) > 1 else prompt[0],
+        negative_prompt or "",
+        num_images=batch,
+        guidance=terms,
+        steps=steps,
+        width=width,
+        height=height,
+        seed=seed,
+        scheduler=scheduler.value,
+        eta=eta,
+        max_rows=max_rows,
+        noise=noise.value,
+        schedule=schedule,
+    )
+    loras = [parse_lora(spec) for spec in lora or []]
+    device_ = resolve_device(device)
+    model_path = resolve_model(model)
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+    console = Console(stderr=True, quiet=quiet, highlight=False)
+    started = time.perf_counter()
+    with library_noise_off(), console.status(f"loading {model_path}"):
+        pipe = GuidedPipeline.from_pretrained(
+            model_path, dtype=torch_dtype(dtype), device=device_, config=config
+        )
+        for path, scale in loras:
+            pipe.load_lora(path, scale)
+    for term in terms:  # dry run of every perturbation: a bad layer fails here, before sampling
+        for branch in term.branches():
+            if branch.perturbation is not None:
+                names = branch.perturbation.targets(pipe.unet)
+                method: Literal["pag", "tpg"] = "pag" if isinstance(term, PAG) else "tpg"
+                spec = branch.perturbation.layers or f"preset {default_layers(pipe.unet, method)}"
+                console.print(
+                    f"{term.name} layers: {spec} -> {len(names)} {plural(len(names), KINDS[method])}"
+                )
+    size = pipe.default_size()
+    noise_desc = f"{config_.noise} noise" + (f" ({config_.schedule} schedule)" if config_.schedule else "")
+    console.print(
+        f"{config_.num_images} image(s), {config_.width or size}x{config_.height or size}, "
+        f"{config_.steps} steps {config_.scheduler}, {noise_desc}, seed {config_.seed}, on {device_} {dtype.value}"
+    )
+
+    with Progress(
+        TextColumn("sampling"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=quiet or not console.is_terminal,
+    ) as progress:
+        task = progress.add_task("sampling", total=None)
+
+        def on_step(state: Any) -> None:
+            progress.update(task, total=state.step.count, completed=state.step.index + 1)
+
+        result = pipe.generate(config_, callback=on_step)
+
+    pngs = save_result(result, out, prefix=prefix, save_latents=save_latents)
+    for png in pngs:
+        typer.echo(str(png))
+        typer.echo(str(png.with_suffix(".json")))
+        if save_latents:
+            typer.echo(str(png.with_suffix(".safetensors")))
+    console.print(
+        f"done in {time.perf_counter() - started:.1f}s: {len(pngs)} image(s), "
+        f"{result.forward_calls} model forward calls, in {out}"
+    )

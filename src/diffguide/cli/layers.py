@@ -1,0 +1,109 @@
+"""``diffguide layers``: the attention units of a model, the presets, and a dry run of a layer spec."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..errors import DiffguideError
+from ..models.layers import unit_table
+from ..models.presets import default_layers
+from ..perturb import IdentityAttention, TokenShuffle
+from .common import KINDS, MODEL_ENVVAR, check_spec, library_noise_off, plural, resolve_model
+
+
+def load_unet(path: Path, config: str | None = None) -> Any:
+    """The model's UNet. A diffusers folder: built from its config on the meta device (no weights
+    are read, so this is instant for any size). A single file: loaded (needs ``config``)."""
+    import torch
+
+    if not path.is_dir():
+        from ..models.loading import load_pipeline
+
+        with library_noise_off():
+            return load_pipeline(path, config=config).unet
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise DiffguideError(f"'{path}' is a folder but not a diffusers model (no model_index.json)")
+    index = json.loads(index_file.read_text())
+    entry = index.get("unet")
+    if not entry or not (path / "unet" / "config.json").is_file():
+        raise DiffguideError(f"the model '{path}' has no UNet ('unet' folder with config.json)")
+    import diffusers
+
+    cls = getattr(diffusers, entry[1], None) if isinstance(entry, list) and len(entry) == 2 else None
+    if cls is None:
+        raise DiffguideError(f"the model '{path}' has a UNet of unknown class {entry!r}")
+    with torch.device("meta"):
+        return cls.from_config(cls.load_config(str(path / "unet")))
+
+
+def _perturbation(method: str, spec: str | None) -> Any:
+    return IdentityAttention(spec) if method == "pag" else TokenShuffle(spec)
+
+
+def layers(
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            "-m",
+            envvar=MODEL_ENVVAR,
+            help="Diffusers model folder or single-file .safetensors.",
+            show_default="the bundled tiny-sd",
+        ),
+    ] = None,
+    pag: Annotated[
+        str | None,
+        typer.Option(
+            "--pag", metavar="SPEC", help="Print the self-attention modules this PAG layer spec selects."
+        ),
+    ] = None,
+    tpg: Annotated[
+        str | None,
+        typer.Option(
+            "--tpg", metavar="SPEC", help="Print the transformer blocks this TPG layer spec selects."
+        ),
+    ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option(
+            "--config",
+            help="For a single-file checkpoint: a local diffusers folder of the same architecture.",
+        ),
+    ] = None,
+) -> None:
+    """List the attention units (d0, m0, u0, ...) and the PAG/TPG presets, or dry-run a layer spec.
+
+    With --pag/--tpg, the selected fully-qualified module names go to stdout, one per line
+    (a header per spec goes to stderr).
+    """
+    specs = {"pag": check_spec(pag, "--pag"), "tpg": check_spec(tpg, "--tpg")}
+    unet = load_unet(resolve_model(model), config)
+    if pag is None and tpg is None:
+        order = {"d": 0, "m": 1, "u": 2}  # down, mid, up; model order within each
+        units = sorted(unit_table(unet), key=lambda u: order.get(u.alias[0], 3))
+        width = max([len(u.name) for u in units] + [len("module")])
+        typer.echo(f"{'unit':<5} {'module':<{width}} blocks")
+        for u in units:
+            typer.echo(f"{u.alias:<5} {u.name:<{width}} {u.blocks}")
+        typer.echo("")
+        typer.echo("presets (the default --pag-layers / --tpg-layers):")
+        for method, kind in KINDS.items():
+            try:
+                preset = default_layers(unet, method)  # type: ignore[arg-type]
+                count = len(_perturbation(method, None).targets(unet))
+                typer.echo(f"{method:<5} {preset:<{width}} {count} {plural(count, kind)}")
+            except DiffguideError as err:
+                typer.echo(f"{method:<5} (none: {err})")
+        return
+    for method, spec in specs.items():
+        if spec is None:
+            continue
+        names = _perturbation(method, spec).targets(unet)
+        typer.echo(f"# {method} '{spec}': {len(names)} {plural(len(names), KINDS[method])}", err=True)
+        for name in names:
+            typer.echo(name)

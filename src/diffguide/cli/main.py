@@ -1,0 +1,105 @@
+"""The ``diffguide`` app: one typer group, one small module per command.
+
+To add a command, write ``cli/<name>.py`` with a plain function (typer-annotated options,
+docstring = help) and register it below with one line::
+
+    app.command("diff")(diff.diff)
+
+A command with subcommands is a ``typer.Typer()`` in its module, added with
+``app.add_typer(bench.app, name="bench")``. Import shared helpers (model path, device, dtype,
+windows, layer specs) from :mod:`.common`.
+
+Errors: a :class:`~diffguide.errors.DiffguideError` raised anywhere in a command, and every
+usage error (bad option value, unknown option), is printed as ONE line ``error: <message>``
+on stderr with exit code 2, without a traceback. Any other exception propagates unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import typer
+from typer.core import TyperGroup
+
+from ..errors import DiffguideError
+from . import diff, generate, layers, replay
+
+EXIT_USAGE = 2
+
+# Usage errors: typer >= 0.2x vendors click (its errors derive from typer.TyperException);
+# older typer raises click's own ClickException.
+_USAGE_ERRORS: tuple[type[Exception], ...] = ()
+with contextlib.suppress(ImportError):
+    from typer import TyperException
+
+    _USAGE_ERRORS += (TyperException,)
+with contextlib.suppress(ImportError):
+    import click
+
+    _USAGE_ERRORS += (click.ClickException,)
+
+
+def one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def fail(message: str) -> None:
+    typer.echo(f"error: {one_line(message)}", err=True)
+
+
+class DiffguideGroup(TyperGroup):
+    """A typer group whose user-facing errors are one line on stderr (exit code 2)."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        code = 0
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else 0
+        except DiffguideError as err:
+            fail(str(err))
+            code = EXIT_USAGE
+        except _USAGE_ERRORS as err:  # bad option values, unknown options, missing command
+            ctx = getattr(err, "ctx", None)
+            if type(err).__name__ == "NoArgsIsHelpError" and ctx is not None:
+                typer.echo(ctx.get_help())
+            else:
+                hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+                fmt = getattr(err, "format_message", None)
+                fail((fmt() if callable(fmt) else str(err)) + hint)
+            code = getattr(err, "exit_code", EXIT_USAGE)
+        except typer.Abort:
+            fail("aborted")
+            code = 1
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
+
+app = typer.Typer(
+    name="diffguide",
+    cls=DiffguideGroup,
+    help="Guided sampling for diffusion models: CFG, PAG and TPG in one batched forward, with manifests.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+app.command("generate")(generate.generate)
+app.command("layers")(layers.layers)
+app.command("diff")(diff.diff)
+app.command("replay")(replay.replay_command)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
