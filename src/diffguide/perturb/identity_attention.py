@@ -98,7 +98,8 @@ class IdentityAttention:
     def targets(self, model: nn.Module) -> list[str]:
         from ..models.presets import default_layers
 
-        return select(model, self.layers or default_layers(model, "pag"), is_self_attention)
+        spec = default_layers(model, "pag") if self.layers is None else self.layers
+        return select(model, spec, is_self_attention)
 
     @contextmanager
     def install(self, model: nn.Module, branch: str, ctx: ForwardContext) -> Iterator[None]:

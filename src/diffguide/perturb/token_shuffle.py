@@ -44,7 +44,8 @@ class TokenShuffle:
     def targets(self, model: nn.Module) -> list[str]:
         from ..models.presets import default_layers
 
-        return select(model, self.layers or default_layers(model, "tpg"), is_transformer_block)
+        spec = default_layers(model, "tpg") if self.layers is None else self.layers
+        return select(model, spec, is_transformer_block)
 
     @contextmanager
     def install(self, model: nn.Module, branch: str, ctx: ForwardContext) -> Iterator[None]:
