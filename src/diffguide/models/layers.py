@@ -57,7 +57,7 @@ def attention_units(model: nn.Module) -> list[AttentionUnit]:
         alias = f"{letter}{counters[letter]}"
         counters[letter] += 1
         units.append(AttentionUnit(alias, name, len(module.transformer_blocks)))  # type: ignore[arg-type]
-    return units
+    return sorted(units, key=lambda u: "dmu".index(u.alias[0]))  # down, mid, up (stable within a path)
 
 
 def _expand_ranges(item: str) -> list[str]:
