@@ -148,7 +148,7 @@ def test_check_determinism(sd15):
         ["a", "b"], guidance=[CFG(4), PAG(2), TPG(2)], steps=3, seed=2, scheduler="euler_a"
     )
     checks = check_determinism(sd15, cfg, batch_vs_single=True, strict=True)
-    assert [c.name for c in checks][0] == "rerun"
+    assert checks[0].name == "rerun"
     assert len(checks) == 4
     assert all(c.ok for c in checks), [(c.name, c.report.max_abs_err) for c in checks]
     assert checks[0].report.max_abs_err == 0.0
