@@ -75,7 +75,8 @@ class DiffguideGroup(TyperGroup):
             else:
                 hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
                 fmt = getattr(err, "format_message", None)
-                fail((fmt() if callable(fmt) else str(err)) + hint)
+                message = fmt() if callable(fmt) else str(err)
+                fail(message.replace("Value error, ", "") + hint)  # typer's enum wording
             code = getattr(err, "exit_code", EXIT_USAGE)
         except typer.Abort:
             fail("aborted")
