@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any, Literal
 
 import torch
@@ -12,11 +15,13 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ..conditioning import ConditioningFile, load_conditioning
 from ..errors import ConfigError
 from ..guidance import CFG, PAG, TPG, GuidanceTerm, Window
 from ..io import save_result
 from ..models.presets import default_layers
 from ..pipeline import NOISE_POLICIES, GenerateConfig, GuidedPipeline
+from ..repro.trace import TraceRecorder
 from ..sampling.comfy import COMFY_SCHEDULERS
 from ..sampling.schedulers import SCHEDULERS
 from .common import (
@@ -306,6 +311,33 @@ def generate(
             rich_help_panel=P_OUT,
         ),
     ] = False,
+    conditioning: Annotated[
+        Path | None,
+        typer.Option(
+            "--conditioning",
+            help="Precomputed prompt embeddings (.safetensors; .pt only via weights_only) used instead of "
+            "encoding --prompt; see docs/reproducibility.md.",
+            rich_help_panel=P_PROMPT,
+        ),
+    ] = None,
+    trace: Annotated[
+        Path | None,
+        typer.Option(
+            "--trace",
+            help="Record every step (sigma, latents, each branch's prediction, guided prediction) to this "
+            ".safetensors file; compare two with 'diffguide diff'.",
+            rich_help_panel=P_OUT,
+        ),
+    ] = None,
+    trace_modules: Annotated[
+        str | None,
+        typer.Option(
+            "--trace-modules",
+            metavar="PATTERN",
+            help="With --trace: also record outputs of modules matching this fnmatch pattern, e.g. 'mid_block.*'.",
+            rich_help_panel=P_OUT,
+        ),
+    ] = None,
     quiet: Annotated[
         bool,
         typer.Option(
@@ -318,43 +350,99 @@ def generate(
     Prints the saved files, one per line: for each image its .png, .json and, with
     --save-latents, .safetensors.
     """
+    if trace_modules and trace is None:
+        raise ConfigError("--trace-modules needs --trace FILE")
+    run = prepare(locals())
+    pipe, config_, console = run.pipe, run.config, run.console
+    recorder = TraceRecorder(trace_modules) if trace is not None else None
+    started = time.perf_counter()
+    with (
+        Progress(
+            TextColumn("sampling"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            disable=quiet or not console.is_terminal,
+        ) as progress,
+        recorder.hooks(pipe.unet) if recorder else contextlib.nullcontext(),
+    ):
+        task = progress.add_task("sampling", total=None)
 
+        def on_step(state: Any) -> None:
+            progress.update(task, total=state.step.count, completed=state.step.index + 1)
+            if recorder is not None:
+                recorder(state)
+
+        result = pipe.generate(config_, callback=on_step, conditioning=run.conditioning)
+
+    pngs = save_result(result, out, prefix=prefix, save_latents=save_latents)
+    for png in pngs:
+        typer.echo(str(png))
+        typer.echo(str(png.with_suffix(".json")))
+        if save_latents:
+            typer.echo(str(png.with_suffix(".safetensors")))
+    if recorder is not None and trace is not None:
+        typer.echo(str(recorder.save(trace, result.manifests[0])))
+    console.print(
+        f"done in {time.perf_counter() - started:.1f}s: {len(pngs)} image(s), "
+        f"{result.forward_calls} model forward calls, in {out}"
+    )
+
+
+@dataclass
+class Run:
+    pipe: GuidedPipeline
+    config: GenerateConfig
+    console: Console
+    conditioning: ConditioningFile | None
+
+
+def prepare(opts: dict[str, Any]) -> Run:
+    """Validate the generate options, load the model, dry-run the layer specs."""
+    o = SimpleNamespace(**opts)
+    prompt, quiet, dtype = o.prompt, o.quiet, o.dtype
     # Everything that can be checked without the model is checked before loading it.
     terms = build_guidance(
-        cfg=cfg, cfg_rescale=cfg_rescale, cfg_window=cfg_window,
-        pag=pag, pag_layers=pag_layers, pag_adaptive=pag_adaptive, pag_window=pag_window,
-        tpg=tpg, tpg_layers=tpg_layers, tpg_window=tpg_window,
+        cfg=o.cfg, cfg_rescale=o.cfg_rescale, cfg_window=o.cfg_window,
+        pag=o.pag, pag_layers=o.pag_layers, pag_adaptive=o.pag_adaptive, pag_window=o.pag_window,
+        tpg=o.tpg, tpg_layers=o.tpg_layers, tpg_window=o.tpg_window,
     )  # fmt: skip
+    if not prompt and o.conditioning is None:
+        raise ConfigError(
+            "give a prompt: --prompt TEXT (repeat it for several prompts), or --conditioning FILE"
+        )
+    if o.max_rows is not None and o.max_rows < 1:
+        raise ConfigError(f"--max-rows must be >= 1, got {o.max_rows}")
+    conditioning = load_conditioning(o.conditioning) if o.conditioning is not None else None
     if not prompt:
-        raise ConfigError("give a prompt: --prompt TEXT (repeat it for several prompts)")
-    if max_rows is not None and max_rows < 1:
-        raise ConfigError(f"--max-rows must be >= 1, got {max_rows}")
+        prompt = [conditioning.metadata.get("prompt", "<conditioning file>")] if conditioning else []
     config_ = GenerateConfig.create(
         prompt if len(prompt) > 1 else prompt[0],
-        negative_prompt or "",
-        num_images=batch,
+        o.negative_prompt or "",
+        num_images=o.batch,
         guidance=terms,
-        steps=steps,
-        width=width,
-        height=height,
-        seed=seed,
-        scheduler=scheduler.value,
-        eta=eta,
-        max_rows=max_rows,
-        noise=noise.value,
-        schedule=schedule,
+        steps=o.steps,
+        width=o.width,
+        height=o.height,
+        seed=o.seed,
+        scheduler=o.scheduler.value,
+        eta=o.eta,
+        max_rows=o.max_rows,
+        noise=o.noise.value,
+        schedule=o.schedule,
     )
-    loras = [parse_lora(spec) for spec in lora or []]
-    device_ = resolve_device(device)
-    model_path = resolve_model(model)
-    if threads is not None:
-        torch.set_num_threads(threads)
+    loras = [parse_lora(spec) for spec in o.lora or []]
+    device_ = resolve_device(o.device)
+    model_path = resolve_model(o.model)
+    if o.threads is not None:
+        torch.set_num_threads(o.threads)
 
     console = Console(stderr=True, quiet=quiet, highlight=False)
-    started = time.perf_counter()
     with library_noise_off(), console.status(f"loading {model_path}"):
         pipe = GuidedPipeline.from_pretrained(
-            model_path, dtype=torch_dtype(dtype), device=device_, config=config
+            model_path, dtype=torch_dtype(dtype), device=device_, config=o.config
         )
         for path, scale in loras:
             pipe.load_lora(path, scale)
@@ -374,29 +462,4 @@ def generate(
         f"{config_.steps} steps {config_.scheduler}, {noise_desc}, seed {config_.seed}, on {device_} {dtype.value}"
     )
 
-    with Progress(
-        TextColumn("sampling"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-        disable=quiet or not console.is_terminal,
-    ) as progress:
-        task = progress.add_task("sampling", total=None)
-
-        def on_step(state: Any) -> None:
-            progress.update(task, total=state.step.count, completed=state.step.index + 1)
-
-        result = pipe.generate(config_, callback=on_step)
-
-    pngs = save_result(result, out, prefix=prefix, save_latents=save_latents)
-    for png in pngs:
-        typer.echo(str(png))
-        typer.echo(str(png.with_suffix(".json")))
-        if save_latents:
-            typer.echo(str(png.with_suffix(".safetensors")))
-    console.print(
-        f"done in {time.perf_counter() - started:.1f}s: {len(pngs)} image(s), "
-        f"{result.forward_calls} model forward calls, in {out}"
-    )
+    return Run(pipe, config_, console, conditioning)

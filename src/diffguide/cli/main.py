@@ -25,7 +25,7 @@ import typer
 from typer.core import TyperGroup
 
 from ..errors import DiffguideError
-from . import diff, generate, layers, replay
+from . import check, diff, generate, layers, replay
 
 EXIT_USAGE = 2
 
@@ -100,6 +100,7 @@ app.command("generate")(generate.generate)
 app.command("layers")(layers.layers)
 app.command("diff")(diff.diff)
 app.command("replay")(replay.replay_command)
+app.command("check-determinism")(check.check_determinism)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -59,8 +59,10 @@ def check_determinism(
             )
             lat = pipe.generate(single, decode=False).latents
             name = f"image {i} alone (seed {cfg.seed + i})"
-            report = compare(lat, ref[i : i + 1], rtol=0.0, atol=atol_batch, name=name)
-            checks.append(Check(name, f"within {atol_batch:g}", report))
+            # |a - b| <= tol * (1 + |b|): batch composition changes CPU float32 rounding, and
+            # guidance scales amplify it in proportion to the latents' magnitude
+            report = compare(lat, ref[i : i + 1], rtol=atol_batch, atol=atol_batch, name=name)
+            checks.append(Check(name, f"within {atol_batch:g} (rel+abs)", report))
     if strict:
         with deterministic_algorithms():
             lat = pipe.generate(cfg, decode=False).latents

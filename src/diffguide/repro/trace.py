@@ -42,6 +42,7 @@ class TraceRecorder:
     tensors: dict[str, Tensor] = field(default_factory=dict)
     steps: list[dict[str, float]] = field(default_factory=list)
     _pending: dict[str, list[Tensor]] = field(default_factory=dict)
+    _calls: dict[str, int] = field(default_factory=dict)
 
     def __call__(self, state: StepState) -> None:
         i = state.step.index
@@ -49,9 +50,12 @@ class TraceRecorder:
         self.tensors[step_key(i, "latents_in")] = state.latents_in.detach().cpu().clone()
         branches = list(state.preds)  # the engine's row layout: branch k holds rows k*B..(k+1)*B
         for name, outs in self._pending.items():
-            rows = torch.cat(outs)
-            for k, part in enumerate(rows.chunk(len(branches))):
-                self.tensors[step_key(i, f"module/{name}/{branches[k]}")] = part
+            rows = torch.cat(outs)  # the chunks of one step, in row order
+            if rows.ndim and rows.shape[0] % len(branches) == 0:
+                for k, part in enumerate(rows.chunk(len(branches))):
+                    self.tensors[step_key(i, f"module/{name}/{branches[k]}")] = part
+            else:
+                self.tensors[step_key(i, f"module/{name}")] = rows
         self._pending = {}
         for branch, pred in state.preds.items():
             self.tensors[step_key(i, f"pred/{branch}")] = pred.detach().cpu().clone()
@@ -77,11 +81,19 @@ class TraceRecorder:
             def hook(module: nn.Module, args: Any, output: Any) -> None:
                 out = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
                 if isinstance(out, Tensor):
-                    self._pending.setdefault(name, []).append(out.detach().cpu().clone())
+                    # a module may run several times in one forward (a shared activation): key each call
+                    n = self._calls.get(name, 0)
+                    self._calls[name] = n + 1
+                    key = name if n == 0 else f"{name}#{n}"
+                    self._pending.setdefault(key, []).append(out.detach().cpu().clone())
 
             return hook
 
+        def reset_calls(module: nn.Module, args: Any) -> None:
+            self._calls = {}
+
         try:
+            handles.append(model.register_forward_pre_hook(reset_calls))
             for name in names:
                 handles.append(modules[name].register_forward_hook(make_hook(name)))
             yield names
