@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,11 @@ def load_pipeline(path: str | Path, *, dtype: torch.dtype = torch.float32, confi
         index = (path / "model_index.json").read_text()
         if '"safety_checker"' in index:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
-        return DiffusionPipeline.from_pretrained(str(path), **kwargs)
+        with (
+            warnings.catch_warnings()
+        ):  # diffusers >= 0.42 renames torch_dtype to dtype; older only know the first
+            warnings.simplefilter("ignore", FutureWarning)
+            return DiffusionPipeline.from_pretrained(str(path), **kwargs)
     _check_file(path, "model file")
     if config is None:
         raise DiffguideError(
@@ -77,7 +82,9 @@ def load_pipeline(path: str | Path, *, dtype: torch.dtype = torch.float32, confi
     with safe_open(str(path), "pt") as f:
         is_xl = any(k.startswith("conditioner.embedders.1") for k in f.keys())  # noqa: SIM118
     cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
-    return cls.from_single_file(str(path), config=config, torch_dtype=dtype, local_files_only=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return cls.from_single_file(str(path), config=config, torch_dtype=dtype, local_files_only=True)
 
 
 def load_lora(pipe: Any, path: str | Path, name: str) -> None:
