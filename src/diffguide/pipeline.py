@@ -22,7 +22,7 @@ from .models.loading import load_lora, load_pipeline
 from .sampling.comfy import COMFY_SCHEDULERS, ComfyModelSampling, comfy_noise, comfy_sigmas
 from .sampling.loop import Callback, sample, sample_comfy
 from .sampling.noise import generators, image_seeds, initial_noise
-from .sampling.schedulers import make_scheduler, sigma_at
+from .sampling.schedulers import SCHEDULERS, make_scheduler, sigma_at
 
 MAX_STEPS = 1000
 NOISE_POLICIES = ("diffusers", "comfy")
@@ -83,6 +83,8 @@ class GenerateConfig:
             raise ConfigError("give at least one prompt")
         if not 0.0 <= self.eta <= 1.0:
             raise ConfigError(f"eta must be in [0, 1], got {self.eta}")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"unknown scheduler '{self.scheduler}'; choose one of: {', '.join(SCHEDULERS)}")
         if self.noise not in NOISE_POLICIES:
             raise ConfigError(
                 f"unknown noise policy '{self.noise}'; choose one of: {', '.join(NOISE_POLICIES)}"
