@@ -16,6 +16,7 @@ The package itself is not imported (its ``__init__`` needs OpenCV); only the fil
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from collections.abc import Callable
 from pathlib import Path
@@ -81,10 +82,8 @@ class InceptionFeatures:
 
     def __init__(self, path: str | Path | None = None, batch: int = 25):
         net = torch.jit.load(str(path or inception_path()), map_location="cpu").eval()
-        try:
+        with contextlib.suppress(Exception):  # freezing is an optimisation only
             net = torch.jit.optimize_for_inference(torch.jit.freeze(net))
-        except Exception:  # pragma: no cover - freezing is an optimisation only
-            pass
         self.net = net
         self.batch = batch
 

@@ -317,7 +317,7 @@ def run(opts: BenchOptions, log: Log = print) -> dict[str, Any]:
             log(f"{s.name}: resuming with {d.n} images")
             state[s] = d
 
-    targets = list(range(min(opts.chunk, opts.n), opts.n, opts.chunk)) + [opts.n]
+    targets = [*range(min(opts.chunk, opts.n), opts.n, opts.chunk), opts.n]
     results: dict[str, Any] = {}
     for target in targets:
         for s in opts.settings:
@@ -325,7 +325,8 @@ def run(opts: BenchOptions, log: Log = print) -> dict[str, Any]:
             have = 0 if d is None else d.n
             if have >= target:
                 continue
-            images, labels, feats = [], [], []
+            images: list[np.ndarray] = []
+            labels: list[np.ndarray] = []
             t0 = time.time()
             for a in range(have, target, opts.batch):
                 b = min(a + opts.batch, target)
@@ -450,7 +451,7 @@ def _grid(images: np.ndarray, s: Setting, path: Path, scale: int = 2) -> None:
         r, c = divmod(i, cols)
         canvas[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + c * (w + 2) : 2 + c * (w + 2) + w] = im
     img = Image.fromarray(canvas)
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+    img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST).save(path)
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -128,7 +128,7 @@ def quality(
             q.DEFAULT_COMBO_CFG if combo_cfg is None else combo_cfg,
         )
     path = str(model or _default_model())
-    common = dict(
+    common: dict[str, Any] = dict(
         n=n,
         steps=steps,
         batch=batch,
