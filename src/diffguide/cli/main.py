@@ -26,6 +26,7 @@ from typer.core import TyperGroup
 
 from ..errors import DiffguideError
 from . import check, diff, generate, layers, replay
+from .bench import bench_app
 
 EXIT_USAGE = 2
 
@@ -101,6 +102,7 @@ app.command("layers")(layers.layers)
 app.command("diff")(diff.diff)
 app.command("replay")(replay.replay_command)
 app.command("check-determinism")(check.check_determinism)
+app.add_typer(bench_app, name="bench")
 
 
 if __name__ == "__main__":  # pragma: no cover
