@@ -29,6 +29,8 @@ def main():
     ap.add_argument("--cfg", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scale", type=int, default=2, help="nearest-neighbour upscaling of the grid")
+    ap.add_argument("--classify", action="store_true",
+                    help="also report prompt accuracy with diffguide.bench's digit / garment classifiers")
     args = ap.parse_args()
 
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
@@ -38,13 +40,14 @@ def main():
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    rows = []
+    rows, all_imgs = [], []
     t0 = time.time()
     for i, prompt in enumerate(CAPTIONS):
         g = torch.Generator().manual_seed(args.seed + i)
         imgs = pipe(prompt, num_images_per_prompt=args.n, num_inference_steps=args.steps,
                     guidance_scale=args.cfg, generator=g, height=size, width=size, output_type="np").images
         rows.append(np.concatenate(list(imgs), axis=1))
+        all_imgs.append(imgs)
     dt = time.time() - t0
     grid = (np.concatenate(rows, axis=0).clip(0, 1) * 255).round().astype(np.uint8)
     im = Image.fromarray(grid)
@@ -52,6 +55,18 @@ def main():
     im.save(args.out)
     print(f"wrote {args.out}: {len(CAPTIONS)} prompts x {args.n} images, {args.steps} steps, cfg {args.cfg}; "
           f"{dt:.1f}s total, {dt / len(CAPTIONS):.2f}s per prompt batch of {args.n}")
+    if args.classify:
+        sys.path.insert(0, str(HERE.parent / "src"))
+        from diffguide.bench.classifiers import PromptClassifiers
+
+        u8 = (np.concatenate(all_imgs).clip(0, 1) * 255).round().astype(np.uint8)
+        gray = u8[:, 2:30, 2:30, :].mean(-1).astype(np.float32) / 255.0
+        labels = np.repeat(np.arange(len(CAPTIONS)), args.n)
+        clf = PromptClassifiers()
+        print("accuracy:", clf.accuracy(gray, labels))
+        per = [clf.accuracy(gray[labels == c], labels[labels == c]) for c in range(len(CAPTIONS))]
+        print("per prompt:", " ".join(
+            f"{c}:{(p['digit_accuracy'] if c < 10 else p['garment_accuracy']):.2f}" for c, p in enumerate(per)))
 
 
 if __name__ == "__main__":
