@@ -12,12 +12,16 @@ perturbation whose branch has no rows in the current call leaves the model untou
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+from ..models.layers import select
+from ..models.presets import Method, default_layers
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,13 @@ class Perturbation(Protocol):
     def install(self, model: nn.Module, branch: str, ctx: ForwardContext) -> AbstractContextManager[None]:
         """Install on ``model`` for rows of ``branch``; removed when the context exits."""
         ...
+
+
+def select_targets(
+    model: nn.Module, layers: str | None, method: Method, is_target: Callable[[str, nn.Module], bool]
+) -> list[str]:
+    """The modules a perturbation acts on: ``layers`` (a layer spec) or the method's preset."""
+    return select(model, default_layers(model, method) if layers is None else layers, is_target)
 
 
 def branch_seed(seed: int, branch: str) -> int:

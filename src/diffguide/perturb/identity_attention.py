@@ -17,8 +17,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from ..models.layers import select
-from .base import ForwardContext, put_rows, take_rows
+from .base import ForwardContext, put_rows, select_targets, take_rows
 
 
 def is_self_attention(name: str, module: nn.Module) -> bool:
@@ -96,10 +95,7 @@ class IdentityAttention:
     layers: str | None = None  # None: the model's preset (see models.presets)
 
     def targets(self, model: nn.Module) -> list[str]:
-        from ..models.presets import default_layers
-
-        spec = default_layers(model, "pag") if self.layers is None else self.layers
-        return select(model, spec, is_self_attention)
+        return select_targets(model, self.layers, "pag", is_self_attention)
 
     @contextmanager
     def install(self, model: nn.Module, branch: str, ctx: ForwardContext) -> Iterator[None]:

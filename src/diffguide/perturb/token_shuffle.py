@@ -20,8 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models.layers import select
-from .base import ForwardContext, branch_seed, put_rows, take_rows
+from .base import ForwardContext, branch_seed, put_rows, select_targets, take_rows
 
 
 def is_transformer_block(name: str, module: nn.Module) -> bool:
@@ -42,10 +41,7 @@ class TokenShuffle:
     layers: str | None = None  # None: the model's preset (see models.presets)
 
     def targets(self, model: nn.Module) -> list[str]:
-        from ..models.presets import default_layers
-
-        spec = default_layers(model, "tpg") if self.layers is None else self.layers
-        return select(model, spec, is_transformer_block)
+        return select_targets(model, self.layers, "tpg", is_transformer_block)
 
     @contextmanager
     def install(self, model: nn.Module, branch: str, ctx: ForwardContext) -> Iterator[None]:
