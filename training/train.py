@@ -4,7 +4,7 @@ Stages (run in this order; each one is resumable from training/runs/<run>/):
 
     python training/train.py vae    --steps 2000     # AutoencoderKL, 32x32x3 -> 8x8x4
     python training/train.py latents                # cache VAE posteriors of the training set
-    python training/train.py unet   --steps 6000     # UNet2DConditionModel + CLIPTextModel (joint)
+    python training/train.py unet   --steps 7000     # UNet2DConditionModel + CLIPTextModel (joint)
     python training/train.py export                  # diffusers folder -> src/diffguide/assets/tiny-sd/
 
 ``python training/train.py all`` runs every stage in turn.  CPU only, one
@@ -480,7 +480,7 @@ def main():
     ap.add_argument("--out", default=str(DEFAULT_EXPORT))
     ap.add_argument("--no-ema", action="store_true")
     ap.add_argument("--vae-steps", type=int, default=2000)
-    ap.add_argument("--unet-steps", type=int, default=6000)
+    ap.add_argument("--unet-steps", type=int, default=7000)
     args = ap.parse_args()
     run = Path(args.run)
     run.mkdir(parents=True, exist_ok=True)
