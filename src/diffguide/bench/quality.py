@@ -34,10 +34,10 @@ import numpy as np
 from ..errors import ConfigError
 
 # ----------------------------------------------------------------------------- settings
-DEFAULT_CFG_SCALES = (1.5, 2.0, 3.0, 4.0, 6.0)
+DEFAULT_CFG_SCALES = (2.0, 3.0, 5.0, 7.0)
 DEFAULT_COMBO_CFG = 3.0
-DEFAULT_PAG_SCALES = (2.0,)
-DEFAULT_TPG_SCALES = (2.0,)
+DEFAULT_PAG_SCALES = (3.0,)
+DEFAULT_TPG_SCALES = (3.0,)
 QUICK_SETTINGS = ("cond/none", "cond/cfg3", "cond/cfg3+tpg2", "uncond/pag2")
 # Conditional image i gets class CLASS_ORDER[i % 20]: digits and garments alternate (0, t-shirt,
 # 1, trouser, ...), so any N has both kinds and every 20 images cover the 20 classes once.

@@ -111,9 +111,7 @@ def quality(
 ) -> None:
     """Sample N images per guidance setting and score FID, prompt accuracy, precision/recall.
 
-    Settings: conditional (prompts cycle over the 20 class captions) no guidance, CFG at several
-    scales, PAG, TPG, CFG+PAG, CFG+TPG; unconditional (empty prompt) no guidance, PAG, TPG. CFG is
-    not run unconditionally: with an empty prompt its two predictions are the same.
+    Settings: conditional (prompts cycle over the 20 class captions) no guidance, CFG at several scales, PAG, TPG, CFG+PAG, CFG+TPG; unconditional (empty prompt) no guidance, PAG, TPG. CFG is not run unconditionally: with an empty prompt its two predictions are the same. See docs/quality.md.
     """
     from ..bench import quality as q
 
