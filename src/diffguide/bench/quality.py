@@ -484,7 +484,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ("precision", "precision"),
         ("recall", "recall"),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
+    fig, grid = plt.subplots(2, 3, figsize=(14, 8))
+    axes = list(grid.flat)
     combos = sorted({r["cfg_scale"] for r in rows if r["method"] in ("cfg+pag", "cfg+tpg")})
     combo = f" (CFG {_fmt(combos[0])})" if len(combos) == 1 else ""
     styles = [
@@ -496,7 +497,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ("pag", False, "uncond. PAG (x = s)", "C4", "s:"),
         ("tpg", False, "uncond. TPG (x = s)", "C5", "^:"),
     ]
-    for ax, (key, title) in zip(axes, panels, strict=True):
+    for ax, (key, title) in zip(axes, panels, strict=False):
         for method, cond, label, color, fmt in styles:
             xs, ys = series(method, cond, key)
             if xs:
@@ -514,9 +515,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.grid(alpha=0.3)
     n = rows[0]["n"] if rows else 0
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8)
+    axes[-1].axis("off")
+    axes[-1].legend(handles, labels, loc="center", fontsize=10, frameon=False)
     fig.suptitle(f"diffguide bench quality (N = {n} per setting)")
-    fig.tight_layout(rect=(0, 0.12, 1, 0.95))
+    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
