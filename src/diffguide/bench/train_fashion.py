@@ -1,6 +1,6 @@
 """Train the garment classifier of the quality benchmark (Fashion-MNIST, 28x28 grey).
 
-    python -m diffguide.bench.train_fashion [--epochs 4] [--out src/diffguide/assets/classifiers/...]
+    python -m diffguide.bench.train_fashion [--epochs 3] [--out src/diffguide/assets/classifiers/...]
 
 Data: the official Fashion-MNIST IDX files of the Debian package ``dataset-fashion-mnist``
 (``/usr/share/datasets/fashion-mnist``, or ``$DIFFGUIDE_FASHION_DIR``): trained on the 60k
@@ -31,7 +31,7 @@ def load(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def main(argv: list[str] | None = None) -> float:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
