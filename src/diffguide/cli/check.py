@@ -12,7 +12,8 @@ from rich.table import Table
 from ..repro.determinism import check_determinism as run_checks
 from . import generate as gen
 
-# Options of `generate` that only concern saving files; they have no meaning here.
+# Options of `generate` that only concern saving files: accepted, so that a generate command
+# line can be pasted as it is, and ignored.
 _OUTPUT_ONLY = {"out", "prefix", "save_latents", "trace", "trace_modules"}
 
 
@@ -35,8 +36,10 @@ def check_determinism(
     """Run a generation twice (same options as `generate`) and report whether the results are
     bit-identical; optionally batch vs single images and torch's deterministic-algorithms mode.
     Exit code 0 when every check holds, 1 otherwise."""
-    run = gen.prepare({**options, "conditioning": None})
-    checks = run_checks(run.pipe, run.config, batch_vs_single=batch_vs_single, strict=strict)
+    run = gen.prepare({k: v for k, v in options.items() if k not in _OUTPUT_ONLY})
+    checks = run_checks(
+        run.pipe, run.config, batch_vs_single=batch_vs_single, strict=strict, conditioning=run.conditioning
+    )
     if as_json:
         typer.echo(
             json.dumps([{"check": c.name, "expect": c.expectation, **c.report.to_dict()} for c in checks])
@@ -56,14 +59,12 @@ def check_determinism(
 
 
 def _borrow_generate_options() -> None:
-    """Give check-determinism its own options followed by every option of `generate` except
-    the output ones (typer reads the signature, with resolved annotations)."""
+    """Give check-determinism its own options followed by every option of `generate`
+    (typer reads the signature, with resolved annotations)."""
     hints = get_type_hints(gen.generate, include_extras=True)
     hints.update(get_type_hints(check_determinism, include_extras=True))
     own = [p for p in inspect.signature(check_determinism).parameters.values() if p.kind is not p.VAR_KEYWORD]
-    borrowed = [
-        p for name, p in inspect.signature(gen.generate).parameters.items() if name not in _OUTPUT_ONLY
-    ]
+    borrowed = list(inspect.signature(gen.generate).parameters.values())
     params = [
         p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints[p.name]) for p in own + borrowed
     ]

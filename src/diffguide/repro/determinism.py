@@ -9,6 +9,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..conditioning import ConditioningFile
+from ..errors import ConfigError
 from ..pipeline import GenerateConfig, GuidedPipeline
 from .diff import DiffReport, compare
 
@@ -45,12 +47,17 @@ def check_determinism(
     batch_vs_single: bool = False,
     strict: bool = False,
     atol_batch: float = 1e-5,
+    conditioning: ConditioningFile | None = None,
 ) -> list[Check]:
     """Run ``cfg`` twice (must be bit-identical); optionally each image alone (within
     ``atol_batch``: batch composition changes CPU arithmetic slightly) and under
     ``torch.use_deterministic_algorithms(True)`` (bit-identical)."""
-    ref = pipe.generate(cfg, decode=False).latents
-    again = pipe.generate(cfg, decode=False).latents
+    if conditioning is not None and batch_vs_single:
+        raise ConfigError(
+            "--batch-vs-single runs each prompt alone; it cannot be combined with --conditioning"
+        )
+    ref = pipe.generate(cfg, decode=False, conditioning=conditioning).latents
+    again = pipe.generate(cfg, decode=False, conditioning=conditioning).latents
     checks = [Check("rerun", "bit-identical", compare(again, ref, rtol=0.0, atol=0.0, name="rerun"))]
     if batch_vs_single and cfg.num_images > 1:
         for i in range(cfg.num_images):
@@ -65,7 +72,7 @@ def check_determinism(
             checks.append(Check(name, f"within {atol_batch:g} (rel+abs)", report))
     if strict:
         with deterministic_algorithms():
-            lat = pipe.generate(cfg, decode=False).latents
+            lat = pipe.generate(cfg, decode=False, conditioning=conditioning).latents
         report = compare(lat, ref, rtol=0.0, atol=0.0, name="deterministic algorithms")
         checks.append(Check("deterministic algorithms", "bit-identical", report))
     return checks
