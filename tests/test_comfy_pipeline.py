@@ -28,7 +28,13 @@ def setup():
 def test_comfy_policy_matches_ksampler(setup, schedule):
     gp, patcher = setup
     cfg = GenerateConfig.create(
-        ["a cat", "a dog"], ["", "ugly"], guidance=[CFG(5.0)], steps=8, seed=42, noise="comfy", schedule=schedule
+        ["a cat", "a dog"],
+        ["", "ugly"],
+        guidance=[CFG(5.0)],
+        steps=8,
+        seed=42,
+        noise="comfy",
+        schedule=schedule,
     )
     cond, uncond = gp.encode(cfg, 32, 32)
     assert uncond is not None

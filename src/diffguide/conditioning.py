@@ -134,7 +134,9 @@ def save_conditioning(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(
-        {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata or {}
+        {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()},
+        str(tmp),
+        metadata=metadata or {},
     )
     tmp.replace(path)
     return path
