@@ -3,14 +3,13 @@ of each guidance setting on the default model (see docs/quality.md)."""
 
 from __future__ import annotations
 
-import os
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from ..errors import ConfigError, DiffguideError
+from .common import MODEL_ENVVAR, resolve_model
 
 bench_app = typer.Typer(
     name="bench",
@@ -34,21 +33,17 @@ def _floats(text: str | None, what: str) -> list[float] | None:
         raise ConfigError(f"{what}: expected comma-separated numbers, got '{text}'") from None
 
 
-def _default_model() -> Path:
-    env = os.environ.get("DIFFGUIDE_MODEL")
-    if env:
-        return Path(env)
-    folder = Path(str(resources.files("diffguide") / "assets" / "tiny-sd"))
-    if not (folder / "model_index.json").is_file():
-        raise DiffguideError("no bundled default model found: pass --model (a diffusers folder)")
-    return folder
-
-
 @bench_app.command("quality")
 def quality(
     model: Annotated[
         Path | None,
-        typer.Option("--model", "-m", help="Diffusers model folder.", show_default="the bundled tiny-sd"),
+        typer.Option(
+            "--model",
+            "-m",
+            envvar=MODEL_ENVVAR,
+            help="Diffusers model folder.",
+            show_default="the bundled tiny-sd",
+        ),
     ] = None,
     n: Annotated[
         int | None, typer.Option("--n", help="Images per setting.", show_default="1000; 16 with --quick")
@@ -125,7 +120,7 @@ def quality(
             _floats(tpg_scales, "--tpg-scales") or q.DEFAULT_TPG_SCALES,
             q.DEFAULT_COMBO_CFG if combo_cfg is None else combo_cfg,
         )
-    path = str(model or _default_model())
+    path = str(resolve_model(model))
     common: dict[str, Any] = dict(
         n=n,
         steps=steps,
