@@ -22,7 +22,7 @@ from .models.loading import load_lora, load_pipeline
 from .sampling.comfy import COMFY_SCHEDULERS, ComfyModelSampling, comfy_noise, comfy_sigmas
 from .sampling.loop import Callback, sample, sample_comfy
 from .sampling.noise import generators, image_seeds, initial_noise
-from .sampling.schedulers import SCHEDULERS, make_scheduler, sigma_at
+from .sampling.schedulers import SCHEDULERS, make_scheduler, sigmas_at
 
 MAX_STEPS = 1000
 NOISE_POLICIES = ("diffusers", "comfy")
@@ -273,7 +273,7 @@ class GuidedPipeline:
             "class": type(scheduler).__name__,
             "config": dict(scheduler.config),
             "timesteps": [float(t) for t in scheduler.timesteps],
-            "sigmas": [sigma_at(scheduler, float(t)) for t in scheduler.timesteps],
+            "sigmas": sigmas_at(scheduler, scheduler.timesteps),
             "noise": {
                 "policy": "diffusers",
                 "generator": "cpu",

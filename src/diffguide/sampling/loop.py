@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ..engine import GuidedModel
 from ..guidance.base import StepInfo
-from .schedulers import sigma_at, step_kwargs
+from .schedulers import sigmas_at, step_kwargs
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,11 @@ def sample(
     latents = noise * scheduler.init_noise_sigma
     timesteps = scheduler.timesteps
     extra = step_kwargs(scheduler, generators, eta)
+    sigmas = sigmas_at(scheduler, timesteps)
     with guided.installed(), torch.inference_mode():
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling", leave=False)):
             x_in = scheduler.scale_model_input(latents, t)
-            step = StepInfo(i, len(timesteps), sigma_at(scheduler, float(t)), float(t))
+            step = StepInfo(i, len(timesteps), sigmas[i], float(t))
             result = guided(x_in, t, step)
             new = scheduler.step(result.guided, t, latents, **extra, return_dict=False)[0]
             if callback is not None:
@@ -81,16 +82,11 @@ def sample_comfy(
         for i in tqdm(range(count), disable=not progress, desc="sampling", leave=False):
             sigma = sigmas[i] * x.new_ones(x.shape[0])
             t = ms.sigma_to_timestep(sigma).float()
-            result = guided(
-                ms.calculate_input(sigma, x), t, StepInfo(i, count, float(sigmas[i]), float(t[0]))
-            )
+            step = StepInfo(i, count, float(sigmas[i]), float(t[0]))
+            result = guided(ms.calculate_input(sigma, x), t, step)
             denoised = ms.calculate_denoised(sigma, result.guided.float(), x)
             new = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])  # Euler step
             if callback is not None:
-                callback(
-                    StepState(
-                        StepInfo(i, count, float(sigmas[i]), float(t[0])), x, result.preds, result.guided, new
-                    )
-                )
+                callback(StepState(step, x, result.preds, result.guided, new))
             x = new
     return x

@@ -52,8 +52,11 @@ def step_kwargs(scheduler: Any, generators: list[torch.Generator], eta: float = 
     return kwargs
 
 
-def sigma_at(scheduler: Any, t: float) -> float:
-    """Noise level sigma = sqrt((1 - abar_t) / abar_t) at model timestep t (interpolated)."""
+def sigmas_at(scheduler: Any, timesteps: Any) -> list[float]:
+    """Noise levels sigma = sqrt((1 - abar_t) / abar_t) at model timesteps t (interpolated).
+
+    Computed once per run, before the sampling loop, not per step."""
     abar = scheduler.alphas_cumprod.double().numpy()
-    sigmas = np.sqrt((1 - abar) / abar)
-    return float(np.interp(t, np.arange(len(sigmas)), sigmas))
+    table = np.sqrt((1 - abar) / abar)
+    ts = np.asarray([float(t) for t in timesteps])
+    return [float(s) for s in np.interp(ts, np.arange(len(table)), table)]
