@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from .models.loading import load_lora, load_pipeline
 from .sampling.comfy import COMFY_SCHEDULERS, ComfyModelSampling, comfy_noise, comfy_sigmas
 from .sampling.loop import Callback, sample, sample_comfy
 from .sampling.noise import generators, image_seeds, initial_noise
-from .sampling.schedulers import SCHEDULERS, make_scheduler, sigmas_at
+from .sampling.schedulers import SCHEDULERS, SHIFTABLE, make_scheduler, set_timesteps, sigmas_at
 
 MAX_STEPS = 1000
 NOISE_POLICIES = ("diffusers", "comfy")
@@ -53,6 +54,7 @@ class GenerateConfig:
     max_rows: int | None = None
     noise: str = "diffusers"
     schedule: str | None = None  # comfy policy only: ComfyUI scheduler ("normal", "karras", ...)
+    shift: float = 1.0  # sampling time shift (SD3 eq. 23); 1 = off
 
     @staticmethod
     def create(
@@ -85,6 +87,12 @@ class GenerateConfig:
             raise ConfigError(f"eta must be in [0, 1], got {self.eta}")
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"unknown scheduler '{self.scheduler}'; choose one of: {', '.join(SCHEDULERS)}")
+        if not (math.isfinite(self.shift) and self.shift > 0):
+            raise ConfigError(f"shift must be a finite number > 0 (1 = off), got {self.shift}")
+        if self.shift != 1.0 and self.noise == "diffusers" and self.scheduler not in SHIFTABLE:
+            raise ConfigError(
+                f"--shift needs a scheduler that takes custom timesteps ({', '.join(SHIFTABLE)}), not '{self.scheduler}'"
+            )
         if self.noise not in NOISE_POLICIES:
             raise ConfigError(
                 f"unknown noise policy '{self.noise}'; choose one of: {', '.join(NOISE_POLICIES)}"
@@ -94,6 +102,8 @@ class GenerateConfig:
                 raise ConfigError(
                     f"the comfy noise policy supports the euler sampler only, not '{self.scheduler}'"
                 )
+            if self.shift != 1.0:
+                raise ConfigError("--shift is not supported with the comfy noise policy")
             if (self.schedule or "normal") not in COMFY_SCHEDULERS:
                 raise ConfigError(
                     f"unknown ComfyUI schedule '{self.schedule}'; one of: {', '.join(COMFY_SCHEDULERS)}"
@@ -261,7 +271,7 @@ class GuidedPipeline:
         progress: bool,
     ) -> tuple[Tensor, dict[str, Any]]:
         scheduler = make_scheduler(cfg.scheduler, self.pipe.scheduler.config)
-        scheduler.set_timesteps(cfg.steps, device=self.pipe.device)
+        set_timesteps(scheduler, cfg.scheduler, cfg.steps, self.pipe.device, shift=cfg.shift)
         # One generator per image for the initial noise AND the scheduler's per-step noise, in
         # that order (as diffusers' pipelines do); fresh generators for the steps would replay
         # the initial noise in ancestral samplers.
@@ -272,6 +282,7 @@ class GuidedPipeline:
             "name": cfg.scheduler,
             "class": type(scheduler).__name__,
             "config": dict(scheduler.config),
+            "shift": cfg.shift,
             "timesteps": [float(t) for t in scheduler.timesteps],
             "sigmas": sigmas_at(scheduler, scheduler.timesteps),
             "noise": {
@@ -349,6 +360,7 @@ class GuidedPipeline:
                 "prediction_type": self.pipe.scheduler.config.get("prediction_type", "epsilon"),
                 "hashes": self.component_hashes(),
                 "loras": [{"path": lo.path, "scale": lo.scale, "sha256": lo.sha256} for lo in self.loras],
+                "sampling_shift": cfg.shift,
             },
             "parameters": params,
             "image": {

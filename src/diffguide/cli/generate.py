@@ -166,6 +166,14 @@ def generate(
             rich_help_panel=P_PROMPT,
         ),
     ] = None,
+    shift: Annotated[
+        float,
+        typer.Option(
+            "--shift",
+            help="Sampling time shift s (SD3's t' = s t / (1 + (s - 1) t)); 1 = off, > 1 more steps at high noise. euler, heun, dpmpp_2m.",
+            rich_help_panel=P_PROMPT,
+        ),
+    ] = 1.0,
     cfg: Annotated[
         float,
         typer.Option(
@@ -440,6 +448,7 @@ def prepare(opts: dict[str, Any]) -> Run:
         max_rows=o.max_rows,
         noise=o.noise.value,
         schedule=o.schedule,
+        shift=o.shift,
     )
     loras = [parse_lora(spec) for spec in o.lora or []]
     device_ = resolve_device(o.device)

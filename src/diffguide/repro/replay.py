@@ -39,6 +39,7 @@ def config_from_manifest(manifest: dict[str, Any]) -> GenerateConfig:
             max_rows=p.get("max_rows"),
             noise=p.get("noise", "diffusers"),
             schedule=p.get("schedule"),
+            shift=float(p.get("shift", 1.0)),
         )
     except KeyError as err:
         raise DiffguideError(f"manifest lacks {err}; it was not written by a compatible diffguide") from err
