@@ -79,6 +79,63 @@ def test_max_rows_float32_within_equivalence_tolerance(sd15):
     assert maxdiff(whole, run(sd15, ALL3, steps=2, max_rows=3).latents) <= 1e-4
 
 
+@contextmanager
+def out_of_memory_above(unet, rows: int):
+    """Fail like a GPU out of memory in the up blocks, after TPG's down-block hooks drew their
+    permutations, whenever a forward carries more than ``rows`` rows."""
+
+    def hook(module, args, kwargs):
+        if (args[0] if args else kwargs["hidden_states"]).shape[0] > rows:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+    handle = unet.up_blocks[-1].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def test_out_of_memory_halves_the_rows_and_repeats_the_step_exactly(sd15, unet_calls):
+    """8 rows fail, 4 fail, 2 fit: the run equals a --max-rows 2 run bit for bit, which needs
+    the failed tries' TPG draws rewound; the fallback is recorded for replay."""
+    expected = run(sd15, ALL3, max_rows=2).latents
+    with out_of_memory_above(sd15.unet, 3), pytest.warns(RuntimeWarning, match="2 at model evaluation 0"):
+        got = run(sd15, ALL3)
+    assert torch.equal(got.latents, expected)
+    assert got.forward_calls == STEPS * 4  # failed tries are not counted
+    assert got.manifests[0]["engine"]["out_of_memory_fallbacks"] == {"0": 2}
+    # a later, larger step (PAG's window opens at step 2) falls back there
+    late = [CFG(5.0), PAG(3.0, window=Window(start=0.5))]
+    with out_of_memory_above(sd15.unet, 5), pytest.warns(RuntimeWarning):
+        got = run(sd15, late)
+    assert got.manifests[0]["engine"]["out_of_memory_fallbacks"] == {"2": 3}
+    assert torch.equal(got.latents, run(sd15, late, rows_schedule={2: 3}).latents)
+    from diffguide.repro.replay import replay
+
+    assert replay(got.manifests[1], sd15).identical  # replay chunks as the recorded run did
+
+
+def test_out_of_memory_with_one_row_is_a_clear_error(sd15):
+    from diffguide.engine import OutOfMemory
+
+    with out_of_memory_above(sd15.unet, 0), pytest.raises(OutOfMemory, match="one row per forward"):
+        run(sd15, ALL3)
+    assert not sd15.unet.up_blocks[-1]._forward_pre_hooks
+
+
+def test_other_errors_are_not_retried(sd15, unet_calls):
+    def hook(module, args):
+        raise RuntimeError("shape mismatch")
+
+    handle = sd15.unet.up_blocks[-1].register_forward_pre_hook(hook)
+    try:
+        with unet_calls(sd15.unet) as log, pytest.raises(RuntimeError, match="shape mismatch"):
+            run(sd15, ALL3)
+    finally:
+        handle.remove()
+    assert log.calls == 1
+
+
 def test_term_outside_its_window_adds_no_rows(sd15, unet_calls):
     b = len(PROMPTS)
     with unet_calls(sd15.unet) as log:

@@ -4,7 +4,10 @@ At each step the active terms declare the branches they need. Rows are laid out 
 branch, ``[uncond?, cond, perturbed_1, ...]`` with B images each (the order diffusers' PAG
 pipelines use), so row ``k * B + i`` is image i of branch k. The rows run as ONE forward,
 or in contiguous chunks of at most ``max_rows``; before each chunk the engine tells every
-installed perturbation which of the chunk's rows are its own. Terms outside their window
+installed perturbation which of the chunk's rows are its own. A forward that runs out of
+memory is repeated with half the rows per chunk (and the perturbations' random state as it
+was before the failed try); the smaller size stays for the rest of the run and is recorded in
+:attr:`GuidedModel.fallbacks`, so a replay can chunk each step the same way. Terms outside their window
 add no rows. Predictions are then split per branch and combined::
 
     g = c + sum_i term_i.delta(preds)      g = term_i.post(g, preds)
@@ -12,14 +15,14 @@ add no rows. Predictions are then split per branch and combined::
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .errors import ConfigError
+from .errors import ConfigError, DiffguideError
 from .guidance.base import COND, UNCOND, Branch, GuidanceTerm, StepInfo
 from .models.denoiser import Conditioning, Denoiser
 from .perturb.base import BranchRows, ForwardContext
@@ -59,7 +62,10 @@ class GuidedModel:
         uncond: Conditioning | None,
         seeds: Sequence[int],
         max_rows: int | None = None,
+        rows_schedule: Mapping[int, int] | None = None,
     ) -> None:
+        """``rows_schedule``: {step: max_rows from that step on}, e.g. a recorded run's
+        :attr:`fallbacks`, to chunk every step exactly as that run did."""
         self.denoiser, self.terms = denoiser, tuple(terms)
         self.branches = _branch_table(self.terms)
         if "uncond" in self.branches and uncond is None:
@@ -80,10 +86,13 @@ class GuidedModel:
         self.ctx = ForwardContext(tuple(seeds))
         self._rows_cache: dict[tuple[str, ...], Conditioning] = {}
         self.forward_calls = 0
+        self.rows_schedule = dict(rows_schedule or {})
+        self.fallbacks: dict[int, int] = {}  # step -> max_rows from then on, after running out of memory
 
     @contextmanager
     def installed(self) -> Iterator[GuidedModel]:
         """Install every perturbation of every branch for the run; all removed on exit."""
+        self.ctx.generators.clear()  # every run draws from freshly seeded generators
         with ExitStack() as stack:
             for branch in self.branches.values():
                 if branch.perturbation is not None:
@@ -108,10 +117,32 @@ class GuidedModel:
         return self._rows_cache[key]
 
     def _forward(
-        self, x: Tensor, t: Tensor, cond: Conditioning, branches: list[Branch], batch: int
+        self, x: Tensor, t: Tensor, cond: Conditioning, branches: list[Branch], batch: int, step: int
+    ) -> Tensor:
+        if step in self.rows_schedule:
+            self.max_rows = self.rows_schedule[step]
+        while True:
+            size = min(self.max_rows or x.shape[0], x.shape[0])
+            state = self.ctx.rng_state()
+            try:
+                return self._forward_chunks(x, t, cond, branches, batch, size)
+            except Exception as err:
+                if not is_out_of_memory(err):
+                    raise
+                if size == 1:
+                    raise OutOfMemory(
+                        "out of memory with one row per forward: lower the resolution or the batch, "
+                        "use --dtype float16/bfloat16, or run on a device with more memory"
+                    ) from err
+                self.ctx.set_rng_state(state)
+                self.max_rows = (size + 1) // 2
+                self.fallbacks[step] = self.max_rows
+                free_cached_memory(x.device)
+
+    def _forward_chunks(
+        self, x: Tensor, t: Tensor, cond: Conditioning, branches: list[Branch], batch: int, size: int
     ) -> Tensor:
         total = x.shape[0]
-        size = self.max_rows or total
         outs = []
         for start in range(0, total, size):
             stop = min(start + size, total)
@@ -130,7 +161,7 @@ class GuidedModel:
         terms, branches = self.active_branches(step)
         rows_x = torch.cat([x] * len(branches)) if len(branches) > 1 else x  # (K*B, C, H, W)
         rows_t = torch.cat([t] * len(branches)) if t.ndim > 0 else t
-        out = self._forward(rows_x, rows_t, self._conditioning(branches), branches, batch)
+        out = self._forward(rows_x, rows_t, self._conditioning(branches), branches, batch, step.index)
         preds = {b.name: out[k * batch : (k + 1) * batch] for k, b in enumerate(branches)}
         guided = preds["cond"]
         for term in terms:
@@ -138,6 +169,24 @@ class GuidedModel:
         for term in terms:
             guided = term.post(guided, preds, step)
         return StepResult(guided, preds)
+
+
+class OutOfMemory(DiffguideError):
+    """Even one row per forward does not fit in memory."""
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """torch's out-of-memory error (any accelerator), or the CPU allocator's failure."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(err)
+
+
+def free_cached_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
 
 
 def _rows_in(branches: list[Branch], batch: int, start: int, stop: int) -> dict[str, BranchRows]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -220,9 +221,13 @@ class GuidedPipeline:
         progress: bool = False,
         decode: bool = True,
         conditioning: ConditioningFile | None = None,
+        rows_schedule: dict[int, int] | None = None,
         **kwargs: Any,
     ) -> GenerationResult:
         """Sample images. ``prompt`` may be a ready :class:`GenerateConfig`; else kwargs build one.
+
+        ``rows_schedule``: {model evaluation: rows per forward from then on}, as a manifest's
+        ``engine.out_of_memory_fallbacks`` records; replay passes it to chunk the same way.
 
         ``conditioning``: precomputed embeddings (a loaded conditioning file) used instead of
         encoding the prompts; its batch must be 1 or the number of images.
@@ -239,7 +244,7 @@ class GuidedPipeline:
             cond, uncond = _broadcast(conditioning, cfg.num_images, self.pipe.device)
         seeds = image_seeds(cfg.seed, cfg.num_images)
         denoiser = UNetDenoiser(self.unet, self.pipe.scheduler.config.get("prediction_type", "epsilon"))
-        guided = GuidedModel(denoiser, cfg.guidance, cond, uncond, seeds, cfg.max_rows)
+        guided = GuidedModel(denoiser, cfg.guidance, cond, uncond, seeds, cfg.max_rows, rows_schedule)
         f = self.pipe.vae_scale_factor
         shape = (cfg.num_images, self.unet.config.in_channels, height // f, width // f)
         if cfg.noise == "comfy":
@@ -257,6 +262,18 @@ class GuidedPipeline:
             if conditioning is not None:
                 m["conditioning"]["metadata"] = dict(conditioning.metadata)
             m["output"] = {"latents_hash": tensor_hash(latents[i : i + 1]), "shape": list(latents.shape[1:])}
+            m["engine"] = {
+                "forward_calls": guided.forward_calls,
+                "out_of_memory_fallbacks": {str(k): v for k, v in sorted(guided.fallbacks.items())},
+            }
+        if guided.fallbacks:
+            warnings.warn(
+                "ran out of memory: rows per forward reduced to "
+                + ", ".join(f"{v} at model evaluation {k}" for k, v in sorted(guided.fallbacks.items()))
+                + " (recorded in the manifest; --max-rows sets it from the start)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return GenerationResult(latents, images, manifests, guided.forward_calls)
 
     __call__ = generate

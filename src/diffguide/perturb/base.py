@@ -34,13 +34,34 @@ class BranchRows:
 
 @dataclass
 class ForwardContext:
-    """Mutable state the engine shares with installed perturbations during one run."""
+    """Mutable state the engine shares with installed perturbations during one run.
+
+    Perturbations draw their random values from :meth:`generator`, so the engine can save
+    and restore every draw's state around a forward it has to repeat (out-of-memory retry).
+    """
 
     seeds: tuple[int, ...]
     rows: dict[str, BranchRows] = field(default_factory=dict)
+    generators: dict[tuple[str, int], torch.Generator] = field(default_factory=dict)
 
     def rows_of(self, branch: str) -> BranchRows | None:
         return self.rows.get(branch)
+
+    def generator(self, branch: str, image: int) -> torch.Generator:
+        """Image ``image``'s CPU generator for ``branch``, seeded ``branch_seed(seed_i, branch)``."""
+        key = (branch, image)
+        if key not in self.generators:
+            self.generators[key] = torch.Generator().manual_seed(branch_seed(self.seeds[image], branch))
+        return self.generators[key]
+
+    def rng_state(self) -> dict[tuple[str, int], torch.Tensor]:
+        return {k: g.get_state() for k, g in self.generators.items()}
+
+    def set_rng_state(self, state: dict[tuple[str, int], torch.Tensor]) -> None:
+        for key in [k for k in self.generators if k not in state]:  # created during the failed try
+            del self.generators[key]
+        for key, value in state.items():
+            self.generators[key].set_state(value)
 
 
 @runtime_checkable

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import ForwardContext, branch_seed, put_rows, select_targets, take_rows
+from .base import ForwardContext, put_rows, select_targets, take_rows
 
 
 def is_transformer_block(name: str, module: nn.Module) -> bool:
@@ -45,8 +45,6 @@ class TokenShuffle:
 
     @contextmanager
     def install(self, model: nn.Module, branch: str, ctx: ForwardContext) -> Iterator[None]:
-        gens = {i: torch.Generator().manual_seed(branch_seed(s, branch)) for i, s in enumerate(ctx.seeds)}
-
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             sel = ctx.rows_of(branch)
             if sel is None:
@@ -54,7 +52,9 @@ class TokenShuffle:
             h = args[0] if args else kwargs["hidden_states"]
             n = h.shape[0]
             keep, rows = take_rows(h, sel.rows, n)
-            perms = torch.stack([torch.randperm(h.shape[1], generator=gens[i]) for i in sel.images])
+            perms = torch.stack(
+                [torch.randperm(h.shape[1], generator=ctx.generator(branch, i)) for i in sel.images]
+            )
             h = put_rows(keep, shuffle_tokens(rows, perms.to(h.device)), sel.rows, n)
             if args:
                 return (h, *args[1:]), kwargs

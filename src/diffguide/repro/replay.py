@@ -83,7 +83,9 @@ def replay(manifest: dict[str, Any], pipe: GuidedPipeline, png: str | Path | Non
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        result = pipe.generate(cfg, decode=png is not None)
+        fallbacks = manifest.get("engine", {}).get("out_of_memory_fallbacks", {})
+        schedule = {int(k): int(v) for k, v in fallbacks.items()}
+        result = pipe.generate(cfg, decode=png is not None, rows_schedule=schedule)
     finally:
         torch.set_num_threads(before)
     latents = result.latents[index : index + 1]
