@@ -81,10 +81,60 @@ def load_pipeline(path: str | Path, *, dtype: torch.dtype = torch.float32, confi
 
     with safe_open(str(path), "pt") as f:
         is_xl = any(k.startswith("conditioner.embedders.1") for k in f.keys())  # noqa: SIM118
+    _check_config(Path(config), path, is_xl)
     cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return cls.from_single_file(str(path), config=config, torch_dtype=dtype, local_files_only=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            pipe = cls.from_single_file(str(path), config=config, torch_dtype=dtype, local_files_only=True)
+    except Exception as err:  # diffusers raises KeyError, ValueError, OSError, ... for bad files
+        first = (str(err).strip().splitlines() or [""])[0]  # later lines: diffusers' code advice
+        raise DiffguideError(
+            f"could not load single-file checkpoint '{path}' with --config '{config}': "
+            f"{type(err).__name__}: {first}"
+        ) from err
+    _check_all_weights_loaded(pipe, path)
+    return pipe
+
+
+def _arch(xl: bool) -> str:
+    return "SDXL" if xl else "SD1.5"
+
+
+def _check_config(config: Path, path: Path, is_xl: bool) -> None:
+    """``config`` is a diffusers folder of the checkpoint's architecture (SD1.5 or SDXL)."""
+    index_file = config / "model_index.json"
+    if not index_file.is_file():
+        raise DiffguideError(
+            f"--config '{config}' is not a diffusers model folder (no model_index.json); single-file "
+            "checkpoints need a local diffusers folder of the same architecture for their configs"
+        )
+    try:
+        index = json.loads(index_file.read_text())
+    except ValueError as err:
+        raise DiffguideError(f"--config '{config}': model_index.json is not valid JSON ({err})") from err
+    config_xl = "text_encoder_2" in index or "XL" in str(index.get("_class_name", ""))
+    if config_xl != is_xl:
+        raise DiffguideError(
+            f"checkpoint '{path}' is {_arch(is_xl)} but --config '{config}' is an {_arch(config_xl)} model; "
+            f"pass a diffusers folder of an {_arch(is_xl)} model"
+        )
+
+
+def _check_all_weights_loaded(pipe: Any, path: Path) -> None:
+    """diffusers fills model weights from the checkpoint non-strictly: weights the file lacks
+    (or that it attributes to another component) stay uninitialised ("meta") and would fail
+    only at sampling time."""
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is None:
+            continue
+        missing = [k for k, v in [*module.named_parameters(), *module.named_buffers()] if v.is_meta]
+        if missing:
+            raise DiffguideError(
+                f"checkpoint '{path}' has no weights for {len(missing)} parameter(s) of the {name} "
+                f"(e.g. {missing[0]}); it does not match the --config architecture or is incomplete"
+            )
 
 
 def load_lora(pipe: Any, path: str | Path, name: str) -> None:
