@@ -147,3 +147,26 @@ def quality(
         if problems:
             raise DiffguideError("quick check failed: " + "; ".join(problems))
         typer.echo("quick check: all metrics finite and in range")
+
+
+@bench_app.command("report")
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Out dirs of 'bench quality' runs to merge.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("outputs/bench-report"),
+    resamples: Annotated[
+        int, typer.Option("--resamples", help="Paired bootstrap resamples per comparison.")
+    ] = 100,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap draws.")] = 0,
+) -> None:
+    """Merge runs (same model, steps, seeds, reference) into one table, plot and grids, with
+    paired-bootstrap FID differences for each question (PAG / TPG alone and added to CFG,
+    conditional and unconditional). See docs/quality.md."""
+    from ..bench import quality as q
+    from ..bench import report as r
+
+    merged = r.merge(runs, out, resamples=resamples, seed=seed)
+    fids = {row["setting"]: row["fid"] for row in merged["settings"]}
+    typer.echo(q.markdown_table(merged["settings"]))
+    typer.echo("")
+    typer.echo(r.comparison_table(merged["comparisons"], fids))
+    typer.echo(f"written to {out}", err=True)

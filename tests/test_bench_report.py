@@ -1,0 +1,130 @@
+"""``diffguide bench report``: merging quality runs and paired bootstrap FID differences,
+on synthetic feature sets (no model, no Inception network)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from diffguide import DiffguideError
+from diffguide.bench.metrics import FIDReference
+from diffguide.bench.quality import Setting
+from diffguide.bench.report import bootstrap_fids, comparisons, merge, paired_difference
+from diffguide.cli.main import app
+
+N, D = 40, 6
+
+
+def _features(rng, shift: float) -> np.ndarray:
+    return rng.normal(size=(N, D)) + shift
+
+
+def _run(tmp_path, name: str, settings: dict[str, np.ndarray], ref_path, **header):
+    out = tmp_path / name
+    (out / "settings").mkdir(parents=True)
+    (out / "grids").mkdir()
+    fid = FIDReference.from_features(np.load(ref_path)["features"])
+    rows = []
+    for setting, feats in settings.items():
+        s = Setting.parse(setting)
+        np.savez(out / "settings" / f"{s.file_stem}.npz", features=feats)
+        (out / "grids" / f"{s.file_stem}.png").write_bytes(b"png")
+        rows.append(
+            {"setting": setting, "conditional": s.conditional, "method": s.method, "cfg_scale": s.cfg,
+             "pag_scale": s.pag, "tpg_scale": s.tpg, "n": len(feats), "fid": fid(feats),
+             "digit_accuracy": None, "garment_accuracy": None, "precision": 0.5, "recall": 0.5,
+             "seconds": 1.0}
+        )  # fmt: skip
+    results = {
+        "model_hashes": {"unet": "abc"}, "steps": 20, "scheduler": "euler", "seed": 0,
+        "pag_layers": "preset", "tpg_layers": "preset", "feature_extractor": "x",
+        "reference": {"cache": str(ref_path), "key": "k"}, "settings": rows, **header,
+    }  # fmt: skip
+    (out / "results.json").write_text(json.dumps(results))
+    return out
+
+
+@pytest.fixture
+def runs(tmp_path):
+    rng = np.random.default_rng(0)
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, features=rng.normal(size=(200, D)))
+    a = _run(tmp_path, "a", {"cond/none": _features(rng, 1.0), "cond/cfg3": _features(rng, 0.3)}, ref)
+    b = _run(tmp_path, "b", {"cond/tpg3": _features(rng, 0.5), "cond/cfg3+tpg3": _features(rng, 0.2)}, ref)
+    return a, b, ref
+
+
+def test_merge_answers_the_questions(runs, tmp_path):
+    a, b, _ = runs
+    merged = merge([a, b], tmp_path / "out", resamples=20)
+    fids = {r["setting"]: r["fid"] for r in merged["settings"]}
+    got = {(c["a"], c["b"]): c for c in merged["comparisons"]}
+    assert set(got) == {
+        ("cond/tpg3", "cond/none"),
+        ("cond/cfg3+tpg3", "cond/cfg3"),
+        ("cond/cfg3", "cond/none"),  # best CFG alone vs no guidance
+    }
+    for (x, y), c in got.items():
+        assert c["difference"] == pytest.approx(fids[x] - fids[y])
+        assert c["sd"] > 0 and c["ci95"] == pytest.approx(
+            [c["difference"] - 1.96 * c["sd"], c["difference"] + 1.96 * c["sd"]]
+        )
+    # a shift of the mean by 1.0 vs 0.3 (unit covariance): no guidance is clearly worse
+    assert got[("cond/cfg3", "cond/none")]["difference"] < -3 * got[("cond/cfg3", "cond/none")]["sd"]
+    out = tmp_path / "out"
+    assert (out / "results.md").read_text().count("\n|") >= 4 + 3
+    assert sorted(p.name for p in (out / "grids").iterdir()) == [
+        "cond_cfg3.png", "cond_cfg3_tpg3.png", "cond_none.png", "cond_tpg3.png"
+    ]  # fmt: skip
+    assert json.loads((out / "results.json").read_text())["bootstrap"]["resamples"] == 20
+
+
+def test_paired_bootstrap_cancels_shared_noise():
+    """Features shifted by a constant d: the covariance terms of FID cancel in each paired
+    resample, leaving exactly FID(x + d) - FID(x) = 2 d . (mean(x[idx]) - mu_ref) + |d|^2."""
+    rng = np.random.default_rng(1)
+    ref = FIDReference.from_features(rng.normal(size=(300, D)))
+    x = rng.normal(size=(N, D))
+    d = np.full(D, 0.5)
+    draws = rng.integers(0, N, (30, N))
+    diffs = bootstrap_fids(ref, x + d, draws) - bootstrap_fids(ref, x, draws)
+    expected = [2 * d @ (x[idx].mean(0) - ref.mu) + d @ d for idx in draws]
+    np.testing.assert_allclose(diffs, expected, rtol=0, atol=1e-8)
+    assert paired_difference((3.0, 1.0), np.array([1.0, 2.0, 3.0]), np.zeros(3)) == {
+        "difference": 2.0, "sd": 1.0, "ci95": [2.0 - 1.96, 2.0 + 1.96]
+    }  # fmt: skip
+
+
+def test_merge_refuses_mismatched_runs(runs, tmp_path):
+    a, _, ref = runs
+    other = _run(tmp_path, "c", {"uncond/none": np.zeros((N, D))}, ref, model_hashes={"unet": "zzz"})
+    with pytest.raises(DiffguideError, match=r"differs .* in 'model_hashes'"):
+        merge([a, other], tmp_path / "o1")
+    short = _run(tmp_path, "d", {"uncond/none": np.ones((N // 2, D))}, ref)
+    with pytest.raises(DiffguideError, match="different N"):
+        merge([a, short], tmp_path / "o2")
+    with pytest.raises(DiffguideError, match="more than one run"):
+        merge([a, a], tmp_path / "o3")
+
+
+def test_comparisons_only_for_present_settings():
+    rows = [
+        {"setting": "uncond/none", "conditional": False, "method": "none", "fid": 5.0},
+        {"setting": "uncond/pag3", "conditional": False, "method": "pag", "fid": 4.0},
+        {"setting": "cond/pag3", "conditional": True, "method": "pag", "fid": 4.0},
+    ]
+    assert [(c.a, c.b) for c in comparisons(rows)] == [("uncond/pag3", "uncond/none")]
+
+
+def test_cli_report(runs, tmp_path):
+    a, b, _ = runs
+    res = CliRunner().invoke(
+        app, ["bench", "report", str(a), str(b), "--out", str(tmp_path / "r"), "--resamples", "5"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "TPG 3 alone vs no guidance" in res.stdout and "bootstrap sd" in res.stdout
+    bad = CliRunner().invoke(app, ["bench", "report", str(tmp_path / "nope")])
+    assert bad.exit_code == 2 and "does not exist" in bad.output
