@@ -70,7 +70,7 @@ def load_pipeline(path: str | Path, *, dtype: torch.dtype = torch.float32, confi
             warnings.catch_warnings()
         ):  # diffusers >= 0.42 renames torch_dtype to dtype; older only know the first
             warnings.simplefilter("ignore", FutureWarning)
-            return DiffusionPipeline.from_pretrained(str(path), **kwargs)
+            return own_memory(DiffusionPipeline.from_pretrained(str(path), **kwargs))
     _check_file(path, "model file")
     if config is None:
         raise DiffguideError(
@@ -94,6 +94,26 @@ def load_pipeline(path: str | Path, *, dtype: torch.dtype = torch.float32, confi
             f"{type(err).__name__}: {first}"
         ) from err
     _check_all_weights_loaded(pipe, path)
+    return pipe
+
+
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def own_memory(pipe: Any) -> Any:
+    """Copy every weight out of the memory-mapped files into fresh (64-byte aligned) memory.
+
+    A diffusers folder loads its weights as views into memory-mapped .safetensors files, at
+    whatever offset the file header leaves (often not a multiple of 64), while a single-file
+    checkpoint's weights are copied. CPU matrix kernels can round differently for differently
+    aligned operands (1 ulp on a one-row matmul, ~1e-5 on final latents), so without this the
+    same weights would give different bits depending on how they were stored.
+    """
+    for name in COMPONENTS:
+        module = getattr(pipe, name, None)
+        for t in [*module.parameters(), *module.buffers()] if module is not None else []:
+            if not t.is_meta:
+                t.data = t.data.clone()
     return pipe
 
 
@@ -125,7 +145,7 @@ def _check_all_weights_loaded(pipe: Any, path: Path) -> None:
     """diffusers fills model weights from the checkpoint non-strictly: weights the file lacks
     (or that it attributes to another component) stay uninitialised ("meta") and would fail
     only at sampling time."""
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for name in COMPONENTS:
         module = getattr(pipe, name, None)
         if module is None:
             continue
