@@ -123,6 +123,17 @@ def test_out_of_memory_with_one_row_is_a_clear_error(sd15):
     assert not sd15.unet.up_blocks[-1]._forward_pre_hooks
 
 
+def test_out_of_memory_detection():
+    from diffguide.engine import is_out_of_memory
+
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB"))
+    cpu = "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes"
+    assert is_out_of_memory(RuntimeError(cpu))
+    assert is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)"))
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_out_of_memory(ValueError("out of memory"))
+
+
 def test_other_errors_are_not_retried(sd15, unet_calls):
     def hook(module, args):
         raise RuntimeError("shape mismatch")

@@ -179,7 +179,8 @@ def is_out_of_memory(err: BaseException) -> bool:
     """torch's out-of-memory error (any accelerator), or the CPU allocator's failure."""
     if isinstance(err, torch.OutOfMemoryError):
         return True
-    return isinstance(err, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(err)
+    messages = ("DefaultCPUAllocator: can't allocate memory", "MPS backend out of memory")
+    return isinstance(err, RuntimeError) and any(m in str(err) for m in messages)
 
 
 def free_cached_memory(device: torch.device) -> None:
