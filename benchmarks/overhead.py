@@ -13,8 +13,12 @@ Three measurements on the same random SDXL-shaped UNet as ``step_cost.py``:
    identity attention on B rows), diffusers' ``PAGCFGIdentitySelfAttnProcessor2_0``, alternated;
    and the TPG hook (row split, B permutations, gather, re-assembly) on the 4B rows entering a
    down_blocks.2 transformer block.
+4. diffguide CFG+PAG step vs diffusers' PAG pipeline step, paired: the pipeline's per-step
+   work (a forward on [u, c, c] rows of a copy of the UNet carrying diffusers'
+   ``PAGCFGIdentitySelfAttnProcessor2_0`` on the mid block, then ``u + w (c - u) + s (c - p)``)
+   alternated call by call with ``GuidedModel(x, t, step)``; median of per-pair ratios.
 
-    python benchmarks/overhead.py [--threads 2] [--batches 1,4] [--pairs 8]
+    python benchmarks/overhead.py [--threads 2] [--batches 1,4] [--pairs 8] [--parts 1,3,4]
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import copy
 import cProfile
 import pstats
 import statistics
@@ -181,13 +186,55 @@ def attention_split(unet: Any, batches: list[int], iters: int) -> None:
         )
 
 
+def pag_pipeline_step(unet: Any, c: dict[str, torch.Tensor], w: float, s: float) -> Callable[[], Any]:
+    """What StableDiffusionXLPAGPipeline does per step with CFG: one forward on [u, c, c] rows
+    with diffusers' PAG processors on the mid block's self-attention, then the combination."""
+    pag_unet = copy.deepcopy(unet)
+    for name, module in pag_unet.named_modules():
+        if name.startswith("mid_block.") and name.endswith("attn1"):
+            module.set_processor(PAGCFGIdentitySelfAttnProcessor2_0())
+    x = torch.cat([c["noise"]] * 3)
+    ehs = torch.cat([c["ne"], c["pe"], c["pe"]])
+    added = {"text_embeds": torch.cat([c["np"], c["pp"], c["pp"]]), "time_ids": c["ids"].repeat(3, 1)}
+    t = torch.tensor(500.0)
+
+    def step() -> torch.Tensor:
+        u, cond, p = pag_unet(x, t, encoder_hidden_states=ehs, added_cond_kwargs=added).sample.chunk(3)
+        return u + w * (cond - u) + s * (cond - p)
+
+    return step
+
+
+def versus_pag_pipeline(unet: Any, batches: list[int], pairs: int) -> None:
+    print("\n4. diffguide CFG+PAG step vs diffusers' PAG pipeline step (paired; w = 5, s = 3)")
+    print(
+        f"{'B':>2s} {'rows':>4s} {'pipeline ms':>12s} {'diffguide/pipeline wall':>24s} {'cpu':>7s} {'max |diff|':>11s}"
+    )
+    step = StepInfo(1, 10, 5.0, 500.0)
+    t = torch.tensor(500.0)
+    for b in batches:
+        c = conditioning(FULL, b)
+        g = guided_model(unet, c, [CFG(5.0), PAG(3.0)])
+        theirs = pag_pipeline_step(unet, c, 5.0, 3.0)
+        with g.installed(), torch.inference_mode():
+            diff = (g(c["noise"], t, step).guided - theirs()).abs().max().item()
+            r = alternate({"diffguide": lambda g=g, x0=c["noise"]: g(x0, t, step), "pipeline": theirs}, pairs)
+        print(
+            f"{b:2d} {3 * b:4d} {statistics.median(r['pipeline']['wall']) * 1e3:12.1f} "
+            f"{med_ratio(r['diffguide']['wall'], r['pipeline']['wall']):23.3f}x "
+            f"{med_ratio(r['diffguide']['cpu'], r['pipeline']['cpu']):6.3f}x {diff:11.2e}"
+        )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--pairs", type=int, default=8, help="alternations in part 1")
     ap.add_argument("--iters", type=int, default=50, help="alternations in part 3")
+    ap.add_argument("--parts", default="1,3,4", help="which parts to run (2 runs with 1)")
     args = ap.parse_args()
+    parts = {int(x) for x in args.parts.split(",")}
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     unet = FULL.build()
@@ -196,8 +243,12 @@ def main() -> int:
         f"model: {FULL.describe()}; threads {args.threads}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
         f"load avg {os.getloadavg()[0]:.2f}"
     )
-    steps_vs_forward(unet, batches, args.pairs)
-    attention_split(unet, batches, args.iters)
+    if 1 in parts:
+        steps_vs_forward(unet, batches, args.pairs)
+    if 3 in parts:
+        attention_split(unet, batches, args.iters)
+    if 4 in parts:
+        versus_pag_pipeline(unet, batches, args.pairs)
     return 0
 
 
