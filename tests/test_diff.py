@@ -343,3 +343,37 @@ def test_cli_multi_key_files(tmp_path):
     assert code == 1 and "only in" in out
     code, out, _ = _cli(tmp_path / "one.safetensors", tmp_path / "one.safetensors", as_json=True)
     assert code == 0 and json.loads(out)["ok"] is True
+
+
+# ------------------------------------------------------------------------------------------- images
+
+
+def test_png_images_compare_pixel_by_pixel(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    other = pixels.copy()
+    other[3, 5, 1] = (int(other[3, 5, 1]) + 7) % 256
+    a, b, same = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "same.png"
+    Image.fromarray(pixels).save(a)
+    Image.fromarray(other).save(b)
+    Image.fromarray(pixels).save(same)
+    loaded = load_tensors(a)["image"]
+    assert loaded.shape == (1, 3, 6, 8) and loaded.dtype == torch.float32
+    assert torch.equal(loaded[0].permute(1, 2, 0), torch.from_numpy(pixels).float())
+    code, out, _ = _cli(a, same, rtol=0.0, atol=0.0)
+    assert code == 0
+    code, out, _ = _cli(a, b, rtol=0.0, atol=0.0, as_json=True)
+    assert code == 1
+    entry = json.loads(out)  # one tensor on each side: a flat report
+    assert entry["name"] == "image" and entry["violations"] == 1
+    assert entry["max_abs_err"] == pytest.approx(abs(int(other[3, 5, 1]) - int(pixels[3, 5, 1])))
+    assert list(entry["top"][0]["index"]) == [0, 1, 3, 5]
+    grey = tmp_path / "grey.png"
+    Image.fromarray(pixels[..., 0]).save(grey)
+    assert load_tensors(grey)["image"].shape == (1, 1, 6, 8)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    code, _, err = _cli(broken, a)
+    assert code == 2 and "not a readable PNG image" in err

@@ -44,7 +44,7 @@ __all__ = [
     "run_diff_cli",
 ]
 
-SUPPORTED_EXTENSIONS = (".safetensors", ".npy", ".npz", ".pt", ".pth")
+SUPPORTED_EXTENSIONS = (".safetensors", ".npy", ".npz", ".pt", ".pth", ".png")
 
 #: An element counts as "near zero" when |reference| < NEAR_ZERO_REL * mean(|reference|) (or < atol).
 NEAR_ZERO_REL = 1e-3
@@ -125,6 +125,8 @@ def load_tensors(path: str | Path) -> dict[str, Tensor]:
     - ``.pt``/``.pth``: ``torch.load(weights_only=True)`` only. A bare tensor is ``"tensor"``;
       nested dicts/lists are flattened to ``"a/b/0"`` keys; non-tensor leaves are skipped. A file that
       holds other Python objects is refused with a :class:`DiffguideError` saying how to convert it.
+    - ``.png``: the pixels as float32 (1, C, H, W) in 0..255 under ``"image"`` (RGB, RGBA or grey as
+      stored; palette images are converted to RGB), so two saved images compare pixel by pixel.
     """
     path = Path(path)
     if not path.exists():
@@ -178,7 +180,23 @@ def load_tensors(path: str | Path) -> dict[str, Tensor]:
         if not out:
             raise DiffguideError(f"{path} holds no arrays")
         return out
+    if ext == ".png":
+        return {"image": _load_png(path)}
     return _load_torch(path)
+
+
+def _load_png(path: Path) -> Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB") if im.mode in ("P", "CMYK", "YCbCr") else im
+            arr = np.asarray(im)
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DiffguideError(f"{path} is not a readable PNG image: {exc}") from None
+    pixels = torch.from_numpy(arr.astype(np.float32))
+    pixels = pixels[..., None] if pixels.ndim == 2 else pixels  # (H, W, C)
+    return pixels.permute(2, 0, 1)[None].contiguous()  # (1, C, H, W)
 
 
 # --------------------------------------------------------------------------------------------------
