@@ -190,8 +190,7 @@ def _load_png(path: Path) -> Tensor:
 
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB") if im.mode in ("P", "CMYK", "YCbCr") else im
-            arr = np.asarray(im)
+            arr = np.asarray(im.convert("RGB") if im.mode in ("P", "CMYK", "YCbCr") else im)
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise DiffguideError(f"{path} is not a readable PNG image: {exc}") from None
     pixels = torch.from_numpy(arr.astype(np.float32))
