@@ -50,8 +50,8 @@ def _import_pag_node():
     sys.path.insert(0, str(standin_dir))
     try:
         import comfy_extras.nodes_pag as nodes_pag
-    except Exception as exc:
-        raise comfy_support.ComfyUnavailable(
+    except Exception as exc:  # ComfyUI core is there: a node that does not import is a failure, not a skip
+        raise RuntimeError(
             f"ComfyUI's comfy_extras/nodes_pag.py does not import: {type(exc).__name__}: {exc}"
         ) from exc
     finally:
