@@ -148,7 +148,14 @@ def test_pag_tpg_change_latents(runner, cfg_run, sd15_dir, tmp_path, option, win
         ),
         (["--tpg-layers", "mid"], "--tpg is 0 (TPG off)"),
         (["--schedule", "karras"], "--schedule applies to the comfy noise policy only"),
-        (["--noise", "comfy", "--scheduler", "heun"], "comfy noise policy supports the euler sampler only"),
+        (
+            ["--noise", "comfy", "--scheduler", "heun"],
+            "comfy noise policy supports the samplers euler, euler_a, dpmpp_2m",
+        ),
+        (
+            ["--noise", "comfy", "--scheduler", "dpmpp_2m_karras"],
+            "pass --scheduler dpmpp_2m --schedule karras",
+        ),
         (["--device", "tpu"], "unknown device 'tpu'"),
         (["--model", "{tmp}/missing"], "does not exist"),
         (["--model", "{tmp}/model.ckpt"], "is a pickle file (.ckpt)"),

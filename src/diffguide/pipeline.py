@@ -28,6 +28,8 @@ from .sampling.schedulers import SCHEDULERS, SHIFTABLE, make_scheduler, set_time
 
 MAX_STEPS = 1000
 NOISE_POLICIES = ("diffusers", "comfy")
+#: diffguide scheduler name -> ComfyUI KSampler sampler name, for the comfy noise policy.
+COMFY_SAMPLER_NAMES = {"euler": "euler", "euler_a": "euler_ancestral", "dpmpp_2m": "dpmpp_2m"}
 
 
 def _as_list(value: str | Sequence[str], count: int | None, what: str) -> list[str]:
@@ -99,12 +101,22 @@ class GenerateConfig:
                 f"unknown noise policy '{self.noise}'; choose one of: {', '.join(NOISE_POLICIES)}"
             )
         if self.noise == "comfy":
-            if self.scheduler != "euler":
+            if self.scheduler == "dpmpp_2m_karras":
                 raise ConfigError(
-                    f"the comfy noise policy supports the euler sampler only, not '{self.scheduler}'"
+                    "with the comfy noise policy the schedule is separate from the sampler: "
+                    "pass --scheduler dpmpp_2m --schedule karras instead of dpmpp_2m_karras"
+                )
+            if self.scheduler not in COMFY_SAMPLER_NAMES:
+                raise ConfigError(
+                    f"the comfy noise policy supports the samplers {', '.join(COMFY_SAMPLER_NAMES)} "
+                    f"(ComfyUI's {', '.join(COMFY_SAMPLER_NAMES.values())}), not '{self.scheduler}'"
                 )
             if self.shift != 1.0:
                 raise ConfigError("--shift is not supported with the comfy noise policy")
+            if self.eta != 0.0:
+                raise ConfigError(
+                    "--eta is not used by the comfy noise policy (KSampler's euler_ancestral has eta 1)"
+                )
             if (self.schedule or "normal") not in COMFY_SCHEDULERS:
                 raise ConfigError(
                     f"unknown ComfyUI schedule '{self.schedule}'; one of: {', '.join(COMFY_SCHEDULERS)}"
@@ -321,23 +333,45 @@ class GuidedPipeline:
     ) -> tuple[Tensor, dict[str, Any]]:
         ms = ComfyModelSampling(prediction_type=prediction_type)
         name = cfg.schedule or "normal"
+        sampler = COMFY_SAMPLER_NAMES[cfg.scheduler]
         sigmas = comfy_sigmas(name, cfg.steps, model_sampling=ms)
         dtype = guided.cond.embeds.dtype
-        noise = comfy_noise(cfg.seed, shape).to(self.pipe.device, dtype)
+        # ComfyUI samples in float32 whatever the model's dtype (only the model input is cast).
+        noise = comfy_noise(cfg.seed, shape).to(self.pipe.device)
         latents = sample_comfy(
-            guided, ms, noise, sigmas.to(self.pipe.device), callback=callback, progress=progress
+            guided,
+            ms,
+            noise,
+            sigmas.to(self.pipe.device),
+            sampler=sampler,
+            seed=cfg.seed,
+            model_dtype=dtype,
+            callback=callback,
+            progress=progress,
         )
+        noise_desc: dict[str, Any] = {
+            "policy": "comfy",
+            "generator": "cpu",
+            "seeds": "one generator seeded with seed, whole batch",
+        }
+        if sampler == "euler_ancestral":
+            noise_desc["per_step"] = (
+                "ComfyUI's default_noise_sampler: one generator on the sampling device, seeded with "
+                "seed + 1 on the CPU (seed on other devices), whole batch per step"
+            )
+            noise_desc["per_step_device"] = str(noise.device)
         schedule = {
-            "name": f"comfy euler/{name}",
+            "name": f"comfy {sampler}/{name}",
             "class": "ComfyModelSampling",
+            "sampler": {
+                "name": sampler,
+                **({"eta": 1.0, "s_noise": 1.0} if sampler == "euler_ancestral" else {}),
+            },
+            "schedule": name,
             "config": {"prediction_type": prediction_type, "beta_schedule": "scaled_linear 0.00085..0.012"},
             "timesteps": [float(t) for t in ms.sigma_to_timestep(sigmas[:-1])],
             "sigmas": [float(s) for s in sigmas],
-            "noise": {
-                "policy": "comfy",
-                "generator": "cpu",
-                "seeds": "one generator seeded with seed, whole batch",
-            },
+            "noise": noise_desc,
         }
         return latents.to(dtype), schedule
 

@@ -153,7 +153,7 @@ def generate(
         Noise,
         typer.Option(
             "--noise",
-            help="Noise policy: diffusers (per-image CPU generators, as diffusers) or comfy (as ComfyUI's KSampler; euler only).",
+            help="Noise policy: diffusers (per-image CPU generators, as diffusers) or comfy (as ComfyUI's KSampler; --scheduler euler, euler_a or dpmpp_2m, schedule from --schedule).",
             rich_help_panel=P_PROMPT,
         ),
     ] = Noise.diffusers,  # type: ignore[attr-defined]

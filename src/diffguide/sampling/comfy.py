@@ -13,7 +13,10 @@ ComfyUI code. What each function matches:
 - :func:`comfy_sigmas`: ``comfy.samplers.calculate_sigmas`` for ``normal``, ``karras``, ``exponential``,
   ``simple``, ``sgm_uniform``, ``ddim_uniform``, ``kl_optimal``, plus ``KSampler.set_steps``'s ``denoise``.
 - :func:`comfy_euler`: ``comfy.k_diffusion.sampling.sample_euler`` (no churn).
-- :func:`comfy_ksampler`: the KSampler node's path for ``sampler_name="euler"``
+- :func:`comfy_sample` / :func:`make_comfy_step`: ``sample_euler``, ``sample_euler_ancestral`` (eta 1,
+  s_noise 1, per-step noise from :func:`comfy_noise_sampler`, ComfyUI's ``default_noise_sampler``) and
+  ``sample_dpmpp_2m`` for SD eps/v models (not the rectified-flow ``CONST`` branches).
+- :func:`comfy_ksampler`: the KSampler node's path for ``sampler_name`` in :data:`COMFY_SAMPLERS`
   (``common_ksampler`` -> ``CFGGuider.inner_sample`` -> ``KSAMPLER.sample``), including
   ``process_latent_in``/``process_latent_out`` (ComfyUI's LATENT is the model-space latent divided by the
   latent format's scale factor).
@@ -32,6 +35,7 @@ import torch
 from diffguide.errors import ConfigError
 
 __all__ = [
+    "COMFY_SAMPLERS",
     "COMFY_SCHEDULERS",
     "SDXL_SCALE_FACTOR",
     "SD_SCALE_FACTOR",
@@ -39,8 +43,12 @@ __all__ = [
     "comfy_euler",
     "comfy_ksampler",
     "comfy_noise",
+    "comfy_noise_sampler",
+    "comfy_sample",
     "comfy_sigmas",
+    "get_ancestral_step",
     "make_comfy_denoiser",
+    "make_comfy_step",
 ]
 
 #: Latent format scale factors (``comfy.latent_formats.SD15`` / ``SDXL``).
@@ -389,6 +397,137 @@ def make_comfy_denoiser(
     return denoise
 
 
+def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+    """Karras ODE derivative ``dx/dsigma = (x - x0) / sigma`` (k-diffusion ``to_d``)."""
+    return (x - denoised) / sigma.reshape(sigma.shape + (1,) * (x.ndim - sigma.ndim))
+
+
+def get_ancestral_step(
+    sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-diffusion's ancestral split of a step sigma -> sigma_next into a deterministic step down to
+    ``sigma_down`` plus fresh noise of std ``sigma_up``, with ``sigma_down^2 + sigma_up^2 = sigma_next^2``.
+
+    ``sigma_up = min(sigma_next, eta * sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2))``; at the
+    last step (sigma_next = 0) both are 0.
+    """
+    if not eta:
+        return sigma_to, torch.zeros_like(sigma_to)
+    sigma_up = torch.minimum(
+        sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+    )
+    sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+    return sigma_down, sigma_up
+
+
+def comfy_noise_sampler(x: torch.Tensor, seed: int | None) -> Callable[[], torch.Tensor]:
+    """ComfyUI's ``default_noise_sampler(x, seed)``: the per-step noise of ancestral samplers.
+
+    One generator on x's device, created once per sampling run and seeded with ``seed + 1`` on the CPU
+    (so it does not replay the initial noise, drawn from ``seed``) and ``seed`` on any other device
+    (a CUDA generator: different values). Each call draws the whole batch, ``torch.randn(x.shape)`` in
+    x's dtype (float32 in ComfyUI). ``seed=None`` uses the global generator.
+    """
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=x.device)
+        generator.manual_seed(int(seed) + 1 if x.device == torch.device("cpu") else int(seed))
+    shape, dtype, device = x.shape, x.dtype, x.device
+    return lambda: torch.randn(shape, dtype=dtype, device=device, generator=generator)
+
+
+StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+"""``step(x, denoised, sigmas, i) -> x_next``: one sampler update from sigmas[i] to sigmas[i + 1]."""
+
+
+def euler_step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int) -> torch.Tensor:
+    """``sample_euler`` (no churn): ``x + d (sigma_next - sigma)``."""
+    return x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+
+
+def euler_ancestral_step(
+    noise_sampler: Callable[[], torch.Tensor], eta: float = 1.0, s_noise: float = 1.0
+) -> StepFn:
+    """``sample_euler_ancestral`` (eta 1, s_noise 1 in KSampler): Euler down to sigma_down, then add
+    ``s_noise * sigma_up`` times fresh noise. The last step (sigma_down = 0) returns x0 and draws nothing.
+    """
+
+    def step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int) -> torch.Tensor:
+        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        if sigma_down == 0:
+            return denoised
+        x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+        return x + noise_sampler() * s_noise * sigma_up
+
+    return step
+
+
+def dpmpp_2m_step() -> StepFn:
+    """``sample_dpmpp_2m``: DPM-Solver++(2M) (Lu et al. 2022) in t = -log sigma.
+
+    ``h = t_next - t``; the first step and the step to sigma = 0 are first order
+    (``x_next = sigma_next / sigma * x - expm1(-h) * x0``); the others extrapolate x0 with the previous
+    step's: ``r = h_last / h``, ``D = (1 + 1 / 2r) x0 - (1 / 2r) old_x0``.
+    """
+    old_denoised: torch.Tensor | None = None
+
+    def step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int) -> torch.Tensor:
+        nonlocal old_denoised
+        t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
+        h = t_next - t
+        if old_denoised is None or sigmas[i + 1] == 0:
+            d = denoised
+        else:
+            h_last = t + sigmas[i - 1].log()
+            r = h_last / h
+            d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+        old_denoised = denoised
+        return ((-t_next).exp() / (-t).exp()) * x - (-h).expm1() * d
+
+    return step
+
+
+#: KSampler sampler names implemented here.
+COMFY_SAMPLERS: tuple[str, ...] = ("euler", "euler_ancestral", "dpmpp_2m")
+
+
+def make_comfy_step(sampler_name: str, x: torch.Tensor, seed: int | None = None) -> StepFn:
+    """The per-step update of KSampler's ``sampler_name`` for a run starting at ``x`` (the noise-scaled
+    initial latent; ancestral noise is drawn with its shape, dtype and device, from ``seed``)."""
+    if sampler_name == "euler":
+        return euler_step
+    if sampler_name == "euler_ancestral":
+        return euler_ancestral_step(comfy_noise_sampler(x, seed))
+    if sampler_name == "dpmpp_2m":
+        return dpmpp_2m_step()
+    raise ConfigError(
+        f"unsupported ComfyUI sampler {sampler_name!r}; choose one of: {', '.join(COMFY_SAMPLERS)}"
+    )
+
+
+def comfy_sample(
+    denoise_x0: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    sampler_name: str = "euler",
+    seed: int | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> torch.Tensor:
+    """k-diffusion's ``sample_<sampler_name>`` (see :data:`COMFY_SAMPLERS`) from the noise-scaled ``x``.
+
+    ``seed`` is the KSampler seed (``extra_args["seed"]``), used by ancestral samplers only.
+    ``callback`` gets ``{"x", "i", "sigma", "sigma_hat", "denoised"}`` each step, as in k-diffusion.
+    """
+    step = make_comfy_step(sampler_name, x, seed)
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = denoise_x0(x, sigmas[i] * s_in)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        x = step(x, denoised, sigmas, i)
+    return x
+
+
 def comfy_euler(
     denoise_x0: Denoiser,
     x: torch.Tensor,
@@ -400,16 +539,7 @@ def comfy_euler(
     ``x`` is the already noise-scaled initial latent (see :meth:`ComfyModelSampling.noise_scaling`).
     ``callback`` gets ``{"x", "i", "sigma", "sigma_hat", "denoised"}`` each step, as in k-diffusion.
     """
-    s_in = x.new_ones([x.shape[0]])
-    for i in range(len(sigmas) - 1):
-        sigma_hat = sigmas[i]
-        denoised = denoise_x0(x, sigma_hat * s_in)
-        d = (x - denoised) / sigma_hat.reshape((1,) * x.ndim)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
-        dt = sigmas[i + 1] - sigma_hat
-        x = x + d * dt
-    return x
+    return comfy_sample(denoise_x0, x, sigmas, "euler", callback=callback)
 
 
 def comfy_ksampler(
@@ -423,8 +553,10 @@ def comfy_ksampler(
     scale_factor: float = SD_SCALE_FACTOR,
     batch_index: Sequence[int] | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
+    sampler_name: str = "euler",
 ) -> torch.Tensor:
-    """ComfyUI's KSampler node with ``sampler_name="euler"``, returning a ComfyUI LATENT tensor.
+    """ComfyUI's KSampler node (``sampler_name`` one of :data:`COMFY_SAMPLERS`), returning a ComfyUI
+    LATENT tensor.
 
     ``latent_image`` is in ComfyUI's LATENT convention (VAE space: an "Empty Latent Image" is zeros);
     a non-zero latent is multiplied by ``scale_factor`` on the way in, and the result is divided by it on
@@ -440,5 +572,6 @@ def comfy_ksampler(
     if torch.count_nonzero(latent_image) > 0:
         latent_image = latent_image * scale_factor
     x = ms.noise_scaling(sigmas[0], noise, latent_image, ms.is_max_denoise(sigmas))
-    samples = comfy_euler(make_comfy_denoiser(model_output_fn, ms), x, sigmas, callback=callback)
+    denoiser = make_comfy_denoiser(model_output_fn, ms)
+    samples = comfy_sample(denoiser, x, sigmas, sampler_name, seed=seed, callback=callback)
     return samples.to(torch.float32) / scale_factor

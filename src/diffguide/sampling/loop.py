@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ..engine import GuidedModel
 from ..guidance.base import StepInfo
+from .comfy import make_comfy_step
 from .schedulers import sigmas_at, step_kwargs
 
 
@@ -66,26 +67,36 @@ def sample_comfy(
     noise: Tensor,
     sigmas: Tensor,
     *,
+    sampler: str = "euler",
+    seed: int | None = None,
+    model_dtype: torch.dtype | None = None,
     callback: Callback | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """ComfyUI's KSampler ``euler`` path (k-diffusion Euler in sigma space, no churn).
+    """ComfyUI's KSampler path for ``sampler`` (``euler``, ``euler_ancestral`` or ``dpmpp_2m``).
 
     ``model_sampling`` is a :class:`~diffguide.sampling.comfy.ComfyModelSampling`: input
     scaling ``x / sqrt(sigma^2 + 1)``, integer timesteps (nearest by log sigma), x0 from the
-    guided prediction. ``sigmas`` has steps + 1 values ending in 0.
+    guided prediction; the sampler's update then moves x from sigmas[i] to sigmas[i + 1] (see
+    :func:`~diffguide.sampling.comfy.make_comfy_step`). ``sigmas`` has steps + 1 values ending
+    in 0. ``seed`` is the KSampler seed: ancestral samplers draw their per-step noise from it.
+    As in ComfyUI, x is float32 throughout; the model input is cast to ``model_dtype``
+    (default: noise's dtype), as ComfyUI casts it to the model's dtype.
     """
     ms = model_sampling
+    model_dtype = model_dtype or noise.dtype
+    noise = noise.float()
     x = ms.noise_scaling(sigmas[0], noise, torch.zeros_like(noise), ms.is_max_denoise(sigmas))
+    update = make_comfy_step(sampler, x, seed)
     count = len(sigmas) - 1
     with guided.installed(), torch.inference_mode():
         for i in tqdm(range(count), disable=not progress, desc="sampling", leave=False):
             sigma = sigmas[i] * x.new_ones(x.shape[0])
             t = ms.sigma_to_timestep(sigma).float()
             step = StepInfo(i, count, float(sigmas[i]), float(t[0]))
-            result = guided(ms.calculate_input(sigma, x), t, step)
+            result = guided(ms.calculate_input(sigma, x).to(model_dtype), t, step)
             denoised = ms.calculate_denoised(sigma, result.guided.float(), x)
-            new = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])  # Euler step
+            new = update(x, denoised, sigmas, i)
             if callback is not None:
                 callback(StepState(step, x, result.preds, result.guided, new))
             x = new
