@@ -234,6 +234,26 @@ def tiny_unet(seed: int = 0, cross_attention_dim: int = 32, sample_size: int = 1
     return unet.eval().requires_grad_(False)
 
 
+def guided_pipeline_and_patcher() -> tuple[Any, Any]:
+    """A diffguide GuidedPipeline on a tiny SD1.5 and the same UNet as a ComfyUI ModelPatcher.
+
+    ComfyUI's UNet hard-codes GroupNorm(32), so the UNet is one both can represent. Skips the
+    calling test, with the reason, when ComfyUI core is unavailable.
+    """
+    import pytest
+
+    from diffguide import GuidedPipeline
+    from diffguide.testing import tiny_sd15
+
+    try:
+        load_comfy()
+    except ComfyUnavailable as exc:
+        pytest.skip(f"ComfyUI core not available: {exc}")
+    pipe = tiny_sd15()
+    pipe.unet = tiny_unet(seed=0, cross_attention_dim=32)
+    return GuidedPipeline(pipe), comfy_model_from_diffusers_unet(pipe.unet)
+
+
 def comfy_unet_config(unet) -> dict[str, Any]:
     """ComfyUI ``unet_config`` (openaimodel.UNetModel kwargs) for a diffusers UNet2DConditionModel config."""
     cfg = unet.config

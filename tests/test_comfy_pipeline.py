@@ -6,22 +6,14 @@ import comfy_support
 import pytest
 import torch
 
-from diffguide import CFG, GuidedPipeline
+from diffguide import CFG
 from diffguide.pipeline import GenerateConfig
 from diffguide.sampling.comfy import SD_SCALE_FACTOR
-from diffguide.testing import tiny_sd15
 
 
 @pytest.fixture(scope="module")
 def setup():
-    try:
-        comfy_support.load_comfy()
-    except comfy_support.ComfyUnavailable as exc:
-        pytest.skip(f"ComfyUI core not available: {exc}")
-    pipe = tiny_sd15()
-    # ComfyUI's UNet hard-codes GroupNorm(32): use a UNet that both can represent.
-    pipe.unet = comfy_support.tiny_unet(seed=0, cross_attention_dim=32)
-    return GuidedPipeline(pipe), comfy_support.comfy_model_from_diffusers_unet(pipe.unet)
+    return comfy_support.guided_pipeline_and_patcher()
 
 
 @pytest.mark.parametrize("schedule", ["normal", "karras"])

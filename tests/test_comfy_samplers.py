@@ -6,7 +6,7 @@ import comfy_support
 import pytest
 import torch
 
-from diffguide import CFG, ConfigError, GuidedPipeline
+from diffguide import CFG, ConfigError
 from diffguide.pipeline import GenerateConfig
 from diffguide.sampling.comfy import (
     SD_SCALE_FACTOR,
@@ -17,21 +17,13 @@ from diffguide.sampling.comfy import (
     comfy_sigmas,
     get_ancestral_step,
 )
-from diffguide.testing import tiny_sd15
 
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
 def setup():
-    try:
-        comfy_support.load_comfy()
-    except comfy_support.ComfyUnavailable as exc:
-        pytest.skip(f"ComfyUI core not available: {exc}")
-    pipe = tiny_sd15()
-    # ComfyUI's UNet hard-codes GroupNorm(32): use a UNet that both can represent.
-    pipe.unet = comfy_support.tiny_unet(seed=0, cross_attention_dim=32)
-    return GuidedPipeline(pipe), comfy_support.comfy_model_from_diffusers_unet(pipe.unet)
+    return comfy_support.guided_pipeline_and_patcher()
 
 
 def _run_both(setup, scheduler, comfy_sampler, schedule, seed=42):
