@@ -155,3 +155,13 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(DiffguideError, match="not a folder"):
         save_result(result(), tmp_path / "file")
+
+
+def test_replace_atomic_replaces_and_leaves_no_temp_files(tmp_path):
+    from diffguide.io import replace_atomic
+
+    target = tmp_path / "results.json"
+    replace_atomic(target, '{"n": 1}')
+    replace_atomic(target, b'{"n": 2}')
+    assert target.read_text() == '{"n": 2}'
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]

@@ -128,6 +128,15 @@ def _write_temp(folder: Path, data: bytes, suffix: str) -> Path:
     raise DiffguideError(f"could not create a temporary file in '{folder}'")
 
 
+def replace_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
+    """Write ``data`` to ``path``, replacing it atomically: readers see the old or the new file,
+    never a half-written one (reports rewritten while a long benchmark runs)."""
+    dst = Path(path)
+    tmp = _write_temp(dst.parent, data.encode() if isinstance(data, str) else data, dst.suffix)
+    os.replace(tmp, dst)
+    return dst
+
+
 def _publish(tmp: Path, dst: Path) -> None:
     """Give ``tmp`` the name ``dst`` atomically; FileExistsError if ``dst`` exists. Keeps ``tmp``."""
     try:

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from ..io import replace_atomic
 
 # ----------------------------------------------------------------------------- settings
 DEFAULT_CFG_SCALES = (2.0, 3.0, 5.0, 7.0)
@@ -406,8 +407,8 @@ def _report(opts, state, n, ref, classifiers, hashes, t_start, extractor_id) -> 
         "settings": rows,
     }
     out: Path = opts.out
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
-    (out / "results.md").write_text(markdown_table(rows) + "\n")
+    replace_atomic(out / "results.json", json.dumps(results, indent=2, default=_json_default) + "\n")
+    replace_atomic(out / "results.md", markdown_table(rows) + "\n")
     with contextlib.suppress(ImportError):  # matplotlib missing: no plot
         plot(rows, out / "plot.png")
     return results

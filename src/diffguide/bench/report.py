@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DiffguideError
+from ..io import replace_atomic
 from .metrics import FIDReference
 from .quality import Setting, _json_default, markdown_table, plot
 
@@ -170,9 +171,9 @@ def write(merged: dict[str, Any], out: Path, dirs: list[Path]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = merged["settings"]
     fids = {r["setting"]: r["fid"] for r in rows}
-    (out / "results.json").write_text(json.dumps(merged, indent=2, default=_json_default) + "\n")
+    replace_atomic(out / "results.json", json.dumps(merged, indent=2, default=_json_default) + "\n")
     md = markdown_table(rows) + "\n\n" + comparison_table(merged["comparisons"], fids) + "\n"
-    (out / "results.md").write_text(md)
+    replace_atomic(out / "results.md", md)
     with contextlib.suppress(ImportError):
         plot(rows, out / "plot.png")
     (out / "grids").mkdir(exist_ok=True)
