@@ -201,3 +201,9 @@ def test_conditioning_file_errors(tmp_path):
         load_conditioning(tmp_path / "missing.safetensors")
     torch.save({"prompt_embeds": embeds}, tmp_path / "ok.pt")
     assert load_conditioning(tmp_path / "ok.pt").uncond is None
+
+
+def test_batch_vs_single_is_refused_for_whole_batch_comfy_noise(sd15):
+    cfg = GenerateConfig.create(["a", "b"], steps=2, noise="comfy")
+    with pytest.raises(ConfigError, match="comfy noise policy draws one noise tensor"):
+        check_determinism(sd15, cfg, batch_vs_single=True)

@@ -56,6 +56,12 @@ def check_determinism(
         raise ConfigError(
             "--batch-vs-single runs each prompt alone; it cannot be combined with --conditioning"
         )
+    if batch_vs_single and cfg.noise == "comfy":
+        raise ConfigError(
+            "--batch-vs-single needs per-image noise: the comfy noise policy draws one noise tensor for "
+            "the whole batch from the seed, as ComfyUI's KSampler does, so image i of a batch has no "
+            "single-image run to match; use the diffusers noise policy for this check"
+        )
     ref = pipe.generate(cfg, decode=False, conditioning=conditioning).latents
     again = pipe.generate(cfg, decode=False, conditioning=conditioning).latents
     checks = [Check("rerun", "bit-identical", compare(again, ref, rtol=0.0, atol=0.0, name="rerun"))]
