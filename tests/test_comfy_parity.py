@@ -252,20 +252,3 @@ def test_ksampler_parity_img2img_batch_index(patcher, unet, prompts):
     )
     err = _max_abs(ours * SD_SCALE_FACTOR, ref * SD_SCALE_FACTOR)
     assert err <= 1e-4, f"max abs diff {err:.3g} (model space)"
-
-
-def test_denoiser_with_sigma_passes_the_step_sigma():
-    ms = ComfyModelSampling()
-    sigmas = comfy_sigmas("karras", 4)
-    seen = []
-
-    def fn3(x_in, t, sigma):
-        seen.append((float(sigma[0]), int(t[0])))
-        return x_in * 0.1
-
-    x = ms.noise_scaling(sigmas[0], comfy_noise(0, LATENT), torch.zeros(LATENT), True)
-    out3 = comfy_euler(make_comfy_denoiser(fn3, with_sigma=True), x, sigmas)
-    out2 = comfy_euler(make_comfy_denoiser(lambda x_in, t: x_in * 0.1), x, sigmas)
-    assert torch.equal(out3, out2)
-    assert [s for s, _ in seen] == sigmas[:-1].tolist()
-    assert [t for _, t in seen] == ms.sigma_to_timestep(sigmas[:-1]).tolist()

@@ -115,6 +115,25 @@ def test_out_of_memory_halves_the_rows_and_repeats_the_step_exactly(sd15, unet_c
     assert replay(got.manifests[1], sd15).identical  # replay chunks as the recorded run did
 
 
+def test_out_of_memory_retry_keeps_traces_right(sd15):
+    """Module outputs recorded by an abandoned attempt are dropped: the trace of the retried run
+    equals the trace of a --max-rows 2 run, tensor for tensor."""
+    from diffguide.repro.trace import TraceRecorder
+
+    def traced(**kwargs):
+        rec = TraceRecorder("mid_block.attentions.0")
+        with rec.hooks(sd15.unet):
+            run(sd15, ALL3, callback=rec, **kwargs)
+        return rec.tensors
+
+    expected = traced(max_rows=2)
+    with out_of_memory_above(sd15.unet, 3), pytest.warns(RuntimeWarning):
+        got = traced()
+    assert got.keys() == expected.keys()
+    assert "step_0000/module/mid_block.attentions.0/tpg" in got
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
 def test_out_of_memory_with_one_row_is_a_clear_error(sd15):
     from diffguide.engine import OutOfMemory
 

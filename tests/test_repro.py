@@ -207,3 +207,8 @@ def test_batch_vs_single_is_refused_for_whole_batch_comfy_noise(sd15):
     cfg = GenerateConfig.create(["a", "b"], steps=2, noise="comfy")
     with pytest.raises(ConfigError, match="comfy noise policy draws one noise tensor"):
         check_determinism(sd15, cfg, batch_vs_single=True)
+
+
+def test_config_from_manifest_names_missing_fields():
+    with pytest.raises(DiffguideError, match=r"manifest lacks \['prompts'"):
+        config_from_manifest({"parameters": {"steps": 2}})

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor
 
 from .errors import DiffguideError
+from .io import replace_atomic
 from .models.denoiser import Conditioning
 
 KEYS = {
@@ -132,11 +133,5 @@ def save_conditioning(
         if uncond.time_ids is not None:
             tensors["negative_time_ids"] = uncond.time_ids
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(
-        {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()},
-        str(tmp),
-        metadata=metadata or {},
-    )
-    tmp.replace(path)
-    return path
+    data = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
+    return replace_atomic(path, save(data, metadata=metadata or {}))

@@ -15,7 +15,7 @@ add no rows. Predictions are then split per branch and combined::
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
@@ -63,9 +63,11 @@ class GuidedModel:
         seeds: Sequence[int],
         max_rows: int | None = None,
         rows_schedule: Mapping[int, int] | None = None,
+        on_retry: Callable[[], None] | None = None,
     ) -> None:
         """``rows_schedule``: {step: max_rows from that step on}, e.g. a recorded run's
-        :attr:`fallbacks`, to chunk every step exactly as that run did."""
+        :attr:`fallbacks`, to chunk every step exactly as that run did. ``on_retry``: called
+        when a step's forwards are abandoned and repeated (see :meth:`ForwardContext.rollback`)."""
         self.denoiser, self.terms = denoiser, tuple(terms)
         self.branches = _branch_table(self.terms)
         if "uncond" in self.branches and uncond is None:
@@ -83,7 +85,7 @@ class GuidedModel:
             if check is not None and c is not None:
                 check(c)
         self.cond, self.uncond, self.max_rows = cond, uncond, max_rows
-        self.ctx = ForwardContext(tuple(seeds))
+        self.ctx = ForwardContext(tuple(seeds), retry_listeners=[on_retry] if on_retry else [])
         self._rows_cache: dict[tuple[str, ...], Conditioning] = {}
         self.forward_calls = 0
         self.rows_schedule = dict(rows_schedule or {})
@@ -123,7 +125,7 @@ class GuidedModel:
             self.max_rows = self.rows_schedule[step]
         while True:
             size = min(self.max_rows or x.shape[0], x.shape[0])
-            state = self.ctx.rng_state()
+            state = self.ctx.checkpoint()
             try:
                 return self._forward_chunks(x, t, cond, branches, batch, size)
             except Exception as err:
@@ -134,10 +136,11 @@ class GuidedModel:
                         "out of memory with one row per forward: lower the resolution or the batch, "
                         "use --dtype float16/bfloat16, or run on a device with more memory"
                     ) from err
-                self.ctx.set_rng_state(state)
-                self.max_rows = (size + 1) // 2
-                self.fallbacks[step] = self.max_rows
-                free_cached_memory(x.device)
+            # outside the except block, so the failed attempt's frames (and tensors) are gone
+            self.ctx.rollback(state)
+            self.max_rows = (size + 1) // 2
+            self.fallbacks[step] = self.max_rows
+            free_cached_memory(x.device)
 
     def _forward_chunks(
         self, x: Tensor, t: Tensor, cond: Conditioning, branches: list[Branch], batch: int, size: int

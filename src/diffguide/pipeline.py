@@ -20,7 +20,7 @@ from .guidance.base import GuidanceTerm
 from .guidance.cfg import CFG
 from .manifest import MANIFEST_VERSION, attention_backend, environment, file_hash, module_hash, tensor_hash
 from .models.denoiser import Conditioning, UNetDenoiser
-from .models.loading import load_lora, load_pipeline
+from .models.loading import COMPONENTS, load_lora, load_pipeline, own_memory
 from .sampling.comfy import COMFY_SCHEDULERS, ComfyModelSampling, comfy_noise, comfy_sigmas
 from .sampling.loop import Callback, sample, sample_comfy
 from .sampling.noise import generators, image_seeds, initial_noise
@@ -170,7 +170,11 @@ class GuidedPipeline:
         device: str = "cpu",
         config: str | None = None,
     ) -> GuidedPipeline:
-        pipe = load_pipeline(path, dtype=dtype, config=config).to(device)
+        pipe = load_pipeline(path, dtype=dtype, config=config)
+        if torch.device(device).type != "cpu":
+            pipe = pipe.to(device)
+        elif Path(path).is_dir():  # a folder's weights are memory-mapped views (single files are copied)
+            own_memory(pipe)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, source=str(path))
 
@@ -238,6 +242,8 @@ class GuidedPipeline:
     ) -> GenerationResult:
         """Sample images. ``prompt`` may be a ready :class:`GenerateConfig`; else kwargs build one.
 
+        ``callback`` gets a :class:`StepState` per step; if it also has an ``on_retry()`` method,
+        that is called when a step's forwards are abandoned and repeated (out of memory).
         ``rows_schedule``: {model evaluation: rows per forward from then on}, as a manifest's
         ``engine.out_of_memory_fallbacks`` records; replay passes it to chunk the same way.
 
@@ -256,7 +262,11 @@ class GuidedPipeline:
             cond, uncond = _broadcast(conditioning, cfg.num_images, self.pipe.device)
         seeds = image_seeds(cfg.seed, cfg.num_images)
         denoiser = UNetDenoiser(self.unet, self.pipe.scheduler.config.get("prediction_type", "epsilon"))
-        guided = GuidedModel(denoiser, cfg.guidance, cond, uncond, seeds, cfg.max_rows, rows_schedule)
+        # a callback that records from module hooks (TraceRecorder) drops an abandoned attempt's records
+        on_retry = getattr(callback, "on_retry", None)
+        guided = GuidedModel(
+            denoiser, cfg.guidance, cond, uncond, seeds, cfg.max_rows, rows_schedule, on_retry
+        )
         f = self.pipe.vae_scale_factor
         shape = (cfg.num_images, self.unet.config.in_channels, height // f, width // f)
         if cfg.noise == "comfy":
@@ -335,6 +345,7 @@ class GuidedPipeline:
         name = cfg.schedule or "normal"
         sampler = COMFY_SAMPLER_NAMES[cfg.scheduler]
         sigmas = comfy_sigmas(name, cfg.steps, model_sampling=ms)
+        timesteps = ms.sigma_to_timestep(sigmas[:-1])  # once per run, on the CPU
         dtype = guided.cond.embeds.dtype
         # ComfyUI samples in float32 whatever the model's dtype (only the model input is cast).
         noise = comfy_noise(cfg.seed, shape).to(self.pipe.device)
@@ -342,7 +353,8 @@ class GuidedPipeline:
             guided,
             ms,
             noise,
-            sigmas.to(self.pipe.device),
+            sigmas,
+            timesteps,
             sampler=sampler,
             seed=cfg.seed,
             model_dtype=dtype,
@@ -369,8 +381,8 @@ class GuidedPipeline:
             },
             "schedule": name,
             "config": {"prediction_type": prediction_type, "beta_schedule": "scaled_linear 0.00085..0.012"},
-            "timesteps": [float(t) for t in ms.sigma_to_timestep(sigmas[:-1])],
-            "sigmas": [float(s) for s in sigmas],
+            "timesteps": [float(t) for t in timesteps.tolist()],
+            "sigmas": sigmas.tolist(),
             "noise": noise_desc,
         }
         return latents.to(dtype), schedule
@@ -383,7 +395,7 @@ class GuidedPipeline:
 
     # -- provenance ------------------------------------------------------------------------
     def component_hashes(self) -> dict[str, str]:
-        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        for name in COMPONENTS:
             module = getattr(self.pipe, name, None)
             if module is not None and name not in self._hashes:
                 self._hashes[name] = module_hash(module)

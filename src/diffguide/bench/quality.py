@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import math
 import time
@@ -194,9 +195,9 @@ class SettingData:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + ".tmp.npz")
+        buf = io.BytesIO()
         np.savez(
-            tmp,
+            buf,
             images=self.images,
             labels=self.labels,
             features=self.features,
@@ -204,7 +205,7 @@ class SettingData:
             feat_seconds=self.feat_seconds,
             key=self.key,
         )
-        tmp.replace(path)
+        replace_atomic(path, buf.getvalue())
 
     @staticmethod
     def load(path: Path, key: str) -> SettingData | None:

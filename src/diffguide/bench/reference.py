@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import os
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from types import ModuleType
 import numpy as np
 
 from ..errors import DiffguideError
+from ..io import replace_atomic
 
 NUM_CLASSES = 20
 DEFAULT_PER_CLASS = 100
@@ -103,8 +105,8 @@ def reference_features(
         feats = np.load(path)["features"]
     else:
         feats = extractor(images, progress=progress)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, features=feats, labels=labels)
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        np.savez(buf, features=feats, labels=labels)
+        replace_atomic(path, buf.getvalue())  # several bench processes may share the cache
     info = {"n": len(feats), "per_class": per_class, "cache": str(path), "key": key}
     return feats, info

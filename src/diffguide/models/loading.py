@@ -70,7 +70,7 @@ def load_pipeline(path: str | Path, *, dtype: torch.dtype = torch.float32, confi
             warnings.catch_warnings()
         ):  # diffusers >= 0.42 renames torch_dtype to dtype; older only know the first
             warnings.simplefilter("ignore", FutureWarning)
-            return own_memory(DiffusionPipeline.from_pretrained(str(path), **kwargs))
+            return DiffusionPipeline.from_pretrained(str(path), **kwargs)
     _check_file(path, "model file")
     if config is None:
         raise DiffguideError(
@@ -107,7 +107,8 @@ def own_memory(pipe: Any) -> Any:
     whatever offset the file header leaves (often not a multiple of 64), while a single-file
     checkpoint's weights are copied. CPU matrix kernels can round differently for differently
     aligned operands (1 ulp on a one-row matmul, ~1e-5 on final latents), so without this the
-    same weights would give different bits depending on how they were stored.
+    same weights would give different bits depending on how they were stored. Only needed
+    for pipelines that compute on the CPU: moving to an accelerator copies the weights anyway.
     """
     for name in COMPONENTS:
         module = getattr(pipe, name, None)

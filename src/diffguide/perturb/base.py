@@ -36,13 +36,16 @@ class BranchRows:
 class ForwardContext:
     """Mutable state the engine shares with installed perturbations during one run.
 
-    Perturbations draw their random values from :meth:`generator`, so the engine can save
-    and restore every draw's state around a forward it has to repeat (out-of-memory retry).
+    Perturbations draw their random values from :meth:`generator`. When the engine has to
+    repeat a step's forwards (out-of-memory retry), :meth:`rollback` returns every generator to
+    its :meth:`checkpoint` and tells the ``retry_listeners`` (e.g. a trace recorder's module
+    hooks) to drop what the abandoned attempt produced.
     """
 
     seeds: tuple[int, ...]
     rows: dict[str, BranchRows] = field(default_factory=dict)
     generators: dict[tuple[str, int], torch.Generator] = field(default_factory=dict)
+    retry_listeners: list[Callable[[], None]] = field(default_factory=list)
 
     def rows_of(self, branch: str) -> BranchRows | None:
         return self.rows.get(branch)
@@ -54,14 +57,17 @@ class ForwardContext:
             self.generators[key] = torch.Generator().manual_seed(branch_seed(self.seeds[image], branch))
         return self.generators[key]
 
-    def rng_state(self) -> dict[tuple[str, int], torch.Tensor]:
+    def checkpoint(self) -> dict[tuple[str, int], torch.Tensor]:
         return {k: g.get_state() for k, g in self.generators.items()}
 
-    def set_rng_state(self, state: dict[tuple[str, int], torch.Tensor]) -> None:
-        for key in [k for k in self.generators if k not in state]:  # created during the failed try
+    def rollback(self, state: dict[tuple[str, int], torch.Tensor]) -> None:
+        """Undo an abandoned attempt: generators back to ``state``, listeners told."""
+        for key in [k for k in self.generators if k not in state]:  # created during the attempt
             del self.generators[key]
         for key, value in state.items():
             self.generators[key].set_state(value)
+        for listener in self.retry_listeners:
+            listener()
 
 
 @runtime_checkable

@@ -8,7 +8,7 @@ with the saved PNG when there is one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,28 +21,23 @@ from ..manifest import tensor_hash
 from ..pipeline import GenerateConfig, GuidedPipeline
 from .diff import DiffReport, compare
 
+REQUIRED = ("prompts", "negative_prompts", "guidance", "steps", "seed", "scheduler")
+
 
 def config_from_manifest(manifest: dict[str, Any]) -> GenerateConfig:
-    """The :class:`GenerateConfig` a manifest was made with."""
-    try:
-        p = manifest["parameters"]
-        cfg = GenerateConfig(
-            prompts=tuple(p["prompts"]),
-            negative_prompts=tuple(p["negative_prompts"]),
-            guidance=tuple(term_from_dict(d) for d in p["guidance"]),
-            steps=int(p["steps"]),
-            width=p.get("width"),
-            height=p.get("height"),
-            seed=int(p["seed"]),
-            scheduler=p["scheduler"],
-            eta=float(p.get("eta", 0.0)),
-            max_rows=p.get("max_rows"),
-            noise=p.get("noise", "diffusers"),
-            schedule=p.get("schedule"),
-            shift=float(p.get("shift", 1.0)),
-        )
-    except KeyError as err:
-        raise DiffguideError(f"manifest lacks {err}; it was not written by a compatible diffguide") from err
+    """The :class:`GenerateConfig` a manifest was made with: every recorded field of the config
+    (older manifests lack newer fields, which keep their defaults)."""
+    p = manifest.get("parameters", {})
+    missing = [k for k in REQUIRED if k not in p]
+    if missing:
+        raise DiffguideError(f"manifest lacks {missing}; it was not written by a compatible diffguide")
+    kwargs = {f.name: p[f.name] for f in fields(GenerateConfig) if f.name in p}
+    kwargs.update(
+        prompts=tuple(p["prompts"]),
+        negative_prompts=tuple(p["negative_prompts"]),
+        guidance=tuple(term_from_dict(d) for d in p["guidance"]),
+    )
+    cfg = GenerateConfig(**kwargs)
     cfg.validate()
     return cfg
 

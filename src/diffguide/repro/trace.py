@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor, nn
 
 from ..errors import DiffguideError
+from ..io import replace_atomic
 from ..sampling.loop import StepState
 
 STEP_FIELDS = ("latents_in", "module", "pred", "guided", "latents_out")
@@ -61,6 +62,12 @@ class TraceRecorder:
             self.tensors[step_key(i, f"pred/{branch}")] = pred.detach().cpu().clone()
         self.tensors[step_key(i, "guided")] = state.guided.detach().cpu().clone()
         self.tensors[step_key(i, "latents_out")] = state.latents_out.detach().cpu().clone()
+
+    def on_retry(self) -> None:
+        """The engine repeats this step's forwards (out-of-memory retry): drop the module outputs
+        the abandoned attempt recorded, or they would be split into the wrong branches."""
+        self._pending = {}
+        self._calls = {}
 
     @contextmanager
     def hooks(self, model: nn.Module) -> Iterator[list[str]]:
@@ -109,10 +116,7 @@ class TraceRecorder:
             "manifest": json.dumps(manifest),
             "steps": json.dumps(self.steps),
         }
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp), metadata=meta)
-        tmp.replace(path)
-        return path
+        return replace_atomic(path, save({k: v.contiguous() for k, v in self.tensors.items()}, metadata=meta))
 
 
 @dataclass(frozen=True)

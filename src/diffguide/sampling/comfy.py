@@ -359,8 +359,6 @@ def make_comfy_denoiser(
     model_output_fn: ModelOutputFn,
     alphas_cumprod: torch.Tensor | ComfyModelSampling | None = None,
     prediction_type: str = "epsilon",
-    *,
-    with_sigma: bool = False,
 ) -> Denoiser:
     """Wrap a guided model into ComfyUI's denoiser: ``denoise(x, sigma) -> x0``.
 
@@ -375,10 +373,6 @@ def make_comfy_denoiser(
 
     ``alphas_cumprod``: None for ComfyUI's SD defaults (exact parity), a ComfyModelSampling, or a
     scheduler's ``alphas_cumprod`` tensor (see :meth:`ComfyModelSampling.from_alphas_cumprod`).
-
-    ``with_sigma``: call ``model_output_fn(x_in, timestep, sigma)`` instead, sigma being the (B,) float32
-    noise level of the step (e.g. to build the engine's StepInfo; the step index is the position of
-    sigma in the schedule).
     """
     if isinstance(alphas_cumprod, ComfyModelSampling):
         ms = alphas_cumprod
@@ -390,7 +384,7 @@ def make_comfy_denoiser(
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         x_in = ms.calculate_input(sigma, x)
         t = ms.sigma_to_timestep(sigma).float()
-        out = model_output_fn(x_in, t, sigma) if with_sigma else model_output_fn(x_in, t)  # type: ignore[call-arg]
+        out = model_output_fn(x_in, t)
         return ms.calculate_denoised(sigma, out.float(), x)
 
     denoise.model_sampling = ms  # type: ignore[attr-defined]

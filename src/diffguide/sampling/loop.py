@@ -49,10 +49,11 @@ def sample(
     timesteps = scheduler.timesteps
     extra = step_kwargs(scheduler, generators, eta)
     sigmas = sigmas_at(scheduler, timesteps)
+    levels = [float(t) for t in timesteps.tolist()]  # once per run: no per-step device sync
     with guided.installed(), torch.inference_mode():
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling", leave=False)):
             x_in = scheduler.scale_model_input(latents, t)
-            step = StepInfo(i, len(timesteps), sigmas[i], float(t))
+            step = StepInfo(i, len(timesteps), sigmas[i], levels[i])
             result = guided(x_in, t, step)
             new = scheduler.step(result.guided, t, latents, **extra, return_dict=False)[0]
             if callback is not None:
@@ -66,6 +67,7 @@ def sample_comfy(
     model_sampling: Any,
     noise: Tensor,
     sigmas: Tensor,
+    timesteps: Tensor,
     *,
     sampler: str = "euler",
     seed: int | None = None,
@@ -76,24 +78,26 @@ def sample_comfy(
     """ComfyUI's KSampler path for ``sampler`` (``euler``, ``euler_ancestral`` or ``dpmpp_2m``).
 
     ``model_sampling`` is a :class:`~diffguide.sampling.comfy.ComfyModelSampling`: input
-    scaling ``x / sqrt(sigma^2 + 1)``, integer timesteps (nearest by log sigma), x0 from the
-    guided prediction; the sampler's update then moves x from sigmas[i] to sigmas[i + 1] (see
-    :func:`~diffguide.sampling.comfy.make_comfy_step`). ``sigmas`` has steps + 1 values ending
-    in 0. ``seed`` is the KSampler seed: ancestral samplers draw their per-step noise from it.
-    As in ComfyUI, x is float32 throughout; the model input is cast to ``model_dtype``
-    (default: noise's dtype), as ComfyUI casts it to the model's dtype.
+    scaling ``x / sqrt(sigma^2 + 1)``, x0 from the guided prediction; the sampler's update then
+    moves x from sigmas[i] to sigmas[i + 1] (see :func:`~diffguide.sampling.comfy.make_comfy_step`).
+    ``sigmas`` (CPU) has steps + 1 values ending in 0; ``timesteps`` (CPU) the model's integer
+    timestep at each of the first ``steps`` sigmas (``model_sampling.sigma_to_timestep``),
+    computed once per run by the caller. ``seed`` is the KSampler seed: ancestral samplers draw
+    their per-step noise from it. As in ComfyUI, x is float32 throughout; the model input is
+    cast to ``model_dtype`` (default: noise's dtype), as ComfyUI casts it to the model's dtype.
     """
     ms = model_sampling
     model_dtype = model_dtype or noise.dtype
     noise = noise.float()
+    levels, steps_t = sigmas.tolist(), timesteps.tolist()  # Python floats for StepInfo: no per-step sync
+    sigmas, timesteps = sigmas.to(noise.device), timesteps.to(noise.device, torch.float32)
     x = ms.noise_scaling(sigmas[0], noise, torch.zeros_like(noise), ms.is_max_denoise(sigmas))
     update = make_comfy_step(sampler, x, seed)
-    count = len(sigmas) - 1
+    count, batch = len(levels) - 1, x.shape[0]
     with guided.installed(), torch.inference_mode():
         for i in tqdm(range(count), disable=not progress, desc="sampling", leave=False):
-            sigma = sigmas[i] * x.new_ones(x.shape[0])
-            t = ms.sigma_to_timestep(sigma).float()
-            step = StepInfo(i, count, float(sigmas[i]), float(t[0]))
+            sigma, t = sigmas[i].expand(batch), timesteps[i].expand(batch)
+            step = StepInfo(i, count, levels[i], steps_t[i])
             result = guided(ms.calculate_input(sigma, x).to(model_dtype), t, step)
             denoised = ms.calculate_denoised(sigma, result.guided.float(), x)
             new = update(x, denoised, sigmas, i)
