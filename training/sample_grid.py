@@ -58,9 +58,10 @@ def main():
     if args.classify:
         sys.path.insert(0, str(HERE.parent / "src"))
         from diffguide.bench.classifiers import PromptClassifiers
+        from diffguide.bench.reference import to_gray28
 
         u8 = (np.concatenate(all_imgs).clip(0, 1) * 255).round().astype(np.uint8)
-        gray = u8[:, 2:30, 2:30, :].mean(-1).astype(np.float32) / 255.0
+        gray = to_gray28(u8)
         labels = np.repeat(np.arange(len(CAPTIONS)), args.n)
         clf = PromptClassifiers()
         print("accuracy:", clf.accuracy(gray, labels))

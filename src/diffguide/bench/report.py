@@ -1,8 +1,8 @@
 """``diffguide bench report``: merge quality-benchmark runs and answer "does X improve FID?".
 
 A long benchmark is often run as several processes, each with part of the settings and its
-own out dir. This merges them (same model, steps, scheduler, seeds and reference required),
-truncates every setting to the largest N all of them reached, and adds **paired bootstrap**
+own out dir. This merges them (same model, steps, scheduler, seeds and reference, and the
+same N for every setting, are required) and adds **paired bootstrap**
 FID differences: image i of every setting has seed i, so a resample of image indices is
 applied to both settings of a comparison; the spread of FID(a) - FID(b) over R resamples
 (reference fixed) is the noise of that difference. FID on a resample with repeated images is
@@ -85,7 +85,7 @@ def comparisons(rows: list[dict[str, Any]]) -> list[Comparison]:
             add(
                 f"{kind}: {label} {s.pag or s.tpg:g} alone vs no guidance",
                 r["setting"],
-                f"{s.name[: s.name.index('/')]}/none",
+                Setting(s.conditional).name,
             )
         if s.method in ("cfg+pag", "cfg+tpg"):
             alone = Setting(True, s.cfg).name

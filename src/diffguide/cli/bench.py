@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import ConfigError, DiffguideError
-from .common import MODEL_ENVVAR, resolve_model
+from .common import model_option, resolve_model
 
 bench_app = typer.Typer(
     name="bench",
@@ -35,16 +35,7 @@ def _floats(text: str | None, what: str) -> list[float] | None:
 
 @bench_app.command("quality")
 def quality(
-    model: Annotated[
-        Path | None,
-        typer.Option(
-            "--model",
-            "-m",
-            envvar=MODEL_ENVVAR,
-            help="Diffusers model folder.",
-            show_default="the bundled tiny-sd",
-        ),
-    ] = None,
+    model: Annotated[Path | None, model_option("Diffusers model folder.")] = None,
     n: Annotated[
         int | None, typer.Option("--n", help="Images per setting.", show_default="1000; 16 with --quick")
     ] = None,
@@ -138,8 +129,6 @@ def quality(
         opts = q.quick_options(path, out, **common)
     else:
         opts = q.BenchOptions(model=path, out=out, **{k: v for k, v in common.items() if v is not None})
-    if opts.chunk > opts.n:
-        opts.chunk = opts.n
     results = q.run(opts, log=lambda m: typer.echo(m, err=True))
     typer.echo(q.markdown_table(results["settings"]))
     if quick:

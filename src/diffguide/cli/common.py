@@ -10,14 +10,32 @@ import warnings
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
+import typer
 
 from ..errors import ConfigError, DiffguideError, LayerSpecError
 from ..guidance.base import Window
 
 DEFAULT_MODEL_NAME = "tiny-sd"  # src/diffguide/assets/tiny-sd, a diffusers folder shipped with the package
 MODEL_ENVVAR = "DIFFGUIDE_MODEL"
+
+
+def model_option(
+    help: str = "Diffusers model folder or single-file .safetensors checkpoint.", panel: str | None = None
+) -> Any:
+    """The ``--model/-m`` option every model-loading command shares (env: DIFFGUIDE_MODEL)."""
+    return typer.Option(
+        "--model",
+        "-m",
+        envvar=MODEL_ENVVAR,
+        help=help,
+        show_default="the bundled tiny-sd",
+        rich_help_panel=panel,
+    )
+
+
 KINDS = {"pag": "self-attention modules", "tpg": "transformer blocks"}  # what each method's layers are
 
 

@@ -26,11 +26,11 @@ from ..sampling.comfy import COMFY_SCHEDULERS
 from ..sampling.schedulers import SCHEDULERS
 from .common import (
     KINDS,
-    MODEL_ENVVAR,
     WINDOW_SYNTAX,
     DType,
     check_spec,
     library_noise_off,
+    model_option,
     parse_lora,
     parse_window,
     plural,
@@ -255,17 +255,7 @@ def generate(
             rich_help_panel=P_GUIDE,
         ),
     ] = None,
-    model: Annotated[
-        Path | None,
-        typer.Option(
-            "--model",
-            "-m",
-            envvar=MODEL_ENVVAR,
-            help="Diffusers model folder or single-file .safetensors checkpoint.",
-            show_default="the bundled tiny-sd",
-            rich_help_panel=P_MODEL,
-        ),
-    ] = None,
+    model: Annotated[Path | None, model_option(panel=P_MODEL)] = None,
     config: Annotated[
         str | None,
         typer.Option(

@@ -12,7 +12,7 @@ from ..errors import DiffguideError
 from ..models.layers import unit_table
 from ..models.presets import default_layers
 from ..perturb import IdentityAttention, TokenShuffle
-from .common import KINDS, MODEL_ENVVAR, check_spec, library_noise_off, plural, resolve_model
+from .common import KINDS, check_spec, library_noise_off, model_option, plural, resolve_model
 
 
 def load_unet(path: Path, config: str | None = None) -> Any:
@@ -46,16 +46,7 @@ def _perturbation(method: str, spec: str | None) -> Any:
 
 
 def layers(
-    model: Annotated[
-        Path | None,
-        typer.Option(
-            "--model",
-            "-m",
-            envvar=MODEL_ENVVAR,
-            help="Diffusers model folder or single-file .safetensors.",
-            show_default="the bundled tiny-sd",
-        ),
-    ] = None,
+    model: Annotated[Path | None, model_option()] = None,
     pag: Annotated[
         str | None,
         typer.Option(
