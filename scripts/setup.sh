@@ -3,7 +3,7 @@
 # torch is installed first and pinned to the local CPU build, so pip never pulls a CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+. scripts/env.sh
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi

@@ -2,7 +2,7 @@
 # The test command: set-up (idempotent), lint, format check, type check, tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+. scripts/env.sh
 bash scripts/setup.sh
 # setup.sh installs ComfyUI core into vendor/ComfyUI (a failed install only warns). When it is there,
 # the ComfyUI parity tests must run: a ComfyUI that does not import fails them instead of skipping.
