@@ -10,7 +10,7 @@ of a step in one batched forward, with manifests and tools that make runs reprod
 
 from .engine import GuidedModel, StepResult
 from .errors import ConfigError, DiffguideError, LayerSpecError
-from .guidance import CFG, PAG, TPG, Branch, GuidanceTerm, StepInfo, Window
+from .guidance import CFG, PAG, SLG, TPG, Branch, GuidanceTerm, StepInfo, Window
 from .models.denoiser import Conditioning, UNetDenoiser
 from .pipeline import GenerateConfig, GenerationResult, GuidedPipeline
 
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CFG",
     "PAG",
+    "SLG",
     "TPG",
     "Branch",
     "Conditioning",
