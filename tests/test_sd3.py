@@ -191,3 +191,17 @@ def test_family_errors(sd3_pipe):
         SD3Family().check_size(real, 24, 32)
     with pytest.raises(ConfigError, match="needs pooled conditioning"):
         SD3Family().check(sd3_pipe.transformer, Conditioning(torch.zeros(1, 3, 64)))
+
+
+def test_cli_generate_replay(sd3_pipe, tmp_path):
+    from typer.testing import CliRunner
+
+    from diffguide.cli.main import app
+
+    folder = save_tiny(sd3_pipe, tmp_path / "tiny-sd3")
+    run = ["generate", "-m", str(folder), "-p", "a cat", "-p", "a dog", "--cfg", "5", "--steps", "3"]
+    res = CliRunner().invoke(app, [*run, "-o", str(tmp_path / "out"), "-q"])
+    assert res.exit_code == 0, res.output
+    png = next(line for line in res.output.splitlines() if line.endswith("-001-1.png"))
+    res = CliRunner().invoke(app, ["replay", png])
+    assert res.exit_code == 0 and "bit-identical" in res.output and "NOT" not in res.output
