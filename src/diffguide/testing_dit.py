@@ -55,7 +55,7 @@ def _vae(seed: int, latent_channels: int = 4, shift: float | None = None, scale:
 
 def _t5(seed: int, d_model: int, umt5: bool = False) -> Any:
     torch.manual_seed(seed)
-    kw = {
+    kw: dict[str, Any] = {
         "vocab_size": VOCAB,
         "d_model": d_model,
         "d_kv": 8,
