@@ -10,7 +10,7 @@ of a step in one batched forward, with manifests and tools that make runs reprod
 
 from .engine import GuidedModel, StepResult
 from .errors import ConfigError, DiffguideError, LayerSpecError
-from .guidance import CFG, PAG, SLG, TPG, Branch, GuidanceTerm, StepInfo, Window
+from .guidance import CFG, PAG, SLG, TPG, Branch, EmbeddedGuidance, GuidanceTerm, StepInfo, Window
 from .models.denoiser import Conditioning, UNetDenoiser
 from .pipeline import GenerateConfig, GenerationResult, GuidedPipeline
 
@@ -25,6 +25,7 @@ __all__ = [
     "Conditioning",
     "ConfigError",
     "DiffguideError",
+    "EmbeddedGuidance",
     "GenerateConfig",
     "GenerationResult",
     "GuidanceTerm",

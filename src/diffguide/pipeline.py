@@ -272,6 +272,11 @@ class GuidedPipeline:
             if isinstance(prompt, GenerateConfig)
             else GenerateConfig.create(prompt, negative_prompt, **kwargs)
         )
+        # the family checks the terms (before any work) and adds its defaults, for the whole batch
+        has_negative = any(cfg.negative_prompts) or (
+            conditioning is not None and conditioning.uncond is not None
+        )
+        cfg = replace(cfg, guidance=self.family.guidance_terms(self.pipe, cfg.guidance, has_negative))
         with self.lock:
             return self._generate(cfg, callback, progress, decode, conditioning, rows_schedule)
 
@@ -292,6 +297,7 @@ class GuidedPipeline:
             cond, uncond = self.encode(cfg, height, width)
         else:
             cond, uncond = _broadcast(conditioning, cfg.num_images, self.pipe.device)
+        cond, uncond = self.family.model_inputs(self.pipe, cfg.guidance, cond, uncond, height, width)
         seeds = image_seeds(cfg.seed, cfg.num_images)
         denoiser = self.denoiser()
         # a callback that records from module hooks (TraceRecorder) drops an abandoned attempt's records
@@ -355,7 +361,7 @@ class GuidedPipeline:
             )
             cond_i = None if conditioning is None else conditioning.image(i, cfg.num_images)
             parts.append(
-                self.generate(
+                self._generate(
                     one,
                     callback=callback,
                     progress=progress,

@@ -2,8 +2,9 @@
 
 from .base import COND, UNCOND, Branch, GuidanceTerm, StepInfo, Window
 from .cfg import CFG
+from .embedded import EmbeddedGuidance
 from .pag import PAG
 from .slg import SLG
 from .tpg import TPG
 
-__all__ = ["CFG", "COND", "PAG", "SLG", "TPG", "UNCOND", "Branch", "GuidanceTerm", "StepInfo", "Window"]
+__all__ = ["CFG", "COND", "PAG", "SLG", "TPG", "UNCOND", "Branch", "EmbeddedGuidance", "GuidanceTerm", "StepInfo", "Window"]

@@ -8,11 +8,18 @@ from typing import Any
 from ..errors import ConfigError
 from .base import GuidanceTerm, Window
 from .cfg import CFG
+from .embedded import EmbeddedGuidance
 from .pag import PAG
 from .slg import SLG
 from .tpg import TPG
 
-METHODS: dict[str, type] = {"cfg": CFG, "pag": PAG, "tpg": TPG, "slg": SLG}
+METHODS: dict[str, type] = {
+    "cfg": CFG,
+    "pag": PAG,
+    "tpg": TPG,
+    "slg": SLG,
+    "embedded_guidance": EmbeddedGuidance,
+}
 
 
 def term_from_dict(d: Mapping[str, Any]) -> GuidanceTerm:

@@ -11,10 +11,11 @@ from typing import Any
 
 from ...errors import DiffguideError
 from .base import Family
+from .flux import FluxFamily
 from .sd import SDFamily
 from .sd3 import SD3Family
 
-FAMILIES: tuple[Family, ...] = (SD3Family(), SDFamily())
+FAMILIES: tuple[Family, ...] = (SD3Family(), FluxFamily(), SDFamily())
 
 
 def family_of(pipe: Any) -> Family:

@@ -16,6 +16,10 @@ Conventions every family follows:
   ``pack`` turns it into the sampling layout (identity for UNets and SD3; Flux packs 2x2 patches
   into tokens), ``unpack`` back before decoding.
 * ``decode`` undoes the VAE's ``scaling_factor`` and ``shift_factor``.
+* Per run, ``guidance_terms`` checks the guidance terms against the model (and adds the
+  family's defaults, e.g. Flux dev's embedded guidance) before any work, and ``model_inputs``
+  adds the inputs every row shares (Flux: text/image position ids, the embedded guidance
+  scale) to the conditioning, whether it was encoded or loaded from a file.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ...errors import ConfigError
+from ...guidance.base import GuidanceTerm
+from ...guidance.embedded import embedded_scale
 from ..denoiser import Conditioning
 
 
@@ -82,6 +88,33 @@ class Family(ABC):
     def check(self, model: nn.Module, cond: Conditioning) -> None:
         """Raise a one-line ConfigError when ``cond`` lacks what ``model`` needs (default: no check)."""
         return None
+
+    # -- per-run guidance checks and shared model inputs ---------------------------------------
+    def guidance_terms(
+        self, pipe: Any, terms: tuple[GuidanceTerm, ...], has_negative: bool
+    ) -> tuple[GuidanceTerm, ...]:
+        """The run's guidance terms, checked for this model (a one-line ConfigError for a term it
+        cannot run) and completed with the family's defaults; the manifest records the result.
+        ``has_negative``: a negative prompt (or negative conditioning) was given. Default: the
+        terms unchanged; embedded guidance is an error (the model has no guidance embedding)."""
+        if embedded_scale(terms) is not None:
+            raise ConfigError(
+                f"embedded guidance is an input of guidance-distilled models (Flux dev); "
+                f"this {self.name} model has no guidance embedding"
+            )
+        return terms
+
+    def model_inputs(
+        self,
+        pipe: Any,
+        terms: tuple[GuidanceTerm, ...],
+        cond: Conditioning,
+        uncond: Conditioning | None,
+        height: int,
+        width: int,
+    ) -> tuple[Conditioning, Conditioning | None]:
+        """``cond`` / ``uncond`` with the run's shared model inputs added (default: unchanged)."""
+        return cond, uncond
 
     # -- the denoiser -------------------------------------------------------------------------
     @abstractmethod
