@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..conditioning import ConditioningFile, load_conditioning
 from ..errors import ConfigError
-from ..guidance import CFG, PAG, TPG, GuidanceTerm, Window
+from ..guidance import CFG, PAG, TPG, EmbeddedGuidance, GuidanceTerm, Window
 from ..io import save_result
 from ..models.presets import default_layers
 from ..pipeline import NOISE_POLICIES, GenerateConfig, GuidedPipeline
@@ -57,6 +57,7 @@ def build_guidance(
     tpg: float,
     tpg_layers: str | None,
     tpg_window: str | None,
+    embedded_guidance: float | None = None,
 ) -> list[GuidanceTerm]:
     """The guidance terms the options ask for; a term whose scale means "off" is left out."""
 
@@ -80,6 +81,8 @@ def build_guidance(
         terms.append(TPG(tpg, check_spec(tpg_layers, "--tpg-layers"), window(tpg_window, "--tpg-window")))
     elif tpg_layers is not None or tpg_window:
         raise ConfigError("--tpg-layers/--tpg-window given but --tpg is 0 (TPG off): set --tpg")
+    if embedded_guidance is not None:
+        terms.append(EmbeddedGuidance(embedded_guidance))
     return terms
 
 
@@ -252,6 +255,16 @@ def generate(
             "--tpg-window",
             metavar="WINDOW",
             help="When TPG is active (same syntax as --cfg-window).",
+            rich_help_panel=P_GUIDE,
+        ),
+    ] = None,
+    embedded_guidance: Annotated[
+        float | None,
+        typer.Option(
+            "--embedded-guidance",
+            help="Embedded guidance scale, a model input of guidance-distilled models (Flux dev: "
+            "diffusers' guidance_scale, ComfyUI's FluxGuidance); an error on models without one.",
+            show_default="3.5 on such models",
             rich_help_panel=P_GUIDE,
         ),
     ] = None,
@@ -430,6 +443,7 @@ def prepare(opts: dict[str, Any]) -> Run:
         cfg=o.cfg, cfg_rescale=o.cfg_rescale, cfg_window=o.cfg_window,
         pag=o.pag, pag_layers=o.pag_layers, pag_adaptive=o.pag_adaptive, pag_window=o.pag_window,
         tpg=o.tpg, tpg_layers=o.tpg_layers, tpg_window=o.tpg_window,
+        embedded_guidance=o.embedded_guidance,
     )  # fmt: skip
     if not prompt and o.conditioning is None:
         raise ConfigError(

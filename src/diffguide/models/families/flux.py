@@ -95,7 +95,8 @@ class FluxFamily(Family):
         if cfg and not has_negative:
             raise ConfigError(
                 f"{cfg[0].name} on this guidance-distilled Flux model is true CFG and needs a negative "
-                "prompt (as diffusers' true_cfg_scale); give one, or use embedded guidance alone (CFG off)"
+                "prompt (as diffusers' true_cfg_scale): give one, or set the CFG scale to 1 (--cfg 1) for "
+                "embedded guidance alone"
             )
         return terms if scale is not None else (*terms, EmbeddedGuidance())
 
