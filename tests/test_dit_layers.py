@@ -56,7 +56,9 @@ def test_block_stacks_per_family(sd3, flux, aura):
 def test_exact_names_indices_and_ranges(sd3, flux):
     assert BlockSkip("transformer_blocks.7").targets(sd3) == tb([7])
     assert BlockSkip("transformer_blocks.7-9").targets(sd3) == tb([7, 8, 9])
-    assert BlockSkip("single_transformer_blocks.0-9").targets(flux) == tb(range(10), "single_transformer_blocks")
+    assert BlockSkip("single_transformer_blocks.0-9").targets(flux) == tb(
+        range(10), "single_transformer_blocks"
+    )
     assert TokenShuffle("transformer_blocks.1").targets(sd3) == tb([1])  # never .10 or .11
     assert IdentityAttention("transformer_blocks.1").targets(sd3) == ["transformer_blocks.1.attn"]
     assert IdentityAttention("transformer_blocks.7.attn").targets(sd3) == ["transformer_blocks.7.attn"]
@@ -93,7 +95,10 @@ def test_sd35_blocks_hold_two_attentions():
     ("spec", "message"),
     [
         ("b12", "layer 'b12': block 12 is past the last block; transformer_blocks has blocks 0..11 (b0-11)"),
-        ("b7-20", "layer 'b7-20': block 20 is past the last block; transformer_blocks has blocks 0..11 (b0-11)"),
+        (
+            "b7-20",
+            "layer 'b7-20': block 20 is past the last block; transformer_blocks has blocks 0..11 (b0-11)",
+        ),
         (
             "transformer_blocks.12",
             "layer 'transformer_blocks.12': block 12 is past the last block; transformer_blocks has blocks "
@@ -114,7 +119,9 @@ def test_index_past_the_last_block(sd3, spec, message):
 
 
 def test_single_stack_errors(sd3, flux):
-    with pytest.raises(BlockIndexError, match=r"^layer 's10': .*single_transformer_blocks has blocks 0..9 \(s0-9\)$"):
+    with pytest.raises(
+        BlockIndexError, match=r"^layer 's10': .*single_transformer_blocks has blocks 0..9 \(s0-9\)$"
+    ):
         BlockSkip("s10").targets(flux)
     with pytest.raises(LayerSpecError, match=r"^layer 's0': this model has no single-stream blocks\. Valid:"):
         BlockSkip("s0").targets(sd3)
@@ -173,7 +180,9 @@ def sd3_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-sd3")
     ds.sd3(layers=14).model.save_config(root / "transformer")
     (root / "model_index.json").write_text(
-        json.dumps({"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]})
+        json.dumps(
+            {"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]}
+        )
     )
     return root
 
@@ -189,7 +198,9 @@ def test_layers_command_lists_dit_blocks_and_presets(sd3_dir):
 
 
 def test_layers_command_dry_runs_dit_specs(sd3_dir):
-    res = CliRunner().invoke(app, ["layers", "-m", str(sd3_dir), "--slg", "b7-8", "--pag", "transformer_blocks.2"])
+    res = CliRunner().invoke(
+        app, ["layers", "-m", str(sd3_dir), "--slg", "b7-8", "--pag", "transformer_blocks.2"]
+    )
     assert res.exit_code == 0, res.output
     assert res.stdout.split() == ["transformer_blocks.2.attn", "transformer_blocks.7", "transformer_blocks.8"]
     assert "# slg 'b7-8': 2 transformer blocks" in res.stderr

@@ -14,7 +14,6 @@ from ..models.presets import default_layers
 from ..perturb import BlockSkip, IdentityAttention, TokenShuffle
 from .common import KINDS, check_spec, library_noise_off, model_option, plural, resolve_model
 
-
 NETWORKS = ("unet", "transformer")  # the main network's folder in a diffusers model, by family
 
 
@@ -36,7 +35,9 @@ def load_network(path: Path, config: str | None = None) -> Any:
     index = json.loads(index_file.read_text())
     folder = next((n for n in NETWORKS if index.get(n) and (path / n / "config.json").is_file()), None)
     if folder is None:
-        raise DiffguideError(f"the model '{path}' has no UNet or transformer ('unet' or 'transformer' folder with config.json)")
+        raise DiffguideError(
+            f"the model '{path}' has no UNet or transformer ('unet' or 'transformer' folder with config.json)"
+        )
     entry = index[folder]
     import diffusers
 
@@ -45,7 +46,6 @@ def load_network(path: Path, config: str | None = None) -> Any:
         raise DiffguideError(f"the model '{path}' has a {folder} of unknown class {entry!r}")
     with torch.device("meta"):
         return cls.from_config(cls.load_config(str(path / folder)))
-
 
 
 def _kinds(network: Any) -> dict[str, str]:
@@ -78,7 +78,9 @@ def layers(
     slg: Annotated[
         str | None,
         typer.Option(
-            "--slg", metavar="SPEC", help="Print the transformer blocks this SLG (block skip) layer spec selects."
+            "--slg",
+            metavar="SPEC",
+            help="Print the transformer blocks this SLG (block skip) layer spec selects.",
         ),
     ] = None,
     config: Annotated[
@@ -95,7 +97,11 @@ def layers(
     With --pag/--tpg, the selected fully-qualified module names go to stdout, one per line
     (a header per spec goes to stderr).
     """
-    specs = {"pag": check_spec(pag, "--pag"), "tpg": check_spec(tpg, "--tpg"), "slg": check_spec(slg, "--slg")}
+    specs = {
+        "pag": check_spec(pag, "--pag"),
+        "tpg": check_spec(tpg, "--tpg"),
+        "slg": check_spec(slg, "--slg"),
+    }
     net = load_network(resolve_model(model), config)
     kinds = _kinds(net)
     if all(spec is None for spec in specs.values()):

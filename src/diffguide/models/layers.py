@@ -128,9 +128,7 @@ class _Scheme:
                 f"forms {listing}. Run `diffguide layers` to list them."
             )
         listing = ", ".join(f"{u.alias}={u.name} ({u.blocks} blocks)" for u in self.units)
-        return (
-            f"Valid: down, mid, up, exact module names, or units {listing}. Run `diffguide layers` to list them."
-        )
+        return f"Valid: down, mid, up, exact module names, or units {listing}. Run `diffguide layers` to list them."
 
 
 def _check_index(item: str, stack: BlockStack, lo: int, hi: int) -> None:
@@ -212,7 +210,9 @@ def select(model: nn.Module, spec: str, is_target: Callable[[str, nn.Module], bo
             if any(name == p or name.startswith(p + ".") for p in prefixes) and is_target(name, module)
         }
         if not found:
-            raise LayerSpecError(f"layer spec item '{item}' selects no module of the needed kind. {scheme.valid()}")
+            raise LayerSpecError(
+                f"layer spec item '{item}' selects no module of the needed kind. {scheme.valid()}"
+            )
         chosen |= found
     return [name for name in modules if name in chosen]
 

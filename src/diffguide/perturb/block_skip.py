@@ -58,7 +58,9 @@ def _is_attention(module: nn.Module) -> bool:
 
 
 def _is_ff(name: str, module: nn.Module) -> bool:
-    return isinstance(module, FeedForward) or type(module).__name__ == "AuraFlowFeedForward" or name in _FF_NAMES
+    return (
+        isinstance(module, FeedForward) or type(module).__name__ == "AuraFlowFeedForward" or name in _FF_NAMES
+    )
 
 
 def _children(block: nn.Module, mode: SkipMode) -> list[nn.Module]:
@@ -99,7 +101,9 @@ class BlockSkip:
             raise ConfigError(f"block skip mode must be one of {', '.join(MODES)}, got {self.mode!r}")
 
     def targets(self, model: nn.Module) -> list[str]:
-        return select_targets(model, self.layers, "slg", is_dit_block if is_dit(model) else is_transformer_block)
+        return select_targets(
+            model, self.layers, "slg", is_dit_block if is_dit(model) else is_transformer_block
+        )
 
     def _check(self, model: nn.Module, names: list[str]) -> None:
         modules = dict(model.named_modules())
@@ -107,7 +111,9 @@ class BlockSkip:
             block = modules[name]
             if self.mode == "block" and type(block).__name__ not in RETURNS:
                 known = ", ".join(RETURNS)
-                raise ConfigError(f"block skip: unknown block type {type(block).__name__} at {name}; known: {known}")
+                raise ConfigError(
+                    f"block skip: unknown block type {type(block).__name__} at {name}; known: {known}"
+                )
             if self.mode != "block" and not _children(block, self.mode):
                 raise ConfigError(f"block skip mode '{self.mode}': {name} has no such sub-module")
 
@@ -129,7 +135,9 @@ class BlockSkip:
             yield
 
 
-def _row_wrapper(branch: str, ctx: ForwardContext, inside: Inside) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def _row_wrapper(
+    branch: str, ctx: ForwardContext, inside: Inside
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
             sel = ctx.rows_of(branch)

@@ -117,7 +117,9 @@ def _rows(out: Any, rows: slice, n: int, outside: bool = False) -> Any:
 
 
 @contextmanager
-def scoped_forward(module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Iterator[None]:
+def scoped_forward(
+    module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]
+) -> Iterator[None]:
     """Replace ``module.forward`` (this instance only) by ``make(original_forward)``; restore on exit."""
     had = "forward" in module.__dict__
     previous = module.__dict__.get("forward")
@@ -126,7 +128,7 @@ def scoped_forward(module: nn.Module, make: Callable[[Callable[..., Any]], Calla
         yield
     finally:
         if had:
-            module.forward = previous  # type: ignore[method-assign]
+            module.__dict__["forward"] = previous
         else:
             del module.forward
 

@@ -60,7 +60,9 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
 
 def check_semantics(semantics: str) -> None:
     if semantics not in SEMANTICS:
-        raise ConfigError(f"identity attention semantics must be one of {', '.join(SEMANTICS)}, got {semantics!r}")
+        raise ConfigError(
+            f"identity attention semantics must be one of {', '.join(SEMANTICS)}, got {semantics!r}"
+        )
 
 
 def diagonal_mask(length: int, span: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
@@ -99,7 +101,9 @@ class ScoreMode(TorchFunctionMode):
         self.calls += 1
         if self.semantics == "value":
             return v
-        call["attn_mask"] = _combine(diagonal_mask(q.shape[-2], self.span(q.shape[-2]), q), call.get("attn_mask"))
+        call["attn_mask"] = _combine(
+            diagonal_mask(q.shape[-2], self.span(q.shape[-2]), q), call.get("attn_mask")
+        )
         return func(**call)
 
 
@@ -131,7 +135,11 @@ def _span_of(
 
 
 def _perturbed(
-    attn: nn.Module, original: Callable[..., Any], call: dict[str, Any], tokens: ImageTokens, semantics: Semantics
+    attn: nn.Module,
+    original: Callable[..., Any],
+    call: dict[str, Any],
+    tokens: ImageTokens,
+    semantics: Semantics,
 ) -> Any:
     mode = ScoreMode(semantics, _span_of(attn, call, tokens, semantics))
     with mode:
