@@ -14,8 +14,10 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, FluxPipeline
 from families_support import save_tiny
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 
-from diffguide import CFG, PAG, TPG, ConfigError, EmbeddedGuidance, GuidedPipeline
+from diffguide import CFG, PAG, TPG, ConfigError, DiffguideError, EmbeddedGuidance, GuidedPipeline, testing
 from diffguide.conditioning import load_conditioning, save_conditioning
 from diffguide.errors import BlockIndexError
 from diffguide.models.families.flux import FluxFamily, flux_sigmas, pack, unpack
@@ -294,3 +296,37 @@ def test_cli_generate_replay(dev, tmp_path):
     res = CliRunner().invoke(app, ["generate", "-m", str(folder), "-p", "a cat", "-W", "32", "-H", "32"])
     assert res.exit_code == 2
     assert res.output.strip().splitlines()[-1].startswith("error: cfg on this guidance-distilled Flux model")
+
+
+def _lora(pipe, folder, attr):
+    """A random LoRA (r 4) on ``pipe``'s ``attr`` network's attention projections, diffusers' format."""
+    torch.manual_seed(7)
+    net = getattr(pipe, attr)
+    net.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    for name, param in net.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.2)
+    type(pipe).save_lora_weights(folder, **{f"{attr}_lora_layers": get_peft_model_state_dict(net)})
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def test_lora_matches_pipeline(tmp_path):
+    """A LoRA at scale 0.7 through diffusers' loader, true CFG, batch 2; an SD LoRA is refused."""
+    path = _lora(tiny_flux(seed=0), tmp_path, "transformer")
+    ref_pipe = tiny_flux(seed=0)
+    ref_pipe.load_lora_weights(str(path), adapter_name="x")
+    ref_pipe.set_adapters(["x"], adapter_weights=[0.7])
+    kwargs = {"negative_prompt": NEGATIVES, "true_cfg_scale": 4.0, "guidance_scale": 2.0}
+    ref, _, _ = reference(ref_pipe, PROMPTS, **kwargs)
+    pipe = tiny_flux(seed=0)
+    GuidedPipeline(pipe).load_lora(path, 0.7)
+    out, rows = ours(pipe, [CFG(4.0), EmbeddedGuidance(2.0)], PROMPTS, NEGATIVES)
+    assert rows == [4] * STEPS
+    assert (out.latents - ref).abs().max().item() <= TOL
+    plain, _ = ours(tiny_flux(seed=0), [CFG(4.0), EmbeddedGuidance(2.0)], PROMPTS, NEGATIVES)
+    assert (plain.latents - ref).abs().max().item() > 100 * TOL  # the LoRA acts
+    sd_lora = _lora(testing.tiny_sd15(seed=0), tmp_path / "sd", "unet")
+    with pytest.raises(
+        DiffguideError, match=r"^LoRA '.*' has no weights that fit this FluxPipeline \(a LoRA"
+    ):
+        GuidedPipeline(tiny_flux(seed=0)).load_lora(sd_lora, 0.7)

@@ -167,3 +167,9 @@ def load_lora(pipe: Any, path: str | Path, name: str) -> None:
         pipe.load_lora_weights(str(path), adapter_name=name)
     except Exception as err:  # diffusers raises several types for incompatible files
         raise DiffguideError(f"could not load LoRA '{path}': {err}") from err
+    # diffusers only warns when no key fits the model (e.g. an SD LoRA on Flux): refuse it here
+    loaded = {a for adapters in pipe.get_list_adapters().values() for a in adapters}
+    if name not in loaded:
+        raise DiffguideError(
+            f"LoRA '{path}' has no weights that fit this {type(pipe).__name__} (a LoRA for another model family?)"
+        )
