@@ -3,13 +3,11 @@ without a value placeholder in the help, and a lazy `import diffguide`."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+from proc_support import run_python
 from typer.testing import CliRunner
 
 import diffguide
@@ -17,15 +15,6 @@ from diffguide.cli.main import app
 
 HEAVY = ("torch", "diffusers", "transformers")
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run_python(code: str) -> subprocess.CompletedProcess[str]:
-    """``code`` in a fresh interpreter that imports this checkout's diffguide."""
-    src = str(Path(diffguide.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, check=False
-    )
 
 
 def heavy_after(statements: str) -> list[str]:
@@ -106,7 +95,9 @@ def test_flags_show_no_value_placeholder(runner, command):
 
 
 def test_flag_rows_in_generate_help(runner):
-    lines = [line for line in runner.invoke(app, ["generate", "--help"]).stdout.splitlines() if "│ --" in line]
+    lines = [
+        line for line in runner.invoke(app, ["generate", "--help"]).stdout.splitlines() if "│ --" in line
+    ]
     quiet = next(line for line in lines if "--quiet" in line)
     assert quiet.split()[:4] == ["│", "--quiet", "-q", "No"]  # option names, then straight the help text
     latents = next(line for line in lines if "--save-latents" in line)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .defaults import DEFAULTS, default_model
 from .errors import ConfigError, DiffguideError, LayerSpecError
 
 __version__ = "0.1.0"
@@ -21,6 +20,8 @@ __version__ = "0.1.0"
 # Public name -> the submodule that defines it. Imported on first use (PEP 562), so that
 # `import diffguide` and the CLI's `--help` do not load torch and diffusers.
 _LAZY = {
+    "DEFAULTS": ".defaults",
+    "default_model": ".defaults",
     "GuidedModel": ".engine",
     "StepResult": ".engine",
     "CFG": ".guidance",
@@ -38,6 +39,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from .defaults import DEFAULTS, default_model
     from .engine import GuidedModel, StepResult
     from .guidance import CFG, PAG, TPG, Branch, GuidanceTerm, StepInfo, Window
     from .models.denoiser import Conditioning, UNetDenoiser

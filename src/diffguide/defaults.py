@@ -73,7 +73,7 @@ class Defaults:
         "`-m, --model`",
         "`from_pretrained()` path",
         "model ($DIFFGUIDE_MODEL on the CLI)",
-        "the bundled tiny-sd",
+        "the bundled tiny-sd (`diffguide.default_model()`)",
     )
 
     def rows(self) -> list[tuple[str, str, str, str]]:
