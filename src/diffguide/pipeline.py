@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,8 @@ class GenerateConfig:
     noise: str = DEFAULTS.noise
     schedule: str | None = None  # comfy policy only: ComfyUI scheduler ("normal", "karras", ...)
     shift: float = DEFAULTS.shift  # sampling time shift (SD3 eq. 23); 1 = off
+    # Image i bit-identical to its seed run alone: each image sampled by itself (B forwards a step)
+    batch_invariant: bool = False
 
     @staticmethod
     def create(
@@ -119,6 +121,11 @@ class GenerateConfig:
             if self.eta != 0.0:
                 raise ConfigError(
                     "--eta is not used by the comfy noise policy (KSampler's euler_ancestral has eta 1)"
+                )
+            if self.batch_invariant:
+                raise ConfigError(
+                    "--batch-invariant needs per-image noise; the comfy noise policy draws one noise "
+                    "tensor for the whole batch (as ComfyUI does), so it has no single-image runs to match"
                 )
             if (self.schedule or "normal") not in COMFY_SCHEDULERS:
                 raise ConfigError(
@@ -264,6 +271,8 @@ class GuidedPipeline:
             if isinstance(prompt, GenerateConfig)
             else GenerateConfig.create(prompt, negative_prompt, **kwargs)
         )
+        if cfg.batch_invariant and cfg.num_images > 1:
+            return self._generate_per_image(cfg, callback, progress, decode, conditioning, rows_schedule)
         height, width = cfg.height or self.default_size(), cfg.width or self.default_size()
         if conditioning is None:
             cond, uncond = self.encode(cfg, height, width)
@@ -308,6 +317,50 @@ class GuidedPipeline:
         return GenerationResult(latents, images, manifests, guided.forward_calls)
 
     __call__ = generate
+
+    def _generate_per_image(
+        self,
+        cfg: GenerateConfig,
+        callback: Callback | None,
+        progress: bool,
+        decode: bool,
+        conditioning: ConditioningFile | None,
+        rows_schedule: dict[int, int] | None,
+    ) -> GenerationResult:
+        """Batch-invariant mode: image i is sampled alone (prompt i, seed + i), exactly as a
+        one-image run of that seed, so it is bit-identical to it; the manifests describe the
+        whole batch. ``callback`` sees each image's steps in turn."""
+        parts = []
+        for i in range(cfg.num_images):
+            one = replace(
+                cfg,
+                prompts=(cfg.prompts[i],),
+                negative_prompts=(cfg.negative_prompts[i],),
+                seed=cfg.seed + i,
+            )
+            cond_i = None if conditioning is None else conditioning.image(i, cfg.num_images)
+            parts.append(
+                self.generate(
+                    one,
+                    callback=callback,
+                    progress=progress,
+                    decode=decode,
+                    conditioning=cond_i,
+                    rows_schedule=rows_schedule,
+                )
+            )
+        manifests = []
+        for i, part in enumerate(parts):
+            m = part.manifests[0]
+            m["parameters"].update(cfg.describe())
+            m["image"]["index"] = i
+            manifests.append(m)
+        return GenerationResult(
+            torch.cat([p.latents for p in parts]),
+            [im for p in parts for im in p.images],
+            manifests,
+            sum(p.forward_calls for p in parts),
+        )
 
     def _sample_diffusers(
         self,

@@ -19,7 +19,9 @@ def check_determinism(
     batch_vs_single: Annotated[
         bool,
         typer.Option(
-            "--batch-vs-single", help="Also run each image alone (seed + i); must agree within 1e-5."
+            "--batch-vs-single",
+            help="Also run each image alone (seed + i); must agree within the batch tolerance "
+            "(2e-4 relative, docs/reproducibility.md), bit for bit with --batch-invariant.",
         ),
     ] = False,
     strict: Annotated[

@@ -118,6 +118,15 @@ def generate(
             rich_help_panel=P_PROMPT,
         ),
     ] = None,
+    batch_invariant: Annotated[
+        bool,
+        typer.Option(
+            "--batch-invariant",
+            help="Sample each image alone, so image i is bit-identical to its seed run alone "
+            "(costs one forward per image per step; see docs/performance.md).",
+            rich_help_panel=P_PROMPT,
+        ),
+    ] = False,
     steps: Annotated[
         int, typer.Option("--steps", "-s", help="Sampling steps (1..1000).", rich_help_panel=P_PROMPT)
     ] = DEFAULTS.steps,
@@ -360,6 +369,11 @@ def generate(
 
     if trace_modules and trace is None:
         raise ConfigError("--trace-modules needs --trace FILE")
+    if trace is not None and batch_invariant:
+        raise ConfigError(
+            "--trace records the steps of one batch; with --batch-invariant each image is sampled alone: "
+            "trace one image at a time (-n 1 with its seed)"
+        )
     run = prepare(locals())
     pipe, config_, console = run.pipe, run.config, run.console
     recorder = TraceRecorder(trace_modules) if trace is not None else None
@@ -455,6 +469,7 @@ def prepare(opts: dict[str, Any]) -> Run:
         noise=o.noise.value,
         schedule=o.schedule,
         shift=o.shift,
+        batch_invariant=o.batch_invariant,
     )
     loras = [parse_lora(spec) for spec in o.lora or []]
     device_ = resolve_device(o.device)
