@@ -3,11 +3,14 @@
 To add a command, write ``cli/<name>.py`` with a plain function (typer-annotated options,
 docstring = help) and register it below with one line::
 
-    app.command("diff")(diff.diff)
+    app.command("diff", cls=FlagCommand)(diff.diff)
 
-A command with subcommands is a ``typer.Typer()`` in its module, added with
+(``FlagCommand``: flags show no ``<bool>`` placeholder in the help.) A command with subcommands
+is a ``typer.Typer(cls=FlagGroup)`` in its module, added with
 ``app.add_typer(bench.app, name="bench")``. Import shared helpers (model path, device, dtype,
-windows, layer specs) from :mod:`.common`.
+windows, layer specs) from :mod:`.common`. Import torch, diffusers and every diffguide module
+that loads them inside the command function, never at module level: ``diffguide --help`` must
+not load them (``tests/test_startup.py``).
 
 Errors: a :class:`~diffguide.errors.DiffguideError` raised anywhere in a command, and every
 usage error (bad option value, unknown option), is printed as ONE line ``error: <message>``
