@@ -365,7 +365,7 @@ def generate(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..io import save_result
-    from ..repro.trace import TraceRecorder
+    from ..repro.trace import TraceRecorder, check_trace_path
 
     if trace_modules and trace is None:
         raise ConfigError("--trace-modules needs --trace FILE")
@@ -374,6 +374,8 @@ def generate(
             "--trace records the steps of one batch; with --batch-invariant each image is sampled alone: "
             "trace one image at a time (-n 1 with its seed)"
         )
+    if trace is not None:
+        check_trace_path(trace)  # no-clobber: refuse before loading the model and sampling
     run = prepare(locals())
     pipe, config_, console = run.pipe, run.config, run.console
     recorder = TraceRecorder(trace_modules) if trace is not None else None
