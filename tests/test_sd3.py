@@ -177,10 +177,6 @@ def test_family_errors(sd3_pipe):
     gp = GuidedPipeline(sd3_pipe)
     assert family_of(sd3_pipe).name == "sd3"
     with pytest.raises(
-        ConfigError, match=r"^the comfy noise policy supports SD1\.5/SDXL models, not this sd3 model$"
-    ):
-        gp.generate("a", guidance=[CFG(2.0)], steps=2, noise="comfy")
-    with pytest.raises(
         ConfigError, match=r"^scheduler 'ddim' does not run sd3 models; choose one of: euler$"
     ):
         gp.generate("a", guidance=[CFG(2.0)], steps=2, scheduler="ddim")
