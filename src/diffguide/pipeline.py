@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -14,6 +15,7 @@ from PIL import Image
 from torch import Tensor
 
 from .conditioning import ConditioningFile
+from .defaults import DEFAULTS, NOISE_POLICIES, default_device, default_model
 from .engine import GuidedModel
 from .errors import ConfigError
 from .guidance.base import GuidanceTerm
@@ -22,6 +24,7 @@ from .manifest import MANIFEST_VERSION, attention_backend, environment, file_has
 from .models.denoiser import Conditioning, FamilyDenoiser
 from .models.families import Family, family_of
 from .models.loading import load_lora, load_pipeline, own_memory
+from .quiet import library_noise_off
 from .sampling.comfy import COMFY_SCHEDULERS, ComfyFlowSampling, comfy_noise, comfy_sigmas
 from .sampling.loop import Callback, run
 from .sampling.noise import generators, image_seeds, initial_noise
@@ -29,7 +32,7 @@ from .sampling.schedulers import SCHEDULERS, SHIFTABLE
 from .sampling.steppers import ComfyStepper
 
 MAX_STEPS = 1000
-NOISE_POLICIES = ("diffusers", "comfy")
+DEFAULT_DTYPE: torch.dtype = getattr(torch, DEFAULTS.dtype)
 #: diffguide scheduler name -> ComfyUI KSampler sampler name, for the comfy noise policy.
 COMFY_SAMPLER_NAMES = {"euler": "euler", "euler_a": "euler_ancestral", "dpmpp_2m": "dpmpp_2m"}
 
@@ -45,21 +48,22 @@ def _as_list(value: str | Sequence[str], count: int | None, what: str) -> list[s
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    """Everything a run depends on besides the model. Build with :meth:`create`."""
+    """Everything a run depends on besides the model. Build with :meth:`create`.
+    Defaults: :data:`diffguide.defaults.DEFAULTS`, the same as the CLI's."""
 
     prompts: tuple[str, ...]
     negative_prompts: tuple[str, ...]
     guidance: tuple[GuidanceTerm, ...] = field(default_factory=lambda: (CFG(),))
-    steps: int = 30
+    steps: int = DEFAULTS.steps
     width: int | None = None
     height: int | None = None
-    seed: int = 0
-    scheduler: str = "euler"
-    eta: float = 0.0
+    seed: int = DEFAULTS.seed
+    scheduler: str = DEFAULTS.scheduler
+    eta: float = DEFAULTS.eta
     max_rows: int | None = None
-    noise: str = "diffusers"
+    noise: str = DEFAULTS.noise
     schedule: str | None = None  # comfy policy only: ComfyUI scheduler ("normal", "karras", ...)
-    shift: float = 1.0  # sampling time shift (SD3 eq. 23); 1 = off
+    shift: float = DEFAULTS.shift  # sampling time shift (SD3 eq. 23); 1 = off
     # Image i bit-identical to its seed run alone: each image sampled by itself (B forwards a step)
     batch_invariant: bool = False
 
@@ -166,12 +170,19 @@ class GuidedPipeline:
     """Guided sampling over a diffusers pipeline of a supported family (wrapped, not copied).
 
     The family adapter (:mod:`diffguide.models.families`) is chosen from the pipeline.
+
+    Thread safety: one pipeline may be shared by threads. :meth:`generate` holds ``lock`` (a
+    re-entrant lock of this pipeline) for the whole run (encode, install perturbations, sample,
+    remove them, decode), so concurrent calls run one after another and each returns exactly
+    its serial result; no processor or hook outlives its run. Hold ``lock`` yourself to install
+    your own hooks around a run (e.g. a trace recorder's) or to change the model.
     """
 
     pipe: Any
     source: str | None = None
     loras: list[LoRA] = field(default_factory=list)
     _hashes: dict[str, str] = field(default_factory=dict, repr=False)
+    lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
     family: Family = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -180,13 +191,19 @@ class GuidedPipeline:
     @classmethod
     def from_pretrained(
         cls,
-        path: str | Path,
+        path: str | Path | None = None,
         *,
-        dtype: torch.dtype = torch.float32,
-        device: str = "cpu",
+        dtype: torch.dtype = DEFAULT_DTYPE,
+        device: str | None = DEFAULTS.device,
         config: str | None = None,
     ) -> GuidedPipeline:
-        pipe = load_pipeline(path, dtype=dtype, config=config)
+        """Load a diffusers folder or single-file checkpoint; no path: the bundled model
+        (:func:`diffguide.default_model`); no device: cuda if available, else cpu. Quiet:
+        diffusers' and transformers' logs and loading bars are off while loading (restored after)."""
+        path = default_model() if path is None else path
+        device = default_device() if device is None else device
+        with library_noise_off():
+            pipe = load_pipeline(path, dtype=dtype, config=config)
         if torch.device(device).type != "cpu":
             pipe = pipe.to(device)
         elif Path(path).is_dir():  # a folder's weights are memory-mapped views (single files are copied)
@@ -209,6 +226,10 @@ class GuidedPipeline:
         return self.model
 
     def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
+        with self.lock:
+            self._load_lora(path, scale)
+
+    def _load_lora(self, path: str | Path, scale: float) -> None:
         name = f"lora{len(self.loras)}"
         load_lora(self.pipe, path, name)
         self.loras.append(LoRA(str(path), scale, name, file_hash(str(path))))
@@ -252,12 +273,26 @@ class GuidedPipeline:
 
         ``conditioning``: precomputed embeddings (a loaded conditioning file) used instead of
         encoding the prompts; its batch must be 1 or the number of images.
+
+        Holds :attr:`lock` for the whole run: concurrent calls on one pipeline wait their turn.
         """
         cfg = (
             prompt
             if isinstance(prompt, GenerateConfig)
             else GenerateConfig.create(prompt, negative_prompt, **kwargs)
         )
+        with self.lock:
+            return self._generate(cfg, callback, progress, decode, conditioning, rows_schedule)
+
+    def _generate(
+        self,
+        cfg: GenerateConfig,
+        callback: Callback | None,
+        progress: bool,
+        decode: bool,
+        conditioning: ConditioningFile | None,
+        rows_schedule: dict[int, int] | None,
+    ) -> GenerationResult:
         if cfg.batch_invariant and cfg.num_images > 1:
             return self._generate_per_image(cfg, callback, progress, decode, conditioning, rows_schedule)
         height, width = cfg.height or self.default_size(), cfg.width or self.default_size()
