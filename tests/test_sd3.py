@@ -237,3 +237,28 @@ def test_lora_matches_pipeline(sd3_lora):
     assert (out.latents - ref).abs().max().item() <= TOL
     plain = reference(tiny_sd3(seed=0), PROMPTS, NEGATIVES, steps=3, guidance_scale=5.0)
     assert (out.latents - plain).abs().max().item() > 100 * TOL
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cfg_pag_matches_sd3_pag_pipeline(sd3_pipe, batch):
+    """PAG on block 1's joint attention (diagonal image->image map, as diffusers' SD3 PAG processor)
+    vs StableDiffusion3PAGPipeline with pag_applied_layers 'blocks.1' (4 blocks: only block 1)."""
+    from diffusers import StableDiffusion3PAGPipeline
+
+    from diffguide import PAG
+
+    prompts, negatives = PROMPTS[:batch], NEGATIVES[:batch]
+    parts = {k: v for k, v in sd3_pipe.components.items() if k not in ("image_encoder", "feature_extractor")}
+    ref_pipe = StableDiffusion3PAGPipeline(**parts, pag_applied_layers="blocks.1")
+    ref_pipe.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(SEED + i) for i in range(batch)]
+    ref = ref_pipe(
+        prompts, negative_prompt=negatives, generator=gens, num_inference_steps=STEPS, guidance_scale=5.0,
+        pag_scale=3.0, output_type="latent",
+    ).images  # fmt: skip
+    got, rows = ours(sd3_pipe, [CFG(5.0), PAG(3.0, layers="transformer_blocks.1")], prompts, negatives)
+    assert rows == [3 * batch] * STEPS
+    print(f"sd3 cfg+pag batch {batch}: max abs diff {(got - ref).abs().max().item():.3g}")
+    assert (got - ref).abs().max().item() <= TOL
+    plain = reference(sd3_pipe, prompts, negatives, guidance_scale=5.0)
+    assert (got - plain).abs().max().item() > 100 * TOL
