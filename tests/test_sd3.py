@@ -262,3 +262,38 @@ def test_cfg_pag_matches_sd3_pag_pipeline(sd3_pipe, batch):
     assert (got - ref).abs().max().item() <= TOL
     plain = reference(sd3_pipe, prompts, negatives, guidance_scale=5.0)
     assert (got - plain).abs().max().item() > 100 * TOL
+
+
+def test_cli_slg_options(sd3_pipe, tmp_path):
+    from typer.testing import CliRunner
+
+    from diffguide.cli.main import app
+
+    folder = save_tiny(sd3_pipe, tmp_path / "tiny-sd3")
+    run = [
+        "generate",
+        "-m",
+        str(folder),
+        "-p",
+        "a cat",
+        "--cfg",
+        "5",
+        "--steps",
+        "8",
+        "-o",
+        str(tmp_path / "o"),
+    ]
+    res = CliRunner().invoke(
+        app, [*run, "--slg", "2.8", "--slg-layers", "b1", "--slg-start", "0.1", "--slg-stop", "0.6"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "slg layers: b1 -> 1 transformer block" in res.output
+    assert "done in" in res.output and "8 model forward calls" in res.output
+    png = next(line for line in res.output.splitlines() if line.endswith(".png"))
+    replayed = CliRunner().invoke(app, ["replay", png])
+    assert replayed.exit_code == 0 and "bit-identical" in replayed.output and "NOT" not in replayed.output
+    res = CliRunner().invoke(app, [*run, "--slg-layers", "b1"])
+    assert res.exit_code == 2
+    assert "--slg-layers/--slg-start/--slg-stop given but --slg is 0 (SLG off): set --slg" in res.output
+    res = CliRunner().invoke(app, [*run, "--slg", "1", "--slg-layers", "b9"])
+    assert res.exit_code == 2 and "block 9 is past the last block" in res.output
