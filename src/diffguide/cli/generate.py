@@ -8,22 +8,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import torch
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..conditioning import ConditioningFile, load_conditioning
+from ..defaults import AUTO_DEVICE, COMFY_SCHEDULE_NAMES, DEFAULTS, NOISE_POLICIES, SCHEDULER_NAMES
 from ..errors import ConfigError
-from ..guidance import CFG, PAG, TPG, EmbeddedGuidance, GuidanceTerm, Window
-from ..io import save_result
-from ..models.presets import default_layers
-from ..pipeline import NOISE_POLICIES, GenerateConfig, GuidedPipeline
-from ..repro.trace import TraceRecorder, check_trace_path
-from ..sampling.comfy import COMFY_SCHEDULERS
-from ..sampling.schedulers import SCHEDULERS
 from .common import (
     KINDS,
     WINDOW_SYNTAX,
@@ -36,11 +27,20 @@ from .common import (
     plural,
     resolve_device,
     resolve_model,
-    torch_dtype,
 )
 
-Scheduler = enum.Enum("Scheduler", {name: name for name in SCHEDULERS}, type=str)  # type: ignore[misc]
+if TYPE_CHECKING:  # heavy (torch, diffusers): imported where used, so `--help` stays fast
+    from ..conditioning import ConditioningFile
+    from ..guidance import GuidanceTerm, Window
+    from ..pipeline import GenerateConfig, GuidedPipeline
+
+Scheduler = enum.Enum("Scheduler", {name: name for name in SCHEDULER_NAMES}, type=str)  # type: ignore[misc]
 Noise = enum.Enum("Noise", {name: name for name in NOISE_POLICIES}, type=str)  # type: ignore[misc]
+DEFAULT_SCHEDULER, DEFAULT_NOISE, DEFAULT_DTYPE = (
+    Scheduler(DEFAULTS.scheduler),
+    Noise(DEFAULTS.noise),
+    DType(DEFAULTS.dtype),
+)
 
 P_PROMPT, P_GUIDE, P_MODEL, P_OUT = "Prompt and sampling", "Guidance", "Model and device", "Output"
 
@@ -57,9 +57,14 @@ def build_guidance(
     tpg: float,
     tpg_layers: str | None,
     tpg_window: str | None,
+    slg: float = 0.0,
+    slg_layers: str | None = None,
+    slg_start: float | None = None,
+    slg_stop: float | None = None,
     embedded_guidance: float | None = None,
 ) -> list[GuidanceTerm]:
     """The guidance terms the options ask for; a term whose scale means "off" is left out."""
+    from ..guidance import CFG, PAG, SLG, TPG, EmbeddedGuidance, Window
 
     def window(spec: str | None, option: str) -> Window:
         return Window() if spec is None else parse_window(spec, option)
@@ -81,6 +86,12 @@ def build_guidance(
         terms.append(TPG(tpg, check_spec(tpg_layers, "--tpg-layers"), window(tpg_window, "--tpg-window")))
     elif tpg_layers is not None or tpg_window:
         raise ConfigError("--tpg-layers/--tpg-window given but --tpg is 0 (TPG off): set --tpg")
+    if slg != 0.0:
+        term = SLG(slg, check_spec(slg_layers, "--slg-layers"))
+        start = term.start if slg_start is None else slg_start
+        terms.append(SLG(slg, term.layers, start, term.stop if slg_stop is None else slg_stop))
+    elif slg_layers is not None or slg_start is not None or slg_stop is not None:
+        raise ConfigError("--slg-layers/--slg-start/--slg-stop given but --slg is 0 (SLG off): set --slg")
     if embedded_guidance is not None:
         terms.append(EmbeddedGuidance(embedded_guidance))
     return terms
@@ -128,7 +139,7 @@ def generate(
     ] = False,
     steps: Annotated[
         int, typer.Option("--steps", "-s", help="Sampling steps (1..1000).", rich_help_panel=P_PROMPT)
-    ] = 20,
+    ] = DEFAULTS.steps,
     width: Annotated[
         int | None,
         typer.Option(
@@ -154,13 +165,13 @@ def generate(
         typer.Option(
             "--seed", min=0, help="Seed of the first image; image i uses seed + i.", rich_help_panel=P_PROMPT
         ),
-    ] = 0,
+    ] = DEFAULTS.seed,
     scheduler: Annotated[
         Scheduler, typer.Option("--scheduler", help="Sampler.", rich_help_panel=P_PROMPT)
-    ] = Scheduler.euler,  # type: ignore[attr-defined]
+    ] = DEFAULT_SCHEDULER,
     eta: Annotated[
         float, typer.Option("--eta", help="DDIM eta (0 = deterministic).", rich_help_panel=P_PROMPT)
-    ] = 0.0,
+    ] = DEFAULTS.eta,
     noise: Annotated[
         Noise,
         typer.Option(
@@ -168,12 +179,12 @@ def generate(
             help="Noise policy: diffusers (per-image CPU generators, as diffusers) or comfy (as ComfyUI's KSampler; --scheduler euler, euler_a or dpmpp_2m, schedule from --schedule).",
             rich_help_panel=P_PROMPT,
         ),
-    ] = Noise.diffusers,  # type: ignore[attr-defined]
+    ] = DEFAULT_NOISE,
     schedule: Annotated[
         str | None,
         typer.Option(
             "--schedule",
-            help="With --noise comfy: ComfyUI sigma schedule (" + ", ".join(COMFY_SCHEDULERS) + ").",
+            help="With --noise comfy: ComfyUI sigma schedule (" + ", ".join(COMFY_SCHEDULE_NAMES) + ").",
             show_default="normal",
             rich_help_panel=P_PROMPT,
         ),
@@ -185,7 +196,7 @@ def generate(
             help="Sampling time shift s (SD3's t' = s t / (1 + (s - 1) t)); 1 = off, > 1 more steps at high noise. euler, heun, dpmpp_2m.",
             rich_help_panel=P_PROMPT,
         ),
-    ] = 1.0,
+    ] = DEFAULTS.shift,
     cfg: Annotated[
         float,
         typer.Option(
@@ -193,7 +204,7 @@ def generate(
             help="CFG scale w in [0, 100]; 1 = off (no unconditional branch).",
             rich_help_panel=P_GUIDE,
         ),
-    ] = 5.0,
+    ] = DEFAULTS.cfg,
     cfg_rescale: Annotated[
         float, typer.Option("--cfg-rescale", help="CFG rescale phi in [0, 1].", rich_help_panel=P_GUIDE)
     ] = 0.0,
@@ -208,7 +219,7 @@ def generate(
     ] = None,
     pag: Annotated[
         float, typer.Option("--pag", help="PAG scale in [0, 100]; 0 = off.", rich_help_panel=P_GUIDE)
-    ] = 0.0,
+    ] = DEFAULTS.pag,
     pag_layers: Annotated[
         str | None,
         typer.Option(
@@ -238,7 +249,7 @@ def generate(
     ] = None,
     tpg: Annotated[
         float, typer.Option("--tpg", help="TPG scale in [0, 100]; 0 = off.", rich_help_panel=P_GUIDE)
-    ] = 0.0,
+    ] = DEFAULTS.tpg,
     tpg_layers: Annotated[
         str | None,
         typer.Option(
@@ -255,6 +266,42 @@ def generate(
             "--tpg-window",
             metavar="WINDOW",
             help="When TPG is active (same syntax as --cfg-window).",
+            rich_help_panel=P_GUIDE,
+        ),
+    ] = None,
+    slg: Annotated[
+        float,
+        typer.Option(
+            "--slg",
+            help="Skip Layer Guidance scale in [0, 100] (transformer models; SD3.5: 2.8); 0 = off.",
+            rich_help_panel=P_GUIDE,
+        ),
+    ] = 0.0,
+    slg_layers: Annotated[
+        str | None,
+        typer.Option(
+            "--slg-layers",
+            metavar="SPEC",
+            help="SLG blocks, e.g. b7-9.",
+            show_default="preset, see 'diffguide layers'",
+            rich_help_panel=P_GUIDE,
+        ),
+    ] = None,
+    slg_start: Annotated[
+        float | None,
+        typer.Option(
+            "--slg-start",
+            help="SLG from this fraction of the steps (strict, as diffusers' SD3 pipeline: N*start < i < N*stop).",
+            show_default="0.01",
+            rich_help_panel=P_GUIDE,
+        ),
+    ] = None,
+    slg_stop: Annotated[
+        float | None,
+        typer.Option(
+            "--slg-stop",
+            help="SLG until this fraction of the steps.",
+            show_default="0.2",
             rich_help_panel=P_GUIDE,
         ),
     ] = None,
@@ -297,13 +344,13 @@ def generate(
     ] = None,
     dtype: Annotated[
         DType, typer.Option("--dtype", help="Weights and compute dtype.", rich_help_panel=P_MODEL)
-    ] = DType.float32,
+    ] = DEFAULT_DTYPE,
     device: Annotated[
         str | None,
         typer.Option(
             "--device",
             help="cpu, cuda, cuda:N or mps.",
-            show_default="cuda if available, else cpu",
+            show_default=AUTO_DEVICE,
             rich_help_panel=P_MODEL,
         ),
     ] = None,
@@ -371,6 +418,11 @@ def generate(
     Prints the saved files, one per line: for each image its .png, .json and, with
     --save-latents, .safetensors.
     """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..io import save_result
+    from ..repro.trace import TraceRecorder, check_trace_path
+
     if trace_modules and trace is None:
         raise ConfigError("--trace-modules needs --trace FILE")
     if trace is not None and batch_invariant:
@@ -419,13 +471,6 @@ def generate(
     )
 
 
-SMALL_UNET = 10_000_000
-
-
-def _params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 @dataclass
 class Run:
     pipe: GuidedPipeline
@@ -436,6 +481,14 @@ class Run:
 
 def prepare(opts: dict[str, Any]) -> Run:
     """Validate the generate options, load the model, dry-run the layer specs."""
+    import torch
+
+    from .. import app
+    from ..conditioning import load_conditioning
+    from ..guidance import PAG, SLG
+    from ..models.presets import default_layers
+    from ..pipeline import GenerateConfig
+
     o = SimpleNamespace(**opts)
     prompt, quiet, dtype = o.prompt, o.quiet, o.dtype
     # Everything that can be checked without the model is checked before loading it.
@@ -443,6 +496,7 @@ def prepare(opts: dict[str, Any]) -> Run:
         cfg=o.cfg, cfg_rescale=o.cfg_rescale, cfg_window=o.cfg_window,
         pag=o.pag, pag_layers=o.pag_layers, pag_adaptive=o.pag_adaptive, pag_window=o.pag_window,
         tpg=o.tpg, tpg_layers=o.tpg_layers, tpg_window=o.tpg_window,
+        slg=o.slg, slg_layers=o.slg_layers, slg_start=o.slg_start, slg_stop=o.slg_stop,
         embedded_guidance=o.embedded_guidance,
     )  # fmt: skip
     if not prompt and o.conditioning is None:
@@ -478,23 +532,20 @@ def prepare(opts: dict[str, Any]) -> Run:
         torch.set_num_threads(o.threads)
 
     console = Console(stderr=True, quiet=quiet, highlight=False)
+    request = app.ModelRequest(str(model_path), DType(dtype).value, device_, o.config, tuple(loras))
     with library_noise_off(), console.status(f"loading {model_path}"):
-        pipe = GuidedPipeline.from_pretrained(
-            model_path, dtype=torch_dtype(dtype), device=device_, config=o.config
+        pipe = app.load_model(request)
+    app.set_threads(pipe, o.threads)  # tiny models on the CPU: one thread (more cost more than they save)
+    # dry run of every perturbation: a bad layer fails here, before sampling
+    by_name = {t.name: t for t in terms}
+    for choice in app.dry_run_layers(pipe, tuple(terms)):
+        term = by_name[choice.term]
+        method: Literal["pag", "tpg", "slg"] = (
+            "pag" if isinstance(term, PAG) else "slg" if isinstance(term, SLG) else "tpg"
         )
-        for path, scale in loras:
-            pipe.load_lora(path, scale)
-    if o.threads is None and str(device_) == "cpu" and _params(pipe.unet) < SMALL_UNET:
-        torch.set_num_threads(1)  # tiny models: intra-op threads cost more than they save
-    for term in terms:  # dry run of every perturbation: a bad layer fails here, before sampling
-        for branch in term.branches():
-            if branch.perturbation is not None:
-                names = branch.perturbation.targets(pipe.unet)
-                method: Literal["pag", "tpg"] = "pag" if isinstance(term, PAG) else "tpg"
-                spec = branch.perturbation.layers or f"preset {default_layers(pipe.unet, method)}"
-                console.print(
-                    f"{term.name} layers: {spec} -> {len(names)} {plural(len(names), KINDS[method])}"
-                )
+        spec = choice.spec or f"preset {default_layers(pipe.model, method)}"
+        count = len(choice.modules)
+        console.print(f"{choice.term} layers: {spec} -> {count} {plural(count, KINDS[method])}")
     size = pipe.default_size()
     noise_desc = f"{config_.noise} noise" + (f" ({config_.schedule} schedule)" if config_.schedule else "")
     console.print(

@@ -9,9 +9,6 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import DiffguideError
-from ..models.layers import is_dit, unit_table
-from ..models.presets import default_layers
-from ..perturb import BlockSkip, IdentityAttention, TokenShuffle
 from .common import KINDS, check_spec, library_noise_off, model_option, plural, resolve_model
 
 NETWORKS = ("unet", "transformer")  # the main network's folder in a diffusers model, by family
@@ -49,13 +46,17 @@ def load_network(path: Path, config: str | None = None) -> Any:
 
 
 def _kinds(network: Any) -> dict[str, str]:
-    """What each method's layers are on this network (PAG: self-attention on a UNet, joint attention on a DiT)."""
+    """What each method's layers are (PAG: self-attention on a UNet, joint attention on a DiT)."""
+    from ..models.layers import is_dit
+
     if is_dit(network):
         return {"pag": "attention modules", "tpg": "transformer blocks", "slg": "transformer blocks"}
     return dict(KINDS)
 
 
 def _perturbation(method: str, spec: str | None) -> Any:
+    from ..perturb import BlockSkip, IdentityAttention, TokenShuffle
+
     if method == "slg":
         return BlockSkip(spec)
     return IdentityAttention(spec) if method == "pag" else TokenShuffle(spec)
@@ -94,9 +95,12 @@ def layers(
     """List the attention units (d0, m0, u0, ...; on a transformer the block stacks b0-N, s0-N) and
     the PAG/TPG/SLG presets, or dry-run a layer spec.
 
-    With --pag/--tpg, the selected fully-qualified module names go to stdout, one per line
+    With --pag/--tpg/--slg, the selected fully-qualified module names go to stdout, one per line
     (a header per spec goes to stderr).
     """
+    from ..models.layers import unit_table
+    from ..models.presets import default_layers
+
     specs = {
         "pag": check_spec(pag, "--pag"),
         "tpg": check_spec(tpg, "--tpg"),

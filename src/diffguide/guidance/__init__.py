@@ -7,4 +7,16 @@ from .pag import PAG
 from .slg import SLG
 from .tpg import TPG
 
-__all__ = ["CFG", "COND", "PAG", "SLG", "TPG", "UNCOND", "Branch", "EmbeddedGuidance", "GuidanceTerm", "StepInfo", "Window"]
+__all__ = [
+    "CFG",
+    "COND",
+    "PAG",
+    "SLG",
+    "TPG",
+    "UNCOND",
+    "Branch",
+    "EmbeddedGuidance",
+    "GuidanceTerm",
+    "StepInfo",
+    "Window",
+]
