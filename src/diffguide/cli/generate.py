@@ -38,6 +38,7 @@ from .common import (
     resolve_model,
     torch_dtype,
 )
+from .guard import check_outputs
 
 Scheduler = enum.Enum("Scheduler", {name: name for name in SCHEDULERS}, type=str)  # type: ignore[misc]
 Noise = enum.Enum("Noise", {name: name for name in NOISE_POLICIES}, type=str)  # type: ignore[misc]
@@ -440,6 +441,8 @@ def prepare(opts: dict[str, Any]) -> Run:
         schedule=o.schedule,
         shift=o.shift,
     )
+    if "out" in opts:  # generate (check-determinism writes nothing): outputs checked before loading
+        check_outputs(o, config_.num_images, config_.seed)
     loras = [parse_lora(spec) for spec in o.lora or []]
     device_ = resolve_device(o.device)
     model_path = resolve_model(o.model)

@@ -27,6 +27,7 @@ from typer.core import TyperGroup
 from ..errors import DiffguideError
 from . import check, diff, generate, layers, replay
 from .bench import bench_app
+from .guard import Interrupted, interrupted, signals_raise
 
 EXIT_USAGE = 2
 
@@ -64,8 +65,12 @@ class DiffguideGroup(TyperGroup):
     ) -> Any:
         code = 0
         try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with signals_raise():  # SIGTERM unwinds like Ctrl-C: temporary files removed
+                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             code = rv if isinstance(rv, int) else 0
+        except Interrupted as err:
+            fail(str(err))
+            code = 128 + err.signum
         except DiffguideError as err:
             fail(str(err))
             code = EXIT_USAGE
@@ -85,6 +90,12 @@ class DiffguideGroup(TyperGroup):
         if not standalone_mode:
             return code
         sys.exit(code)
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as err:  # before click turns it into Abort (and a bare newline)
+            raise interrupted(err) from None
 
 
 app = typer.Typer(
