@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 MANIFEST_KEY = "diffguide"  # PNG text chunk and safetensors metadata key
 PARAMETERS_KEY = "parameters"  # A1111's PNG text chunk
 MAX_SUFFIX = 10_000
+MAX_MANIFEST_CHARS = 8_000_000  # refused when reading: far above any manifest diffguide writes
 
 # diffguide scheduler names -> A1111 sampler names (what A1111's "PNG Info" understands)
 A1111_SAMPLERS = {
@@ -331,7 +332,12 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise DiffguideError(f"'{path}' does not exist or is not a file")
     suffix = path.suffix.lower()
     if suffix == ".json":
-        return _loads(path.read_text(encoding="utf-8"), path)
+        if path.stat().st_size > MAX_MANIFEST_CHARS:
+            _too_big(path, path.stat().st_size)
+        try:
+            return _loads(path.read_text(encoding="utf-8"), path)
+        except UnicodeDecodeError as err:
+            raise DiffguideError(f"'{path}' is not UTF-8 text, not a manifest: {err.reason}") from None
     if suffix == ".safetensors":
         return _loads(_safetensors_metadata(path).get(MANIFEST_KEY), path)
     from PIL import Image, UnidentifiedImageError
@@ -340,10 +346,24 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         with Image.open(path) as im:
             if im.format != "PNG":
                 raise DiffguideError(f"'{path}' is a {im.format} image, not a PNG saved by diffguide")
+            im.load()  # a truncated or corrupt file fails here, not later in replay
             text = getattr(im, "text", {}).get(MANIFEST_KEY)
     except UnidentifiedImageError as err:
         raise DiffguideError(f"'{path}' is not an image (expected a PNG saved by diffguide)") from err
+    except ValueError as err:  # PIL refuses text chunks over PngImagePlugin.MAX_TEXT_CHUNK
+        raise DiffguideError(
+            f"'{path}' has a text chunk too large to be a diffguide manifest ({err})"
+        ) from None
+    except (OSError, SyntaxError, EOFError) as err:
+        raise DiffguideError(f"'{path}' is a damaged PNG ({err})") from None
     return _loads(text, path)
+
+
+def _too_big(path: Path, size: int) -> None:
+    raise DiffguideError(
+        f"the manifest in '{path}' is {size / 1e6:.1f} MB; diffguide's are far smaller "
+        f"(limit {MAX_MANIFEST_CHARS // 1_000_000} MB): not a manifest diffguide wrote"
+    )
 
 
 def _loads(text: str | None, path: Path) -> dict[str, Any]:
@@ -351,6 +371,8 @@ def _loads(text: str | None, path: Path) -> dict[str, Any]:
         raise DiffguideError(
             f"'{path}' has no diffguide manifest (no '{MANIFEST_KEY}' entry); was it saved by diffguide?"
         )
+    if len(text) > MAX_MANIFEST_CHARS:
+        _too_big(path, len(text))
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
