@@ -22,11 +22,15 @@ MAX_SEED = 2**64 - 1
 SIZE_WARN_FACTOR = 4
 
 
-class PromptTruncatedWarning(UserWarning):
+class DiffguideWarning(UserWarning):
+    """Something the run will do that the user probably did not mean (shown once per occurrence)."""
+
+
+class PromptTruncatedWarning(DiffguideWarning):
     """A prompt is longer than the text encoder's window; the tail is dropped."""
 
 
-class SizeWarning(UserWarning):
+class SizeWarning(DiffguideWarning):
     """The requested size is far beyond the model's native size."""
 
 
@@ -133,7 +137,7 @@ def warn_long_prompts(tokenizer: Any, prompts: Iterable[str], what: str = "promp
         if prompt in seen:
             continue
         seen.add(prompt)
-        count = len(tokenizer(prompt, truncation=False).input_ids)  # with start and end tokens
+        count = len(tokenizer(prompt, truncation=False, verbose=False).input_ids)  # with start and end tokens
         if count > limit:
             text = prompt if len(prompt) <= 40 else prompt[:37] + "..."
             warnings.warn(

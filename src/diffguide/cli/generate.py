@@ -38,7 +38,7 @@ from .common import (
     resolve_model,
     torch_dtype,
 )
-from .guard import check_outputs
+from .guard import check_outputs, interruptible
 
 Scheduler = enum.Enum("Scheduler", {name: name for name in SCHEDULERS}, type=str)  # type: ignore[misc]
 Noise = enum.Enum("Noise", {name: name for name in NOISE_POLICIES}, type=str)  # type: ignore[misc]
@@ -375,7 +375,9 @@ def generate(
             if recorder is not None:
                 recorder(state)
 
-        result = pipe.generate(config_, callback=on_step, conditioning=run.conditioning)
+        result = interruptible(
+            lambda: pipe.generate(config_, callback=on_step, conditioning=run.conditioning)
+        )
 
     pngs = save_result(result, out, prefix=prefix, save_latents=save_latents)
     for png in pngs:

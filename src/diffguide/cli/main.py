@@ -27,7 +27,7 @@ from typer.core import TyperGroup
 from ..errors import DiffguideError
 from . import check, diff, generate, layers, replay
 from .bench import bench_app
-from .guard import Interrupted, interrupted, signals_raise
+from .guard import Interrupted, exit_now_if_abandoned, interrupted, one_line_warnings, signals_raise
 
 EXIT_USAGE = 2
 
@@ -65,12 +65,14 @@ class DiffguideGroup(TyperGroup):
     ) -> Any:
         code = 0
         try:
-            with signals_raise():  # SIGTERM unwinds like Ctrl-C: temporary files removed
+            with signals_raise(), one_line_warnings():  # SIGTERM unwinds like Ctrl-C: no temp files left
                 rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             code = rv if isinstance(rv, int) else 0
         except Interrupted as err:
             fail(str(err))
             code = 128 + err.signum
+            if standalone_mode:
+                exit_now_if_abandoned(code)
         except DiffguideError as err:
             fail(str(err))
             code = EXIT_USAGE
