@@ -48,10 +48,10 @@ def check_int(value: Any, name: str, *, low: int | None = None, high: int | None
     return int(value)
 
 
-def check_number(value: Any, name: str) -> float:
-    """A finite real number (not a bool, not a string)."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
-        raise ConfigError(f"{name} must be a finite number, got {type(value).__name__} {value!r}")
+def check_number(value: Any, name: str, *, finite: bool = True) -> float:
+    """A real number (not a bool, not a string); finite unless ``finite=False``."""
+    if isinstance(value, bool) or not isinstance(value, Real) or (finite and not math.isfinite(float(value))):
+        raise ConfigError(f"{name} must be a {'finite ' if finite else ''}number, got {type(value).__name__} {value!r}")
     return float(value)
 
 
@@ -175,8 +175,8 @@ def check_types(cfg: Any) -> None:
             check_int(value, name)
     if cfg.max_rows is not None and cfg.max_rows < 1:
         raise ConfigError(f"max_rows must be >= 1, got {cfg.max_rows}")
-    check_number(cfg.eta, "eta")
-    check_number(cfg.shift, "shift")
+    check_number(cfg.eta, "eta", finite=False)  # ranges (NaN included) are the config's own checks
+    check_number(cfg.shift, "shift", finite=False)
     for name in ("scheduler", "noise"):
         if not isinstance(getattr(cfg, name), str):
             raise ConfigError(f"{name} must be a name (a string), got {getattr(cfg, name)!r}")

@@ -61,7 +61,7 @@ def config_from_manifest(manifest: Mapping[str, Any]) -> GenerateConfig:
     if missing:
         raise DiffguideError(f"manifest lacks {missing}; it was not written by a compatible diffguide")
     for key in ("prompts", "negative_prompts", "guidance"):
-        if not isinstance(p[key], list):
+        if not isinstance(p[key], (list, tuple)):
             raise _bad(f"parameters.{key}", "must be a list", p[key])
     kwargs = {f.name: p[f.name] for f in fields(GenerateConfig) if f.name in p}
     kwargs.update(
@@ -128,7 +128,7 @@ def validate_manifest(manifest: Mapping[str, Any], *, device: str | None = None)
 
 
 def _loras(value: Any) -> tuple[tuple[str, float], ...]:
-    if not isinstance(value, list):
+    if not isinstance(value, (list, tuple)):
         raise _bad("model.loras", "must be a list", value)
     out = []
     for i, lo in enumerate(value):
