@@ -73,6 +73,20 @@ def test_replay_and_check_determinism(runner, model, tmp_path):
     assert "image 1 alone (seed 4)" in out
 
 
+def test_batch_invariant_generate_replay_and_check(runner, model, tmp_path):
+    args = ["--model", str(model), *BASE, "--pag", "2", "-n", "2", "--batch-invariant"]
+    code, out = _run(runner, ["generate", *args, "-o", str(tmp_path)])
+    assert code == 0, out
+    png = next(line for line in out.splitlines() if line.endswith("-001-4.png"))
+    code, out = _run(runner, ["replay", png])
+    assert code == 0 and "bit-identical" in out and "NOT" not in out
+    code, out = _run(runner, ["check-determinism", *args, "--batch-vs-single", "--json"])
+    assert code == 0, out
+    checks = json.loads(out)
+    assert [c["expect"] for c in checks] == ["bit-identical"] * 3
+    assert all(c["ok"] for c in checks)
+
+
 def test_generate_from_conditioning_file(runner, model, tmp_path):
     gp = GuidedPipeline.from_pretrained(model)
     cfg = GenerateConfig.create("a cat", steps=4, seed=3)

@@ -46,6 +46,18 @@ class ConditioningFile:
     uncond: Conditioning | None
     metadata: dict[str, str] = field(default_factory=dict)
 
+    def image(self, i: int, count: int) -> ConditioningFile:
+        """The conditioning of image ``i`` of ``count`` (batch 1 serves every image)."""
+
+        def pick(c: Conditioning) -> Conditioning:
+            if c.batch not in (1, count):
+                raise DiffguideError(f"conditioning has batch {c.batch}, but {count} images were asked for")
+            return c if c.batch == 1 else c.rows(i, i + 1)
+
+        return ConditioningFile(
+            pick(self.cond), None if self.uncond is None else pick(self.uncond), self.metadata
+        )
+
 
 def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     if not path.exists():

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from PIL import Image
 from torch import Tensor
 
 from .conditioning import ConditioningFile
+from .defaults import DEFAULTS, NOISE_POLICIES, default_device, default_model
 from .engine import GuidedModel
 from .errors import ConfigError
 from .guidance.base import GuidanceTerm
@@ -21,6 +23,7 @@ from .guidance.cfg import CFG
 from .manifest import MANIFEST_VERSION, attention_backend, environment, file_hash, module_hash, tensor_hash
 from .models.denoiser import Conditioning, UNetDenoiser
 from .models.loading import COMPONENTS, load_lora, load_pipeline, own_memory
+from .quiet import library_noise_off
 from .sampling.comfy import COMFY_SCHEDULERS, ComfyModelSampling, comfy_noise, comfy_sigmas
 from .sampling.loop import Callback, sample, sample_comfy
 from .sampling.noise import generators, image_seeds, initial_noise
@@ -28,7 +31,7 @@ from .sampling.schedulers import SCHEDULERS, SHIFTABLE, make_scheduler, set_time
 from .validation import check_prompt_arg, check_types, warn_long_prompts, warn_size
 
 MAX_STEPS = 1000
-NOISE_POLICIES = ("diffusers", "comfy")
+DEFAULT_DTYPE: torch.dtype = getattr(torch, DEFAULTS.dtype)
 #: diffguide scheduler name -> ComfyUI KSampler sampler name, for the comfy noise policy.
 COMFY_SAMPLER_NAMES = {"euler": "euler", "euler_a": "euler_ancestral", "dpmpp_2m": "dpmpp_2m"}
 
@@ -44,21 +47,24 @@ def _as_list(value: str | Sequence[str], count: int | None, what: str) -> list[s
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    """Everything a run depends on besides the model. Build with :meth:`create`."""
+    """Everything a run depends on besides the model. Build with :meth:`create`.
+    Defaults: :data:`diffguide.defaults.DEFAULTS`, the same as the CLI's."""
 
     prompts: tuple[str, ...]
     negative_prompts: tuple[str, ...]
     guidance: tuple[GuidanceTerm, ...] = field(default_factory=lambda: (CFG(),))
-    steps: int = 30
+    steps: int = DEFAULTS.steps
     width: int | None = None
     height: int | None = None
-    seed: int = 0
-    scheduler: str = "euler"
-    eta: float = 0.0
+    seed: int = DEFAULTS.seed
+    scheduler: str = DEFAULTS.scheduler
+    eta: float = DEFAULTS.eta
     max_rows: int | None = None
-    noise: str = "diffusers"
+    noise: str = DEFAULTS.noise
     schedule: str | None = None  # comfy policy only: ComfyUI scheduler ("normal", "karras", ...)
-    shift: float = 1.0  # sampling time shift (SD3 eq. 23); 1 = off
+    shift: float = DEFAULTS.shift  # sampling time shift (SD3 eq. 23); 1 = off
+    # Image i bit-identical to its seed run alone: each image sampled by itself (B forwards a step)
+    batch_invariant: bool = False
 
     @staticmethod
     def create(
@@ -128,6 +134,11 @@ class GenerateConfig:
                 raise ConfigError(
                     "--eta is not used by the comfy noise policy (KSampler's euler_ancestral has eta 1)"
                 )
+            if self.batch_invariant:
+                raise ConfigError(
+                    "--batch-invariant needs per-image noise; the comfy noise policy draws one noise "
+                    "tensor for the whole batch (as ComfyUI does), so it has no single-image runs to match"
+                )
             if (self.schedule or "normal") not in COMFY_SCHEDULERS:
                 raise ConfigError(
                     f"unknown ComfyUI schedule '{self.schedule}'; one of: {', '.join(COMFY_SCHEDULERS)}"
@@ -165,23 +176,37 @@ class LoRA:
 
 @dataclass
 class GuidedPipeline:
-    """Guided sampling over a diffusers SD1.5 or SDXL pipeline (wrapped, not copied)."""
+    """Guided sampling over a diffusers SD1.5 or SDXL pipeline (wrapped, not copied).
+
+    Thread safety: one pipeline may be shared by threads. :meth:`generate` holds ``lock`` (a
+    re-entrant lock of this pipeline) for the whole run (encode, install perturbations, sample,
+    remove them, decode), so concurrent calls run one after another and each returns exactly
+    its serial result; no processor or hook outlives its run. Hold ``lock`` yourself to install
+    your own hooks around a run (e.g. a trace recorder's) or to change the model.
+    """
 
     pipe: Any
     source: str | None = None
     loras: list[LoRA] = field(default_factory=list)
     _hashes: dict[str, str] = field(default_factory=dict, repr=False)
+    lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
 
     @classmethod
     def from_pretrained(
         cls,
-        path: str | Path,
+        path: str | Path | None = None,
         *,
-        dtype: torch.dtype = torch.float32,
-        device: str = "cpu",
+        dtype: torch.dtype = DEFAULT_DTYPE,
+        device: str | None = DEFAULTS.device,
         config: str | None = None,
     ) -> GuidedPipeline:
-        pipe = load_pipeline(path, dtype=dtype, config=config)
+        """Load a diffusers folder or single-file checkpoint; no path: the bundled model
+        (:func:`diffguide.default_model`); no device: cuda if available, else cpu. Quiet:
+        diffusers' and transformers' logs and loading bars are off while loading (restored after)."""
+        path = default_model() if path is None else path
+        device = default_device() if device is None else device
+        with library_noise_off():
+            pipe = load_pipeline(path, dtype=dtype, config=config)
         if torch.device(device).type != "cpu":
             pipe = pipe.to(device)
         elif Path(path).is_dir():  # a folder's weights are memory-mapped views (single files are copied)
@@ -198,6 +223,10 @@ class GuidedPipeline:
         return self.pipe.unet
 
     def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
+        with self.lock:
+            self._load_lora(path, scale)
+
+    def _load_lora(self, path: str | Path, scale: float) -> None:
         name = f"lora{len(self.loras)}"
         load_lora(self.pipe, path, name)
         self.loras.append(LoRA(str(path), scale, name, file_hash(str(path))))
@@ -260,12 +289,28 @@ class GuidedPipeline:
 
         ``conditioning``: precomputed embeddings (a loaded conditioning file) used instead of
         encoding the prompts; its batch must be 1 or the number of images.
+
+        Holds :attr:`lock` for the whole run: concurrent calls on one pipeline wait their turn.
         """
         cfg = (
             prompt
             if isinstance(prompt, GenerateConfig)
             else GenerateConfig.create(prompt, negative_prompt, **kwargs)
         )
+        with self.lock:
+            return self._generate(cfg, callback, progress, decode, conditioning, rows_schedule)
+
+    def _generate(
+        self,
+        cfg: GenerateConfig,
+        callback: Callback | None,
+        progress: bool,
+        decode: bool,
+        conditioning: ConditioningFile | None,
+        rows_schedule: dict[int, int] | None,
+    ) -> GenerationResult:
+        if cfg.batch_invariant and cfg.num_images > 1:
+            return self._generate_per_image(cfg, callback, progress, decode, conditioning, rows_schedule)
         height, width = cfg.height or self.default_size(), cfg.width or self.default_size()
         warn_size(width, height, self.default_size())
         if conditioning is None:
@@ -313,6 +358,50 @@ class GuidedPipeline:
         return GenerationResult(latents, images, manifests, guided.forward_calls)
 
     __call__ = generate
+
+    def _generate_per_image(
+        self,
+        cfg: GenerateConfig,
+        callback: Callback | None,
+        progress: bool,
+        decode: bool,
+        conditioning: ConditioningFile | None,
+        rows_schedule: dict[int, int] | None,
+    ) -> GenerationResult:
+        """Batch-invariant mode: image i is sampled alone (prompt i, seed + i), exactly as a
+        one-image run of that seed, so it is bit-identical to it; the manifests describe the
+        whole batch. ``callback`` sees each image's steps in turn."""
+        parts = []
+        for i in range(cfg.num_images):
+            one = replace(
+                cfg,
+                prompts=(cfg.prompts[i],),
+                negative_prompts=(cfg.negative_prompts[i],),
+                seed=cfg.seed + i,
+            )
+            cond_i = None if conditioning is None else conditioning.image(i, cfg.num_images)
+            parts.append(
+                self.generate(
+                    one,
+                    callback=callback,
+                    progress=progress,
+                    decode=decode,
+                    conditioning=cond_i,
+                    rows_schedule=rows_schedule,
+                )
+            )
+        manifests = []
+        for i, part in enumerate(parts):
+            m = part.manifests[0]
+            m["parameters"].update(cfg.describe())
+            m["image"]["index"] = i
+            manifests.append(m)
+        return GenerationResult(
+            torch.cat([p.latents for p in parts]),
+            [im for p in parts for im in p.images],
+            manifests,
+            sum(p.forward_calls for p in parts),
+        )
 
     def _sample_diffusers(
         self,

@@ -11,9 +11,6 @@ import typer
 from rich.console import Console
 
 from ..errors import ConfigError
-from ..repro.diff import run_diff_cli
-from ..repro.trace import is_trace, load_trace
-from ..repro.trace_diff import diff_traces, render_trace_diff
 
 
 def diff(
@@ -33,6 +30,10 @@ def diff(
     """
     if not all(math.isfinite(t) and t >= 0 for t in (rtol, atol)):
         raise ConfigError(f"--rtol and --atol must be finite numbers >= 0, got rtol={rtol}, atol={atol}")
+    from ..repro.diff import run_diff_cli
+    from ..repro.trace import is_trace, load_trace
+    from ..repro.trace_diff import diff_traces, render_trace_diff
+
     if is_trace(a) and is_trace(b):
         report = diff_traces(load_trace(a), load_trace(b), rtol=rtol, atol=atol)
         if as_json:

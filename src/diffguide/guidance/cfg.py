@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from ..defaults import DEFAULTS
 from ..errors import ConfigError
-from .base import UNCOND, Branch, Predictions, StepInfo, Window
+from .base import UNCOND, Branch, Predictions, StepInfo, Window, check_finite
 
 
 def cfg_delta(c: Tensor, u: Tensor, w: float) -> Tensor:
@@ -40,12 +41,14 @@ def rescale(g: Tensor, c: Tensor, phi: float) -> Tensor:
 class CFG:
     """Classifier-free guidance. ``scale`` w >= 0 (1 = off); ``rescale`` phi in [0, 1]."""
 
-    scale: float = 7.5
+    scale: float = DEFAULTS.cfg  # diffguide.defaults; diffusers' SD1.5 pipeline uses 7.5
     rescale: float = 0.0
     window: Window = field(default_factory=Window)
     name: str = "cfg"
 
     def __post_init__(self) -> None:
+        check_finite("CFG scale", self.scale)
+        check_finite("CFG rescale", self.rescale)
         if not 0.0 <= self.scale <= 100.0:
             raise ConfigError(f"CFG scale must be in [0, 100], got {self.scale}")
         if not 0.0 <= self.rescale <= 1.0:

@@ -14,6 +14,13 @@ from ..errors import ConfigError
 from ..pipeline import GenerateConfig, GuidedPipeline
 from .diff import DiffReport, compare
 
+#: How far image i of a float32 batch may lie from its seed run alone, as a relative bound
+#: ``|batch - alone| <= BATCH_TOLERANCE * (1 + |alone|)`` on the final latents. Batch composition
+#: changes how CPU kernels block their sums; the guidance scales amplify that over the steps.
+#: Measured by ``benchmarks/batch_vs_single.py`` on several kernel paths (docs/reproducibility.md,
+#: "Batch vs single"); the bound is about 3x the largest value measured anywhere.
+BATCH_TOLERANCE = 2e-4
+
 
 @dataclass(frozen=True)
 class Check:
@@ -46,11 +53,12 @@ def check_determinism(
     *,
     batch_vs_single: bool = False,
     strict: bool = False,
-    atol_batch: float = 1e-5,
+    atol_batch: float = BATCH_TOLERANCE,
     conditioning: ConditioningFile | None = None,
 ) -> list[Check]:
     """Run ``cfg`` twice (must be bit-identical); optionally each image alone (within
-    ``atol_batch``: batch composition changes CPU arithmetic slightly) and under
+    ``atol_batch`` relative to the latents' magnitude: batch composition changes CPU arithmetic
+    slightly; bit-identical with ``cfg.batch_invariant``) and under
     ``torch.use_deterministic_algorithms(True)`` (bit-identical)."""
     if conditioning is not None and batch_vs_single:
         raise ConfigError(
@@ -74,8 +82,9 @@ def check_determinism(
             name = f"image {i} alone (seed {cfg.seed + i})"
             # |a - b| <= tol * (1 + |b|): batch composition changes CPU float32 rounding, and
             # guidance scales amplify it in proportion to the latents' magnitude
-            report = compare(lat, ref[i : i + 1], rtol=atol_batch, atol=atol_batch, name=name)
-            checks.append(Check(name, f"within {atol_batch:g} (rel+abs)", report))
+            tol = 0.0 if cfg.batch_invariant else atol_batch
+            report = compare(lat, ref[i : i + 1], rtol=tol, atol=tol, name=name)
+            checks.append(Check(name, "bit-identical" if tol == 0 else f"within {tol:g} (rel+abs)", report))
     if strict:
         with deterministic_algorithms():
             lat = pipe.generate(cfg, decode=False, conditioning=conditioning).latents

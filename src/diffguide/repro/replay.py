@@ -8,7 +8,7 @@ with the saved PNG when there is one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,9 @@ def load_for_replay(
 
 
 def replay(manifest: dict[str, Any], pipe: GuidedPipeline, png: str | Path | None = None) -> ReplayReport:
-    """Regenerate the manifest's batch on ``pipe`` and compare image ``index`` with the record."""
+    """Regenerate the manifest's batch on ``pipe`` and compare image ``index`` with the record.
+
+    A batch-invariant run sampled each image alone, so only image ``index`` is regenerated."""
     spec = validate_manifest(manifest, device=str(pipe.pipe.device))
     cfg, index = spec.config, spec.index
     loaded = pipe.component_hashes()
@@ -59,10 +61,18 @@ def replay(manifest: dict[str, Any], pipe: GuidedPipeline, png: str | Path | Non
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        if cfg.batch_invariant:  # image ``index`` was sampled alone: replay just that image
+            cfg = replace(
+                cfg,
+                prompts=(cfg.prompts[index],),
+                negative_prompts=(cfg.negative_prompts[index],),
+                seed=cfg.seed + index,
+            )
         result = pipe.generate(cfg, decode=png is not None, rows_schedule=spec.fallbacks)
     finally:
         torch.set_num_threads(before)
-    latents = result.latents[index : index + 1]
+    row = 0 if cfg.batch_invariant else index  # the image's row in what was regenerated
+    latents = result.latents[row : row + 1]
     actual = tensor_hash(latents)
     expected = spec.latents_hash
     pixels = None
@@ -70,7 +80,7 @@ def replay(manifest: dict[str, Any], pipe: GuidedPipeline, png: str | Path | Non
         from PIL import Image
 
         saved = np.asarray(Image.open(png).convert("RGB"), dtype=np.float64)
-        mine = np.asarray(result.images[index].convert("RGB"), dtype=np.float64)
+        mine = np.asarray(result.images[row].convert("RGB"), dtype=np.float64)
         pixels = compare(torch.from_numpy(mine), torch.from_numpy(saved), rtol=0.0, atol=0.0, name="pixels")
     identical = expected == actual and (pixels is None or pixels.ok)
     return ReplayReport(index, identical, expected, actual, mismatch, pixels, threads)
