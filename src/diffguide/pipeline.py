@@ -241,7 +241,8 @@ class GuidedPipeline:
     ) -> tuple[Conditioning, Conditioning | None]:
         need_uncond = any(b.name == "uncond" for t in cfg.guidance for b in t.branches())
         device = self.pipe.device
-        with torch.inference_mode():
+        # library_noise_off: diffusers' own truncation log would repeat our PromptTruncatedWarning
+        with torch.inference_mode(), library_noise_off():
             if not self.is_xl:
                 pe, ne = self.pipe.encode_prompt(
                     list(cfg.prompts), device, 1, need_uncond, negative_prompt=list(cfg.negative_prompts)
