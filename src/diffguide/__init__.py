@@ -26,6 +26,7 @@ _LAZY = {
     "StepResult": ".engine",
     "CFG": ".guidance",
     "PAG": ".guidance",
+    "SLG": ".guidance",
     "TPG": ".guidance",
     "Branch": ".guidance",
     "GuidanceTerm": ".guidance",
@@ -41,7 +42,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from .defaults import DEFAULTS, default_model
     from .engine import GuidedModel, StepResult
-    from .guidance import CFG, PAG, TPG, Branch, GuidanceTerm, StepInfo, Window
+    from .guidance import CFG, PAG, SLG, TPG, Branch, GuidanceTerm, StepInfo, Window
     from .models.denoiser import Conditioning, UNetDenoiser
     from .pipeline import GenerateConfig, GenerationResult, GuidedPipeline
 
@@ -63,6 +64,7 @@ __all__ = [
     "CFG",
     "DEFAULTS",
     "PAG",
+    "SLG",
     "TPG",
     "Branch",
     "Conditioning",

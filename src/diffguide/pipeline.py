@@ -21,13 +21,15 @@ from .errors import ConfigError
 from .guidance.base import GuidanceTerm
 from .guidance.cfg import CFG
 from .manifest import MANIFEST_VERSION, attention_backend, environment, file_hash, module_hash, tensor_hash
-from .models.denoiser import Conditioning, UNetDenoiser
-from .models.loading import COMPONENTS, load_lora, load_pipeline, own_memory
+from .models.denoiser import Conditioning, FamilyDenoiser
+from .models.families import Family, family_of
+from .models.loading import load_lora, load_pipeline, own_memory
 from .quiet import library_noise_off
-from .sampling.comfy import COMFY_SCHEDULERS, ComfyModelSampling, comfy_noise, comfy_sigmas
-from .sampling.loop import Callback, sample, sample_comfy
+from .sampling.comfy import COMFY_SCHEDULERS, ComfyFlowSampling, comfy_noise, comfy_sigmas
+from .sampling.loop import Callback, run
 from .sampling.noise import generators, image_seeds, initial_noise
-from .sampling.schedulers import SCHEDULERS, SHIFTABLE, make_scheduler, set_timesteps, sigmas_at
+from .sampling.schedulers import SCHEDULERS, SHIFTABLE
+from .sampling.steppers import ComfyStepper
 from .validation import check_prompt_arg, check_types, warn_long_prompts, warn_size
 
 MAX_STEPS = 1000
@@ -176,7 +178,9 @@ class LoRA:
 
 @dataclass
 class GuidedPipeline:
-    """Guided sampling over a diffusers SD1.5 or SDXL pipeline (wrapped, not copied).
+    """Guided sampling over a diffusers pipeline of a supported family (wrapped, not copied).
+
+    The family adapter (:mod:`diffguide.models.families`) is chosen from the pipeline.
 
     Thread safety: one pipeline may be shared by threads. :meth:`generate` holds ``lock`` (a
     re-entrant lock of this pipeline) for the whole run (encode, install perturbations, sample,
@@ -190,6 +194,10 @@ class GuidedPipeline:
     loras: list[LoRA] = field(default_factory=list)
     _hashes: dict[str, str] = field(default_factory=dict, repr=False)
     lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
+    family: Family = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.family = family_of(self.pipe)
 
     @classmethod
     def from_pretrained(
@@ -216,11 +224,17 @@ class GuidedPipeline:
 
     @property
     def is_xl(self) -> bool:
-        return getattr(self.pipe, "text_encoder_2", None) is not None or hasattr(self.pipe, "tokenizer_2")
+        return self.family.architecture(self.pipe) == "sdxl"
+
+    @property
+    def model(self) -> Any:
+        """The denoising network (UNet or transformer)."""
+        return self.family.model(self.pipe)
 
     @property
     def unet(self) -> Any:
-        return self.pipe.unet
+        """The denoising network (kept under its SD name; see :attr:`model`)."""
+        return self.model
 
     def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
         with self.lock:
@@ -233,41 +247,25 @@ class GuidedPipeline:
         self.pipe.set_adapters(
             [lo.name for lo in self.loras], adapter_weights=[lo.scale for lo in self.loras]
         )
-        self._hashes.pop("unet", None)
+        self._hashes.pop(self.family.model_attr, None)
 
     # -- encoding --------------------------------------------------------------------------
     def encode(
         self, cfg: GenerateConfig, height: int, width: int
     ) -> tuple[Conditioning, Conditioning | None]:
         need_uncond = any(b.name == "uncond" for t in cfg.guidance for b in t.branches())
-        device = self.pipe.device
         # library_noise_off: diffusers' own truncation log would repeat our PromptTruncatedWarning
-        with torch.inference_mode(), library_noise_off():
-            if not self.is_xl:
-                pe, ne = self.pipe.encode_prompt(
-                    list(cfg.prompts), device, 1, need_uncond, negative_prompt=list(cfg.negative_prompts)
-                )
-                return Conditioning(pe), (Conditioning(ne) if need_uncond else None)
-            # As diffusers does: an empty negative prompt on SDXL means zero embeddings
-            # (force_zeros_for_empty_prompt); pass None so encode_prompt applies that rule.
-            empty = not any(cfg.negative_prompts)
-            pe, ne, pp, npool = self.pipe.encode_prompt(
-                prompt=list(cfg.prompts),
-                device=device,
-                num_images_per_prompt=1,
-                do_classifier_free_guidance=need_uncond,
-                negative_prompt=None if empty else list(cfg.negative_prompts),
+        with library_noise_off():
+            return self.family.encode(
+                self.pipe, cfg.prompts, cfg.negative_prompts, need_uncond, height, width
             )
-            te2 = self.pipe.text_encoder_2
-            proj = int(pp.shape[-1]) if te2 is None else te2.config.projection_dim
-            ids = self.pipe._get_add_time_ids((height, width), (0, 0), (height, width), pe.dtype, proj)
-            ids = ids.to(device).repeat(pe.shape[0], 1)
-            cond = Conditioning(pe, pp, ids)
-            return cond, (Conditioning(ne, npool, ids) if need_uncond else None)
 
     # -- sampling --------------------------------------------------------------------------
     def default_size(self) -> int:
-        return int(self.unet.config.sample_size * self.pipe.vae_scale_factor)
+        return self.family.default_size(self.pipe)
+
+    def denoiser(self) -> FamilyDenoiser:
+        return FamilyDenoiser(self.family, self.model, self.family.prediction(self.pipe))
 
     def generate(
         self,
@@ -313,28 +311,28 @@ class GuidedPipeline:
         if cfg.batch_invariant and cfg.num_images > 1:
             return self._generate_per_image(cfg, callback, progress, decode, conditioning, rows_schedule)
         height, width = cfg.height or self.default_size(), cfg.width or self.default_size()
+        self._check_family(cfg, height, width)
         warn_size(width, height, self.default_size())
         if conditioning is None:
-            warn_long_prompts(self.pipe.tokenizer, cfg.prompts)
-            warn_long_prompts(self.pipe.tokenizer, cfg.negative_prompts, "negative prompt")
+            warn_long_prompts(getattr(self.pipe, "tokenizer", None), cfg.prompts)
+            warn_long_prompts(getattr(self.pipe, "tokenizer", None), cfg.negative_prompts, "negative prompt")
             cond, uncond = self.encode(cfg, height, width)
         else:
             cond, uncond = _broadcast(conditioning, cfg.num_images, self.pipe.device)
         seeds = image_seeds(cfg.seed, cfg.num_images)
-        denoiser = UNetDenoiser(self.unet, self.pipe.scheduler.config.get("prediction_type", "epsilon"))
+        denoiser = self.denoiser()
         # a callback that records from module hooks (TraceRecorder) drops an abandoned attempt's records
         on_retry = getattr(callback, "on_retry", None)
         guided = GuidedModel(
             denoiser, cfg.guidance, cond, uncond, seeds, cfg.max_rows, rows_schedule, on_retry
         )
-        f = self.pipe.vae_scale_factor
-        shape = (cfg.num_images, self.unet.config.in_channels, height // f, width // f)
+        shape = self.family.latent_shape(self.pipe, cfg.num_images, height, width)
         if cfg.noise == "comfy":
-            latents, schedule = self._sample_comfy(
-                cfg, guided, shape, denoiser.prediction_type, callback, progress
-            )
+            latents, schedule = self._sample_comfy(cfg, guided, shape, callback, progress)
         else:
-            latents, schedule = self._sample_diffusers(cfg, guided, shape, seeds, callback, progress)
+            latents, schedule = self._sample_diffusers(
+                cfg, guided, shape, seeds, (height, width), callback, progress
+            )
         images = self.decode(latents) if decode else []
         manifests = [
             self.manifest(cfg, schedule, seeds[i], i, cond, uncond, height, width) for i in range(len(seeds))
@@ -410,24 +408,35 @@ class GuidedPipeline:
         guided: GuidedModel,
         shape: tuple[int, ...],
         seeds: list[int],
+        size: tuple[int, int],
         callback: Callback | None,
         progress: bool,
     ) -> tuple[Tensor, dict[str, Any]]:
-        scheduler = make_scheduler(cfg.scheduler, self.pipe.scheduler.config)
-        set_timesteps(scheduler, cfg.scheduler, cfg.steps, self.pipe.device, shift=cfg.shift)
         # One generator per image for the initial noise AND the scheduler's per-step noise, in
         # that order (as diffusers' pipelines do); fresh generators for the steps would replay
         # the initial noise in ancestral samplers.
         gens = generators(seeds)
-        noise = initial_noise(seeds, shape[1:], self.pipe.device, guided.cond.embeds.dtype, gens=gens)
-        latents = sample(guided, scheduler, noise, gens, eta=cfg.eta, callback=callback, progress=progress)
+        height, width = size
+        stepper, scheduler = self.family.stepper(
+            self.pipe,
+            cfg.scheduler,
+            cfg.steps,
+            shift=cfg.shift,
+            height=height,
+            width=width,
+            generators=gens,
+            eta=cfg.eta,
+        )
+        noise = initial_noise(seeds, shape[1:], self.pipe.device, guided.cond.dtype, gens=gens)
+        x = run(guided, stepper, self.family.pack(noise), callback=callback, progress=progress)
+        latents = self.family.unpack(x, height, width)
         schedule = {
             "name": cfg.scheduler,
             "class": type(scheduler).__name__,
             "config": dict(scheduler.config),
             "shift": cfg.shift,
-            "timesteps": [float(t) for t in scheduler.timesteps],
-            "sigmas": sigmas_at(scheduler, scheduler.timesteps),
+            "timesteps": list(stepper.timesteps),
+            "sigmas": list(stepper.sigmas),
             "noise": {
                 "policy": "diffusers",
                 "generator": "cpu",
@@ -441,30 +450,19 @@ class GuidedPipeline:
         cfg: GenerateConfig,
         guided: GuidedModel,
         shape: tuple[int, ...],
-        prediction_type: str,
         callback: Callback | None,
         progress: bool,
     ) -> tuple[Tensor, dict[str, Any]]:
-        ms = ComfyModelSampling(prediction_type=prediction_type)
+        ms = self.family.comfy_model_sampling(self.pipe)
         name = cfg.schedule or "normal"
         sampler = COMFY_SAMPLER_NAMES[cfg.scheduler]
         sigmas = comfy_sigmas(name, cfg.steps, model_sampling=ms)
         timesteps = ms.sigma_to_timestep(sigmas[:-1])  # once per run, on the CPU
-        dtype = guided.cond.embeds.dtype
+        dtype = guided.cond.dtype
         # ComfyUI samples in float32 whatever the model's dtype (only the model input is cast).
         noise = comfy_noise(cfg.seed, shape).to(self.pipe.device)
-        latents = sample_comfy(
-            guided,
-            ms,
-            noise,
-            sigmas,
-            timesteps,
-            sampler=sampler,
-            seed=cfg.seed,
-            model_dtype=dtype,
-            callback=callback,
-            progress=progress,
-        )
+        stepper = ComfyStepper(ms, sigmas, timesteps, sampler, cfg.seed, dtype)
+        latents = run(guided, stepper, noise, callback=callback, progress=progress)
         noise_desc: dict[str, Any] = {
             "policy": "comfy",
             "generator": "cpu",
@@ -478,28 +476,37 @@ class GuidedPipeline:
             noise_desc["per_step_device"] = str(noise.device)
         schedule = {
             "name": f"comfy {sampler}/{name}",
-            "class": "ComfyModelSampling",
+            "class": type(ms).__name__,
             "sampler": {
                 "name": sampler,
                 **({"eta": 1.0, "s_noise": 1.0} if sampler == "euler_ancestral" else {}),
             },
             "schedule": name,
-            "config": {"prediction_type": prediction_type, "beta_schedule": "scaled_linear 0.00085..0.012"},
+            "config": comfy_config(ms),
             "timesteps": [float(t) for t in timesteps.tolist()],
             "sigmas": sigmas.tolist(),
             "noise": noise_desc,
         }
-        return latents.to(dtype), schedule
+        return latents, schedule
 
     def decode(self, latents: Tensor) -> list[Image.Image]:
-        vae = self.pipe.vae
-        with torch.inference_mode():
-            image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-        return list(self.pipe.image_processor.postprocess(image, output_type="pil"))
+        return self.family.decode(self.pipe, latents)
+
+    def _check_family(self, cfg: GenerateConfig, height: int, width: int) -> None:
+        """What this model's family cannot run: a one-line error before any work."""
+        fam = self.family
+        self.family.check_size(self.pipe, height, width)
+        if cfg.noise == "comfy" and not fam.comfy:
+            raise ConfigError(f"the comfy noise policy does not support {fam.name} models yet")
+        if cfg.noise != "comfy" and cfg.scheduler not in fam.schedulers:
+            raise ConfigError(
+                f"scheduler '{cfg.scheduler}' does not run {fam.name} models; choose one of: "
+                + ", ".join(fam.schedulers)
+            )
 
     # -- provenance ------------------------------------------------------------------------
     def component_hashes(self) -> dict[str, str]:
-        for name in COMPONENTS:
+        for name in self.family.components:
             module = getattr(self.pipe, name, None)
             if module is not None and name not in self._hashes:
                 self._hashes[name] = module_hash(module)
@@ -523,8 +530,9 @@ class GuidedPipeline:
             "diffguide_manifest": MANIFEST_VERSION,
             "model": {
                 "source": self.source,
-                "architecture": "sdxl" if self.is_xl else "sd15",
-                "prediction_type": self.pipe.scheduler.config.get("prediction_type", "epsilon"),
+                "family": self.family.name,
+                "architecture": self.family.architecture(self.pipe),
+                "prediction_type": self.family.prediction(self.pipe),
                 "hashes": self.component_hashes(),
                 "loras": [{"path": lo.path, "scale": lo.scale, "sha256": lo.sha256} for lo in self.loras],
                 "sampling_shift": cfg.shift,
@@ -539,15 +547,11 @@ class GuidedPipeline:
             "noise": {**schedule["noise"], "seed": seed},
             "scheduler": {k: v for k, v in schedule.items() if k != "noise"},
             "conditioning": {
-                "cond": tensor_hash(cond.embeds[rows], _rows(cond.pooled, rows), _rows(cond.time_ids, rows)),
-                "uncond": None
-                if uncond is None
-                else tensor_hash(
-                    uncond.embeds[rows], _rows(uncond.pooled, rows), _rows(uncond.time_ids, rows)
-                ),
+                "cond": _hash_rows(cond, rows),
+                "uncond": None if uncond is None else _hash_rows(uncond, rows),
             },
-            "attention_backend": attention_backend(self.unet),
-            "environment": environment(self.pipe.device, self.unet.dtype),
+            "attention_backend": attention_backend(self.model),
+            "environment": environment(self.pipe.device, self.model.dtype),
         }
 
 
@@ -559,16 +563,18 @@ def _broadcast(
     def fit(c: Conditioning) -> Conditioning:
         if c.batch not in (1, count):
             raise ConfigError(f"conditioning has batch {c.batch}, but {count} images were asked for")
-        reps = count if c.batch == 1 else 1
-
-        def rep(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.repeat(reps, *([1] * (t.ndim - 1))).to(device)
-
-        return Conditioning(c.embeds.repeat(reps, 1, 1).to(device), rep(c.pooled), rep(c.time_ids))
+        return c.repeat(count if c.batch == 1 else 1).to(device)
 
     uncond = conditioning.uncond
     return fit(conditioning.cond), (None if uncond is None else fit(uncond))
 
 
-def _rows(t: Tensor | None, rows: slice) -> Tensor | None:
-    return None if t is None else t[rows]
+def comfy_config(ms: Any) -> dict[str, Any]:
+    """The manifest's description of a comfy-policy model sampling."""
+    if isinstance(ms, ComfyFlowSampling):
+        return {"prediction_type": "flow", "shift": ms.shift, "multiplier": ms.multiplier}
+    return {"prediction_type": ms.prediction_type, "beta_schedule": "scaled_linear 0.00085..0.012"}
+
+
+def _hash_rows(c: Conditioning, rows: slice) -> str:
+    return tensor_hash(*(None if t is None else t[rows] for t in c.hash_order()))

@@ -3,6 +3,7 @@
 from .base import COND, UNCOND, Branch, GuidanceTerm, StepInfo, Window
 from .cfg import CFG
 from .pag import PAG
+from .slg import SLG
 from .tpg import TPG
 
-__all__ = ["CFG", "COND", "PAG", "TPG", "UNCOND", "Branch", "GuidanceTerm", "StepInfo", "Window"]
+__all__ = ["CFG", "COND", "PAG", "SLG", "TPG", "UNCOND", "Branch", "GuidanceTerm", "StepInfo", "Window"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 from torch import Tensor
@@ -61,19 +61,35 @@ UNCOND = Branch("uncond", "uncond")
 class StepInfo:
     """Where the sampler is: evaluation ``index`` of ``count``, at noise level ``sigma``.
 
-    ``timestep`` is the model timestep (0..999 for SD-family models), used by diffusers'
-    adaptive PAG scale.
+    ``sigma``: the noise level in the family's own parametrisation (SD family: the
+    variance-exploding sigma ``sqrt((1 - abar) / abar)``; flow models: the flow sigma in
+    [0, 1], ``x = (1 - sigma) x0 + sigma noise``), so a ``Window`` in sigma works for every family.
+    ``timestep``: the scheduler's timestep on the 0..1000 scale (UNets: the training timestep
+    999..0; flow models: ``1000 sigma``, what diffusers' SD3/Flux schedulers list); diffusers'
+    adaptive PAG scale is defined on it. ``x``: the model input of the B images at this step
+    (None when a caller does not give it); ``prediction``: the model's output space. With
+    both, :meth:`to_x0` turns any branch's prediction into x0 (for terms working in x0 space).
     """
 
     index: int
     count: int
     sigma: float
     timestep: float
+    x: Tensor | None = field(default=None, compare=False, repr=False)
+    prediction: str = "epsilon"
 
     @property
     def fraction(self) -> float:
         """Fraction of the run already done: 0 at the first evaluation."""
         return self.index / max(self.count, 1)
+
+    def to_x0(self, pred: Tensor) -> Tensor:
+        """The denoised estimate x0 implied by a branch's prediction (B, ...) at this step."""
+        from ..models.denoiser import prediction_to_x0
+
+        if self.x is None:
+            raise ConfigError("this step carries no model input x; x0 cannot be computed")
+        return prediction_to_x0(self.prediction, self.x, self.sigma, pred)
 
 
 @dataclass(frozen=True)

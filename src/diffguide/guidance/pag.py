@@ -10,9 +10,14 @@ This is the convention of diffusers' PAG pipelines (``pag_scale``) and of ComfyU
 PerturbedAttentionGuidance node (``scale``). diffusers' *modular* PAG guider without CFG
 computes ``p + s (c - p) = c + (s - 1)(c - p)``: its scale s equals diffguide's s - 1.
 
-Adaptive scale, as diffusers' pipelines define it (t = model timestep, 999 -> 0)::
+Adaptive scale, as diffusers' pipelines define it::
 
     s_t = max(0, s - adaptive_scale * (1000 - t))
+
+t is :attr:`StepInfo.timestep`, the family's scheduler timestep on the 0..1000 scale: the
+training timestep 999 -> 0 on SD1.5/SDXL; ``1000 sigma`` (1000 -> ~0) on flow models, which
+is what diffusers' ``StableDiffusion3PAGPipeline`` passes (its scheduler's timesteps). With
+the comfy noise policy t is ComfyUI's integer timestep of the step's sigma.
 
 Paper defaults: mid-block self-attention on SD1.5 and SDXL; s = 3 with CFG 4, or s = 5 alone.
 """

@@ -9,9 +9,10 @@ from ..errors import ConfigError
 from .base import GuidanceTerm, Window
 from .cfg import CFG
 from .pag import PAG
+from .slg import SLG
 from .tpg import TPG
 
-METHODS: dict[str, type] = {"cfg": CFG, "pag": PAG, "tpg": TPG}
+METHODS: dict[str, type] = {"cfg": CFG, "pag": PAG, "tpg": TPG, "slg": SLG}
 
 
 def term_from_dict(d: Mapping[str, Any]) -> GuidanceTerm:

@@ -102,7 +102,8 @@ def load_pipeline(path: str | Path, *, dtype: torch.dtype = torch.float32, confi
     return pipe
 
 
-COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+#: Every network a supported pipeline can hold (families list the ones they hash).
+COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def own_memory(pipe: Any) -> Any:

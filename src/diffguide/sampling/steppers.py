@@ -1,0 +1,242 @@
+"""Scheduler adapters: every sampler seen as steps between noise levels (sigma space).
+
+The one sampling loop (:func:`diffguide.sampling.loop.run`) talks only to a :class:`Stepper`:
+
+* ``start(noise)`` -> the initial x;
+* ``model_input(x, i)`` and ``model_time(i, batch)`` -> what the guided model gets at step i;
+* ``step(guided, x, i)`` -> x at the next noise level;
+* ``sigmas`` / ``timesteps``: per model evaluation, plain floats computed once per run (no
+  per-step device sync); ``prediction``: the model's output space.
+
+Adapters:
+
+* :class:`DiscreteStepper`: a DDPM-family diffusers scheduler (Euler, DPM++, DDIM, UniPC,
+  Heun, ...): ``init_noise_sigma``, ``scale_model_input`` and ``alphas_cumprod`` live here only.
+* :class:`FlowStepper`: diffusers' ``FlowMatchEulerDiscreteScheduler`` (SD3, Flux, Qwen-Image,
+  AuraFlow): no input scaling, sigma = the scheduler's flow sigma.
+* :class:`ComfyStepper`: the ``comfy`` noise policy (ComfyUI's KSampler samplers, SD family).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from .comfy import AnyModelSampling, StepFn, make_comfy_step
+from .schedulers import sigmas_at
+
+
+class Stepper(Protocol):
+    """What the sampling loop needs from a sampler (see the module docstring)."""
+
+    prediction: str
+
+    @property
+    def sigmas(self) -> list[float]: ...
+
+    @property
+    def timesteps(self) -> list[float]: ...
+
+    def start(self, noise: Tensor) -> Tensor: ...
+
+    def model_input(self, x: Tensor, i: int) -> Tensor: ...
+
+    def model_time(self, i: int, batch: int) -> Tensor: ...
+
+    def step(self, guided: Tensor, x: Tensor, i: int) -> Tensor: ...
+
+    def finish(self, x: Tensor) -> Tensor: ...
+
+
+@dataclass
+class DiscreteStepper:
+    """A DDPM-family diffusers scheduler whose ``set_timesteps`` has been called.
+
+    ``extra``: the keyword arguments its ``step`` takes (per-image generators, DDIM's eta).
+    """
+
+    scheduler: Any
+    prediction: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._ts = list(self.scheduler.timesteps)  # 0-dim tensors, as diffusers' loops pass them
+        self._levels = [float(t) for t in self.scheduler.timesteps.tolist()]
+        self._sigmas = sigmas_at(self.scheduler, self.scheduler.timesteps)
+
+    @property
+    def sigmas(self) -> list[float]:
+        return self._sigmas
+
+    @property
+    def timesteps(self) -> list[float]:
+        return self._levels
+
+    def start(self, noise: Tensor) -> Tensor:
+        return noise * self.scheduler.init_noise_sigma
+
+    def model_input(self, x: Tensor, i: int) -> Tensor:
+        return self.scheduler.scale_model_input(x, self._ts[i])  # type: ignore[no-any-return]
+
+    def model_time(self, i: int, batch: int) -> Tensor:
+        return self._ts[i]  # type: ignore[no-any-return]
+
+    def step(self, guided: Tensor, x: Tensor, i: int) -> Tensor:
+        return self.scheduler.step(guided, self._ts[i], x, **self.extra, return_dict=False)[0]  # type: ignore[no-any-return]
+
+    def finish(self, x: Tensor) -> Tensor:
+        return x
+
+
+@dataclass
+class FlowStepper:
+    """diffusers' ``FlowMatchEulerDiscreteScheduler`` (after ``set_timesteps``): x = (1 - s) x0 + s noise.
+
+    The model gets the scheduler's timestep (``1000 sigma``) expanded to the batch, as
+    diffusers' SD3 pipeline passes it; a family converts it further if its model wants t/1000.
+    """
+
+    scheduler: Any
+    prediction: str = "flow"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._ts = list(self.scheduler.timesteps)
+        self._levels = [float(t) for t in self.scheduler.timesteps.tolist()]
+        self._sigmas = [float(s) for s in self.scheduler.sigmas[: len(self._ts)].tolist()]
+
+    @property
+    def sigmas(self) -> list[float]:
+        return self._sigmas
+
+    @property
+    def timesteps(self) -> list[float]:
+        return self._levels
+
+    def start(self, noise: Tensor) -> Tensor:
+        return noise
+
+    def model_input(self, x: Tensor, i: int) -> Tensor:
+        return x
+
+    def model_time(self, i: int, batch: int) -> Tensor:
+        return self._ts[i].expand(batch)  # type: ignore[no-any-return]
+
+    def step(self, guided: Tensor, x: Tensor, i: int) -> Tensor:
+        return self.scheduler.step(guided, self._ts[i], x, **self.extra, return_dict=False)[0]  # type: ignore[no-any-return]
+
+    def finish(self, x: Tensor) -> Tensor:
+        return x
+
+
+def calculate_shift(
+    seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """Flux/Qwen-Image dynamic shift: mu on the line through (base_seq_len, base_shift) and
+    (max_seq_len, max_shift), at the packed image sequence length (diffusers' ``calculate_shift``)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return seq_len * m + (base_shift - m * base_seq_len)
+
+
+def flow_set_timesteps(
+    scheduler: Any,
+    steps: int,
+    device: Any,
+    seq_len: int,
+    sigmas: list[float] | None = None,
+    max_shift_default: float = 1.15,
+) -> float | None:
+    """``set_timesteps`` as diffusers' flow pipelines call it; returns mu (None: static shift).
+
+    Static shift (SD3): the scheduler's own ``shift`` from its config. Dynamic shift
+    (``use_dynamic_shifting``: Flux, Qwen-Image): ``mu = calculate_shift(seq_len, ...)`` with the
+    config's base/max sequence lengths and shifts. ``sigmas``: custom sigmas before the shift
+    (Flux and Qwen-Image pass ``linspace(1, 1/N, N)``). ``max_shift_default``: used when the
+    config has no ``max_shift`` (diffusers' SD3 pipeline assumes 1.16, Flux's 1.15).
+    """
+    cfg = scheduler.config
+    mu = None
+    if cfg.get("use_dynamic_shifting", False):
+        mu = calculate_shift(
+            seq_len,
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", max_shift_default),
+        )
+    kwargs: dict[str, Any] = {} if mu is None else {"mu": mu}
+    if sigmas is not None:
+        scheduler.set_timesteps(sigmas=sigmas, device=device, **kwargs)
+    else:
+        scheduler.set_timesteps(steps, device=device, **kwargs)
+    return mu
+
+
+@dataclass
+class ComfyStepper:
+    """ComfyUI's KSampler path (``euler``, ``euler_ancestral``, ``dpmpp_2m``).
+
+    ``model_sampling`` is a :class:`~diffguide.sampling.comfy.ComfyModelSampling` (SD family: input
+    scaling ``x / sqrt(sigma^2 + 1)``) or :class:`~diffguide.sampling.comfy.ComfyFlowSampling`
+    (flow models: input x, timestep ``sigma * multiplier``); x0 from the guided prediction; the update then
+    moves x from sigmas[i] to sigmas[i + 1] (see :func:`~diffguide.sampling.comfy.make_comfy_step`).
+    ``sigmas_t`` (CPU) has steps + 1 values ending in 0; ``timesteps_t`` (CPU) the model's
+    timestep at each of the first ``steps`` sigmas (an integer on SD models). ``seed`` is the KSampler seed (ancestral
+    per-step noise). As in ComfyUI, x is float32 throughout; the model input is cast to
+    ``model_dtype``, as ComfyUI casts it to the model's dtype.
+    """
+
+    model_sampling: AnyModelSampling
+    sigmas_t: Tensor
+    timesteps_t: Tensor
+    sampler: str = "euler"
+    seed: int | None = None
+    model_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        self.prediction = self.model_sampling.prediction_type
+        self._levels = self.sigmas_t.tolist()  # Python floats for StepInfo: no per-step sync
+        self._steps_t = self.timesteps_t.tolist()
+        self._update: StepFn | None = None
+
+    @property
+    def sigmas(self) -> list[float]:
+        return self._levels[:-1]
+
+    @property
+    def timesteps(self) -> list[float]:
+        return self._steps_t  # type: ignore[no-any-return]
+
+    def start(self, noise: Tensor) -> Tensor:
+        self.model_dtype = self.model_dtype or noise.dtype
+        noise = noise.float()
+        self._sig = self.sigmas_t.to(noise.device)
+        self._tim = self.timesteps_t.to(noise.device, torch.float32)
+        ms = self.model_sampling
+        x = ms.noise_scaling(self._sig[0], noise, torch.zeros_like(noise), ms.is_max_denoise(self._sig))
+        self._update = make_comfy_step(self.sampler, x, self.seed, flow=self.prediction == "flow")
+        return x
+
+    def model_input(self, x: Tensor, i: int) -> Tensor:
+        sigma = self._sig[i].expand(x.shape[0])
+        return self.model_sampling.calculate_input(sigma, x).to(self.model_dtype)
+
+    def model_time(self, i: int, batch: int) -> Tensor:
+        return self._tim[i].expand(batch)
+
+    def step(self, guided: Tensor, x: Tensor, i: int) -> Tensor:
+        assert self._update is not None, "start() first"
+        sigma = self._sig[i].expand(x.shape[0])
+        denoised = self.model_sampling.calculate_denoised(sigma, guided.float(), x)
+        return self._update(x, denoised, self._sig, i)
+
+    def finish(self, x: Tensor) -> Tensor:
+        """x is float32 (as in ComfyUI); returned in the model's dtype."""
+        return x.to(self.model_dtype)

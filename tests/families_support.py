@@ -1,0 +1,128 @@
+"""Tiny transformer-family pipelines built from configs (never downloaded), for tests.
+
+Reusable by every family's tests: :func:`tiny_sd3` (SD3, or SD3.5 with ``sd35=True``: dual
+attention + qk norm) with two tiny CLIP encoders and a tiny T5 encoder, and :func:`save_tiny`
+to write any pipeline as a diffusers folder (for loading tests). The text encoders reuse the
+byte-level CLIP tokenizer of :mod:`diffguide.testing` (the T5 encoder too: any tokenizer that
+pads to a fixed length serves a random T5).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+from diffguide.testing import byte_tokenizer
+
+CLIP_DIM = 32  # each CLIP encoder's hidden size and projection (pooled: 2 x 32 = 64)
+T5_DIM = 64  # T5 d_model = the transformer's joint_attention_dim (CLIP states are padded to it)
+LATENT_CHANNELS = 16  # as real SD3
+#: SD3's VAE latent statistics (scaling and shift factor), so decode's shift is exercised.
+SD3_SCALING, SD3_SHIFT = 1.5305, 0.0609
+
+
+def tiny_clip(seed: int) -> CLIPTextModelWithProjection:
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(
+        bos_token_id=512,
+        eos_token_id=513,
+        pad_token_id=513,
+        hidden_size=CLIP_DIM,
+        intermediate_size=2 * CLIP_DIM,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=600,
+        max_position_embeddings=77,
+        projection_dim=CLIP_DIM,
+        hidden_act="gelu",
+    )
+    return CLIPTextModelWithProjection(cfg).eval()
+
+
+def tiny_t5(seed: int) -> T5EncoderModel:
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        vocab_size=600,
+        d_model=T5_DIM,
+        d_kv=16,
+        d_ff=64,
+        num_layers=1,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=513,
+        eos_token_id=513,
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(cfg).eval()
+
+
+def tiny_flow_vae(seed: int, channels: int = LATENT_CHANNELS) -> AutoencoderKL:
+    """A 2-level VAE (x2 downsampling) with SD3's scaling and shift factors."""
+    torch.manual_seed(seed)
+    vae: Any = AutoencoderKL(
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=channels,
+        norm_num_groups=8,
+        sample_size=32,
+        scaling_factor=SD3_SCALING,
+        shift_factor=SD3_SHIFT,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    return vae.eval()
+
+
+def sd3_transformer(seed: int = 0, layers: int = 4, sd35: bool = False) -> SD3Transformer2DModel:
+    torch.manual_seed(seed)
+    model: Any = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=LATENT_CHANNELS,
+        num_layers=layers,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=T5_DIM,
+        pooled_projection_dim=2 * CLIP_DIM,
+        out_channels=LATENT_CHANNELS,
+        pos_embed_max_size=16,
+        dual_attention_layers=(0, 1) if sd35 else (),
+        qk_norm="rms_norm" if sd35 else None,
+    )
+    return model.eval()
+
+
+def tiny_sd3(seed: int = 0, layers: int = 4, sd35: bool = False) -> StableDiffusion3Pipeline:
+    """A complete StableDiffusion3Pipeline: 16x16-latent transformer (patch 2), VAE x2, 3 encoders."""
+    pipe = StableDiffusion3Pipeline(
+        transformer=sd3_transformer(seed, layers, sd35),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_flow_vae(seed + 1),
+        text_encoder=tiny_clip(seed + 2),
+        tokenizer=byte_tokenizer(),
+        text_encoder_2=tiny_clip(seed + 3),
+        tokenizer_2=byte_tokenizer(),
+        text_encoder_3=tiny_t5(seed + 4),
+        tokenizer_3=byte_tokenizer(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny(pipe: Any, folder: Path) -> Path:
+    """The pipeline as a diffusers folder (safetensors weights)."""
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return folder
