@@ -8,6 +8,7 @@ the negative rows in the same forward as the conditional rows (diffusers: two ca
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -321,9 +322,25 @@ def test_cli_generate_replay(dev, tmp_path):
     png = next(line for line in res.output.splitlines() if line.endswith("-001-1.png"))
     res = CliRunner().invoke(app, ["replay", png])
     assert res.exit_code == 0 and "bit-identical" in res.output and "NOT" not in res.output
-    res = CliRunner().invoke(app, ["generate", "-m", str(folder), "-p", "a cat", "-W", "32", "-H", "32"])
+    plain = ["generate", "-m", str(folder), "-p", "a cat", "-W", "32", "-H", "32", "--steps", "2"]
+    res = CliRunner().invoke(app, [*plain, "-o", str(tmp_path / "plain"), "-q"])
+    assert res.exit_code == 0, res.output  # no --cfg: FluxPipeline's defaults, embedded guidance 3.5
+    manifest = json.loads(next((tmp_path / "plain").glob("*.json")).read_text())
+    assert manifest["parameters"]["guidance"] == [{"method": "embedded_guidance", "scale": 3.5}]
+    assert manifest["parameters"]["default_cfg"] is False  # resolved: replay needs no defaults
+    res = CliRunner().invoke(app, [*plain, "--cfg", "4"])
     assert res.exit_code == 2
     assert res.output.strip().splitlines()[-1].startswith("error: cfg on this guidance-distilled Flux model")
+
+
+def test_api_defaults_are_fluxpipelines(dev):
+    """No guidance given: no true CFG and embedded guidance 3.5, as FluxPipeline's defaults."""
+    ref, _, _ = reference(dev, PROMPTS[:1])
+    out = GuidedPipeline(dev).generate(
+        PROMPTS[0], steps=STEPS, seed=SEED, height=SIZE, width=SIZE, decode=False
+    )
+    assert out.manifests[0]["parameters"]["guidance"] == [{"method": "embedded_guidance", "scale": 3.5}]
+    assert (out.latents - ref).abs().max().item() <= TOL
 
 
 def _lora(pipe, folder, attr):

@@ -67,6 +67,9 @@ class GenerateConfig:
     shift: float = DEFAULTS.shift  # sampling time shift (SD3 eq. 23); 1 = off
     # Image i bit-identical to its seed run alone: each image sampled by itself (B forwards a step)
     batch_invariant: bool = False
+    # CFG was not asked for explicitly: the model family may replace the default CFG term by its
+    # own default (guidance-distilled Flux: embedded guidance, no true CFG, as FluxPipeline)
+    default_cfg: bool = False
 
     @staticmethod
     def create(
@@ -91,6 +94,8 @@ class GenerateConfig:
         elif guidance is not None and not isinstance(guidance, (list, tuple)):
             raise ConfigError(f"guidance must be a list of terms such as [CFG(5.0)], got {guidance!r}")
         terms: tuple[GuidanceTerm, ...] = (CFG(),) if guidance is None else tuple(guidance)
+        if guidance is None:
+            kwargs.setdefault("default_cfg", True)
         return GenerateConfig(tuple(prompts), tuple(negatives), terms, **kwargs)
 
     def __post_init__(self) -> None:
@@ -300,7 +305,12 @@ class GuidedPipeline:
         has_negative = any(cfg.negative_prompts) or (
             conditioning is not None and conditioning.uncond is not None
         )
-        cfg = replace(cfg, guidance=self.family.guidance_terms(self.pipe, cfg.guidance, has_negative))
+        terms = cfg.guidance
+        if cfg.default_cfg:  # CFG not asked for: the family's default instead of the global one
+            terms = self.family.default_cfg(self.pipe, terms, has_negative)
+        # the manifest records the resolved terms (default_cfg off), so replay needs no defaults
+        terms = self.family.guidance_terms(self.pipe, terms, has_negative)
+        cfg = replace(cfg, guidance=terms, default_cfg=False)
         with self.lock:
             return self._generate(cfg, callback, progress, decode, conditioning, rows_schedule)
 

@@ -199,13 +199,15 @@ def generate(
         ),
     ] = DEFAULTS.shift,
     cfg: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--cfg",
-            help="CFG scale w in [0, 100]; 1 = off (no unconditional branch).",
+            help="CFG scale w in [0, 100]; 1 = off (no unconditional branch). Not given: "
+            f"{DEFAULTS.cfg:g}, except on Flux (off, as FluxPipeline; true CFG needs --cfg and a negative prompt).",
+            show_default=False,
             rich_help_panel=P_GUIDE,
         ),
-    ] = DEFAULTS.cfg,
+    ] = None,
     cfg_rescale: Annotated[
         float, typer.Option("--cfg-rescale", help="CFG rescale phi in [0, 1].", rich_help_panel=P_GUIDE)
     ] = 0.0,
@@ -496,7 +498,7 @@ def prepare(opts: dict[str, Any]) -> Run:
     prompt, quiet, dtype = o.prompt, o.quiet, o.dtype
     # Everything that can be checked without the model is checked before loading it.
     terms = build_guidance(
-        cfg=o.cfg, cfg_rescale=o.cfg_rescale, cfg_window=o.cfg_window,
+        cfg=DEFAULTS.cfg if o.cfg is None else o.cfg, cfg_rescale=o.cfg_rescale, cfg_window=o.cfg_window,
         pag=o.pag, pag_layers=o.pag_layers, pag_adaptive=o.pag_adaptive, pag_window=o.pag_window,
         tpg=o.tpg, tpg_layers=o.tpg_layers, tpg_window=o.tpg_window,
         slg=o.slg, slg_layers=o.slg_layers, slg_start=o.slg_start, slg_stop=o.slg_stop,
@@ -516,6 +518,7 @@ def prepare(opts: dict[str, Any]) -> Run:
         o.negative_prompt or "",
         num_images=o.batch,
         guidance=terms,
+        default_cfg=o.cfg is None,
         steps=o.steps,
         width=o.width,
         height=o.height,

@@ -90,6 +90,13 @@ class Family(ABC):
         return None
 
     # -- per-run guidance checks and shared model inputs ---------------------------------------
+    def default_cfg(
+        self, pipe: Any, terms: tuple[GuidanceTerm, ...], has_negative: bool
+    ) -> tuple[GuidanceTerm, ...]:
+        """``terms`` when CFG was not asked for explicitly (``GenerateConfig.default_cfg``): a
+        family whose pipelines default to no CFG drops the default CFG term here. Default: unchanged."""
+        return terms
+
     def guidance_terms(
         self, pipe: Any, terms: tuple[GuidanceTerm, ...], has_negative: bool
     ) -> tuple[GuidanceTerm, ...]:
