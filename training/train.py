@@ -440,6 +440,12 @@ def stage_export(args, run: Path, log: Logger):
     text.save_pretrained(tmp / "text_encoder", safe_serialization=True)
     shutil.copytree(run / "tokenizer", tmp / "tokenizer")
     EulerDiscreteScheduler(**SCHED_KW).save_pretrained(tmp / "scheduler")
+    # Keys other schedulers read, as in SD1.5's scheduler_config.json: diffusers' DDIM defaults
+    # (clip_sample true, set_alpha_to_one true) would clip latents to [-1, 1] and give noise.
+    sched_json = tmp / "scheduler" / "scheduler_config.json"
+    sched_cfg = json.loads(sched_json.read_text())
+    sched_cfg.update(clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True)
+    sched_json.write_text(json.dumps(sched_cfg, indent=2, sort_keys=True) + "\n")
     import diffusers
 
     index = {

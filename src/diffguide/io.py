@@ -137,6 +137,28 @@ def replace_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
     return dst
 
 
+def write_new(path: str | os.PathLike[str], data: bytes, what: str = "file") -> Path:
+    """Write ``data`` to ``path`` atomically, never replacing anything: DiffguideError if ``path``
+    exists (also when another writer creates it meanwhile). Used for explicitly named outputs
+    (``--trace FILE``), where a numbered name would surprise the caller."""
+    dst = Path(path)
+    if dst.exists() or dst.is_symlink():
+        raise DiffguideError(
+            f"{what} '{dst}' already exists; diffguide never overwrites a file: choose a new name"
+        )
+    tmp = _write_temp(dst.parent, data, dst.suffix)
+    try:
+        _publish(tmp, dst)
+    except FileExistsError:
+        raise DiffguideError(
+            f"{what} '{dst}' already exists; diffguide never overwrites a file: choose a new name"
+        ) from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return dst
+
+
 def _publish(tmp: Path, dst: Path) -> None:
     """Give ``tmp`` the name ``dst`` atomically; FileExistsError if ``dst`` exists. Keeps ``tmp``."""
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -166,6 +167,12 @@ class GuidedPipeline:
     """Guided sampling over a diffusers pipeline of a supported family (wrapped, not copied).
 
     The family adapter (:mod:`diffguide.models.families`) is chosen from the pipeline.
+
+    Thread safety: one pipeline may be shared by threads. :meth:`generate` holds ``lock`` (a
+    re-entrant lock of this pipeline) for the whole run (encode, install perturbations, sample,
+    remove them, decode), so concurrent calls run one after another and each returns exactly
+    its serial result; no processor or hook outlives its run. Hold ``lock`` yourself to install
+    your own hooks around a run (e.g. a trace recorder's) or to change the model.
     """
 
     pipe: Any
@@ -173,6 +180,7 @@ class GuidedPipeline:
     loras: list[LoRA] = field(default_factory=list)
     _hashes: dict[str, str] = field(default_factory=dict, repr=False)
     family: Family = field(init=False, repr=False)
+    lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.family = family_of(self.pipe)
@@ -209,6 +217,10 @@ class GuidedPipeline:
         return self.model
 
     def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
+        with self.lock:
+            self._load_lora(path, scale)
+
+    def _load_lora(self, path: str | Path, scale: float) -> None:
         name = f"lora{len(self.loras)}"
         load_lora(self.pipe, path, name)
         self.loras.append(LoRA(str(path), scale, name, file_hash(str(path))))
@@ -252,12 +264,26 @@ class GuidedPipeline:
 
         ``conditioning``: precomputed embeddings (a loaded conditioning file) used instead of
         encoding the prompts; its batch must be 1 or the number of images.
+
+        Holds :attr:`lock` for the whole run: concurrent calls on one pipeline wait their turn.
         """
         cfg = (
             prompt
             if isinstance(prompt, GenerateConfig)
             else GenerateConfig.create(prompt, negative_prompt, **kwargs)
         )
+        with self.lock:
+            return self._generate(cfg, callback, progress, decode, conditioning, rows_schedule)
+
+    def _generate(
+        self,
+        cfg: GenerateConfig,
+        callback: Callback | None,
+        progress: bool,
+        decode: bool,
+        conditioning: ConditioningFile | None,
+        rows_schedule: dict[int, int] | None,
+    ) -> GenerationResult:
         if cfg.batch_invariant and cfg.num_images > 1:
             return self._generate_per_image(cfg, callback, progress, decode, conditioning, rows_schedule)
         height, width = cfg.height or self.default_size(), cfg.width or self.default_size()

@@ -394,7 +394,7 @@ def _report(opts, state, n, ref, classifiers, hashes, t_start, extractor_id) -> 
         "tpg_layers": opts.tpg_layers or "preset (deepest down block with attention)",
         "reference": {
             **ref.info,
-            "description": "class-balanced held-out images (training/data.py reference split)",
+            "description": "class-balanced held-out images (diffguide.bench.data reference split)",
         },
         "feature_extractor": extractor_id,
         "classifiers": {

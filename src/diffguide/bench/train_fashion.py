@@ -24,9 +24,9 @@ from .classifiers import FASHION_MEAN, FASHION_STD, FashionNet, fashion_weights_
 
 
 def load(split: str) -> tuple[np.ndarray, np.ndarray]:
-    from .reference import training_data_module
+    from .data import load_fashion
 
-    return training_data_module().load_fashion(split)
+    return load_fashion(split)
 
 
 def main(argv: list[str] | None = None) -> float:

@@ -21,7 +21,7 @@ from ..guidance import CFG, PAG, TPG, GuidanceTerm, Window
 from ..io import save_result
 from ..models.presets import default_layers
 from ..pipeline import NOISE_POLICIES, GenerateConfig, GuidedPipeline
-from ..repro.trace import TraceRecorder
+from ..repro.trace import TraceRecorder, check_trace_path
 from ..sampling.comfy import COMFY_SCHEDULERS
 from ..sampling.schedulers import SCHEDULERS
 from .common import (
@@ -365,6 +365,8 @@ def generate(
             "--trace records the steps of one batch; with --batch-invariant each image is sampled alone: "
             "trace one image at a time (-n 1 with its seed)"
         )
+    if trace is not None:
+        check_trace_path(trace)  # no-clobber: refuse before loading the model and sampling
     run = prepare(locals())
     pipe, config_, console = run.pipe, run.config, run.console
     recorder = TraceRecorder(trace_modules) if trace is not None else None

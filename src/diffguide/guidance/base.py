@@ -30,6 +30,16 @@ if TYPE_CHECKING:
 Prompt = Literal["cond", "uncond"]
 
 
+def check_finite(what: str, value: float) -> None:
+    """ConfigError unless ``value`` is a finite number (nan or inf would silently disable a term)."""
+    try:
+        ok = math.isfinite(value)
+    except TypeError:
+        raise ConfigError(f"{what} must be a number, got {value!r}") from None
+    if not ok:
+        raise ConfigError(f"{what} must be a finite number, got {value}")
+
+
 @dataclass(frozen=True)
 class Branch:
     """One model evaluation per image.
@@ -96,6 +106,10 @@ class Window:
     end: float = 1.0
 
     def __post_init__(self) -> None:
+        for what, value in (("sigma_min", self.sigma_min), ("start", self.start), ("end", self.end)):
+            check_finite(f"window {what}", value)
+        if self.sigma_max != math.inf:  # +inf is the documented "no upper bound"
+            check_finite("window sigma_max (or inf for no bound)", self.sigma_max)
         if not (0.0 <= self.start <= 1.0 and 0.0 <= self.end <= 1.0):
             raise ConfigError(f"window start/end must lie in [0, 1], got start={self.start}, end={self.end}")
         if self.start >= self.end:

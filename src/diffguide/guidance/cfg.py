@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import UNCOND, Branch, Predictions, StepInfo, Window
+from .base import UNCOND, Branch, Predictions, StepInfo, Window, check_finite
 
 
 def cfg_delta(c: Tensor, u: Tensor, w: float) -> Tensor:
@@ -46,6 +46,8 @@ class CFG:
     name: str = "cfg"
 
     def __post_init__(self) -> None:
+        check_finite("CFG scale", self.scale)
+        check_finite("CFG rescale", self.rescale)
         if not 0.0 <= self.scale <= 100.0:
             raise ConfigError(f"CFG scale must be in [0, 100], got {self.scale}")
         if not 0.0 <= self.rescale <= 1.0:

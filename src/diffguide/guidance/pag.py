@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..perturb.identity_attention import IdentityAttention
-from .base import Branch, Predictions, StepInfo, Window
+from .base import Branch, Predictions, StepInfo, Window, check_finite
 from .perturbed import perturbation_delta
 
 
@@ -50,6 +50,8 @@ class PAG:
     name: str = "pag"
 
     def __post_init__(self) -> None:
+        check_finite("PAG scale", self.scale)
+        check_finite("PAG adaptive_scale", self.adaptive_scale)
         if not 0.0 <= self.scale <= 100.0:
             raise ConfigError(f"PAG scale must be in [0, 100], got {self.scale}")
         if self.adaptive_scale < 0.0:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..perturb.token_shuffle import TokenShuffle
-from .base import Branch, Predictions, StepInfo, Window
+from .base import Branch, Predictions, StepInfo, Window, check_finite
 from .perturbed import perturbation_delta
 
 
@@ -34,6 +34,7 @@ class TPG:
     name: str = "tpg"
 
     def __post_init__(self) -> None:
+        check_finite("TPG scale", self.scale)
         if not 0.0 <= self.scale <= 100.0:
             raise ConfigError(f"TPG scale must be in [0, 100], got {self.scale}")
 

@@ -25,7 +25,7 @@ from safetensors.torch import save
 from torch import Tensor, nn
 
 from ..errors import DiffguideError
-from ..io import replace_atomic
+from ..io import write_new
 from ..sampling.loop import StepState
 
 STEP_FIELDS = ("latents_in", "module", "pred", "guided", "latents_out")
@@ -109,6 +109,8 @@ class TraceRecorder:
                 h.remove()
 
     def save(self, path: str | Path, manifest: dict[str, Any]) -> Path:
+        """Write the trace to ``path`` atomically; DiffguideError if ``path`` exists (nothing is
+        overwritten). Check with :func:`check_trace_path` before sampling to fail early."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {
@@ -116,7 +118,17 @@ class TraceRecorder:
             "manifest": json.dumps(manifest),
             "steps": json.dumps(self.steps),
         }
-        return replace_atomic(path, save({k: v.contiguous() for k, v in self.tensors.items()}, metadata=meta))
+        data = save({k: v.contiguous() for k, v in self.tensors.items()}, metadata=meta)
+        return write_new(path, data, "trace file")  # never overwrites (no-clobber, like images)
+
+
+def check_trace_path(path: str | Path) -> None:
+    """Fail before sampling if a trace cannot be saved at ``path`` without overwriting something."""
+    p = Path(path)
+    if p.exists() or p.is_symlink():
+        raise DiffguideError(
+            f"--trace '{p}' already exists; a trace never overwrites a file: choose a new name or remove it"
+        )
 
 
 @dataclass(frozen=True)
