@@ -30,6 +30,9 @@ from .errors import DiffguideError
 from .io import replace_atomic
 from .models.denoiser import Conditioning
 
+#: File key (without ``negative_``) -> the Conditioning tensor name.
+NAMES = {"prompt_embeds": "embeds", "pooled_prompt_embeds": "pooled", "time_ids": "time_ids"}
+
 KEYS = {
     "prompt_embeds": 3,
     "negative_prompt_embeds": 3,
@@ -115,16 +118,13 @@ def load_conditioning(path: str | Path) -> ConditioningFile:
     path = Path(path)
     tensors, metadata = _read(path)
     _validate(tensors, path)
-    cond = Conditioning(
-        tensors["prompt_embeds"], tensors.get("pooled_prompt_embeds"), tensors.get("time_ids")
-    )
+    cond = Conditioning(tensors={n: tensors[k] for k, n in NAMES.items() if k in tensors})
     uncond = None
     if "negative_prompt_embeds" in tensors:
-        uncond = Conditioning(
-            tensors["negative_prompt_embeds"],
-            tensors.get("negative_pooled_prompt_embeds"),
-            tensors.get("negative_time_ids", tensors.get("time_ids")),
-        )
+        named = {n: tensors[f"negative_{k}"] for k, n in NAMES.items() if f"negative_{k}" in tensors}
+        if "time_ids" in tensors and "time_ids" not in named:  # one set of time ids serves both
+            named["time_ids"] = tensors["time_ids"]
+        uncond = Conditioning(tensors=named)
     return ConditioningFile(cond, uncond, metadata)
 
 
@@ -133,17 +133,21 @@ def save_conditioning(
 ) -> Path:
     """Write a conditioning file atomically."""
     path = Path(path)
-    tensors = {"prompt_embeds": cond.embeds}
-    if cond.pooled is not None:
-        tensors["pooled_prompt_embeds"] = cond.pooled
-    if cond.time_ids is not None:
-        tensors["time_ids"] = cond.time_ids
+    tensors = _file_keys(cond, "")
     if uncond is not None:
-        tensors["negative_prompt_embeds"] = uncond.embeds
-        if uncond.pooled is not None:
-            tensors["negative_pooled_prompt_embeds"] = uncond.pooled
-        if uncond.time_ids is not None:
-            tensors["negative_time_ids"] = uncond.time_ids
+        tensors.update(_file_keys(uncond, "negative_"))
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
     return replace_atomic(path, save(data, metadata=metadata or {}))
+
+
+def _file_keys(c: Conditioning, prefix: str) -> dict[str, Tensor]:
+    """The file's keys for ``c``'s tensors; a tensor the format has no key for is an error."""
+    keys = {n: k for k, n in NAMES.items()}
+    extra = sorted(set(c.tensors) - set(keys))
+    if extra or c.shared:
+        what = ", ".join(extra + sorted(c.shared))
+        raise DiffguideError(
+            f"conditioning files cannot hold '{what}' yet (known: {', '.join(NAMES.values())})"
+        )
+    return {prefix + keys[n]: t for n, t in c.tensors.items()}
