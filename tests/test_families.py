@@ -49,8 +49,8 @@ def test_conditioning_errors():
 
 
 def test_conditioning_file_refuses_names_it_cannot_store(tmp_path):
-    c = Conditioning(tensors={"embeds": torch.zeros(1, 3, 4), "mask": torch.ones(1, 3)})
-    with pytest.raises(DiffguideError, match=r"^conditioning files cannot hold 'mask' yet"):
+    c = Conditioning(tensors={"embeds": torch.zeros(1, 3, 4), "guidance": torch.ones(1)})
+    with pytest.raises(DiffguideError, match=r"^conditioning files cannot hold 'guidance' yet"):
         save_conditioning(tmp_path / "c.safetensors", c, None)
     assert not (tmp_path / "c.safetensors").exists()
 

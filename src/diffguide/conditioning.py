@@ -8,6 +8,7 @@ A conditioning file is a .safetensors file of named tensors (batch first):
 | ``negative_prompt_embeds`` | (B, L, D) | CFG |
 | ``pooled_prompt_embeds`` / ``negative_pooled_prompt_embeds`` | (B, P) | SDXL |
 | ``time_ids`` / ``negative_time_ids`` | (B, 6) | SDXL |
+| ``prompt_embeds_mask`` / ``negative_prompt_embeds_mask`` | (B, L) | Qwen-Image (text attention mask, 1 = token) |
 
 plus string metadata (prompt, encoder, anything). ``.pt`` files are read only with
 ``torch.load(weights_only=True)`` and must hold the same dict. Nothing is filled in silently:
@@ -31,7 +32,12 @@ from .io import replace_atomic
 from .models.denoiser import Conditioning
 
 #: File key (without ``negative_``) -> the Conditioning tensor name.
-NAMES = {"prompt_embeds": "embeds", "pooled_prompt_embeds": "pooled", "time_ids": "time_ids"}
+NAMES = {
+    "prompt_embeds": "embeds",
+    "pooled_prompt_embeds": "pooled",
+    "time_ids": "time_ids",
+    "prompt_embeds_mask": "mask",
+}
 
 KEYS = {
     "prompt_embeds": 3,
@@ -40,6 +46,8 @@ KEYS = {
     "negative_pooled_prompt_embeds": 2,
     "time_ids": 2,
     "negative_time_ids": 2,
+    "prompt_embeds_mask": 2,
+    "negative_prompt_embeds_mask": 2,
 }
 
 
@@ -108,9 +116,17 @@ def _validate(tensors: dict[str, Tensor], path: Path) -> None:
     for a, b in (
         ("pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
         ("time_ids", "negative_time_ids"),
+        ("negative_prompt_embeds", "negative_prompt_embeds_mask"),
     ):
         if b in tensors and a not in tensors:
             raise DiffguideError(f"'{path}' has '{b}' but not '{a}'")
+    for embeds in ("prompt_embeds", "negative_prompt_embeds"):
+        mask = tensors.get(embeds.replace("embeds", "embeds_mask"))
+        if mask is not None and mask.shape != tensors[embeds].shape[:2]:
+            raise DiffguideError(
+                f"'{path}': '{embeds}_mask' has shape {tuple(mask.shape)}; expected "
+                f"{tuple(tensors[embeds].shape[:2])} (batch, tokens of '{embeds}')"
+            )
 
 
 def load_conditioning(path: str | Path) -> ConditioningFile:

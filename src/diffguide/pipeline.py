@@ -292,6 +292,7 @@ class GuidedPipeline:
             cond, uncond = self.encode(cfg, height, width)
         else:
             cond, uncond = _broadcast(conditioning, cfg.num_images, self.pipe.device)
+        cond, uncond = self.family.complete(self.pipe, cond, uncond, height, width)
         seeds = image_seeds(cfg.seed, cfg.num_images)
         denoiser = self.denoiser()
         # a callback that records from module hooks (TraceRecorder) drops an abandoned attempt's records

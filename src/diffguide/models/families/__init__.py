@@ -10,11 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import DiffguideError
+from .auraflow import AuraFlowFamily
 from .base import Family
+from .qwen_image import QwenImageFamily
 from .sd import SDFamily
 from .sd3 import SD3Family
 
-FAMILIES: tuple[Family, ...] = (SD3Family(), SDFamily())
+FAMILIES: tuple[Family, ...] = (SD3Family(), AuraFlowFamily(), QwenImageFamily(), SDFamily())
 
 
 def family_of(pipe: Any) -> Family:

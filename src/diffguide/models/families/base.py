@@ -79,6 +79,15 @@ class Family(ABC):
     ) -> tuple[Conditioning, Conditioning | None]:
         """Prompt conditioning and, when ``need_uncond``, the negative prompts' conditioning."""
 
+    def complete(
+        self, pipe: Any, cond: Conditioning, uncond: Conditioning | None, height: int, width: int
+    ) -> tuple[Conditioning, Conditioning | None]:
+        """The run's conditioning as the model takes it, from encoded or file-loaded embeddings:
+        add shared values that depend on the image size (e.g. Qwen-Image's ``img_shapes``) and
+        make ``cond`` and ``uncond`` concatenable per branch (e.g. pad text to one length).
+        Called once per run, on B rows each, before any forward. Default: as given."""
+        return cond, uncond
+
     def check(self, model: nn.Module, cond: Conditioning) -> None:
         """Raise a one-line ConfigError when ``cond`` lacks what ``model`` needs (default: no check)."""
         return None
