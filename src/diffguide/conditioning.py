@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .errors import DiffguideError
 from .io import replace_atomic
+from .manifest import file_hash
 from .models.denoiser import Conditioning
 
 #: File key (without ``negative_``) -> the Conditioning tensor name.
@@ -53,9 +54,14 @@ KEYS = {
 
 @dataclass(frozen=True)
 class ConditioningFile:
+    """Embeddings loaded from a file; ``path``/``sha256`` name the file (recorded in manifests,
+    so replay can load it again), None when built in code."""
+
     cond: Conditioning
     uncond: Conditioning | None
     metadata: dict[str, str] = field(default_factory=dict)
+    path: str | None = None
+    sha256: str | None = None
 
     def image(self, i: int, count: int) -> ConditioningFile:
         """The conditioning of image ``i`` of ``count`` (batch 1 serves every image)."""
@@ -66,7 +72,11 @@ class ConditioningFile:
             return c if c.batch == 1 else c.rows(i, i + 1)
 
         return ConditioningFile(
-            pick(self.cond), None if self.uncond is None else pick(self.uncond), self.metadata
+            pick(self.cond),
+            None if self.uncond is None else pick(self.uncond),
+            self.metadata,
+            self.path,
+            self.sha256,
         )
 
 
@@ -141,7 +151,7 @@ def load_conditioning(path: str | Path) -> ConditioningFile:
         if "time_ids" in tensors and "time_ids" not in named:  # one set of time ids serves both
             named["time_ids"] = tensors["time_ids"]
         uncond = Conditioning(tensors=named)
-    return ConditioningFile(cond, uncond, metadata)
+    return ConditioningFile(cond, uncond, metadata, str(path.resolve()), file_hash(str(path)))
 
 
 def save_conditioning(

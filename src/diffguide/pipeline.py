@@ -317,6 +317,8 @@ class GuidedPipeline:
             m["conditioning"]["source"] = "encoded" if conditioning is None else "file"
             if conditioning is not None:
                 m["conditioning"]["metadata"] = dict(conditioning.metadata)
+                if conditioning.path is not None:  # replay loads it again
+                    m["conditioning"]["file"] = {"path": conditioning.path, "sha256": conditioning.sha256}
             m["output"] = {"latents_hash": tensor_hash(latents[i : i + 1]), "shape": list(latents.shape[1:])}
             m["engine"] = {
                 "forward_calls": guided.forward_calls,

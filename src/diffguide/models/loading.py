@@ -66,6 +66,7 @@ def load_pipeline(path: str | Path, *, dtype: torch.dtype = torch.float32, confi
         index = (path / "model_index.json").read_text()
         if '"safety_checker"' in index:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
+        kwargs.update(_absent_components(index))
         with (
             warnings.catch_warnings()
         ):  # diffusers >= 0.42 renames torch_dtype to dtype; older only know the first
@@ -95,6 +96,16 @@ def load_pipeline(path: str | Path, *, dtype: torch.dtype = torch.float32, confi
         ) from err
     _check_all_weights_loaded(pipe, path)
     return pipe
+
+
+def _absent_components(index: str) -> dict[str, None]:
+    """Components a folder saved as absent (``[null, null]``, e.g. a Qwen-Image pipeline built
+    without its text encoder): diffusers loads such a folder only when they are passed as None."""
+    try:
+        entries = json.loads(index)
+    except json.JSONDecodeError as err:
+        raise DiffguideError(f"model_index.json is not valid JSON: {err}") from err
+    return {k: None for k, v in entries.items() if isinstance(v, list) and v and all(x is None for x in v)}
 
 
 #: Every network a supported pipeline can hold (families list the ones they hash).

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..conditioning import ConditioningFile, load_conditioning
 from ..errors import DiffguideError
 from ..guidance.registry import term_from_dict
 from ..manifest import tensor_hash
@@ -67,6 +68,28 @@ def load_for_replay(
     return pipe
 
 
+def _conditioning_file(manifest: dict[str, Any]) -> ConditioningFile | None:
+    """The conditioning file a run was generated from (checked against its recorded hash), or None."""
+    record = manifest.get("conditioning", {})
+    if record.get("source") != "file":
+        return None
+    file = record.get("file") or {}
+    if not file.get("path"):
+        raise DiffguideError(
+            "this image was generated from precomputed embeddings that the manifest does not name; "
+            "it cannot be replayed"
+        )
+    if not Path(file["path"]).exists():
+        raise DiffguideError(f"the run's conditioning file '{file['path']}' does not exist")
+    loaded = load_conditioning(file["path"])
+    if file.get("sha256") and loaded.sha256 != file["sha256"]:
+        raise DiffguideError(
+            f"the conditioning file '{file['path']}' changed since the run (sha256 {loaded.sha256}, "
+            f"recorded {file['sha256']})"
+        )
+    return loaded
+
+
 def replay(manifest: dict[str, Any], pipe: GuidedPipeline, png: str | Path | None = None) -> ReplayReport:
     """Regenerate the manifest's batch on ``pipe`` and compare image ``index`` with the record.
 
@@ -82,14 +105,19 @@ def replay(manifest: dict[str, Any], pipe: GuidedPipeline, png: str | Path | Non
     try:
         fallbacks = manifest.get("engine", {}).get("out_of_memory_fallbacks", {})
         schedule = {int(k): int(v) for k, v in fallbacks.items()}
+        conditioning = _conditioning_file(manifest)
         if cfg.batch_invariant:  # image ``index`` was sampled alone: replay just that image
+            if conditioning is not None:
+                conditioning = conditioning.image(index, cfg.num_images)
             cfg = replace(
                 cfg,
                 prompts=(cfg.prompts[index],),
                 negative_prompts=(cfg.negative_prompts[index],),
                 seed=cfg.seed + index,
             )
-        result = pipe.generate(cfg, decode=png is not None, rows_schedule=schedule)
+        result = pipe.generate(
+            cfg, decode=png is not None, rows_schedule=schedule, conditioning=conditioning
+        )
     finally:
         torch.set_num_threads(before)
     row = 0 if cfg.batch_invariant else index  # the image's row in what was regenerated
