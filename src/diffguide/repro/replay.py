@@ -115,9 +115,7 @@ def replay(manifest: dict[str, Any], pipe: GuidedPipeline, png: str | Path | Non
                 negative_prompts=(cfg.negative_prompts[index],),
                 seed=cfg.seed + index,
             )
-        result = pipe.generate(
-            cfg, decode=png is not None, rows_schedule=schedule, conditioning=conditioning
-        )
+        result = pipe.generate(cfg, decode=png is not None, rows_schedule=schedule, conditioning=conditioning)
     finally:
         torch.set_num_threads(before)
     row = 0 if cfg.batch_invariant else index  # the image's row in what was regenerated
