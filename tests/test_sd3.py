@@ -177,10 +177,6 @@ def test_family_errors(sd3_pipe):
     gp = GuidedPipeline(sd3_pipe)
     assert family_of(sd3_pipe).name == "sd3"
     with pytest.raises(
-        ConfigError, match=r"^the comfy noise policy supports SD1\.5/SDXL models, not this sd3 model$"
-    ):
-        gp.generate("a", guidance=[CFG(2.0)], steps=2, noise="comfy")
-    with pytest.raises(
         ConfigError, match=r"^scheduler 'ddim' does not run sd3 models; choose one of: euler$"
     ):
         gp.generate("a", guidance=[CFG(2.0)], steps=2, scheduler="ddim")
@@ -205,3 +201,39 @@ def test_cli_generate_replay(sd3_pipe, tmp_path):
     png = next(line for line in res.output.splitlines() if line.endswith("-001-1.png"))
     res = CliRunner().invoke(app, ["replay", png])
     assert res.exit_code == 0 and "bit-identical" in res.output and "NOT" not in res.output
+
+
+@pytest.fixture(scope="module")
+def sd3_lora(tmp_path_factory):
+    """A random LoRA on the tiny SD3 transformer's attention projections, in diffusers' format."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = tiny_sd3(seed=0)
+    torch.manual_seed(3)
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj"]
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets))
+    for name, param in pipe.transformer.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.2)
+    folder = tmp_path_factory.mktemp("sd3-lora")
+    StableDiffusion3Pipeline.save_lora_weights(
+        folder, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer)
+    )
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def test_lora_matches_pipeline(sd3_lora):
+    gp = GuidedPipeline(tiny_sd3(seed=0))
+    before = gp.component_hashes()["transformer"]
+    gp.load_lora(sd3_lora, 0.7)
+    out = gp.generate(PROMPTS, NEGATIVES, guidance=[CFG(5.0)], steps=3, seed=SEED, decode=False)
+    lora = out.manifests[0]["model"]["loras"][0]
+    assert lora["scale"] == 0.7 and out.manifests[0]["model"]["hashes"]["transformer"] != before
+    ref_pipe = tiny_sd3(seed=0)
+    ref_pipe.load_lora_weights(str(sd3_lora), adapter_name="x")
+    ref_pipe.set_adapters(["x"], adapter_weights=[0.7])
+    ref = reference(ref_pipe, PROMPTS, NEGATIVES, steps=3, guidance_scale=5.0)
+    assert (out.latents - ref).abs().max().item() <= TOL
+    plain = reference(tiny_sd3(seed=0), PROMPTS, NEGATIVES, steps=3, guidance_scale=5.0)
+    assert (out.latents - plain).abs().max().item() > 100 * TOL

@@ -23,7 +23,7 @@ from .manifest import MANIFEST_VERSION, attention_backend, environment, file_has
 from .models.denoiser import Conditioning, FamilyDenoiser
 from .models.families import Family, family_of
 from .models.loading import load_lora, load_pipeline, own_memory
-from .sampling.comfy import COMFY_SCHEDULERS, ComfyModelSampling, comfy_noise, comfy_sigmas
+from .sampling.comfy import COMFY_SCHEDULERS, ComfyFlowSampling, comfy_noise, comfy_sigmas
 from .sampling.loop import Callback, run
 from .sampling.noise import generators, image_seeds, initial_noise
 from .sampling.schedulers import SCHEDULERS, SHIFTABLE
@@ -302,9 +302,7 @@ class GuidedPipeline:
         )
         shape = self.family.latent_shape(self.pipe, cfg.num_images, height, width)
         if cfg.noise == "comfy":
-            latents, schedule = self._sample_comfy(
-                cfg, guided, shape, denoiser.prediction_type, callback, progress
-            )
+            latents, schedule = self._sample_comfy(cfg, guided, shape, callback, progress)
         else:
             latents, schedule = self._sample_diffusers(
                 cfg, guided, shape, seeds, (height, width), callback, progress
@@ -428,11 +426,10 @@ class GuidedPipeline:
         cfg: GenerateConfig,
         guided: GuidedModel,
         shape: tuple[int, ...],
-        prediction_type: str,
         callback: Callback | None,
         progress: bool,
     ) -> tuple[Tensor, dict[str, Any]]:
-        ms = ComfyModelSampling(prediction_type=prediction_type)
+        ms = self.family.comfy_model_sampling(self.pipe)
         name = cfg.schedule or "normal"
         sampler = COMFY_SAMPLER_NAMES[cfg.scheduler]
         sigmas = comfy_sigmas(name, cfg.steps, model_sampling=ms)
@@ -455,13 +452,13 @@ class GuidedPipeline:
             noise_desc["per_step_device"] = str(noise.device)
         schedule = {
             "name": f"comfy {sampler}/{name}",
-            "class": "ComfyModelSampling",
+            "class": type(ms).__name__,
             "sampler": {
                 "name": sampler,
                 **({"eta": 1.0, "s_noise": 1.0} if sampler == "euler_ancestral" else {}),
             },
             "schedule": name,
-            "config": {"prediction_type": prediction_type, "beta_schedule": "scaled_linear 0.00085..0.012"},
+            "config": comfy_config(ms),
             "timesteps": [float(t) for t in timesteps.tolist()],
             "sigmas": sigmas.tolist(),
             "noise": noise_desc,
@@ -476,7 +473,7 @@ class GuidedPipeline:
         fam = self.family
         self.family.check_size(self.pipe, height, width)
         if cfg.noise == "comfy" and not fam.comfy:
-            raise ConfigError(f"the comfy noise policy supports SD1.5/SDXL models, not this {fam.name} model")
+            raise ConfigError(f"the comfy noise policy does not support {fam.name} models yet")
         if cfg.noise != "comfy" and cfg.scheduler not in fam.schedulers:
             raise ConfigError(
                 f"scheduler '{cfg.scheduler}' does not run {fam.name} models; choose one of: "
@@ -546,6 +543,13 @@ def _broadcast(
 
     uncond = conditioning.uncond
     return fit(conditioning.cond), (None if uncond is None else fit(uncond))
+
+
+def comfy_config(ms: Any) -> dict[str, Any]:
+    """The manifest's description of a comfy-policy model sampling."""
+    if isinstance(ms, ComfyFlowSampling):
+        return {"prediction_type": "flow", "shift": ms.shift, "multiplier": ms.multiplier}
+    return {"prediction_type": ms.prediction_type, "beta_schedule": "scaled_linear 0.00085..0.012"}
 
 
 def _hash_rows(c: Conditioning, rows: slice) -> str:

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from .. import app
 from ..conditioning import ConditioningFile, load_conditioning
 from ..errors import ConfigError
 from ..guidance import CFG, PAG, TPG, GuidanceTerm, Window
@@ -36,7 +37,6 @@ from .common import (
     plural,
     resolve_device,
     resolve_model,
-    torch_dtype,
 )
 
 Scheduler = enum.Enum("Scheduler", {name: name for name in SCHEDULERS}, type=str)  # type: ignore[misc]
@@ -415,13 +415,6 @@ def generate(
     )
 
 
-SMALL_UNET = 10_000_000
-
-
-def _params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 @dataclass
 class Run:
     pipe: GuidedPipeline
@@ -473,23 +466,17 @@ def prepare(opts: dict[str, Any]) -> Run:
         torch.set_num_threads(o.threads)
 
     console = Console(stderr=True, quiet=quiet, highlight=False)
+    request = app.ModelRequest(str(model_path), DType(dtype).value, device_, o.config, tuple(loras))
     with library_noise_off(), console.status(f"loading {model_path}"):
-        pipe = GuidedPipeline.from_pretrained(
-            model_path, dtype=torch_dtype(dtype), device=device_, config=o.config
-        )
-        for path, scale in loras:
-            pipe.load_lora(path, scale)
-    if o.threads is None and str(device_) == "cpu" and _params(pipe.unet) < SMALL_UNET:
-        torch.set_num_threads(1)  # tiny models: intra-op threads cost more than they save
-    for term in terms:  # dry run of every perturbation: a bad layer fails here, before sampling
-        for branch in term.branches():
-            if branch.perturbation is not None:
-                names = branch.perturbation.targets(pipe.unet)
-                method: Literal["pag", "tpg"] = "pag" if isinstance(term, PAG) else "tpg"
-                spec = branch.perturbation.layers or f"preset {default_layers(pipe.unet, method)}"
-                console.print(
-                    f"{term.name} layers: {spec} -> {len(names)} {plural(len(names), KINDS[method])}"
-                )
+        pipe = app.load_model(request)
+    app.set_threads(pipe, o.threads)  # tiny models on the CPU: one thread (more cost more than they save)
+    # dry run of every perturbation: a bad layer fails here, before sampling
+    by_name = {t.name: t for t in terms}
+    for choice in app.dry_run_layers(pipe, tuple(terms)):
+        method: Literal["pag", "tpg"] = "pag" if isinstance(by_name[choice.term], PAG) else "tpg"
+        spec = choice.spec or f"preset {default_layers(pipe.model, method)}"
+        count = len(choice.modules)
+        console.print(f"{choice.term} layers: {spec} -> {count} {plural(count, KINDS[method])}")
     size = pipe.default_size()
     noise_desc = f"{config_.noise} noise" + (f" ({config_.schedule} schedule)" if config_.schedule else "")
     console.print(

@@ -143,6 +143,10 @@ class Family(ABC):
         """``(stepper, diffusers scheduler)`` for the diffusers noise policy: a fresh scheduler
         from the model's config with ``set_timesteps`` done, wrapped in a sampling adapter."""
 
+    def comfy_model_sampling(self, pipe: Any) -> Any:
+        """ComfyUI's model sampling for the ``comfy`` noise policy (only when :attr:`comfy`)."""
+        raise ConfigError(f"the comfy noise policy does not support {self.name} models yet")
+
     # -- decoding -------------------------------------------------------------------------------
     def decode(self, pipe: Any, latents: Tensor) -> list[Image.Image]:
         """Images from final latents: ``latents / scaling_factor + shift_factor`` through the VAE."""
