@@ -15,6 +15,7 @@ from diffguide import CFG, GuidedPipeline, testing
 from diffguide.cli import common
 from diffguide.cli.common import parse_lora, parse_window
 from diffguide.cli.main import app
+from diffguide.defaults import DEFAULTS
 from diffguide.errors import ConfigError
 from diffguide.io import load_latents, read_manifest
 
@@ -196,9 +197,9 @@ def test_help_shows_defaults(runner):
     assert res.exit_code == 0
     text = " ".join(res.output.split())
     for needle in (
-        "[default: 20]",
-        "[default: euler]",
-        "[default: 5.0]",
+        f"[default: {DEFAULTS.steps}]",
+        f"[default: {DEFAULTS.scheduler}]",
+        f"[default: {DEFAULTS.cfg}]",
         "[default: outputs]",
         "sigma:LO:HI",
     ):

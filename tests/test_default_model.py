@@ -22,7 +22,7 @@ def test_default_model_ships_with_the_package():
 @pytest.fixture(scope="module")
 def gp() -> GuidedPipeline:
     assert MODEL is not None, "the package ships no default model"
-    return GuidedPipeline.from_pretrained(MODEL)
+    return GuidedPipeline.from_pretrained(MODEL, device="cpu")  # compared with diffusers on the CPU
 
 
 def test_loads_with_plain_diffusers():

@@ -110,7 +110,7 @@ def test_nan_and_inf_counts():
 
 
 def test_near_zero_reference_note():
-    # Like seed 003: a huge max relative error that only comes from dividing by a near-zero reference.
+    # Like a service-vs-ComfyUI-workflow report: a huge max relative error that only comes from dividing by a near-zero reference.
     b = _t([1e-9, 1.0, -2.0, 3.0, 0.5, -1.5])
     a = b + 1e-4
     r = compare(a, b)

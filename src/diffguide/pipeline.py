@@ -15,6 +15,7 @@ from PIL import Image
 from torch import Tensor
 
 from .conditioning import ConditioningFile
+from .defaults import DEFAULTS, NOISE_POLICIES, default_device, default_model
 from .engine import GuidedModel
 from .errors import ConfigError
 from .guidance.base import GuidanceTerm
@@ -23,6 +24,7 @@ from .manifest import MANIFEST_VERSION, attention_backend, environment, file_has
 from .models.denoiser import Conditioning, FamilyDenoiser
 from .models.families import Family, family_of
 from .models.loading import load_lora, load_pipeline, own_memory
+from .quiet import library_noise_off
 from .sampling.comfy import COMFY_SCHEDULERS, ComfyFlowSampling, comfy_noise, comfy_sigmas
 from .sampling.loop import Callback, run
 from .sampling.noise import generators, image_seeds, initial_noise
@@ -30,7 +32,7 @@ from .sampling.schedulers import SCHEDULERS, SHIFTABLE
 from .sampling.steppers import ComfyStepper
 
 MAX_STEPS = 1000
-NOISE_POLICIES = ("diffusers", "comfy")
+DEFAULT_DTYPE: torch.dtype = getattr(torch, DEFAULTS.dtype)
 #: diffguide scheduler name -> ComfyUI KSampler sampler name, for the comfy noise policy.
 COMFY_SAMPLER_NAMES = {"euler": "euler", "euler_a": "euler_ancestral", "dpmpp_2m": "dpmpp_2m"}
 
@@ -46,21 +48,22 @@ def _as_list(value: str | Sequence[str], count: int | None, what: str) -> list[s
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    """Everything a run depends on besides the model. Build with :meth:`create`."""
+    """Everything a run depends on besides the model. Build with :meth:`create`.
+    Defaults: :data:`diffguide.defaults.DEFAULTS`, the same as the CLI's."""
 
     prompts: tuple[str, ...]
     negative_prompts: tuple[str, ...]
     guidance: tuple[GuidanceTerm, ...] = field(default_factory=lambda: (CFG(),))
-    steps: int = 30
+    steps: int = DEFAULTS.steps
     width: int | None = None
     height: int | None = None
-    seed: int = 0
-    scheduler: str = "euler"
-    eta: float = 0.0
+    seed: int = DEFAULTS.seed
+    scheduler: str = DEFAULTS.scheduler
+    eta: float = DEFAULTS.eta
     max_rows: int | None = None
-    noise: str = "diffusers"
+    noise: str = DEFAULTS.noise
     schedule: str | None = None  # comfy policy only: ComfyUI scheduler ("normal", "karras", ...)
-    shift: float = 1.0  # sampling time shift (SD3 eq. 23); 1 = off
+    shift: float = DEFAULTS.shift  # sampling time shift (SD3 eq. 23); 1 = off
     # Image i bit-identical to its seed run alone: each image sampled by itself (B forwards a step)
     batch_invariant: bool = False
 
@@ -188,13 +191,19 @@ class GuidedPipeline:
     @classmethod
     def from_pretrained(
         cls,
-        path: str | Path,
+        path: str | Path | None = None,
         *,
-        dtype: torch.dtype = torch.float32,
-        device: str = "cpu",
+        dtype: torch.dtype = DEFAULT_DTYPE,
+        device: str | None = DEFAULTS.device,
         config: str | None = None,
     ) -> GuidedPipeline:
-        pipe = load_pipeline(path, dtype=dtype, config=config)
+        """Load a diffusers folder or single-file checkpoint; no path: the bundled model
+        (:func:`diffguide.default_model`); no device: cuda if available, else cpu. Quiet:
+        diffusers' and transformers' logs and loading bars are off while loading (restored after)."""
+        path = default_model() if path is None else path
+        device = default_device() if device is None else device
+        with library_noise_off():
+            pipe = load_pipeline(path, dtype=dtype, config=config)
         if torch.device(device).type != "cpu":
             pipe = pipe.to(device)
         elif Path(path).is_dir():  # a folder's weights are memory-mapped views (single files are copied)

@@ -10,9 +10,11 @@ import typer
 
 from ..errors import ConfigError, DiffguideError
 from .common import model_option, resolve_model
+from .flags import FlagCommand, FlagGroup
 
 bench_app = typer.Typer(
     name="bench",
+    cls=FlagGroup,
     help="Benchmarks: guidance quality (FID, prompt accuracy, precision/recall).",
     no_args_is_help=True,
     add_completion=False,
@@ -33,7 +35,7 @@ def _floats(text: str | None, what: str) -> list[float] | None:
         raise ConfigError(f"{what}: expected comma-separated numbers, got '{text}'") from None
 
 
-@bench_app.command("quality")
+@bench_app.command("quality", cls=FlagCommand)
 def quality(
     model: Annotated[Path | None, model_option("Diffusers model folder.")] = None,
     n: Annotated[
@@ -138,7 +140,7 @@ def quality(
         typer.echo("quick check: all metrics finite and in range")
 
 
-@bench_app.command("report")
+@bench_app.command("report", cls=FlagCommand)
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Out dirs of 'bench quality' runs to merge.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("outputs/bench-report"),

@@ -7,9 +7,7 @@ import json
 from typing import Annotated, Any, get_type_hints
 
 import typer
-from rich.table import Table
 
-from ..repro.determinism import check_determinism as run_checks
 from . import generate as gen
 
 # Options of `generate` that only concern saving files: accepted, so that a generate command
@@ -38,6 +36,8 @@ def check_determinism(
     """Run a generation twice (same options as `generate`) and report whether the results are
     bit-identical; optionally batch vs single images and torch's deterministic-algorithms mode.
     Exit code 0 when every check holds, 1 otherwise."""
+    from ..repro.determinism import check_determinism as run_checks
+
     run = gen.prepare({k: v for k, v in options.items() if k not in _OUTPUT_ONLY})
     checks = run_checks(
         run.pipe, run.config, batch_vs_single=batch_vs_single, strict=strict, conditioning=run.conditioning
@@ -47,6 +47,8 @@ def check_determinism(
             json.dumps([{"check": c.name, "expect": c.expectation, **c.report.to_dict()} for c in checks])
         )
     else:
+        from rich.table import Table
+
         table = Table(title="determinism")
         for col in ("check", "expectation", "max abs err", "result"):
             table.add_column(col)

@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import math
 import re
-import warnings
-from collections.abc import Iterator
-from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import typer
 
+from ..defaults import default_device, default_model
 from ..errors import ConfigError, DiffguideError, LayerSpecError
-from ..guidance.base import Window
+from ..quiet import library_noise_off as library_noise_off  # re-exported for the commands
 
-DEFAULT_MODEL_NAME = "tiny-sd"  # src/diffguide/assets/tiny-sd, a diffusers folder shipped with the package
+if TYPE_CHECKING:  # torch and the guidance package load lazily: `diffguide --help` needs neither
+    import torch
+
+    from ..guidance.base import Window
+
 MODEL_ENVVAR = "DIFFGUIDE_MODEL"
 
 
@@ -52,8 +52,10 @@ class DType(enum.StrEnum):
 
 def default_model_path() -> Path | None:
     """The bundled default model folder, or None while the package ships none."""
-    folder = Path(str(resources.files("diffguide") / "assets" / DEFAULT_MODEL_NAME))
-    return folder if (folder / "model_index.json").is_file() else None
+    try:
+        return default_model()
+    except DiffguideError:
+        return None
 
 
 def resolve_model(model: Path | None) -> Path:
@@ -69,8 +71,10 @@ def resolve_model(model: Path | None) -> Path:
 
 def resolve_device(name: str | None) -> str:
     """``cpu``, ``cuda``, ``cuda:N`` or ``mps``; None picks cuda when available, else cpu."""
+    import torch
+
     if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return default_device()
     name = name.strip().lower()
     if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
         raise ConfigError(f"unknown device '{name}': use cpu, cuda, cuda:N or mps")
@@ -88,6 +92,8 @@ def resolve_device(name: str | None) -> str:
 
 
 def torch_dtype(dtype: DType | str) -> torch.dtype:
+    import torch
+
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
         DType(dtype).value
     ]
@@ -122,6 +128,8 @@ def parse_window(spec: str, option: str = "window") -> Window:
     * ``sigma:LO:HI``: noise levels ``LO <= sigma <= HI`` (``sigma:1:`` = sigma >= 1,
       ``sigma::5`` = sigma <= 5).
     """
+    from ..guidance.base import Window
+
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     if not parts:
         raise ConfigError(f"{option}: empty window; use {WINDOW_SYNTAX}")
@@ -163,24 +171,3 @@ def check_spec(spec: str | None, option: str) -> str | None:
     if spec is not None and not spec.replace(",", "").strip():
         raise LayerSpecError(f"{option}: empty layer spec; name at least one layer (e.g. 'mid' or 'd2.2-9')")
     return spec
-
-
-@contextlib.contextmanager
-def library_noise_off() -> Iterator[None]:
-    """Silence diffusers' and transformers' info logs, loading bars and FutureWarnings (restored after)."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in (dlog, tlog)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        for lib, _, _ in saved:
-            lib.set_verbosity_error()
-            lib.disable_progress_bar()
-        try:
-            yield
-        finally:
-            for lib, verbosity, bars in saved:
-                lib.set_verbosity(verbosity)
-                if bars:
-                    lib.enable_progress_bar()

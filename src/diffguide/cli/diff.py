@@ -9,10 +9,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ..repro.diff import run_diff_cli
-from ..repro.trace import is_trace, load_trace
-from ..repro.trace_diff import diff_traces, render_trace_diff
-
 
 def diff(
     a: Annotated[
@@ -29,6 +25,10 @@ def diff(
     runs diverge beyond tolerance, and print a per-step error table.
     Exit code: 0 within tolerance, 1 beyond it, 2 for bad input.
     """
+    from ..repro.diff import run_diff_cli
+    from ..repro.trace import is_trace, load_trace
+    from ..repro.trace_diff import diff_traces, render_trace_diff
+
     if is_trace(a) and is_trace(b):
         report = diff_traces(load_trace(a), load_trace(b), rtol=rtol, atol=atol)
         if as_json:

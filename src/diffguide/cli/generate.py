@@ -8,23 +8,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import torch
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .. import app
-from ..conditioning import ConditioningFile, load_conditioning
+from ..defaults import AUTO_DEVICE, COMFY_SCHEDULE_NAMES, DEFAULTS, NOISE_POLICIES, SCHEDULER_NAMES
 from ..errors import ConfigError
-from ..guidance import CFG, PAG, TPG, GuidanceTerm, Window
-from ..io import save_result
-from ..models.presets import default_layers
-from ..pipeline import NOISE_POLICIES, GenerateConfig, GuidedPipeline
-from ..repro.trace import TraceRecorder, check_trace_path
-from ..sampling.comfy import COMFY_SCHEDULERS
-from ..sampling.schedulers import SCHEDULERS
 from .common import (
     KINDS,
     WINDOW_SYNTAX,
@@ -39,8 +29,18 @@ from .common import (
     resolve_model,
 )
 
-Scheduler = enum.Enum("Scheduler", {name: name for name in SCHEDULERS}, type=str)  # type: ignore[misc]
+if TYPE_CHECKING:  # heavy (torch, diffusers): imported where used, so `--help` stays fast
+    from ..conditioning import ConditioningFile
+    from ..guidance import GuidanceTerm, Window
+    from ..pipeline import GenerateConfig, GuidedPipeline
+
+Scheduler = enum.Enum("Scheduler", {name: name for name in SCHEDULER_NAMES}, type=str)  # type: ignore[misc]
 Noise = enum.Enum("Noise", {name: name for name in NOISE_POLICIES}, type=str)  # type: ignore[misc]
+DEFAULT_SCHEDULER, DEFAULT_NOISE, DEFAULT_DTYPE = (
+    Scheduler(DEFAULTS.scheduler),
+    Noise(DEFAULTS.noise),
+    DType(DEFAULTS.dtype),
+)
 
 P_PROMPT, P_GUIDE, P_MODEL, P_OUT = "Prompt and sampling", "Guidance", "Model and device", "Output"
 
@@ -60,6 +60,7 @@ def build_guidance(
     tpg_window: str | None,
 ) -> list[GuidanceTerm]:
     """The guidance terms the options ask for; a term whose scale means "off" is left out."""
+    from ..guidance import CFG, PAG, TPG, Window
 
     def window(spec: str | None, option: str) -> Window:
         return Window() if spec is None else parse_window(spec, option)
@@ -126,7 +127,7 @@ def generate(
     ] = False,
     steps: Annotated[
         int, typer.Option("--steps", "-s", help="Sampling steps (1..1000).", rich_help_panel=P_PROMPT)
-    ] = 20,
+    ] = DEFAULTS.steps,
     width: Annotated[
         int | None,
         typer.Option(
@@ -152,13 +153,13 @@ def generate(
         typer.Option(
             "--seed", min=0, help="Seed of the first image; image i uses seed + i.", rich_help_panel=P_PROMPT
         ),
-    ] = 0,
+    ] = DEFAULTS.seed,
     scheduler: Annotated[
         Scheduler, typer.Option("--scheduler", help="Sampler.", rich_help_panel=P_PROMPT)
-    ] = Scheduler.euler,  # type: ignore[attr-defined]
+    ] = DEFAULT_SCHEDULER,
     eta: Annotated[
         float, typer.Option("--eta", help="DDIM eta (0 = deterministic).", rich_help_panel=P_PROMPT)
-    ] = 0.0,
+    ] = DEFAULTS.eta,
     noise: Annotated[
         Noise,
         typer.Option(
@@ -166,12 +167,12 @@ def generate(
             help="Noise policy: diffusers (per-image CPU generators, as diffusers) or comfy (as ComfyUI's KSampler; --scheduler euler, euler_a or dpmpp_2m, schedule from --schedule).",
             rich_help_panel=P_PROMPT,
         ),
-    ] = Noise.diffusers,  # type: ignore[attr-defined]
+    ] = DEFAULT_NOISE,
     schedule: Annotated[
         str | None,
         typer.Option(
             "--schedule",
-            help="With --noise comfy: ComfyUI sigma schedule (" + ", ".join(COMFY_SCHEDULERS) + ").",
+            help="With --noise comfy: ComfyUI sigma schedule (" + ", ".join(COMFY_SCHEDULE_NAMES) + ").",
             show_default="normal",
             rich_help_panel=P_PROMPT,
         ),
@@ -183,7 +184,7 @@ def generate(
             help="Sampling time shift s (SD3's t' = s t / (1 + (s - 1) t)); 1 = off, > 1 more steps at high noise. euler, heun, dpmpp_2m.",
             rich_help_panel=P_PROMPT,
         ),
-    ] = 1.0,
+    ] = DEFAULTS.shift,
     cfg: Annotated[
         float,
         typer.Option(
@@ -191,7 +192,7 @@ def generate(
             help="CFG scale w in [0, 100]; 1 = off (no unconditional branch).",
             rich_help_panel=P_GUIDE,
         ),
-    ] = 5.0,
+    ] = DEFAULTS.cfg,
     cfg_rescale: Annotated[
         float, typer.Option("--cfg-rescale", help="CFG rescale phi in [0, 1].", rich_help_panel=P_GUIDE)
     ] = 0.0,
@@ -214,7 +215,7 @@ def generate(
     ] = False,
     pag: Annotated[
         float, typer.Option("--pag", help="PAG scale in [0, 100]; 0 = off.", rich_help_panel=P_GUIDE)
-    ] = 0.0,
+    ] = DEFAULTS.pag,
     pag_layers: Annotated[
         str | None,
         typer.Option(
@@ -244,7 +245,7 @@ def generate(
     ] = None,
     tpg: Annotated[
         float, typer.Option("--tpg", help="TPG scale in [0, 100]; 0 = off.", rich_help_panel=P_GUIDE)
-    ] = 0.0,
+    ] = DEFAULTS.tpg,
     tpg_layers: Annotated[
         str | None,
         typer.Option(
@@ -293,13 +294,13 @@ def generate(
     ] = None,
     dtype: Annotated[
         DType, typer.Option("--dtype", help="Weights and compute dtype.", rich_help_panel=P_MODEL)
-    ] = DType.float32,
+    ] = DEFAULT_DTYPE,
     device: Annotated[
         str | None,
         typer.Option(
             "--device",
             help="cpu, cuda, cuda:N or mps.",
-            show_default="cuda if available, else cpu",
+            show_default=AUTO_DEVICE,
             rich_help_panel=P_MODEL,
         ),
     ] = None,
@@ -367,6 +368,11 @@ def generate(
     Prints the saved files, one per line: for each image its .png, .json and, with
     --save-latents, .safetensors.
     """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..io import save_result
+    from ..repro.trace import TraceRecorder, check_trace_path
+
     if trace_modules and trace is None:
         raise ConfigError("--trace-modules needs --trace FILE")
     if trace is not None and batch_invariant:
@@ -425,6 +431,14 @@ class Run:
 
 def prepare(opts: dict[str, Any]) -> Run:
     """Validate the generate options, load the model, dry-run the layer specs."""
+    import torch
+
+    from .. import app
+    from ..conditioning import load_conditioning
+    from ..guidance import PAG
+    from ..models.presets import default_layers
+    from ..pipeline import GenerateConfig
+
     o = SimpleNamespace(**opts)
     prompt, quiet, dtype = o.prompt, o.quiet, o.dtype
     # Everything that can be checked without the model is checked before loading it.

@@ -9,9 +9,6 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import DiffguideError
-from ..models.layers import unit_table
-from ..models.presets import default_layers
-from ..perturb import IdentityAttention, TokenShuffle
 from .common import KINDS, check_spec, library_noise_off, model_option, plural, resolve_model
 
 
@@ -42,6 +39,8 @@ def load_unet(path: Path, config: str | None = None) -> Any:
 
 
 def _perturbation(method: str, spec: str | None) -> Any:
+    from ..perturb import IdentityAttention, TokenShuffle
+
     return IdentityAttention(spec) if method == "pag" else TokenShuffle(spec)
 
 
@@ -72,6 +71,9 @@ def layers(
     With --pag/--tpg, the selected fully-qualified module names go to stdout, one per line
     (a header per spec goes to stderr).
     """
+    from ..models.layers import unit_table
+    from ..models.presets import default_layers
+
     specs = {"pag": check_spec(pag, "--pag"), "tpg": check_spec(tpg, "--tpg")}
     unet = load_unet(resolve_model(model), config)
     if pag is None and tpg is None:

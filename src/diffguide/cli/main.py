@@ -3,11 +3,14 @@
 To add a command, write ``cli/<name>.py`` with a plain function (typer-annotated options,
 docstring = help) and register it below with one line::
 
-    app.command("diff")(diff.diff)
+    app.command("diff", cls=FlagCommand)(diff.diff)
 
-A command with subcommands is a ``typer.Typer()`` in its module, added with
+(``FlagCommand``: flags show no ``<bool>`` placeholder in the help.) A command with subcommands
+is a ``typer.Typer(cls=FlagGroup)`` in its module, added with
 ``app.add_typer(bench.app, name="bench")``. Import shared helpers (model path, device, dtype,
-windows, layer specs) from :mod:`.common`.
+windows, layer specs) from :mod:`.common`. Import torch, diffusers and every diffguide module
+that loads them inside the command function, never at module level: ``diffguide --help`` must
+not load them (``tests/test_startup.py``).
 
 Errors: a :class:`~diffguide.errors.DiffguideError` raised anywhere in a command, and every
 usage error (bad option value, unknown option), is printed as ONE line ``error: <message>``
@@ -19,14 +22,15 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
 
+from .. import __version__
 from ..errors import DiffguideError
 from . import check, diff, generate, layers, replay
 from .bench import bench_app
+from .flags import FlagCommand, FlagGroup
 
 EXIT_USAGE = 2
 
@@ -51,7 +55,7 @@ def fail(message: str) -> None:
     typer.echo(f"error: {one_line(message)}", err=True)
 
 
-class DiffguideGroup(TyperGroup):
+class DiffguideGroup(FlagGroup):
     """A typer group whose user-facing errors are one line on stderr (exit code 2)."""
 
     def main(  # type: ignore[override]
@@ -97,12 +101,35 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-app.command("generate")(generate.generate)
-app.command("layers")(layers.layers)
-app.command("diff")(diff.diff)
-app.command("replay")(replay.replay_command)
-app.command("check-determinism")(check.check_determinism)
+
+def print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"diffguide {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Guided sampling for diffusion models: CFG, PAG and TPG in one batched forward, with manifests."""
+
+
+def version() -> None:
+    """Print the version."""
+    print_version(True)
+
+
+app.command("generate", cls=FlagCommand)(generate.generate)
+app.command("layers", cls=FlagCommand)(layers.layers)
+app.command("diff", cls=FlagCommand)(diff.diff)
+app.command("replay", cls=FlagCommand)(replay.replay_command)
+app.command("check-determinism", cls=FlagCommand)(check.check_determinism)
 app.add_typer(bench_app, name="bench")
+app.command("version", cls=FlagCommand)(version)
 
 
 if __name__ == "__main__":  # pragma: no cover

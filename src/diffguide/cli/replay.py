@@ -9,8 +9,6 @@ import typer
 from rich.console import Console
 
 from ..io import read_manifest
-from ..repro.diff import render_report
-from ..repro.replay import load_for_replay, replay
 from .common import library_noise_off
 
 
@@ -24,6 +22,9 @@ def replay_command(
     """Regenerate an image from the manifest in its PNG and report whether the result is
     bit-identical (latents hash and pixels), and if not, the difference.
     Exit code 0 when bit-identical, 1 otherwise."""
+    from ..repro.diff import render_report
+    from ..repro.replay import load_for_replay, replay
+
     manifest = read_manifest(image)
     console = Console(highlight=False)
     with library_noise_off():

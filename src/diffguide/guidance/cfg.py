@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from ..defaults import DEFAULTS
 from ..errors import ConfigError
 from .base import UNCOND, Branch, Predictions, StepInfo, Window, check_finite
 
@@ -55,7 +56,7 @@ class CFG:
     """Classifier-free guidance. ``scale`` w >= 0 (1 = off); ``rescale`` phi in [0, 1];
     ``renorm``: keep the per-token norm of the conditional prediction (Qwen-Image's true CFG)."""
 
-    scale: float = 7.5
+    scale: float = DEFAULTS.cfg  # diffguide.defaults; diffusers' SD1.5 pipeline uses 7.5
     rescale: float = 0.0
     window: Window = field(default_factory=Window)
     name: str = "cfg"
