@@ -17,3 +17,7 @@ class LayerSpecError(DiffguideError):
 
 class ConfigError(DiffguideError):
     """A parameter is out of range or inconsistent with another one."""
+
+
+class BlockIndexError(LayerSpecError, ConfigError):
+    """A layer spec named a transformer block index past the last block of its stack."""

@@ -11,6 +11,16 @@ A *layer spec* is a comma-separated list of items; each item selects module pref
   transformer blocks K or A..B. On SDXL ``d2`` is ``down_blocks.2.attentions.0`` (the first
   down block has no attention), so the TPG paper's layers are ``d2.2-9,d3``.
 
+Transformer (DiT) models are addressed by their block stacks (direct children of the model):
+
+* exact names and indices: ``transformer_blocks.7``, ``transformer_blocks.7.attn``, with ranges
+  ``transformer_blocks.7-9``, ``single_transformer_blocks.0-37``;
+* short forms: ``b7`` / ``b7-9`` for the joint (double-stream) blocks -- ``transformer_blocks`` on
+  SD3, Flux and Qwen-Image, ``joint_transformer_blocks`` on AuraFlow -- and ``s0-37`` for the
+  single-stream blocks (``single_transformer_blocks`` on Flux and AuraFlow).
+
+A block index past the last block is a :class:`BlockIndexError` naming the valid range.
+
 Matching is by whole dotted components: ``blocks.1`` never selects ``blocks.10`` (the
 regex search of diffusers' ``pag_applied_layers`` does). A perturbation then takes the
 modules of its kind (self-attention, or transformer block) at or below each prefix.
@@ -26,11 +36,15 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..errors import LayerSpecError
+from ..errors import BlockIndexError, LayerSpecError
 
 _PATHS = {"d": "down_blocks", "m": "mid_block", "u": "up_blocks"}
 _SHORT = re.compile(r"^([dmu])(\d+)(?:\.(\d+)(?:-(\d+))?)?$")
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
+# DiT block stacks (direct children of the model) and their short letters
+_STACKS = (("transformer_blocks", "b"), ("joint_transformer_blocks", "b"), ("single_transformer_blocks", "s"))
+_DIT_SHORT = re.compile(r"^([bs])(\d+)(?:-(\d+))?$")
+_STACK_INDEX = re.compile(r"^([a-z_]+)\.(\d+)(?:\.|$)")
 
 
 @dataclass(frozen=True)
@@ -71,14 +85,95 @@ def _expand_ranges(item: str) -> list[str]:
     return names
 
 
-def _prefixes(item: str, names: set[str], units: list[AttentionUnit]) -> list[str]:
-    if item in ("down", "mid", "up"):
+@dataclass(frozen=True)
+class BlockStack:
+    """One stack of DiT blocks: its short letter (``b`` / ``s``), attribute name, and block count."""
+
+    letter: str
+    name: str
+    blocks: int
+
+    @property
+    def alias(self) -> str:
+        return f"{self.letter}0-{self.blocks - 1}"
+
+
+def block_stacks(model: nn.Module) -> list[BlockStack]:
+    """The non-empty DiT block stacks of ``model`` (direct children), joint before single."""
+    stacks: list[BlockStack] = []
+    for name, letter in _STACKS:
+        stack = model._modules.get(name)
+        if isinstance(stack, nn.ModuleList) and len(stack) and letter not in [s.letter for s in stacks]:
+            stacks.append(BlockStack(letter, name, len(stack)))
+    return stacks
+
+
+def is_dit(model: nn.Module) -> bool:
+    """True for a transformer whose blocks are direct children (SD3, Flux, AuraFlow, Qwen-Image)."""
+    return bool(block_stacks(model))
+
+
+@dataclass(frozen=True)
+class _Scheme:
+    """How a model is addressed: UNet attention units, or DiT block stacks."""
+
+    units: list[AttentionUnit]
+    stacks: list[BlockStack]
+
+    def valid(self) -> str:
+        if self.stacks:
+            listing = ", ".join(f"{s.alias}={s.name} ({s.blocks} blocks)" for s in self.stacks)
+            return (
+                f"Valid: exact module names, block indices and ranges ({self.stacks[0].name}.7-9), or short "
+                f"forms {listing}. Run `diffguide layers` to list them."
+            )
+        listing = ", ".join(f"{u.alias}={u.name} ({u.blocks} blocks)" for u in self.units)
+        return f"Valid: down, mid, up, exact module names, or units {listing}. Run `diffguide layers` to list them."
+
+
+def _check_index(item: str, stack: BlockStack, lo: int, hi: int) -> None:
+    if lo > hi:
+        raise LayerSpecError(f"range '{lo}-{hi}' in layer spec '{item}' is empty (start above end)")
+    if hi >= stack.blocks:
+        raise BlockIndexError(
+            f"layer '{item}': block {hi} is past the last block; {stack.name} has blocks "
+            f"0..{stack.blocks - 1} ({stack.alias})"
+        )
+
+
+def _dit_short(item: str, scheme: _Scheme) -> list[str] | None:
+    short = _DIT_SHORT.match(item)
+    if short is None or not scheme.stacks:
+        return None
+    stack = next((s for s in scheme.stacks if s.letter == short[1]), None)
+    if stack is None:
+        kind = "joint" if short[1] == "b" else "single-stream"
+        raise LayerSpecError(f"layer '{item}': this model has no {kind} blocks. {scheme.valid()}")
+    lo, hi = int(short[2]), int(short[3] if short[3] is not None else short[2])
+    _check_index(item, stack, lo, hi)
+    return [f"{stack.name}.{k}" for k in range(lo, hi + 1)]
+
+
+def _past_the_end(item: str, name: str, scheme: _Scheme) -> None:
+    """Raise BlockIndexError if ``name`` is ``<stack>.<index>...`` with the index past the stack's end."""
+    m = _STACK_INDEX.match(name)
+    stack = next((s for s in scheme.stacks if m and s.name == m[1]), None)
+    if m and stack is not None and int(m[2]) >= stack.blocks:
+        _check_index(item, stack, int(m[2]), int(m[2]))
+
+
+def _prefixes(item: str, names: set[str], scheme: _Scheme) -> list[str]:
+    dit = _dit_short(item, scheme)
+    if dit is not None:
+        return dit
+    if item in ("down", "mid", "up") and not scheme.stacks:
         return [_PATHS[item[0]]]
     short = _SHORT.match(item)
-    if short:
+    if short and not scheme.stacks:
+        units = scheme.units
         unit = next((u for u in units if u.alias == f"{short[1]}{short[2]}"), None)
         if unit is None:
-            raise LayerSpecError(f"layer '{item}': no attention unit {short[1]}{short[2]}. {_valid(units)}")
+            raise LayerSpecError(f"layer '{item}': no attention unit {short[1]}{short[2]}. {scheme.valid()}")
         if short[3] is None:
             return [unit.name]
         lo, hi = int(short[3]), int(short[4] if short[4] is not None else short[3])
@@ -90,17 +185,12 @@ def _prefixes(item: str, names: set[str], units: list[AttentionUnit]) -> list[st
     expanded = _expand_ranges(item)
     missing = [n for n in expanded if n not in names]
     if missing:
+        for name in missing:
+            _past_the_end(item, name, scheme)
         close = difflib.get_close_matches(missing[0], sorted(names), n=3, cutoff=0.6)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise LayerSpecError(f"layer '{missing[0]}' is not a module of this model.{hint} {_valid(units)}")
+        raise LayerSpecError(f"layer '{missing[0]}' is not a module of this model.{hint} {scheme.valid()}")
     return expanded
-
-
-def _valid(units: list[AttentionUnit]) -> str:
-    listing = ", ".join(f"{u.alias}={u.name} ({u.blocks} blocks)" for u in units)
-    return (
-        f"Valid: down, mid, up, exact module names, or units {listing}. Run `diffguide layers` to list them."
-    )
 
 
 def select(model: nn.Module, spec: str, is_target: Callable[[str, nn.Module], bool]) -> list[str]:
@@ -109,10 +199,11 @@ def select(model: nn.Module, spec: str, is_target: Callable[[str, nn.Module], bo
     if not items:
         raise LayerSpecError("empty layer spec: name at least one layer (e.g. 'mid' or 'd2.2-9')")
     modules = dict(model.named_modules())
-    units = attention_units(model)
+    stacks = block_stacks(model)
+    scheme = _Scheme([] if stacks else attention_units(model), stacks)
     chosen: set[str] = set()
     for item in items:
-        prefixes = _prefixes(item, set(modules), units)
+        prefixes = _prefixes(item, set(modules), scheme)
         found = {
             name
             for name, module in modules.items()
@@ -120,12 +211,16 @@ def select(model: nn.Module, spec: str, is_target: Callable[[str, nn.Module], bo
         }
         if not found:
             raise LayerSpecError(
-                f"layer spec item '{item}' selects no module of the needed kind. {_valid(units)}"
+                f"layer spec item '{item}' selects no module of the needed kind. {scheme.valid()}"
             )
         chosen |= found
     return [name for name in modules if name in chosen]
 
 
 def unit_table(model: nn.Module) -> list[AttentionUnit]:
-    """Public alias of :func:`attention_units`, for the ``layers`` command."""
+    """The addressable units for the ``layers`` command: a UNet's attention units, or a DiT's block
+    stacks (alias ``b0-23`` / ``s0-37``, the stack's name, its block count)."""
+    stacks = block_stacks(model)
+    if stacks:
+        return [AttentionUnit(s.alias, s.name, s.blocks) for s in stacks]
     return attention_units(model)

@@ -1,7 +1,16 @@
 """Model-side perturbations, scoped to one run and to their branch's rows."""
 
 from .base import BranchRows, ForwardContext, Perturbation, branch_seed
+from .block_skip import BlockSkip
 from .identity_attention import IdentityAttention
 from .token_shuffle import TokenShuffle
 
-__all__ = ["BranchRows", "ForwardContext", "IdentityAttention", "Perturbation", "TokenShuffle", "branch_seed"]
+__all__ = [
+    "BlockSkip",
+    "BranchRows",
+    "ForwardContext",
+    "IdentityAttention",
+    "Perturbation",
+    "TokenShuffle",
+    "branch_seed",
+]

@@ -1,86 +1,161 @@
-"""Block skip (the perturbation of Skip Layer Guidance), minimal: whole blocks only.
+"""Block skip: the perturbation of Skip Layer Guidance (SLG; SD3.5, ComfyUI SkipLayerGuidanceDiT).
 
-TEMPORARY: the full version (attention-only and feed-forward-only skips, every DiT family,
-presets) comes from the h5-dit-perturb branch and replaces this file on merge; the interface
-(``BlockSkip(layers, mode="block")``) is the same.
+On the branch's rows, each selected transformer block is skipped in one of three ways:
 
-On the branch's rows each selected transformer block is the identity: its outputs are its
-inputs (a joint block passes both streams, image and text, through unchanged), as diffusers'
-``SD3Transformer2DModel(..., skip_layers=[...])`` does for the ``StableDiffusion3Pipeline``
-SLG branch. The block still runs on all rows (other rows are bit-identical to no perturbation).
+* ``mode="block"``: the whole block is the identity, ``out = in``; a joint block passes both
+  streams through (image and text). This is diffusers' ``SD3Transformer2DModel(...,
+  skip_layers=[...])`` (the ``StableDiffusion3Pipeline`` SLG branch) and ComfyUI's SLG node.
+* ``mode="attn"``: every attention module of the block outputs zeros (both streams of a joint
+  attention; SD3.5's ``attn2`` too), so the attention adds nothing to the residual stream.
+* ``mode="ff"``: every feed-forward of the block outputs zeros (``ff`` and ``ff_context``;
+  Qwen-Image's ``img_mlp`` / ``txt_mlp``; in a Flux single block the MLP branch ``proj_mlp``).
+
+With zero outputs, ``attn`` + ``ff`` together equal ``block`` wherever the block is a sum of
+residual updates (SD3, Flux double, AuraFlow, Qwen-Image). A Flux single block mixes both
+through one ``proj_out`` whose bias stays. diffusers' ``LayerSkipConfig(skip_attention=True,
+skip_ff=False)`` instead makes the skipped sub-layer return its *input* (an identity sub-layer,
+which still adds the normalised input to the residual stream): a different perturbation.
+
+Other rows are computed on the full batch as without the perturbation (bit-identical).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-import torch
+from diffusers.models.attention import AttentionModuleMixin, FeedForward
+from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from ..errors import ConfigError
-from ..models.layers import select
-from .base import ForwardContext
+from ..models.layers import is_dit
+from .base import ForwardContext, select_targets
+from .dit import arg_namer, is_dit_block, row_split, scoped_forward, zeros_like_rows
+from .token_shuffle import is_transformer_block
 
-_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks|joint_transformer_blocks)\.\d+$")
-#: Output order of the joint blocks: (encoder_hidden_states, hidden_states).
-_JOINT = ("encoder_hidden_states", "hidden_states")
+SkipMode = Literal["block", "attn", "ff"]
+MODES: tuple[str, ...] = ("block", "attn", "ff")
+
+# what a block returns: the names of its outputs, in order
+RETURNS: dict[str, tuple[str, ...]] = {
+    "JointTransformerBlock": ("encoder_hidden_states", "hidden_states"),
+    "FluxTransformerBlock": ("encoder_hidden_states", "hidden_states"),
+    "FluxSingleTransformerBlock": ("encoder_hidden_states", "hidden_states"),
+    "QwenImageTransformerBlock": ("encoder_hidden_states", "hidden_states"),
+    "AuraFlowJointTransformerBlock": ("encoder_hidden_states", "hidden_states"),
+    "AuraFlowSingleTransformerBlock": ("hidden_states",),
+    "SD3SingleTransformerBlock": ("hidden_states",),
+    "BasicTransformerBlock": ("hidden_states",),
+}
+_FF_NAMES = ("proj_mlp",)  # Flux single blocks: the MLP branch
 
 
-def is_dit_block(name: str, module: nn.Module) -> bool:
-    return _BLOCK.match(name) is not None
+def _is_attention(module: nn.Module) -> bool:
+    return isinstance(module, (Attention, AttentionModuleMixin))
 
 
-def _arg(name: str, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    return kwargs[name] if name in kwargs else (args[index] if index < len(args) else None)
+def _is_ff(name: str, module: nn.Module) -> bool:
+    return (
+        isinstance(module, FeedForward) or type(module).__name__ == "AuraFlowFeedForward" or name in _FF_NAMES
+    )
 
 
-def _replace_rows(out: Any, inp: Any, rows: slice) -> Any:
-    if not isinstance(out, torch.Tensor) or not isinstance(inp, torch.Tensor):
-        return out  # e.g. a last block that returns no text stream
-    out = out.clone()
-    out[rows] = inp[rows]
-    return out
+def _children(block: nn.Module, mode: SkipMode) -> list[nn.Module]:
+    """The sub-modules of ``block`` that ``mode`` zeroes (direct children only)."""
+    if mode == "attn":
+        return [m for m in block.children() if _is_attention(m)]
+    return [m for n, m in block.named_children() if _is_ff(n, m)]
+
+
+Inside = Callable[[Callable[..., Any], dict[str, Any], Any], Any]  # (forward, call on the rows, output there)
+
+
+def _passthrough(block: nn.Module) -> Inside:
+    names = RETURNS[type(block).__name__]
+
+    def inside(forward: Callable[..., Any], call: dict[str, Any], out: Any) -> Any:
+        values = tuple(call.get(n) for n in names)
+        return values if len(values) > 1 else values[0]
+
+    return inside
+
+
+def _zeros(forward: Callable[..., Any], call: dict[str, Any], out: Any) -> Any:
+    if out is None:  # every row is the branch's: compute once for the shapes
+        out = forward(**call)
+    return zeros_like_rows(out, call["hidden_states"].shape[0])
 
 
 @dataclass(frozen=True)
 class BlockSkip:
-    """Skip the selected transformer blocks on a branch's rows (``mode="block"`` only here)."""
+    """Skip the selected transformer blocks (or their attention, or feed-forward) on a branch's rows."""
 
-    layers: str | None = None
-    mode: str = "block"
+    layers: str | None = None  # None: the model's SLG preset (see models.presets)
+    mode: SkipMode = "block"
 
     def __post_init__(self) -> None:
-        if self.mode != "block":
-            raise ConfigError(f"block skip mode '{self.mode}' is not available in this build (only 'block')")
+        if self.mode not in MODES:
+            raise ConfigError(f"block skip mode must be one of {', '.join(MODES)}, got {self.mode!r}")
 
     def targets(self, model: nn.Module) -> list[str]:
-        if self.layers is None:
-            raise ConfigError("skip layer guidance needs explicit layers here, e.g. 'transformer_blocks.7-9'")
-        return select(model, self.layers, is_dit_block)
+        return select_targets(
+            model, self.layers, "slg", is_dit_block if is_dit(model) else is_transformer_block
+        )
+
+    def _check(self, model: nn.Module, names: list[str]) -> None:
+        modules = dict(model.named_modules())
+        for name in names:
+            block = modules[name]
+            if self.mode == "block" and type(block).__name__ not in RETURNS:
+                known = ", ".join(RETURNS)
+                raise ConfigError(
+                    f"block skip: unknown block type {type(block).__name__} at {name}; known: {known}"
+                )
+            if self.mode != "block" and not _children(block, self.mode):
+                raise ConfigError(f"block skip mode '{self.mode}': {name} has no such sub-module")
 
     @contextmanager
     def install(self, model: nn.Module, branch: str, ctx: ForwardContext) -> Iterator[None]:
+        names = self.targets(model)
+        self._check(model, names)
         modules = dict(model.named_modules())
+        targets: list[tuple[nn.Module, Inside]] = []
+        for name in names:
+            block = modules[name]
+            if self.mode == "block":
+                targets.append((block, _passthrough(block)))
+            else:
+                targets.extend((m, _zeros) for m in _children(block, self.mode))
+        with ExitStack() as stack:
+            for module, inside in targets:
+                stack.enter_context(scoped_forward(module, _row_wrapper(branch, ctx, inside)))
+            yield
 
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+
+def _row_wrapper(
+    branch: str, ctx: ForwardContext, inside: Inside
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        named = arg_namer(original)
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
             sel = ctx.rows_of(branch)
             if sel is None:
-                return out
-            if isinstance(out, tuple):  # joint block: (encoder_hidden_states, hidden_states)
-                ehs = _arg("encoder_hidden_states", 1, args, kwargs)
-                hs = _arg("hidden_states", 0, args, kwargs)
-                return (_replace_rows(out[0], ehs, sel.rows), _replace_rows(out[1], hs, sel.rows))
-            return _replace_rows(out, _arg("hidden_states", 0, args, kwargs), sel.rows)
+                return original(*args, **kwargs)
+            call = named(args, kwargs)
+            first = next(iter(call))
+            fn = original
+            if first != "hidden_states":  # nn.Linear(input), AuraFlowFeedForward(x): name it hidden_states
+                call = {"hidden_states": call.pop(first), **call}
 
-        handles = []
-        try:
-            for name in self.targets(model):
-                handles.append(modules[name].register_forward_hook(hook, with_kwargs=True))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+                def fn(hidden_states: Any, **kw: Any) -> Any:
+                    return original(hidden_states, **kw)
+
+            return row_split(fn, call, sel.rows, lambda c, out: inside(fn, c, out))
+
+        return forward
+
+    return wrap

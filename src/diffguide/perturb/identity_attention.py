@@ -4,6 +4,11 @@ On the branch's rows, each selected self-attention layer replaces its attention 
 identity matrix, so the layer outputs its value projection: ``out = to_out(to_v(h))``
 (plus the layer's residual connection and output rescale, as diffusers' PAG processors do).
 Other rows go through the layer's own processor unchanged.
+
+On a transformer (DiT) model the selected layers are the attention modules of the selected
+blocks, and ``semantics`` chooses what "identity" means for joint attention (``"diagonal"``,
+diffusers' SD3 PAG pipeline; ``"value"``, the modular guider): see
+:mod:`diffguide.perturb.joint_identity`. On a UNet both readings are ``out = V``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from ..models.layers import is_dit
 from .base import ForwardContext, put_rows, select_targets, take_rows
+from .dit import is_dit_attention
+from .joint_identity import Semantics, check_semantics, install_joint_identity
 
 
 def is_self_attention(name: str, module: nn.Module) -> bool:
@@ -93,12 +101,22 @@ class IdentityAttention:
     """Replace the self-attention map of the selected layers by the identity (output = V)."""
 
     layers: str | None = None  # None: the model's preset (see models.presets)
+    semantics: Semantics = "diagonal"  # joint attention only: "diagonal" | "value"
+
+    def __post_init__(self) -> None:
+        check_semantics(self.semantics)
 
     def targets(self, model: nn.Module) -> list[str]:
+        if is_dit(model):
+            return select_targets(model, self.layers, "pag", is_dit_attention)
         return select_targets(model, self.layers, "pag", is_self_attention)
 
     @contextmanager
     def install(self, model: nn.Module, branch: str, ctx: ForwardContext) -> Iterator[None]:
+        if is_dit(model):
+            with install_joint_identity(model, self.targets(model), self.semantics, branch, ctx):
+                yield
+            return
         modules = dict(model.named_modules())
         saved: list[tuple[Attention, Any]] = []
         try:

@@ -8,19 +8,28 @@ Permutations come from one CPU generator per image, seeded with
 ``branch_seed(seed_i, branch)``: a run repeats exactly, and image i of a batch gets the same
 permutations as its seed run alone. (The paper draws one permutation shared by the batch;
 per-image draws are equally distributed and make batches reproducible image by image.)
+
+On a transformer (DiT) the selected modules are blocks (``transformer_blocks.7``, ``s3``) and
+only the *image* tokens are shuffled, never the text tokens: a joint block's ``hidden_states``
+is the image stream (the text stream, ``encoder_hidden_states``, is left alone); a
+single-stream block that receives ``[text, image]`` concatenated (AuraFlow's single blocks) has
+only its last ``n_image`` tokens permuted (``n_image`` recorded from the model's input).
+Flux's single blocks in diffusers receive the two streams separately, like joint blocks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..models.layers import is_dit
 from .base import ForwardContext, put_rows, select_targets, take_rows
+from .dit import ImageTokens, is_dit_block
 
 
 def is_transformer_block(name: str, module: nn.Module) -> bool:
@@ -41,10 +50,14 @@ class TokenShuffle:
     layers: str | None = None  # None: the model's preset (see models.presets)
 
     def targets(self, model: nn.Module) -> list[str]:
+        if is_dit(model):
+            return select_targets(model, self.layers, "tpg", is_dit_block)
         return select_targets(model, self.layers, "tpg", is_transformer_block)
 
     @contextmanager
     def install(self, model: nn.Module, branch: str, ctx: ForwardContext) -> Iterator[None]:
+        tokens = ImageTokens()
+
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             sel = ctx.rows_of(branch)
             if sel is None:
@@ -52,20 +65,27 @@ class TokenShuffle:
             h = args[0] if args else kwargs["hidden_states"]
             n = h.shape[0]
             keep, rows = take_rows(h, sel.rows, n)
+            start, stop = tokens.image_span(h.shape[1])  # UNet / image stream: every token
             perms = torch.stack(
-                [torch.randperm(h.shape[1], generator=ctx.generator(branch, i)) for i in sel.images]
+                [torch.randperm(stop - start, generator=ctx.generator(branch, i)) for i in sel.images]
             )
-            h = put_rows(keep, shuffle_tokens(rows, perms.to(h.device)), sel.rows, n)
+            shuffled = shuffle_tokens(rows[:, start:stop], perms.to(h.device))
+            if stop - start < h.shape[1]:
+                shuffled = torch.cat([rows[:, :start], shuffled, rows[:, stop:]], dim=1)
+            h = put_rows(keep, shuffled, sel.rows, n)
             if args:
                 return (h, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": h}
 
         modules = dict(model.named_modules())
+        stack = ExitStack()
         handles = []
         try:
+            stack.enter_context(tokens.recording(model))
             for name in self.targets(model):
                 handles.append(modules[name].register_forward_pre_hook(hook, with_kwargs=True))
             yield
         finally:
             for handle in handles:
                 handle.remove()
+            stack.close()
