@@ -61,7 +61,8 @@ def test_family_lookup(sd15_pipe, sdxl_pipe):
         isinstance(family_of(sdxl_pipe), SDFamily) and family_of(sdxl_pipe).architecture(sdxl_pipe) == "sdxl"
     )
     with pytest.raises(
-        DiffguideError, match=r"^object is not a supported model family \(supported: sd3, auraflow, qwen-image, sd\)$"
+        DiffguideError,
+        match=r"^object is not a supported model family \(supported: sd3, auraflow, qwen-image, sd\)$",
     ):
         GuidedPipeline(object())
 
