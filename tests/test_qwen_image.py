@@ -308,3 +308,22 @@ def test_pag_tpg_slg_one_forward_exact_layers(qwen_pipe):
         LayerSpecError, match=r"^layer 'b2': block 2 is past the last block; transformer_blocks"
     ):
         ours(qwen_pipe, t, [PAG(2.0, layers="b2")])
+
+
+def test_encode_uses_the_pipelines_encode_prompt():
+    """With a text encoder, prompts go through the pipeline's own encode_prompt (Qwen2.5-VL is not
+    built here: a stand-in pipeline records the calls)."""
+    calls = []
+    embeds = torch.randn(2, 6, 64)
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+
+    def encode_prompt(prompt, device, num_images_per_prompt, max_sequence_length):
+        calls.append((prompt, num_images_per_prompt, max_sequence_length))
+        return (embeds, mask) if prompt[0] == "a cat" else (embeds[:, :3], None)
+
+    pipe = SimpleNamespace(text_encoder=object(), device=torch.device("cpu"), encode_prompt=encode_prompt)
+    cond, uncond = QwenImageFamily().encode(pipe, ["a cat", "a dog"], ["", "ugly"], True, SIZE, SIZE)
+    assert calls == [(["a cat", "a dog"], 1, 512), (["", "ugly"], 1, 512)]
+    assert torch.equal(cond.embeds, embeds) and torch.equal(cond["mask"], mask)
+    assert uncond is not None and "mask" not in uncond  # diffusers returns no mask when all tokens count
+    assert QwenImageFamily().encode(pipe, ["a cat", "a dog"], ["", ""], False, SIZE, SIZE)[1] is None
