@@ -58,9 +58,13 @@ def build_guidance(
     tpg: float,
     tpg_layers: str | None,
     tpg_window: str | None,
+    slg: float = 0.0,
+    slg_layers: str | None = None,
+    slg_start: float | None = None,
+    slg_stop: float | None = None,
 ) -> list[GuidanceTerm]:
     """The guidance terms the options ask for; a term whose scale means "off" is left out."""
-    from ..guidance import CFG, PAG, TPG, Window
+    from ..guidance import CFG, PAG, SLG, TPG, Window
 
     def window(spec: str | None, option: str) -> Window:
         return Window() if spec is None else parse_window(spec, option)
@@ -82,6 +86,12 @@ def build_guidance(
         terms.append(TPG(tpg, check_spec(tpg_layers, "--tpg-layers"), window(tpg_window, "--tpg-window")))
     elif tpg_layers is not None or tpg_window:
         raise ConfigError("--tpg-layers/--tpg-window given but --tpg is 0 (TPG off): set --tpg")
+    if slg != 0.0:
+        term = SLG(slg, check_spec(slg_layers, "--slg-layers"))
+        start = term.start if slg_start is None else slg_start
+        terms.append(SLG(slg, term.layers, start, term.stop if slg_stop is None else slg_stop))
+    elif slg_layers is not None or slg_start is not None or slg_stop is not None:
+        raise ConfigError("--slg-layers/--slg-start/--slg-stop given but --slg is 0 (SLG off): set --slg")
     return terms
 
 
@@ -265,6 +275,42 @@ def generate(
             rich_help_panel=P_GUIDE,
         ),
     ] = None,
+    slg: Annotated[
+        float,
+        typer.Option(
+            "--slg",
+            help="Skip Layer Guidance scale in [0, 100] (transformer models; SD3.5: 2.8); 0 = off.",
+            rich_help_panel=P_GUIDE,
+        ),
+    ] = 0.0,
+    slg_layers: Annotated[
+        str | None,
+        typer.Option(
+            "--slg-layers",
+            metavar="SPEC",
+            help="SLG blocks, e.g. b7-9.",
+            show_default="preset, see 'diffguide layers'",
+            rich_help_panel=P_GUIDE,
+        ),
+    ] = None,
+    slg_start: Annotated[
+        float | None,
+        typer.Option(
+            "--slg-start",
+            help="SLG from this fraction of the steps (strict, as diffusers' SD3 pipeline: N*start < i < N*stop).",
+            show_default="0.01",
+            rich_help_panel=P_GUIDE,
+        ),
+    ] = None,
+    slg_stop: Annotated[
+        float | None,
+        typer.Option(
+            "--slg-stop",
+            help="SLG until this fraction of the steps.",
+            show_default="0.2",
+            rich_help_panel=P_GUIDE,
+        ),
+    ] = None,
     max_rows: Annotated[
         int | None,
         typer.Option(
@@ -435,7 +481,7 @@ def prepare(opts: dict[str, Any]) -> Run:
 
     from .. import app
     from ..conditioning import load_conditioning
-    from ..guidance import PAG
+    from ..guidance import PAG, SLG
     from ..models.presets import default_layers
     from ..pipeline import GenerateConfig
 
@@ -446,6 +492,7 @@ def prepare(opts: dict[str, Any]) -> Run:
         cfg=o.cfg, cfg_rescale=o.cfg_rescale, cfg_window=o.cfg_window, cfg_renorm=o.cfg_renorm,
         pag=o.pag, pag_layers=o.pag_layers, pag_adaptive=o.pag_adaptive, pag_window=o.pag_window,
         tpg=o.tpg, tpg_layers=o.tpg_layers, tpg_window=o.tpg_window,
+        slg=o.slg, slg_layers=o.slg_layers, slg_start=o.slg_start, slg_stop=o.slg_stop,
     )  # fmt: skip
     if not prompt and o.conditioning is None:
         raise ConfigError(
@@ -487,7 +534,10 @@ def prepare(opts: dict[str, Any]) -> Run:
     # dry run of every perturbation: a bad layer fails here, before sampling
     by_name = {t.name: t for t in terms}
     for choice in app.dry_run_layers(pipe, tuple(terms)):
-        method: Literal["pag", "tpg"] = "pag" if isinstance(by_name[choice.term], PAG) else "tpg"
+        term = by_name[choice.term]
+        method: Literal["pag", "tpg", "slg"] = (
+            "pag" if isinstance(term, PAG) else "slg" if isinstance(term, SLG) else "tpg"
+        )
         spec = choice.spec or f"preset {default_layers(pipe.model, method)}"
         count = len(choice.modules)
         console.print(f"{choice.term} layers: {spec} -> {count} {plural(count, KINDS[method])}")
