@@ -30,12 +30,16 @@ SEED = 7
 SIZE = 32  # VAE x2, patch 2: 8 x 8 = 64 image tokens
 
 
-@pytest.fixture(scope="module")
-def qwen_pipe():
+def fresh_qwen() -> QwenImagePipeline:
     pipe = tiny_qwen_image(seed=0)
     liven(pipe.transformer, 4)  # weights at a useful size, so text, CFG and perturbations matter
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="module")
+def qwen_pipe():
+    return fresh_qwen()
 
 
 def texts(batch: int, ragged: bool) -> dict[str, torch.Tensor]:
@@ -327,3 +331,41 @@ def test_encode_uses_the_pipelines_encode_prompt():
     assert torch.equal(cond.embeds, embeds) and torch.equal(cond["mask"], mask)
     assert uncond is not None and "mask" not in uncond  # diffusers returns no mask when all tokens count
     assert QwenImageFamily().encode(pipe, ["a cat", "a dog"], ["", ""], False, SIZE, SIZE)[1] is None
+
+
+@pytest.fixture(scope="module")
+def qwen_lora(tmp_path_factory):
+    """A random LoRA on the tiny Qwen-Image transformer's attention projections, diffusers' format."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = fresh_qwen()
+    torch.manual_seed(3)
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets))
+    for name, param in pipe.transformer.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.2)
+    folder = tmp_path_factory.mktemp("qwen-lora")
+    QwenImagePipeline.save_lora_weights(
+        folder, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer)
+    )
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def test_lora_matches_pipeline(qwen_lora):
+    t = texts(2, ragged=True)
+    gp = GuidedPipeline(fresh_qwen())
+    before = gp.component_hashes()["transformer"]
+    gp.load_lora(qwen_lora, 0.7)
+    kw = {"guidance": [CFG(4.0, renorm=True)], "steps": 3, "seed": SEED, "height": SIZE, "width": SIZE}
+    out = gp.generate(["x", "x"], decode=False, conditioning=as_file(t), **kw)
+    assert out.manifests[0]["model"]["loras"][0]["scale"] == 0.7
+    assert out.manifests[0]["model"]["hashes"]["transformer"] != before
+    ref_pipe = fresh_qwen()
+    ref_pipe.load_lora_weights(str(qwen_lora), adapter_name="x")
+    ref_pipe.set_adapters(["x"], adapter_weights=[0.7])
+    ref = reference(ref_pipe, t, steps=3, true_cfg_scale=4.0)
+    assert (out.latents - ref).abs().max().item() <= TOL
+    plain = reference(fresh_qwen(), t, steps=3, true_cfg_scale=4.0)
+    assert (out.latents - plain).abs().max().item() > 100 * TOL
