@@ -287,6 +287,9 @@ def test_cli_generate_from_conditioning_file_and_replay(qwen_pipe, tmp_path):
     png = next(line for line in res.output.splitlines() if line.endswith("-001-1.png"))
     res = CliRunner().invoke(app, ["replay", png])
     assert res.exit_code == 0 and "bit-identical" in res.output and "NOT" not in res.output, res.output
+    save_conditioning(path, as_file(texts(2, ragged=False)).cond, None)  # the file changes
+    res = CliRunner().invoke(app, ["replay", png])
+    assert res.exit_code == 2 and "changed since the run" in res.output, res.output
     res = CliRunner().invoke(app, ["generate", "-m", str(folder), "-p", "a cat", "-W", "32", "-H", "32"])
     assert res.exit_code == 2 and "no text encoder" in res.output
 

@@ -30,6 +30,7 @@ from .sampling.loop import Callback, run
 from .sampling.noise import generators, image_seeds, initial_noise
 from .sampling.schedulers import SCHEDULERS, SHIFTABLE
 from .sampling.steppers import ComfyStepper
+from .validation import check_prompt_arg, check_types, warn_long_prompts, warn_size
 
 MAX_STEPS = 1000
 DEFAULT_DTYPE: torch.dtype = getattr(torch, DEFAULTS.dtype)
@@ -76,17 +77,27 @@ class GenerateConfig:
         guidance: Sequence[GuidanceTerm] | None = None,
         **kwargs: Any,
     ) -> GenerateConfig:
+        check_prompt_arg(prompt, "prompt")
+        check_prompt_arg(negative_prompt, "negative_prompt")
+        if num_images is not None and (not isinstance(num_images, int) or isinstance(num_images, bool)):
+            raise ConfigError(f"num_images must be an integer, got {num_images!r}")
         count = num_images if num_images is not None else (None if isinstance(prompt, str) else len(prompt))
         if count is not None and count < 1:
             raise ConfigError(f"number of images must be >= 1, got {count}")
         prompts = _as_list(prompt, count, "prompt")
         negatives = _as_list(negative_prompt, len(prompts), "negative prompt")
+        if isinstance(guidance, GuidanceTerm):
+            guidance = [guidance]
+        elif guidance is not None and not isinstance(guidance, (list, tuple)):
+            raise ConfigError(f"guidance must be a list of terms such as [CFG(5.0)], got {guidance!r}")
         terms: tuple[GuidanceTerm, ...] = (CFG(),) if guidance is None else tuple(guidance)
-        cfg = GenerateConfig(tuple(prompts), tuple(negatives), terms, **kwargs)
-        cfg.validate()
-        return cfg
+        return GenerateConfig(tuple(prompts), tuple(negatives), terms, **kwargs)
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
+        check_types(self)  # types, seeds and integer ranges (validation.py); then the consistency rules
         if not 1 <= self.steps <= MAX_STEPS:
             raise ConfigError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
         for side, v in (("width", self.width), ("height", self.height)):
@@ -243,7 +254,11 @@ class GuidedPipeline:
         self, cfg: GenerateConfig, height: int, width: int
     ) -> tuple[Conditioning, Conditioning | None]:
         need_uncond = any(b.name == "uncond" for t in cfg.guidance for b in t.branches())
-        return self.family.encode(self.pipe, cfg.prompts, cfg.negative_prompts, need_uncond, height, width)
+        # library_noise_off: diffusers' own truncation log would repeat our PromptTruncatedWarning
+        with library_noise_off():
+            return self.family.encode(
+                self.pipe, cfg.prompts, cfg.negative_prompts, need_uncond, height, width
+            )
 
     # -- sampling --------------------------------------------------------------------------
     def default_size(self) -> int:
@@ -297,7 +312,10 @@ class GuidedPipeline:
             return self._generate_per_image(cfg, callback, progress, decode, conditioning, rows_schedule)
         height, width = cfg.height or self.default_size(), cfg.width or self.default_size()
         self._check_family(cfg, height, width)
+        warn_size(width, height, self.default_size())
         if conditioning is None:
+            warn_long_prompts(self.pipe.tokenizer, cfg.prompts)
+            warn_long_prompts(self.pipe.tokenizer, cfg.negative_prompts, "negative prompt")
             cond, uncond = self.encode(cfg, height, width)
         else:
             cond, uncond = _broadcast(conditioning, cfg.num_images, self.pipe.device)

@@ -28,6 +28,7 @@ from .common import (
     resolve_device,
     resolve_model,
 )
+from .guard import check_outputs, interruptible
 
 if TYPE_CHECKING:  # heavy (torch, diffusers): imported where used, so `--help` stays fast
     from ..conditioning import ConditioningFile
@@ -451,7 +452,9 @@ def generate(
             if recorder is not None:
                 recorder(state)
 
-        result = pipe.generate(config_, callback=on_step, conditioning=run.conditioning)
+        result = interruptible(
+            lambda: pipe.generate(config_, callback=on_step, conditioning=run.conditioning)
+        )
 
     pngs = save_result(result, out, prefix=prefix, save_latents=save_latents)
     for png in pngs:
@@ -520,6 +523,8 @@ def prepare(opts: dict[str, Any]) -> Run:
         shift=o.shift,
         batch_invariant=o.batch_invariant,
     )
+    if "out" in opts:  # generate (check-determinism writes nothing): outputs checked before loading
+        check_outputs(o, config_.num_images, config_.seed)
     loras = [parse_lora(spec) for spec in o.lora or []]
     device_ = resolve_device(o.device)
     model_path = resolve_model(o.model)
