@@ -646,11 +646,11 @@ SIGNAL_SCRIPT = """
 import os, signal, sys, time
 from diffguide import io
 from diffguide.cli import main
-from diffguide.models.denoiser import UNetDenoiser
+from diffguide.models.denoiser import FamilyDenoiser  # every family's denoiser (UNetDenoiser too)
 
 where, sig = sys.argv[1], getattr(signal, sys.argv[2])
 if where == "sampling":  # the signal arrives inside a (simulated) minutes-long tensor operation
-    forward = UNetDenoiser.__call__
+    forward = FamilyDenoiser.__call__
     def slow(self, *args, **kwargs):
         deadline, sent = time.monotonic() + 60, False
         while time.monotonic() < deadline:  # like one long torch op: Python cannot interrupt it
@@ -662,7 +662,7 @@ if where == "sampling":  # the signal arrives inside a (simulated) minutes-long 
             except KeyboardInterrupt:
                 pass
         return forward(self, *args, **kwargs)
-    UNetDenoiser.__call__ = slow
+    FamilyDenoiser.__call__ = slow
 else:  # while saving: temporary files written, none published yet
     publish = io._publish
     def interrupted(tmp, dst):
