@@ -314,8 +314,8 @@ class GuidedPipeline:
         self._check_family(cfg, height, width)
         warn_size(width, height, self.default_size())
         if conditioning is None:
-            warn_long_prompts(self.pipe.tokenizer, cfg.prompts)
-            warn_long_prompts(self.pipe.tokenizer, cfg.negative_prompts, "negative prompt")
+            warn_long_prompts(getattr(self.pipe, "tokenizer", None), cfg.prompts)
+            warn_long_prompts(getattr(self.pipe, "tokenizer", None), cfg.negative_prompts, "negative prompt")
             cond, uncond = self.encode(cfg, height, width)
         else:
             cond, uncond = _broadcast(conditioning, cfg.num_images, self.pipe.device)
