@@ -49,8 +49,8 @@ def test_conditioning_errors():
 
 
 def test_conditioning_file_refuses_names_it_cannot_store(tmp_path):
-    c = Conditioning(tensors={"embeds": torch.zeros(1, 3, 4), "mask": torch.ones(1, 3)})
-    with pytest.raises(DiffguideError, match=r"^conditioning files cannot hold 'mask' yet"):
+    c = Conditioning(tensors={"embeds": torch.zeros(1, 3, 4), "guidance": torch.ones(1)})
+    with pytest.raises(DiffguideError, match=r"^conditioning files cannot hold 'guidance' yet"):
         save_conditioning(tmp_path / "c.safetensors", c, None)
     assert not (tmp_path / "c.safetensors").exists()
 
@@ -61,7 +61,8 @@ def test_family_lookup(sd15_pipe, sdxl_pipe):
         isinstance(family_of(sdxl_pipe), SDFamily) and family_of(sdxl_pipe).architecture(sdxl_pipe) == "sdxl"
     )
     with pytest.raises(
-        DiffguideError, match=r"^object is not a supported model family \(supported: sd3, flux, sd\)$"
+        DiffguideError,
+        match=r"^object is not a supported model family \(supported: sd3, flux, auraflow, qwen-image, sd\)$",
     ):
         GuidedPipeline(object())
 

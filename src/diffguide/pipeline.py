@@ -198,8 +198,8 @@ class GuidedPipeline:
     source: str | None = None
     loras: list[LoRA] = field(default_factory=list)
     _hashes: dict[str, str] = field(default_factory=dict, repr=False)
-    lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
     family: Family = field(init=False, repr=False)
+    lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.family = family_of(self.pipe)
@@ -357,6 +357,8 @@ class GuidedPipeline:
             m["conditioning"]["source"] = "encoded" if conditioning is None else "file"
             if conditioning is not None:
                 m["conditioning"]["metadata"] = dict(conditioning.metadata)
+                if conditioning.path is not None:  # replay loads it again
+                    m["conditioning"]["file"] = {"path": conditioning.path, "sha256": conditioning.sha256}
             m["output"] = {"latents_hash": tensor_hash(latents[i : i + 1]), "shape": list(latents.shape[1:])}
             m["engine"] = {
                 "forward_calls": guided.forward_calls,

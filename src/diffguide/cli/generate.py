@@ -52,6 +52,7 @@ def build_guidance(
     cfg_rescale: float,
     cfg_window: str | None,
     pag: float,
+    cfg_renorm: bool = False,
     pag_layers: str | None,
     pag_adaptive: float,
     pag_window: str | None,
@@ -72,9 +73,9 @@ def build_guidance(
 
     terms: list[GuidanceTerm] = []
     if cfg != 1.0:
-        terms.append(CFG(cfg, cfg_rescale, window(cfg_window, "--cfg-window")))
-    elif cfg_rescale or cfg_window:
-        raise ConfigError("--cfg-rescale/--cfg-window given but --cfg is 1 (CFG off): set --cfg")
+        terms.append(CFG(cfg, cfg_rescale, window(cfg_window, "--cfg-window"), renorm=cfg_renorm))
+    elif cfg_rescale or cfg_window or cfg_renorm:
+        raise ConfigError("--cfg-rescale/--cfg-window/--cfg-renorm given but --cfg is 1 (CFG off): set --cfg")
     if pag != 0.0:
         terms.append(
             PAG(pag, check_spec(pag_layers, "--pag-layers"), pag_adaptive, window(pag_window, "--pag-window"))
@@ -220,6 +221,14 @@ def generate(
             rich_help_panel=P_GUIDE,
         ),
     ] = None,
+    cfg_renorm: Annotated[
+        bool,
+        typer.Option(
+            "--cfg-renorm",
+            help="Keep the conditional prediction's per-token norm (Qwen-Image's true CFG, as diffusers).",
+            rich_help_panel=P_GUIDE,
+        ),
+    ] = False,
     pag: Annotated[
         float, typer.Option("--pag", help="PAG scale in [0, 100]; 0 = off.", rich_help_panel=P_GUIDE)
     ] = DEFAULTS.pag,
@@ -499,6 +508,7 @@ def prepare(opts: dict[str, Any]) -> Run:
     # Everything that can be checked without the model is checked before loading it.
     terms = build_guidance(
         cfg=DEFAULTS.cfg if o.cfg is None else o.cfg, cfg_rescale=o.cfg_rescale, cfg_window=o.cfg_window,
+        cfg_renorm=o.cfg_renorm,
         pag=o.pag, pag_layers=o.pag_layers, pag_adaptive=o.pag_adaptive, pag_window=o.pag_window,
         tpg=o.tpg, tpg_layers=o.tpg_layers, tpg_window=o.tpg_window,
         slg=o.slg, slg_layers=o.slg_layers, slg_start=o.slg_start, slg_stop=o.slg_stop,

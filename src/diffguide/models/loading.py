@@ -64,6 +64,7 @@ def load_pipeline(path: str | Path, *, dtype: torch.dtype = torch.float32, confi
         kwargs: dict[str, Any] = {"torch_dtype": dtype, "use_safetensors": True}
         if "safety_checker" in index:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
+        kwargs.update(_absent_components(index))
         try:
             with warnings.catch_warnings():  # diffusers >= 0.42 renames torch_dtype to dtype
                 warnings.simplefilter("ignore", FutureWarning)
@@ -100,6 +101,12 @@ def load_pipeline(path: str | Path, *, dtype: torch.dtype = torch.float32, confi
         ) from err
     _check_all_weights_loaded(pipe, path)
     return pipe
+
+
+def _absent_components(index: dict[str, Any]) -> dict[str, None]:
+    """Components a folder saved as absent (``[null, null]``, e.g. a Qwen-Image pipeline built
+    without its text encoder): diffusers loads such a folder only when they are passed as None."""
+    return {k: None for k, v in index.items() if isinstance(v, list) and v and all(x is None for x in v)}
 
 
 #: Every network a supported pipeline can hold (families list the ones they hash).
@@ -188,6 +195,8 @@ PIPELINES = (
     "StableDiffusionXLPAGPipeline",
     "StableDiffusion3Pipeline",
     "FluxPipeline",
+    "AuraFlowPipeline",
+    "QwenImagePipeline",
 )
 WEIGHT_MODELS = COMPONENTS
 

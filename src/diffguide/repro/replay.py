@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..conditioning import ConditioningFile, load_conditioning
 from ..errors import DiffguideError
 from ..manifest import tensor_hash
 from ..pipeline import GuidedPipeline
@@ -49,6 +50,29 @@ def load_for_replay(
     return pipe
 
 
+def _conditioning_file(manifest: dict[str, Any]) -> ConditioningFile | None:
+    """The conditioning file a run was generated from (checked against its recorded hash), or None."""
+    record = manifest.get("conditioning")
+    if not isinstance(record, dict) or record.get("source") != "file":
+        return None
+    file = record.get("file")
+    path = file.get("path") if isinstance(file, dict) else None
+    if not isinstance(path, str) or not path:
+        raise DiffguideError(
+            "this image was generated from precomputed embeddings that the manifest does not name "
+            "(conditioning.file.path); it cannot be replayed"
+        )
+    if not Path(path).is_file():
+        raise DiffguideError(f"the run's conditioning file '{path}' does not exist")
+    loaded = load_conditioning(path)
+    recorded = file.get("sha256") if isinstance(file, dict) else None
+    if recorded and loaded.sha256 != recorded:
+        raise DiffguideError(
+            f"the conditioning file '{path}' changed since the run (sha256 {loaded.sha256}, recorded {recorded})"
+        )
+    return loaded
+
+
 def replay(manifest: dict[str, Any], pipe: GuidedPipeline, png: str | Path | None = None) -> ReplayReport:
     """Regenerate the manifest's batch on ``pipe`` and compare image ``index`` with the record.
 
@@ -61,14 +85,19 @@ def replay(manifest: dict[str, Any], pipe: GuidedPipeline, png: str | Path | Non
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        conditioning = _conditioning_file(manifest)
         if cfg.batch_invariant:  # image ``index`` was sampled alone: replay just that image
+            if conditioning is not None:
+                conditioning = conditioning.image(index, cfg.num_images)
             cfg = replace(
                 cfg,
                 prompts=(cfg.prompts[index],),
                 negative_prompts=(cfg.negative_prompts[index],),
                 seed=cfg.seed + index,
             )
-        result = pipe.generate(cfg, decode=png is not None, rows_schedule=spec.fallbacks)
+        result = pipe.generate(
+            cfg, decode=png is not None, rows_schedule=spec.fallbacks, conditioning=conditioning
+        )
     finally:
         torch.set_num_threads(before)
     row = 0 if cfg.batch_invariant else index  # the image's row in what was regenerated

@@ -120,7 +120,10 @@ class Family(ABC):
         height: int,
         width: int,
     ) -> tuple[Conditioning, Conditioning | None]:
-        """``cond`` / ``uncond`` with the run's shared model inputs added (default: unchanged)."""
+        """The run's conditioning as the model takes it, from encoded or file-loaded embeddings:
+        add shared inputs (Flux's ``txt_ids``/``img_ids`` and embedded guidance scale, Qwen-Image's
+        ``img_shapes``) and make ``cond`` and ``uncond`` concatenable per branch (e.g. pad text to
+        one length). Called once per run, on B rows each, before any forward. Default: as given."""
         return cond, uncond
 
     # -- the denoiser -------------------------------------------------------------------------
