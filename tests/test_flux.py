@@ -8,6 +8,7 @@ the negative rows in the same forward as the conditional rows (diffusers: two ca
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +18,17 @@ from families_support import save_tiny
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from diffguide import CFG, PAG, TPG, ConfigError, DiffguideError, EmbeddedGuidance, GuidedPipeline, testing
+from diffguide import (
+    CFG,
+    PAG,
+    SLG,
+    TPG,
+    ConfigError,
+    DiffguideError,
+    EmbeddedGuidance,
+    GuidedPipeline,
+    testing,
+)
 from diffguide.conditioning import load_conditioning, save_conditioning
 from diffguide.errors import BlockIndexError
 from diffguide.models.families.flux import FluxFamily, flux_sigmas, pack, unpack
@@ -56,7 +67,7 @@ def count_calls(model):
     return rows, handle
 
 
-def reference(pipe, prompts, steps=STEPS, **kwargs):
+def reference(pipe, prompts, steps=STEPS, height=SIZE, width=SIZE, **kwargs):
     """diffusers' final latents, unpacked to (B, C, H, W), and its forwards' row counts."""
     ref = FluxPipeline(**pipe.components)
     ref.set_progress_bar_config(disable=True)
@@ -65,8 +76,8 @@ def reference(pipe, prompts, steps=STEPS, **kwargs):
     try:
         out = ref(
             prompts,
-            height=SIZE,
-            width=SIZE,
+            height=height,
+            width=width,
             generator=gens,
             num_inference_steps=steps,
             output_type="latent",
@@ -74,10 +85,10 @@ def reference(pipe, prompts, steps=STEPS, **kwargs):
         ).images
     finally:
         handle.remove()
-    return FluxPipeline._unpack_latents(out, SIZE, SIZE, ref.vae_scale_factor), rows, ref
+    return FluxPipeline._unpack_latents(out, height, width, ref.vae_scale_factor), rows, ref
 
 
-def ours(pipe, guidance, prompts, negatives="", steps=STEPS, **kwargs):
+def ours(pipe, guidance, prompts, negatives="", steps=STEPS, height=SIZE, width=SIZE, **kwargs):
     gp = GuidedPipeline(pipe)
     rows, handle = count_calls(pipe.transformer)
     try:
@@ -87,8 +98,8 @@ def ours(pipe, guidance, prompts, negatives="", steps=STEPS, **kwargs):
             guidance=guidance,
             steps=steps,
             seed=SEED,
-            width=SIZE,
-            height=SIZE,
+            width=width,
+            height=height,
             decode=False,
             **kwargs,
         )
@@ -119,6 +130,24 @@ def test_true_cfg_matches_pipeline_in_one_forward(dev, batch):
     assert ref_rows == [batch] * (2 * STEPS)  # diffusers: cond and negative as two calls
     assert rows == [2 * batch] * STEPS  # diffguide: [negative, cond] in one forward
     assert (out.latents - ref).abs().max().item() <= TOL
+
+
+def test_non_square_matches_pipeline(dev):
+    """48x32 pixels: 12x8 packed tokens, img_ids rows/columns and unpacking follow the sides."""
+    ref, _, _ = reference(dev, PROMPTS, height=48, width=32, guidance_scale=3.0)
+    out, _ = ours(dev, [EmbeddedGuidance(3.0)], PROMPTS, height=48, width=32)
+    assert out.latents.shape == ref.shape == (2, 4, 24, 16)
+    assert (out.latents - ref).abs().max().item() <= TOL
+
+
+def test_slg_on_flux_blocks(dev):
+    """SLG skipping joint block 1 and single block 0 adds its rows inside the pipeline-style window."""
+    terms = [CFG(4.0), EmbeddedGuidance(2.0)]
+    base, _ = ours(dev, terms, PROMPTS, NEGATIVES)
+    slg = SLG(2.8, layers="b1,s0", start=0.0, stop=0.6)
+    out, rows = ours(dev, [*terms, slg], PROMPTS, NEGATIVES)
+    assert rows == [4, 6, 6, 4]  # steps 1 and 2 of 4 (0 < i < 2.4)
+    assert (out.latents - base.latents).abs().max().item() > 100 * TOL
 
 
 def test_default_embedded_guidance_is_recorded(dev):
@@ -293,9 +322,25 @@ def test_cli_generate_replay(dev, tmp_path):
     png = next(line for line in res.output.splitlines() if line.endswith("-001-1.png"))
     res = CliRunner().invoke(app, ["replay", png])
     assert res.exit_code == 0 and "bit-identical" in res.output and "NOT" not in res.output
-    res = CliRunner().invoke(app, ["generate", "-m", str(folder), "-p", "a cat", "-W", "32", "-H", "32"])
+    plain = ["generate", "-m", str(folder), "-p", "a cat", "-W", "32", "-H", "32", "--steps", "2"]
+    res = CliRunner().invoke(app, [*plain, "-o", str(tmp_path / "plain"), "-q"])
+    assert res.exit_code == 0, res.output  # no --cfg: FluxPipeline's defaults, embedded guidance 3.5
+    manifest = json.loads(next((tmp_path / "plain").glob("*.json")).read_text())
+    assert manifest["parameters"]["guidance"] == [{"method": "embedded_guidance", "scale": 3.5}]
+    assert manifest["parameters"]["default_cfg"] is False  # resolved: replay needs no defaults
+    res = CliRunner().invoke(app, [*plain, "--cfg", "4"])
     assert res.exit_code == 2
     assert res.output.strip().splitlines()[-1].startswith("error: cfg on this guidance-distilled Flux model")
+
+
+def test_api_defaults_are_fluxpipelines(dev):
+    """No guidance given: no true CFG and embedded guidance 3.5, as FluxPipeline's defaults."""
+    ref, _, _ = reference(dev, PROMPTS[:1])
+    out = GuidedPipeline(dev).generate(
+        PROMPTS[0], steps=STEPS, seed=SEED, height=SIZE, width=SIZE, decode=False
+    )
+    assert out.manifests[0]["parameters"]["guidance"] == [{"method": "embedded_guidance", "scale": 3.5}]
+    assert (out.latents - ref).abs().max().item() <= TOL
 
 
 def _lora(pipe, folder, attr):

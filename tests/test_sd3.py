@@ -177,10 +177,6 @@ def test_family_errors(sd3_pipe):
     gp = GuidedPipeline(sd3_pipe)
     assert family_of(sd3_pipe).name == "sd3"
     with pytest.raises(
-        ConfigError, match=r"^the comfy noise policy supports SD1\.5/SDXL models, not this sd3 model$"
-    ):
-        gp.generate("a", guidance=[CFG(2.0)], steps=2, noise="comfy")
-    with pytest.raises(
         ConfigError, match=r"^scheduler 'ddim' does not run sd3 models; choose one of: euler$"
     ):
         gp.generate("a", guidance=[CFG(2.0)], steps=2, scheduler="ddim")
@@ -205,3 +201,99 @@ def test_cli_generate_replay(sd3_pipe, tmp_path):
     png = next(line for line in res.output.splitlines() if line.endswith("-001-1.png"))
     res = CliRunner().invoke(app, ["replay", png])
     assert res.exit_code == 0 and "bit-identical" in res.output and "NOT" not in res.output
+
+
+@pytest.fixture(scope="module")
+def sd3_lora(tmp_path_factory):
+    """A random LoRA on the tiny SD3 transformer's attention projections, in diffusers' format."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = tiny_sd3(seed=0)
+    torch.manual_seed(3)
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj"]
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets))
+    for name, param in pipe.transformer.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.2)
+    folder = tmp_path_factory.mktemp("sd3-lora")
+    StableDiffusion3Pipeline.save_lora_weights(
+        folder, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer)
+    )
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def test_lora_matches_pipeline(sd3_lora):
+    gp = GuidedPipeline(tiny_sd3(seed=0))
+    before = gp.component_hashes()["transformer"]
+    gp.load_lora(sd3_lora, 0.7)
+    out = gp.generate(PROMPTS, NEGATIVES, guidance=[CFG(5.0)], steps=3, seed=SEED, decode=False)
+    lora = out.manifests[0]["model"]["loras"][0]
+    assert lora["scale"] == 0.7 and out.manifests[0]["model"]["hashes"]["transformer"] != before
+    ref_pipe = tiny_sd3(seed=0)
+    ref_pipe.load_lora_weights(str(sd3_lora), adapter_name="x")
+    ref_pipe.set_adapters(["x"], adapter_weights=[0.7])
+    ref = reference(ref_pipe, PROMPTS, NEGATIVES, steps=3, guidance_scale=5.0)
+    assert (out.latents - ref).abs().max().item() <= TOL
+    plain = reference(tiny_sd3(seed=0), PROMPTS, NEGATIVES, steps=3, guidance_scale=5.0)
+    assert (out.latents - plain).abs().max().item() > 100 * TOL
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cfg_pag_matches_sd3_pag_pipeline(sd3_pipe, batch):
+    """PAG on block 1's joint attention (diagonal image->image map, as diffusers' SD3 PAG processor)
+    vs StableDiffusion3PAGPipeline with pag_applied_layers 'blocks.1' (4 blocks: only block 1)."""
+    from diffusers import StableDiffusion3PAGPipeline
+
+    from diffguide import PAG
+
+    prompts, negatives = PROMPTS[:batch], NEGATIVES[:batch]
+    parts = {k: v for k, v in sd3_pipe.components.items() if k not in ("image_encoder", "feature_extractor")}
+    ref_pipe = StableDiffusion3PAGPipeline(**parts, pag_applied_layers="blocks.1")
+    ref_pipe.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(SEED + i) for i in range(batch)]
+    ref = ref_pipe(
+        prompts, negative_prompt=negatives, generator=gens, num_inference_steps=STEPS, guidance_scale=5.0,
+        pag_scale=3.0, output_type="latent",
+    ).images  # fmt: skip
+    got, rows = ours(sd3_pipe, [CFG(5.0), PAG(3.0, layers="transformer_blocks.1")], prompts, negatives)
+    assert rows == [3 * batch] * STEPS
+    print(f"sd3 cfg+pag batch {batch}: max abs diff {(got - ref).abs().max().item():.3g}")
+    assert (got - ref).abs().max().item() <= TOL
+    plain = reference(sd3_pipe, prompts, negatives, guidance_scale=5.0)
+    assert (got - plain).abs().max().item() > 100 * TOL
+
+
+def test_cli_slg_options(sd3_pipe, tmp_path):
+    from typer.testing import CliRunner
+
+    from diffguide.cli.main import app
+
+    folder = save_tiny(sd3_pipe, tmp_path / "tiny-sd3")
+    run = [
+        "generate",
+        "-m",
+        str(folder),
+        "-p",
+        "a cat",
+        "--cfg",
+        "5",
+        "--steps",
+        "8",
+        "-o",
+        str(tmp_path / "o"),
+    ]
+    res = CliRunner().invoke(
+        app, [*run, "--slg", "2.8", "--slg-layers", "b1", "--slg-start", "0.1", "--slg-stop", "0.6"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "slg layers: b1 -> 1 transformer block" in res.output
+    assert "done in" in res.output and "8 model forward calls" in res.output
+    png = next(line for line in res.output.splitlines() if line.endswith(".png"))
+    replayed = CliRunner().invoke(app, ["replay", png])
+    assert replayed.exit_code == 0 and "bit-identical" in replayed.output and "NOT" not in replayed.output
+    res = CliRunner().invoke(app, [*run, "--slg-layers", "b1"])
+    assert res.exit_code == 2
+    assert "--slg-layers/--slg-start/--slg-stop given but --slg is 0 (SLG off): set --slg" in res.output
+    res = CliRunner().invoke(app, [*run, "--slg", "1", "--slg-layers", "b9"])
+    assert res.exit_code == 2 and "block 9 is past the last block" in res.output

@@ -8,6 +8,7 @@ A conditioning file is a .safetensors file of named tensors (batch first):
 | ``negative_prompt_embeds`` | (B, L, D) | CFG |
 | ``pooled_prompt_embeds`` / ``negative_pooled_prompt_embeds`` | (B, P) | SDXL |
 | ``time_ids`` / ``negative_time_ids`` | (B, 6) | SDXL |
+| ``prompt_embeds_mask`` / ``negative_prompt_embeds_mask`` | (B, L) | Qwen-Image (text attention mask, 1 = token) |
 
 plus string metadata (prompt, encoder, anything). ``.pt`` files are read only with
 ``torch.load(weights_only=True)`` and must hold the same dict. Nothing is filled in silently:
@@ -28,7 +29,16 @@ from torch import Tensor
 
 from .errors import DiffguideError
 from .io import replace_atomic
+from .manifest import file_hash
 from .models.denoiser import Conditioning
+
+#: File key (without ``negative_``) -> the Conditioning tensor name.
+NAMES = {
+    "prompt_embeds": "embeds",
+    "pooled_prompt_embeds": "pooled",
+    "time_ids": "time_ids",
+    "prompt_embeds_mask": "mask",
+}
 
 KEYS = {
     "prompt_embeds": 3,
@@ -37,14 +47,21 @@ KEYS = {
     "negative_pooled_prompt_embeds": 2,
     "time_ids": 2,
     "negative_time_ids": 2,
+    "prompt_embeds_mask": 2,
+    "negative_prompt_embeds_mask": 2,
 }
 
 
 @dataclass(frozen=True)
 class ConditioningFile:
+    """Embeddings loaded from a file; ``path``/``sha256`` name the file (recorded in manifests,
+    so replay can load it again), None when built in code."""
+
     cond: Conditioning
     uncond: Conditioning | None
     metadata: dict[str, str] = field(default_factory=dict)
+    path: str | None = None
+    sha256: str | None = None
 
     def image(self, i: int, count: int) -> ConditioningFile:
         """The conditioning of image ``i`` of ``count`` (batch 1 serves every image)."""
@@ -55,7 +72,11 @@ class ConditioningFile:
             return c if c.batch == 1 else c.rows(i, i + 1)
 
         return ConditioningFile(
-            pick(self.cond), None if self.uncond is None else pick(self.uncond), self.metadata
+            pick(self.cond),
+            None if self.uncond is None else pick(self.uncond),
+            self.metadata,
+            self.path,
+            self.sha256,
         )
 
 
@@ -105,9 +126,17 @@ def _validate(tensors: dict[str, Tensor], path: Path) -> None:
     for a, b in (
         ("pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
         ("time_ids", "negative_time_ids"),
+        ("negative_prompt_embeds", "negative_prompt_embeds_mask"),
     ):
         if b in tensors and a not in tensors:
             raise DiffguideError(f"'{path}' has '{b}' but not '{a}'")
+    for embeds in ("prompt_embeds", "negative_prompt_embeds"):
+        mask = tensors.get(embeds.replace("embeds", "embeds_mask"))
+        if mask is not None and mask.shape != tensors[embeds].shape[:2]:
+            raise DiffguideError(
+                f"'{path}': '{embeds}_mask' has shape {tuple(mask.shape)}; expected "
+                f"{tuple(tensors[embeds].shape[:2])} (batch, tokens of '{embeds}')"
+            )
 
 
 def load_conditioning(path: str | Path) -> ConditioningFile:
@@ -115,17 +144,14 @@ def load_conditioning(path: str | Path) -> ConditioningFile:
     path = Path(path)
     tensors, metadata = _read(path)
     _validate(tensors, path)
-    cond = Conditioning(
-        tensors["prompt_embeds"], tensors.get("pooled_prompt_embeds"), tensors.get("time_ids")
-    )
+    cond = Conditioning(tensors={n: tensors[k] for k, n in NAMES.items() if k in tensors})
     uncond = None
     if "negative_prompt_embeds" in tensors:
-        uncond = Conditioning(
-            tensors["negative_prompt_embeds"],
-            tensors.get("negative_pooled_prompt_embeds"),
-            tensors.get("negative_time_ids", tensors.get("time_ids")),
-        )
-    return ConditioningFile(cond, uncond, metadata)
+        named = {n: tensors[f"negative_{k}"] for k, n in NAMES.items() if f"negative_{k}" in tensors}
+        if "time_ids" in tensors and "time_ids" not in named:  # one set of time ids serves both
+            named["time_ids"] = tensors["time_ids"]
+        uncond = Conditioning(tensors=named)
+    return ConditioningFile(cond, uncond, metadata, str(path.resolve()), file_hash(str(path)))
 
 
 def save_conditioning(
@@ -133,17 +159,21 @@ def save_conditioning(
 ) -> Path:
     """Write a conditioning file atomically."""
     path = Path(path)
-    tensors = {"prompt_embeds": cond.embeds}
-    if cond.pooled is not None:
-        tensors["pooled_prompt_embeds"] = cond.pooled
-    if cond.time_ids is not None:
-        tensors["time_ids"] = cond.time_ids
+    tensors = _file_keys(cond, "")
     if uncond is not None:
-        tensors["negative_prompt_embeds"] = uncond.embeds
-        if uncond.pooled is not None:
-            tensors["negative_pooled_prompt_embeds"] = uncond.pooled
-        if uncond.time_ids is not None:
-            tensors["negative_time_ids"] = uncond.time_ids
+        tensors.update(_file_keys(uncond, "negative_"))
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
     return replace_atomic(path, save(data, metadata=metadata or {}))
+
+
+def _file_keys(c: Conditioning, prefix: str) -> dict[str, Tensor]:
+    """The file's keys for ``c``'s tensors; a tensor the format has no key for is an error."""
+    keys = {n: k for k, n in NAMES.items()}
+    extra = sorted(set(c.tensors) - set(keys))
+    if extra or c.shared:
+        what = ", ".join(extra + sorted(c.shared))
+        raise DiffguideError(
+            f"conditioning files cannot hold '{what}' yet (known: {', '.join(NAMES.values())})"
+        )
+    return {prefix + keys[n]: t for n, t in c.tensors.items()}

@@ -26,6 +26,7 @@ from .errors import ConfigError, DiffguideError
 from .guidance.base import COND, UNCOND, Branch, GuidanceTerm, StepInfo
 from .models.denoiser import Conditioning, Denoiser
 from .perturb.base import BranchRows, ForwardContext
+from .validation import check_rows_schedule
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class GuidedModel:
         self.ctx = ForwardContext(tuple(seeds), retry_listeners=[on_retry] if on_retry else [])
         self._rows_cache: dict[tuple[str, ...], Conditioning] = {}
         self.forward_calls = 0
-        self.rows_schedule = dict(rows_schedule or {})
+        self.rows_schedule = check_rows_schedule(rows_schedule)
         self.fallbacks: dict[int, int] = {}  # step -> max_rows from then on, after running out of memory
 
     @contextmanager

@@ -23,6 +23,7 @@ The manifest JSON is Python's ``json`` (non-finite floats, such as a window's op
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 MANIFEST_KEY = "diffguide"  # PNG text chunk and safetensors metadata key
 PARAMETERS_KEY = "parameters"  # A1111's PNG text chunk
 MAX_SUFFIX = 10_000
+MAX_MANIFEST_CHARS = 8_000_000  # refused when reading: far above any manifest diffguide writes
 
 # diffguide scheduler names -> A1111 sampler names (what A1111's "PNG Info" understands)
 A1111_SAMPLERS = {
@@ -133,7 +135,12 @@ def replace_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
     never a half-written one (reports rewritten while a long benchmark runs)."""
     dst = Path(path)
     tmp = _write_temp(dst.parent, data.encode() if isinstance(data, str) else data, dst.suffix)
-    os.replace(tmp, dst)
+    try:
+        os.replace(tmp, dst)
+    except BaseException:  # dst is a folder, a signal arrived, ...: leave no temporary file behind
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     return dst
 
 
@@ -195,6 +202,11 @@ def _save_files(folder: Path, base: str, files: list[tuple[str, bytes]]) -> dict
                 for p in published:
                     p.unlink()
                 continue
+            except BaseException:  # failed or interrupted (SIGINT/SIGTERM): no image half-published
+                for p in published:
+                    with contextlib.suppress(OSError):
+                        p.unlink()
+                raise
             return {suffix: folder / f"{stem}{suffix}" for suffix, _ in temps}
         raise DiffguideError(f"no free file name for '{base}' in '{folder}' after {MAX_SUFFIX} tries")
     finally:
@@ -235,10 +247,7 @@ def save_result(
     stem (``path.with_suffix(".json")``, ``.with_suffix(".safetensors")``). The output
     folder is created. See the module docstring for names and the no-overwrite rule.
     """
-    if not _PREFIX.match(prefix):
-        raise DiffguideError(
-            f"file prefix '{prefix}' must start with a letter or digit and contain only letters, digits, '.', '_', '-'"
-        )
+    check_prefix(prefix)
     if not result.images:
         raise DiffguideError(
             "the result has no decoded images (generated with decode=False): nothing to save"
@@ -246,21 +255,95 @@ def save_result(
     if len(result.images) != len(result.manifests):
         raise DiffguideError(f"{len(result.images)} images but {len(result.manifests)} manifests")
     folder = Path(out_dir)
+    with _output_folder(folder):
+        paths = []
+        for i, (image, manifest) in enumerate(zip(result.images, result.manifests, strict=True)):
+            index, seed = manifest["image"]["index"], manifest["image"]["seed"]
+            files = []
+            if save_latents:
+                files.append((".safetensors", _latents_bytes(result.latents[i : i + 1], manifest)))
+            files.append((".json", (manifest_json(manifest, indent=2) + "\n").encode()))
+            files.append((".png", _png_bytes(image, manifest)))  # last: a PNG implies its sidecars
+            saved = _save_files(folder, f"{prefix}-{index:03d}-{seed}", files)
+            paths.append(saved[".png"])
+    return paths
+
+
+def check_prefix(prefix: str) -> None:
+    if not _PREFIX.match(prefix):
+        raise DiffguideError(
+            f"file prefix '{prefix}' must start with a letter or digit and contain only letters, digits, '.', '_', '-'"
+        )
+
+
+def _make_folder(folder: Path) -> list[Path]:
+    """Create ``folder`` and missing parents; the folders created, deepest first."""
+    created = []
+    for p in [folder, *folder.parents]:
+        if p.exists():
+            break
+        created.append(p)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as err:
-        raise DiffguideError(f"output folder '{folder}' is not a folder: {err}") from err
-    paths = []
-    for i, (image, manifest) in enumerate(zip(result.images, result.manifests, strict=True)):
-        index, seed = manifest["image"]["index"], manifest["image"]["seed"]
-        files = []
-        if save_latents:
-            files.append((".safetensors", _latents_bytes(result.latents[i : i + 1], manifest)))
-        files.append((".json", (manifest_json(manifest, indent=2) + "\n").encode()))
-        files.append((".png", _png_bytes(image, manifest)))  # last: a PNG implies its sidecars
-        saved = _save_files(folder, f"{prefix}-{index:03d}-{seed}", files)
-        paths.append(saved[".png"])
-    return paths
+        raise DiffguideError(f"output folder '{folder}' is not a folder: {err.strerror}") from None
+    except OSError as err:
+        raise DiffguideError(f"cannot create output folder '{folder}': {err.strerror}") from None
+    return created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for p in folders:  # deepest first; stops at the first one that is not empty
+        try:
+            p.rmdir()
+        except OSError:
+            return
+
+
+@contextlib.contextmanager
+def _output_folder(folder: Path) -> Iterator[None]:
+    """Create ``folder`` for writing; if the block fails, remove the folders it created while empty."""
+    created = _make_folder(folder)
+    try:
+        yield
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def check_writable(
+    folder: str | os.PathLike[str], longest_name: str, hint: str = "use a shorter --prefix"
+) -> None:
+    """Fail now, not after sampling, if ``folder`` cannot take a file named ``longest_name``:
+    create it (and missing parents), write and remove a probe file of that name's length, and
+    remove again the folders created. Leaves the file system as it was."""
+    folder = Path(folder)
+    created = _make_folder(folder)
+    try:
+        probe = folder / (".tmp-" + secrets.token_hex(4)).ljust(len(longest_name), "0")
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as err:
+            if err.errno == errno.ENAMETOOLONG:
+                raise DiffguideError(
+                    f"file names like '{longest_name[:40]}...' ({len(longest_name)} characters) are too long "
+                    f"for '{folder}': {hint}"
+                ) from None
+            raise DiffguideError(f"cannot write files in output folder '{folder}': {err.strerror}") from None
+        os.close(fd)
+        probe.unlink()
+    finally:
+        _remove_empty(created)
+
+
+def check_file_target(path: str | os.PathLike[str], what: str) -> None:
+    """``path`` can be written as a new file: not a folder, in a writable folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise DiffguideError(
+            f"{what} '{path}' is a folder; give a file name, e.g. '{path / 'trace.safetensors'}'"
+        )
+    check_writable(path.parent, path.name, "use a shorter file name")
 
 
 # -- reading back ----------------------------------------------------------------------------
@@ -271,7 +354,12 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise DiffguideError(f"'{path}' does not exist or is not a file")
     suffix = path.suffix.lower()
     if suffix == ".json":
-        return _loads(path.read_text(encoding="utf-8"), path)
+        if path.stat().st_size > MAX_MANIFEST_CHARS:
+            _too_big(path, path.stat().st_size)
+        try:
+            return _loads(path.read_text(encoding="utf-8"), path)
+        except UnicodeDecodeError as err:
+            raise DiffguideError(f"'{path}' is not UTF-8 text, not a manifest: {err.reason}") from None
     if suffix == ".safetensors":
         return _loads(_safetensors_metadata(path).get(MANIFEST_KEY), path)
     from PIL import Image, UnidentifiedImageError
@@ -280,10 +368,24 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         with Image.open(path) as im:
             if im.format != "PNG":
                 raise DiffguideError(f"'{path}' is a {im.format} image, not a PNG saved by diffguide")
+            im.load()  # a truncated or corrupt file fails here, not later in replay
             text = getattr(im, "text", {}).get(MANIFEST_KEY)
     except UnidentifiedImageError as err:
         raise DiffguideError(f"'{path}' is not an image (expected a PNG saved by diffguide)") from err
+    except ValueError as err:  # PIL refuses text chunks over PngImagePlugin.MAX_TEXT_CHUNK
+        raise DiffguideError(
+            f"'{path}' has a text chunk too large to be a diffguide manifest ({err})"
+        ) from None
+    except (OSError, SyntaxError, EOFError) as err:
+        raise DiffguideError(f"'{path}' is a damaged PNG ({err})") from None
     return _loads(text, path)
+
+
+def _too_big(path: Path, size: int) -> None:
+    raise DiffguideError(
+        f"the manifest in '{path}' is {size / 1e6:.1f} MB; diffguide's are far smaller "
+        f"(limit {MAX_MANIFEST_CHARS // 1_000_000} MB): not a manifest diffguide wrote"
+    )
 
 
 def _loads(text: str | None, path: Path) -> dict[str, Any]:
@@ -291,6 +393,8 @@ def _loads(text: str | None, path: Path) -> dict[str, Any]:
         raise DiffguideError(
             f"'{path}' has no diffguide manifest (no '{MANIFEST_KEY}' entry); was it saved by diffguide?"
         )
+    if len(text) > MAX_MANIFEST_CHARS:
+        _too_big(path, len(text))
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:

@@ -25,11 +25,12 @@ from .models.denoiser import Conditioning, FamilyDenoiser
 from .models.families import Family, family_of
 from .models.loading import load_lora, load_pipeline, own_memory
 from .quiet import library_noise_off
-from .sampling.comfy import COMFY_SCHEDULERS, ComfyModelSampling, comfy_noise, comfy_sigmas
+from .sampling.comfy import COMFY_SCHEDULERS, ComfyFlowSampling, comfy_noise, comfy_sigmas
 from .sampling.loop import Callback, run
 from .sampling.noise import generators, image_seeds, initial_noise
 from .sampling.schedulers import SCHEDULERS, SHIFTABLE
 from .sampling.steppers import ComfyStepper
+from .validation import check_prompt_arg, check_types, warn_long_prompts, warn_size
 
 MAX_STEPS = 1000
 DEFAULT_DTYPE: torch.dtype = getattr(torch, DEFAULTS.dtype)
@@ -66,6 +67,9 @@ class GenerateConfig:
     shift: float = DEFAULTS.shift  # sampling time shift (SD3 eq. 23); 1 = off
     # Image i bit-identical to its seed run alone: each image sampled by itself (B forwards a step)
     batch_invariant: bool = False
+    # CFG was not asked for explicitly: the model family may replace the default CFG term by its
+    # own default (guidance-distilled Flux: embedded guidance, no true CFG, as FluxPipeline)
+    default_cfg: bool = False
 
     @staticmethod
     def create(
@@ -76,17 +80,29 @@ class GenerateConfig:
         guidance: Sequence[GuidanceTerm] | None = None,
         **kwargs: Any,
     ) -> GenerateConfig:
+        check_prompt_arg(prompt, "prompt")
+        check_prompt_arg(negative_prompt, "negative_prompt")
+        if num_images is not None and (not isinstance(num_images, int) or isinstance(num_images, bool)):
+            raise ConfigError(f"num_images must be an integer, got {num_images!r}")
         count = num_images if num_images is not None else (None if isinstance(prompt, str) else len(prompt))
         if count is not None and count < 1:
             raise ConfigError(f"number of images must be >= 1, got {count}")
         prompts = _as_list(prompt, count, "prompt")
         negatives = _as_list(negative_prompt, len(prompts), "negative prompt")
+        if isinstance(guidance, GuidanceTerm):
+            guidance = [guidance]
+        elif guidance is not None and not isinstance(guidance, (list, tuple)):
+            raise ConfigError(f"guidance must be a list of terms such as [CFG(5.0)], got {guidance!r}")
         terms: tuple[GuidanceTerm, ...] = (CFG(),) if guidance is None else tuple(guidance)
-        cfg = GenerateConfig(tuple(prompts), tuple(negatives), terms, **kwargs)
-        cfg.validate()
-        return cfg
+        if guidance is None:
+            kwargs.setdefault("default_cfg", True)
+        return GenerateConfig(tuple(prompts), tuple(negatives), terms, **kwargs)
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
+        check_types(self)  # types, seeds and integer ranges (validation.py); then the consistency rules
         if not 1 <= self.steps <= MAX_STEPS:
             raise ConfigError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
         for side, v in (("width", self.width), ("height", self.height)):
@@ -182,8 +198,8 @@ class GuidedPipeline:
     source: str | None = None
     loras: list[LoRA] = field(default_factory=list)
     _hashes: dict[str, str] = field(default_factory=dict, repr=False)
-    lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
     family: Family = field(init=False, repr=False)
+    lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.family = family_of(self.pipe)
@@ -243,7 +259,11 @@ class GuidedPipeline:
         self, cfg: GenerateConfig, height: int, width: int
     ) -> tuple[Conditioning, Conditioning | None]:
         need_uncond = any(b.name == "uncond" for t in cfg.guidance for b in t.branches())
-        return self.family.encode(self.pipe, cfg.prompts, cfg.negative_prompts, need_uncond, height, width)
+        # library_noise_off: diffusers' own truncation log would repeat our PromptTruncatedWarning
+        with library_noise_off():
+            return self.family.encode(
+                self.pipe, cfg.prompts, cfg.negative_prompts, need_uncond, height, width
+            )
 
     # -- sampling --------------------------------------------------------------------------
     def default_size(self) -> int:
@@ -285,7 +305,12 @@ class GuidedPipeline:
         has_negative = any(cfg.negative_prompts) or (
             conditioning is not None and conditioning.uncond is not None
         )
-        cfg = replace(cfg, guidance=self.family.guidance_terms(self.pipe, cfg.guidance, has_negative))
+        terms = cfg.guidance
+        if cfg.default_cfg:  # CFG not asked for: the family's default instead of the global one
+            terms = self.family.default_cfg(self.pipe, terms, has_negative)
+        # the manifest records the resolved terms (default_cfg off), so replay needs no defaults
+        terms = self.family.guidance_terms(self.pipe, terms, has_negative)
+        cfg = replace(cfg, guidance=terms, default_cfg=False)
         with self.lock:
             return self._generate(cfg, callback, progress, decode, conditioning, rows_schedule)
 
@@ -302,7 +327,10 @@ class GuidedPipeline:
             return self._generate_per_image(cfg, callback, progress, decode, conditioning, rows_schedule)
         height, width = cfg.height or self.default_size(), cfg.width or self.default_size()
         self._check_family(cfg, height, width)
+        warn_size(width, height, self.default_size())
         if conditioning is None:
+            warn_long_prompts(getattr(self.pipe, "tokenizer", None), cfg.prompts)
+            warn_long_prompts(getattr(self.pipe, "tokenizer", None), cfg.negative_prompts, "negative prompt")
             cond, uncond = self.encode(cfg, height, width)
         else:
             cond, uncond = _broadcast(conditioning, cfg.num_images, self.pipe.device)
@@ -316,9 +344,7 @@ class GuidedPipeline:
         )
         shape = self.family.latent_shape(self.pipe, cfg.num_images, height, width)
         if cfg.noise == "comfy":
-            latents, schedule = self._sample_comfy(
-                cfg, guided, shape, denoiser.prediction_type, callback, progress
-            )
+            latents, schedule = self._sample_comfy(cfg, guided, shape, callback, progress)
         else:
             latents, schedule = self._sample_diffusers(
                 cfg, guided, shape, seeds, (height, width), callback, progress
@@ -331,6 +357,8 @@ class GuidedPipeline:
             m["conditioning"]["source"] = "encoded" if conditioning is None else "file"
             if conditioning is not None:
                 m["conditioning"]["metadata"] = dict(conditioning.metadata)
+                if conditioning.path is not None:  # replay loads it again
+                    m["conditioning"]["file"] = {"path": conditioning.path, "sha256": conditioning.sha256}
             m["output"] = {"latents_hash": tensor_hash(latents[i : i + 1]), "shape": list(latents.shape[1:])}
             m["engine"] = {
                 "forward_calls": guided.forward_calls,
@@ -440,11 +468,10 @@ class GuidedPipeline:
         cfg: GenerateConfig,
         guided: GuidedModel,
         shape: tuple[int, ...],
-        prediction_type: str,
         callback: Callback | None,
         progress: bool,
     ) -> tuple[Tensor, dict[str, Any]]:
-        ms = ComfyModelSampling(prediction_type=prediction_type)
+        ms = self.family.comfy_model_sampling(self.pipe)
         name = cfg.schedule or "normal"
         sampler = COMFY_SAMPLER_NAMES[cfg.scheduler]
         sigmas = comfy_sigmas(name, cfg.steps, model_sampling=ms)
@@ -467,13 +494,13 @@ class GuidedPipeline:
             noise_desc["per_step_device"] = str(noise.device)
         schedule = {
             "name": f"comfy {sampler}/{name}",
-            "class": "ComfyModelSampling",
+            "class": type(ms).__name__,
             "sampler": {
                 "name": sampler,
                 **({"eta": 1.0, "s_noise": 1.0} if sampler == "euler_ancestral" else {}),
             },
             "schedule": name,
-            "config": {"prediction_type": prediction_type, "beta_schedule": "scaled_linear 0.00085..0.012"},
+            "config": comfy_config(ms),
             "timesteps": [float(t) for t in timesteps.tolist()],
             "sigmas": sigmas.tolist(),
             "noise": noise_desc,
@@ -488,7 +515,7 @@ class GuidedPipeline:
         fam = self.family
         self.family.check_size(self.pipe, height, width)
         if cfg.noise == "comfy" and not fam.comfy:
-            raise ConfigError(f"the comfy noise policy supports SD1.5/SDXL models, not this {fam.name} model")
+            raise ConfigError(f"the comfy noise policy does not support {fam.name} models yet")
         if cfg.noise != "comfy" and cfg.scheduler not in fam.schedulers:
             raise ConfigError(
                 f"scheduler '{cfg.scheduler}' does not run {fam.name} models; choose one of: "
@@ -558,6 +585,13 @@ def _broadcast(
 
     uncond = conditioning.uncond
     return fit(conditioning.cond), (None if uncond is None else fit(uncond))
+
+
+def comfy_config(ms: Any) -> dict[str, Any]:
+    """The manifest's description of a comfy-policy model sampling."""
+    if isinstance(ms, ComfyFlowSampling):
+        return {"prediction_type": "flow", "shift": ms.shift, "multiplier": ms.multiplier}
+    return {"prediction_type": ms.prediction_type, "beta_schedule": "scaled_linear 0.00085..0.012"}
 
 
 def _hash_rows(c: Conditioning, rows: slice) -> str:

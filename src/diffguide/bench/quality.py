@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from ..io import replace_atomic
+from ..io import check_writable, replace_atomic
 
 # ----------------------------------------------------------------------------- settings
 DEFAULT_CFG_SCALES = (2.0, 3.0, 5.0, 7.0)
@@ -277,6 +277,24 @@ def compute_metrics(data: SettingData, n: int, ref: Reference, classifiers: Any)
     return row
 
 
+def check_options(opts: BenchOptions) -> None:
+    """Every option in range and the output folder usable, before anything is loaded or created."""
+    from ..validation import check_int
+
+    if opts.n < 4:
+        raise ConfigError(f"--n must be >= 4 (precision/recall use k = 3 neighbours), got {opts.n}")
+    for name in ("steps", "batch", "chunk", "ref_per_class"):
+        check_int(getattr(opts, name), f"--{name.replace('_', '-')}", low=1)
+    check_int(opts.seed, "--seed", low=0)
+    if opts.threads is not None:
+        check_int(opts.threads, "--threads", low=1)
+    if not opts.settings:
+        raise ConfigError("no settings to run")
+    if opts.out.exists() and not opts.out.is_dir():
+        raise ConfigError(f"output folder '{opts.out}' is a file; give a folder (-o)")
+    check_writable(opts.out, "results.json")
+
+
 def run(opts: BenchOptions, log: Log = print) -> dict[str, Any]:
     """Run (or resume) the benchmark; returns the results dict also written to ``out/results.json``."""
     import torch
@@ -288,22 +306,19 @@ def run(opts: BenchOptions, log: Log = print) -> dict[str, Any]:
     from .reference import captions as load_captions
     from .reference import reference_features
 
+    check_options(opts)  # arguments first, then the optional dependencies, then the output folder
+    extractor = InceptionFeatures()
+    classifiers = PromptClassifiers()
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    if opts.n < 4:
-        raise ConfigError(f"n must be >= 4 (precision/recall use k = 3 neighbours), got {opts.n}")
-    if not opts.settings:
-        raise ConfigError("no settings to run")
     opts.out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
 
-    extractor = InceptionFeatures()
     log(f"reference features ({20 * opts.ref_per_class} held-out images; cached after the first run) ...")
     ref_feats, ref_info = reference_features(extractor, opts.ref_per_class)
     ref = Reference(ref_feats, FIDReference.from_features(ref_feats), knn_radii(ref_feats, 3), ref_info)
     if len(ref_feats) < opts.n:
         log(f"warning: {len(ref_feats)} reference images for {opts.n} generated images per setting")
-    classifiers = PromptClassifiers()
     captions = load_captions()
 
     pipe = GuidedPipeline.from_pretrained(opts.model)

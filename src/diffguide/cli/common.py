@@ -36,7 +36,11 @@ def model_option(
     )
 
 
-KINDS = {"pag": "self-attention modules", "tpg": "transformer blocks"}  # what each method's layers are
+KINDS = {
+    "pag": "self-attention modules",
+    "tpg": "transformer blocks",
+    "slg": "transformer blocks",
+}  # what each method's layers are
 
 
 def plural(count: int, noun: str) -> str:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+
+from ..errors import ConfigError
 
 
 def diff(
@@ -25,6 +28,8 @@ def diff(
     runs diverge beyond tolerance, and print a per-step error table.
     Exit code: 0 within tolerance, 1 beyond it, 2 for bad input.
     """
+    if not all(math.isfinite(t) and t >= 0 for t in (rtol, atol)):
+        raise ConfigError(f"--rtol and --atol must be finite numbers >= 0, got rtol={rtol}, atol={atol}")
     from ..repro.diff import run_diff_cli
     from ..repro.trace import is_trace, load_trace
     from ..repro.trace_diff import diff_traces, render_trace_diff

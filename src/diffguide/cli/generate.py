@@ -27,12 +27,10 @@ from .common import (
     plural,
     resolve_device,
     resolve_model,
-    torch_dtype,
 )
+from .guard import check_outputs, interruptible
 
 if TYPE_CHECKING:  # heavy (torch, diffusers): imported where used, so `--help` stays fast
-    import torch
-
     from ..conditioning import ConditioningFile
     from ..guidance import GuidanceTerm, Window
     from ..pipeline import GenerateConfig, GuidedPipeline
@@ -54,25 +52,30 @@ def build_guidance(
     cfg_rescale: float,
     cfg_window: str | None,
     pag: float,
+    cfg_renorm: bool = False,
     pag_layers: str | None,
     pag_adaptive: float,
     pag_window: str | None,
     tpg: float,
     tpg_layers: str | None,
     tpg_window: str | None,
+    slg: float = 0.0,
+    slg_layers: str | None = None,
+    slg_start: float | None = None,
+    slg_stop: float | None = None,
     embedded_guidance: float | None = None,
 ) -> list[GuidanceTerm]:
     """The guidance terms the options ask for; a term whose scale means "off" is left out."""
-    from ..guidance import CFG, PAG, TPG, EmbeddedGuidance, Window
+    from ..guidance import CFG, PAG, SLG, TPG, EmbeddedGuidance, Window
 
     def window(spec: str | None, option: str) -> Window:
         return Window() if spec is None else parse_window(spec, option)
 
     terms: list[GuidanceTerm] = []
     if cfg != 1.0:
-        terms.append(CFG(cfg, cfg_rescale, window(cfg_window, "--cfg-window")))
-    elif cfg_rescale or cfg_window:
-        raise ConfigError("--cfg-rescale/--cfg-window given but --cfg is 1 (CFG off): set --cfg")
+        terms.append(CFG(cfg, cfg_rescale, window(cfg_window, "--cfg-window"), renorm=cfg_renorm))
+    elif cfg_rescale or cfg_window or cfg_renorm:
+        raise ConfigError("--cfg-rescale/--cfg-window/--cfg-renorm given but --cfg is 1 (CFG off): set --cfg")
     if pag != 0.0:
         terms.append(
             PAG(pag, check_spec(pag_layers, "--pag-layers"), pag_adaptive, window(pag_window, "--pag-window"))
@@ -85,6 +88,12 @@ def build_guidance(
         terms.append(TPG(tpg, check_spec(tpg_layers, "--tpg-layers"), window(tpg_window, "--tpg-window")))
     elif tpg_layers is not None or tpg_window:
         raise ConfigError("--tpg-layers/--tpg-window given but --tpg is 0 (TPG off): set --tpg")
+    if slg != 0.0:
+        term = SLG(slg, check_spec(slg_layers, "--slg-layers"))
+        start = term.start if slg_start is None else slg_start
+        terms.append(SLG(slg, term.layers, start, term.stop if slg_stop is None else slg_stop))
+    elif slg_layers is not None or slg_start is not None or slg_stop is not None:
+        raise ConfigError("--slg-layers/--slg-start/--slg-stop given but --slg is 0 (SLG off): set --slg")
     if embedded_guidance is not None:
         terms.append(EmbeddedGuidance(embedded_guidance))
     return terms
@@ -191,13 +200,15 @@ def generate(
         ),
     ] = DEFAULTS.shift,
     cfg: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--cfg",
-            help="CFG scale w in [0, 100]; 1 = off (no unconditional branch).",
+            help="CFG scale w in [0, 100]; 1 = off (no unconditional branch). Not given: "
+            f"{DEFAULTS.cfg:g}, except on Flux (off, as FluxPipeline; true CFG needs --cfg and a negative prompt).",
+            show_default=False,
             rich_help_panel=P_GUIDE,
         ),
-    ] = DEFAULTS.cfg,
+    ] = None,
     cfg_rescale: Annotated[
         float, typer.Option("--cfg-rescale", help="CFG rescale phi in [0, 1].", rich_help_panel=P_GUIDE)
     ] = 0.0,
@@ -210,6 +221,14 @@ def generate(
             rich_help_panel=P_GUIDE,
         ),
     ] = None,
+    cfg_renorm: Annotated[
+        bool,
+        typer.Option(
+            "--cfg-renorm",
+            help="Keep the conditional prediction's per-token norm (Qwen-Image's true CFG, as diffusers).",
+            rich_help_panel=P_GUIDE,
+        ),
+    ] = False,
     pag: Annotated[
         float, typer.Option("--pag", help="PAG scale in [0, 100]; 0 = off.", rich_help_panel=P_GUIDE)
     ] = DEFAULTS.pag,
@@ -259,6 +278,42 @@ def generate(
             "--tpg-window",
             metavar="WINDOW",
             help="When TPG is active (same syntax as --cfg-window).",
+            rich_help_panel=P_GUIDE,
+        ),
+    ] = None,
+    slg: Annotated[
+        float,
+        typer.Option(
+            "--slg",
+            help="Skip Layer Guidance scale in [0, 100] (transformer models; SD3.5: 2.8); 0 = off.",
+            rich_help_panel=P_GUIDE,
+        ),
+    ] = 0.0,
+    slg_layers: Annotated[
+        str | None,
+        typer.Option(
+            "--slg-layers",
+            metavar="SPEC",
+            help="SLG blocks, e.g. b7-9.",
+            show_default="preset, see 'diffguide layers'",
+            rich_help_panel=P_GUIDE,
+        ),
+    ] = None,
+    slg_start: Annotated[
+        float | None,
+        typer.Option(
+            "--slg-start",
+            help="SLG from this fraction of the steps (strict, as diffusers' SD3 pipeline: N*start < i < N*stop).",
+            show_default="0.01",
+            rich_help_panel=P_GUIDE,
+        ),
+    ] = None,
+    slg_stop: Annotated[
+        float | None,
+        typer.Option(
+            "--slg-stop",
+            help="SLG until this fraction of the steps.",
+            show_default="0.2",
             rich_help_panel=P_GUIDE,
         ),
     ] = None,
@@ -412,7 +467,9 @@ def generate(
             if recorder is not None:
                 recorder(state)
 
-        result = pipe.generate(config_, callback=on_step, conditioning=run.conditioning)
+        result = interruptible(
+            lambda: pipe.generate(config_, callback=on_step, conditioning=run.conditioning)
+        )
 
     pngs = save_result(result, out, prefix=prefix, save_latents=save_latents)
     for png in pngs:
@@ -428,13 +485,6 @@ def generate(
     )
 
 
-SMALL_UNET = 10_000_000
-
-
-def _params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 @dataclass
 class Run:
     pipe: GuidedPipeline
@@ -447,18 +497,21 @@ def prepare(opts: dict[str, Any]) -> Run:
     """Validate the generate options, load the model, dry-run the layer specs."""
     import torch
 
+    from .. import app
     from ..conditioning import load_conditioning
-    from ..guidance import PAG
+    from ..guidance import PAG, SLG
     from ..models.presets import default_layers
-    from ..pipeline import GenerateConfig, GuidedPipeline
+    from ..pipeline import GenerateConfig
 
     o = SimpleNamespace(**opts)
     prompt, quiet, dtype = o.prompt, o.quiet, o.dtype
     # Everything that can be checked without the model is checked before loading it.
     terms = build_guidance(
-        cfg=o.cfg, cfg_rescale=o.cfg_rescale, cfg_window=o.cfg_window,
+        cfg=DEFAULTS.cfg if o.cfg is None else o.cfg, cfg_rescale=o.cfg_rescale, cfg_window=o.cfg_window,
+        cfg_renorm=o.cfg_renorm,
         pag=o.pag, pag_layers=o.pag_layers, pag_adaptive=o.pag_adaptive, pag_window=o.pag_window,
         tpg=o.tpg, tpg_layers=o.tpg_layers, tpg_window=o.tpg_window,
+        slg=o.slg, slg_layers=o.slg_layers, slg_start=o.slg_start, slg_stop=o.slg_stop,
         embedded_guidance=o.embedded_guidance,
     )  # fmt: skip
     if not prompt and o.conditioning is None:
@@ -475,6 +528,7 @@ def prepare(opts: dict[str, Any]) -> Run:
         o.negative_prompt or "",
         num_images=o.batch,
         guidance=terms,
+        default_cfg=o.cfg is None,
         steps=o.steps,
         width=o.width,
         height=o.height,
@@ -487,6 +541,8 @@ def prepare(opts: dict[str, Any]) -> Run:
         shift=o.shift,
         batch_invariant=o.batch_invariant,
     )
+    if "out" in opts:  # generate (check-determinism writes nothing): outputs checked before loading
+        check_outputs(o, config_.num_images, config_.seed)
     loras = [parse_lora(spec) for spec in o.lora or []]
     device_ = resolve_device(o.device)
     model_path = resolve_model(o.model)
@@ -494,23 +550,20 @@ def prepare(opts: dict[str, Any]) -> Run:
         torch.set_num_threads(o.threads)
 
     console = Console(stderr=True, quiet=quiet, highlight=False)
+    request = app.ModelRequest(str(model_path), DType(dtype).value, device_, o.config, tuple(loras))
     with library_noise_off(), console.status(f"loading {model_path}"):
-        pipe = GuidedPipeline.from_pretrained(
-            model_path, dtype=torch_dtype(dtype), device=device_, config=o.config
+        pipe = app.load_model(request)
+    app.set_threads(pipe, o.threads)  # tiny models on the CPU: one thread (more cost more than they save)
+    # dry run of every perturbation: a bad layer fails here, before sampling
+    by_name = {t.name: t for t in terms}
+    for choice in app.dry_run_layers(pipe, tuple(terms)):
+        term = by_name[choice.term]
+        method: Literal["pag", "tpg", "slg"] = (
+            "pag" if isinstance(term, PAG) else "slg" if isinstance(term, SLG) else "tpg"
         )
-        for path, scale in loras:
-            pipe.load_lora(path, scale)
-    if o.threads is None and str(device_) == "cpu" and _params(pipe.unet) < SMALL_UNET:
-        torch.set_num_threads(1)  # tiny models: intra-op threads cost more than they save
-    for term in terms:  # dry run of every perturbation: a bad layer fails here, before sampling
-        for branch in term.branches():
-            if branch.perturbation is not None:
-                names = branch.perturbation.targets(pipe.unet)
-                method: Literal["pag", "tpg"] = "pag" if isinstance(term, PAG) else "tpg"
-                spec = branch.perturbation.layers or f"preset {default_layers(pipe.unet, method)}"
-                console.print(
-                    f"{term.name} layers: {spec} -> {len(names)} {plural(len(names), KINDS[method])}"
-                )
+        spec = choice.spec or f"preset {default_layers(pipe.model, method)}"
+        count = len(choice.modules)
+        console.print(f"{choice.term} layers: {spec} -> {count} {plural(count, KINDS[method])}")
     size = pipe.default_size()
     noise_desc = f"{config_.noise} noise" + (f" ({config_.schedule} schedule)" if config_.schedule else "")
     console.print(

@@ -46,7 +46,7 @@ def load_network(path: Path, config: str | None = None) -> Any:
 
 
 def _kinds(network: Any) -> dict[str, str]:
-    """What each method's layers are on this network (PAG: self-attention on a UNet, joint attention on a DiT)."""
+    """What each method's layers are (PAG: self-attention on a UNet, joint attention on a DiT)."""
     from ..models.layers import is_dit
 
     if is_dit(network):
@@ -95,7 +95,7 @@ def layers(
     """List the attention units (d0, m0, u0, ...; on a transformer the block stacks b0-N, s0-N) and
     the PAG/TPG/SLG presets, or dry-run a layer spec.
 
-    With --pag/--tpg, the selected fully-qualified module names go to stdout, one per line
+    With --pag/--tpg/--slg, the selected fully-qualified module names go to stdout, one per line
     (a header per spec goes to stderr).
     """
     from ..models.layers import unit_table

@@ -31,6 +31,7 @@ from ..errors import DiffguideError
 from . import check, diff, generate, layers, replay
 from .bench import bench_app
 from .flags import FlagCommand, FlagGroup
+from .guard import Interrupted, exit_now_if_abandoned, interrupted, one_line_warnings, signals_raise
 
 EXIT_USAGE = 2
 
@@ -68,8 +69,14 @@ class DiffguideGroup(FlagGroup):
     ) -> Any:
         code = 0
         try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with signals_raise(), one_line_warnings():  # SIGTERM unwinds like Ctrl-C: no temp files left
+                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             code = rv if isinstance(rv, int) else 0
+        except Interrupted as err:
+            fail(str(err))
+            code = 128 + err.signum
+            if standalone_mode:
+                exit_now_if_abandoned(code)
         except DiffguideError as err:
             fail(str(err))
             code = EXIT_USAGE
@@ -89,6 +96,12 @@ class DiffguideGroup(FlagGroup):
         if not standalone_mode:
             return code
         sys.exit(code)
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as err:  # before click turns it into Abort (and a bare newline)
+            raise interrupted(err) from None
 
 
 app = typer.Typer(

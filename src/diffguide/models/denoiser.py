@@ -62,7 +62,8 @@ class Conditioning:
         if len(set(batches.values())) > 1:
             raise ConfigError(f"conditioning tensors disagree on the batch size: {batches}")
         object.__setattr__(self, "tensors", MappingProxyType(named))
-        object.__setattr__(self, "shared", MappingProxyType(dict(shared or {})))
+        kept = shared if isinstance(shared, MappingProxyType) else MappingProxyType(dict(shared or {}))
+        object.__setattr__(self, "shared", kept)  # shared values are never copied per branch
 
     # -- named access --------------------------------------------------------------------------
     def get(self, name: str) -> Tensor | None:

@@ -60,17 +60,23 @@ def load_pipeline(path: str | Path, *, dtype: torch.dtype = torch.float32, confi
 
     path = Path(path)
     if path.is_dir():
-        if not (path / "model_index.json").exists():
-            raise DiffguideError(f"'{path}' is a folder but not a diffusers model (no model_index.json)")
-        kwargs: dict[str, Any] = {"torch_dtype": dtype}
-        index = (path / "model_index.json").read_text()
-        if '"safety_checker"' in index:
+        index = check_folder(path)
+        kwargs: dict[str, Any] = {"torch_dtype": dtype, "use_safetensors": True}
+        if "safety_checker" in index:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
-        with (
-            warnings.catch_warnings()
-        ):  # diffusers >= 0.42 renames torch_dtype to dtype; older only know the first
-            warnings.simplefilter("ignore", FutureWarning)
-            return DiffusionPipeline.from_pretrained(str(path), **kwargs)
+        kwargs.update(_absent_components(index))
+        try:
+            with warnings.catch_warnings():  # diffusers >= 0.42 renames torch_dtype to dtype
+                warnings.simplefilter("ignore", FutureWarning)
+                return DiffusionPipeline.from_pretrained(str(path), **kwargs)
+        except Exception as err:  # diffusers raises ValueError, OSError, ... with multi-line advice
+            first = (str(err).strip().splitlines() or [""])[0].split(" If you want")[
+                0
+            ]  # drop diffusers' advice
+            hint = " (a config.json does not match its weights)" if "expected shape" in first else ""
+            raise DiffguideError(
+                f"could not load model folder '{path}'{hint}: {type(err).__name__}: {first}"
+            ) from err
     _check_file(path, "model file")
     if config is None:
         raise DiffguideError(
@@ -95,6 +101,12 @@ def load_pipeline(path: str | Path, *, dtype: torch.dtype = torch.float32, confi
         ) from err
     _check_all_weights_loaded(pipe, path)
     return pipe
+
+
+def _absent_components(index: dict[str, Any]) -> dict[str, None]:
+    """Components a folder saved as absent (``[null, null]``, e.g. a Qwen-Image pipeline built
+    without its text encoder): diffusers loads such a folder only when they are passed as None."""
+    return {k: None for k, v in index.items() if isinstance(v, list) and v and all(x is None for x in v)}
 
 
 #: Every network a supported pipeline can hold (families list the ones they hash).
@@ -173,3 +185,73 @@ def load_lora(pipe: Any, path: str | Path, name: str) -> None:
         raise DiffguideError(
             f"LoRA '{path}' has no weights that fit this {type(pipe).__name__} (a LoRA for another model family?)"
         )
+
+
+#: Pipelines diffguide drives (one per model family adapter, see models/families).
+PIPELINES = (
+    "StableDiffusionPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusionPAGPipeline",
+    "StableDiffusionXLPAGPipeline",
+    "StableDiffusion3Pipeline",
+    "FluxPipeline",
+    "AuraFlowPipeline",
+    "QwenImagePipeline",
+)
+WEIGHT_MODELS = COMPONENTS
+
+
+def _json_object(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DiffguideError(f"{what} '{path}' is missing") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DiffguideError(f"{what} '{path}' is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise DiffguideError(f"{what} '{path}' is not a JSON object")
+    return data
+
+
+def check_folder(path: Path) -> dict[str, Any]:
+    """A diffusers folder of a supported pipeline (:data:`PIPELINES`) whose weights are all
+    .safetensors, complete, with configs of the classes ``model_index.json`` names. Returns the model index. One-line errors, before
+    diffusers reads anything (it would unpickle a ``.bin`` and fail late with multi-line text)."""
+    if not (path / "model_index.json").exists():
+        raise DiffguideError(f"'{path}' is a folder but not a diffusers model (no model_index.json)")
+    index = _json_object(path / "model_index.json", "model index")
+    name = index.get("_class_name")
+    if name not in PIPELINES:
+        raise DiffguideError(
+            f"'{path}' is a {name} model (model_index.json); diffguide drives {', '.join(PIPELINES)}"
+        )
+    for comp in WEIGHT_MODELS:
+        spec = index.get(comp)
+        if not (isinstance(spec, list) and len(spec) == 2 and spec[1]):
+            continue  # absent or null component
+        folder = path / comp
+        config = _json_object(folder / "config.json", f"{comp} config")
+        found = config.get("_class_name") or (config.get("architectures") or [None])[0]
+        if found is not None and found != spec[1]:
+            raise DiffguideError(
+                f"'{folder / 'config.json'}' describes {found}, but model_index.json says {comp} is {spec[1]}"
+            )
+        _check_weights(folder, comp)
+    return index
+
+
+def _check_weights(folder: Path, comp: str) -> None:
+    files = sorted(folder.glob("*.safetensors"))
+    pickles = sorted(f for f in folder.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES)
+    if not files and pickles:
+        raise DiffguideError(
+            f"the {comp} weights '{pickles[0]}' are a pickle file ({pickles[0].suffix}); diffguide loads only "
+            ".safetensors, which cannot run code. Convert it once (torch.load with weights_only=True, then save_file)."
+        )
+    if not files:
+        raise DiffguideError(f"'{folder}' has no weights (.safetensors)")
+    for f in files:
+        if not _safetensors_complete(f):
+            raise DiffguideError(
+                f"{comp} weights '{f}' are not a valid safetensors file (truncated or corrupt)"
+            )

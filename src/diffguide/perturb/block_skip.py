@@ -33,7 +33,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..models.layers import is_dit
 from .base import ForwardContext, select_targets
-from .dit import is_dit_block, named_args, row_split, scoped_forward, zeros_like_rows
+from .dit import arg_namer, is_dit_block, row_split, scoped_forward, zeros_like_rows
 from .token_shuffle import is_transformer_block
 
 SkipMode = Literal["block", "attn", "ff"]
@@ -139,11 +139,13 @@ def _row_wrapper(
     branch: str, ctx: ForwardContext, inside: Inside
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        named = arg_namer(original)
+
         def forward(*args: Any, **kwargs: Any) -> Any:
             sel = ctx.rows_of(branch)
             if sel is None:
                 return original(*args, **kwargs)
-            call = named_args(original, args, kwargs)
+            call = named(args, kwargs)
             first = next(iter(call))
             fn = original
             if first != "hidden_states":  # nn.Linear(input), AuraFlowFeedForward(x): name it hidden_states

@@ -44,16 +44,21 @@ def is_dit_attention(name: str, module: nn.Module) -> bool:
     return _BLOCK.match(parent) is not None and isinstance(module, (Attention, AttentionModuleMixin))
 
 
-def named_args(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``args`` turned into keyword arguments by ``fn``'s parameter names, merged with ``kwargs``."""
+def arg_namer(fn: Callable[..., Any]) -> Callable[[tuple[Any, ...], dict[str, Any]], dict[str, Any]]:
+    """A function that turns a call's positional ``args`` into keyword arguments by ``fn``'s
+    parameter names (read once, here) and merges them with its ``kwargs``."""
     params = [
         p.name
         for p in inspect.signature(fn).parameters.values()
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
-    if len(args) > len(params):
-        raise DiffguideError(f"cannot name the {len(args)} positional arguments of {fn.__qualname__}")
-    return {**dict(zip(params, args, strict=False)), **kwargs}
+
+    def named(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        if len(args) > len(params):
+            raise DiffguideError(f"cannot name the {len(args)} positional arguments of {fn.__qualname__}")
+        return {**dict(zip(params, args, strict=False)), **kwargs}
+
+    return named
 
 
 def _part(x: Any, rows: slice, n: int, inside: bool) -> Any:

@@ -41,7 +41,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import ConfigError, DiffguideError
 from .base import ForwardContext
-from .dit import ImageTokens, named_args, row_split, scoped_forward
+from .dit import ImageTokens, arg_namer, row_split, scoped_forward
 
 Semantics = Literal["diagonal", "value"]
 SEMANTICS: tuple[str, ...] = ("diagonal", "value")
@@ -163,11 +163,13 @@ def install_joint_identity(
 
     def make(attn: nn.Module) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+            named = arg_namer(original)
+
             def forward(*args: Any, **kwargs: Any) -> Any:
                 sel = ctx.rows_of(branch)
                 if sel is None:
                     return original(*args, **kwargs)
-                call = named_args(original, args, kwargs)
+                call = named(args, kwargs)
                 return row_split(
                     original, call, sel.rows, lambda c, _: _perturbed(attn, original, c, tokens, semantics)
                 )

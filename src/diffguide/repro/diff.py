@@ -57,12 +57,12 @@ NEAR_ZERO_REL = 1e-3
 def _convert_hint(path: Path) -> str:
     out = path.with_suffix(".safetensors")
     return (
-        "If you trust the file, convert it yourself in a separate Python session, e.g.\n"
-        f"  python -c \"import torch; from safetensors.torch import save_file; x = torch.load('{path}', "
+        "If you trust the file, convert it yourself in a separate Python session, e.g. "
+        f"python -c \"import torch; from safetensors.torch import save_file; x = torch.load('{path}', "
         "weights_only=False); "
         "save_file({'tensor': x.contiguous()} if isinstance(x, torch.Tensor) else "
         "{k: v.contiguous() for k, v in x.items() if isinstance(v, torch.Tensor)}, "
-        f"'{out}')\"\n"
+        f"'{out}')\" "
         f"and diff {out.name} instead."
     )
 
@@ -101,7 +101,7 @@ def _load_torch(path: Path) -> dict[str, Tensor]:
             raise DiffguideError(
                 f"{path} contains arbitrary Python objects{what}, not just tensors. diffguide loads .pt/.pth "
                 "files only with torch.load(weights_only=True) and will not unpickle them: unpickling can run "
-                "arbitrary code.\n" + _convert_hint(path)
+                "arbitrary code. " + _convert_hint(path)
             ) from None
         raise DiffguideError(
             f"{path} is not a readable PyTorch file (torch.load with weights_only=True failed: "
@@ -334,8 +334,8 @@ def compare(
     ``max(atol, 1e-3 * mean|b|)``. When the largest relative error sits on such an element,
     ``near_zero_note`` explains that the relative error is inflated by a near-zero reference.
     """
-    if rtol < 0 or atol < 0 or eps < 0:
-        raise DiffguideError(f"tolerances must be >= 0 (rtol={rtol}, atol={atol}, eps={eps})")
+    if not all(math.isfinite(t) and t >= 0 for t in (rtol, atol, eps)):
+        raise DiffguideError(f"tolerances must be finite numbers >= 0 (rtol={rtol}, atol={atol}, eps={eps})")
     a = a.detach().cpu()
     b = b.detach().cpu()
     notes: list[str] = []
@@ -695,8 +695,8 @@ def run_diff_cli(
     out = stdout or sys.stdout
     err = stderr or sys.stderr
     try:
-        if rtol < 0 or atol < 0:
-            raise DiffguideError(f"tolerances must be >= 0 (rtol={rtol}, atol={atol})")
+        if not all(math.isfinite(t) and t >= 0 for t in (rtol, atol)):
+            raise DiffguideError(f"tolerances must be finite numbers >= 0 (rtol={rtol}, atol={atol})")
         ta = load_tensors(a)
         tb = load_tensors(b)
     except DiffguideError as exc:

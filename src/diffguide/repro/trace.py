@@ -125,6 +125,8 @@ class TraceRecorder:
 def check_trace_path(path: str | Path) -> None:
     """Fail before sampling if a trace cannot be saved at ``path`` without overwriting something."""
     p = Path(path)
+    if p.is_dir():
+        raise DiffguideError(f"--trace '{p}' is a folder; give a file name, e.g. '{p / 'trace.safetensors'}'")
     if p.exists() or p.is_symlink():
         raise DiffguideError(
             f"--trace '{p}' already exists; a trace never overwrites a file: choose a new name or remove it"

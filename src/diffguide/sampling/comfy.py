@@ -228,12 +228,70 @@ class ComfyModelSampling:
         return noise + latent_image
 
 
+def time_snr_shift(shift: float, t: torch.Tensor) -> torch.Tensor:
+    """``comfy.model_sampling.time_snr_shift``: ``shift t / (1 + (shift - 1) t)`` (identity at shift 1)."""
+    if shift == 1.0:
+        return t
+    return shift * t / (1 + (shift - 1) * t)
+
+
+class ComfyFlowSampling:
+    """ComfyUI's ``ModelSamplingDiscreteFlow`` + ``CONST`` (SD3/SD3.5; ``ModelSamplingSD3``: shift 3,
+    multiplier 1000; AuraFlow: shift 1.73, multiplier 1).
+
+    ``sigma(t) = time_snr_shift(shift, t / multiplier)`` over the table ``t = 1..1000``; the model's
+    timestep is ``sigma * multiplier`` (not rounded); the model input is x itself; ``x0 = x - sigma v``;
+    the initial x is ``sigma noise + (1 - sigma) latent``.
+    """
+
+    prediction_type = "flow"
+
+    def __init__(self, shift: float = 3.0, multiplier: float = 1000.0, timesteps: int = 1000) -> None:
+        self.shift, self.multiplier = float(shift), float(multiplier)
+        self.sigmas = self.timestep_to_sigma((torch.arange(1, timesteps + 1, 1) / timesteps) * multiplier)
+
+    @property
+    def sigma_min(self) -> torch.Tensor:
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self) -> torch.Tensor:
+        return self.sigmas[-1]
+
+    def sigma_to_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(sigma) * self.multiplier
+
+    def timestep_to_sigma(self, timestep: torch.Tensor) -> torch.Tensor:
+        return time_snr_shift(self.shift, torch.as_tensor(timestep) / self.multiplier)
+
+    def calculate_input(self, sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def calculate_denoised(
+        self, sigma: torch.Tensor, model_output: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor:
+        return x - model_output * _reshape_sigma(sigma, model_output.ndim)
+
+    def is_max_denoise(self, sigmas: torch.Tensor) -> bool:
+        max_sigma, sigma = float(self.sigma_max), float(sigmas[0])
+        return math.isclose(max_sigma, sigma, rel_tol=1e-05) or sigma > max_sigma
+
+    def noise_scaling(
+        self, sigma: torch.Tensor, noise: torch.Tensor, latent_image: torch.Tensor, max_denoise: bool = False
+    ) -> torch.Tensor:
+        sigma = _reshape_sigma(sigma, noise.ndim)
+        return sigma * noise + (1.0 - sigma) * latent_image
+
+
+AnyModelSampling = ComfyModelSampling | ComfyFlowSampling
+
+
 # --------------------------------------------------------------------------------------------------
 # Schedules
 # --------------------------------------------------------------------------------------------------
 
 
-def _normal(ms: ComfyModelSampling, steps: int, sgm: bool = False) -> torch.Tensor:
+def _normal(ms: AnyModelSampling, steps: int, sgm: bool = False) -> torch.Tensor:
     start = ms.sigma_to_timestep(ms.sigma_max)
     end = ms.sigma_to_timestep(ms.sigma_min)
     append_zero = True
@@ -250,13 +308,13 @@ def _normal(ms: ComfyModelSampling, steps: int, sgm: bool = False) -> torch.Tens
     return torch.tensor(sigs, dtype=torch.float32)
 
 
-def _simple(ms: ComfyModelSampling, steps: int) -> torch.Tensor:
+def _simple(ms: AnyModelSampling, steps: int) -> torch.Tensor:
     ss = len(ms.sigmas) / steps
     sigs = [float(ms.sigmas[-(1 + int(x * ss))]) for x in range(steps)]
     return torch.tensor([*sigs, 0.0], dtype=torch.float32)
 
 
-def _ddim_uniform(ms: ComfyModelSampling, steps: int) -> torch.Tensor:
+def _ddim_uniform(ms: AnyModelSampling, steps: int) -> torch.Tensor:
     x = 1
     if math.isclose(float(ms.sigmas[x]), 0, abs_tol=0.00001):
         steps += 1
@@ -294,7 +352,7 @@ def _kl_optimal(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
     return sigmas
 
 
-_MS_SCHEDULERS: dict[str, Callable[[ComfyModelSampling, int], torch.Tensor]] = {
+_MS_SCHEDULERS: dict[str, Callable[[AnyModelSampling, int], torch.Tensor]] = {
     "simple": _simple,
     "sgm_uniform": lambda ms, steps: _normal(ms, steps, sgm=True),
     "ddim_uniform": _ddim_uniform,
@@ -317,7 +375,7 @@ COMFY_SCHEDULERS: tuple[str, ...] = (
 )
 
 
-def _calculate_sigmas(ms: ComfyModelSampling, scheduler: str, steps: int) -> torch.Tensor:
+def _calculate_sigmas(ms: AnyModelSampling, scheduler: str, steps: int) -> torch.Tensor:
     if scheduler in _MS_SCHEDULERS:
         return _MS_SCHEDULERS[scheduler](ms, steps)
     if scheduler in _RANGE_SCHEDULERS:
@@ -331,7 +389,7 @@ def comfy_sigmas(
     scheduler: str,
     steps: int,
     denoise: float = 1.0,
-    model_sampling: ComfyModelSampling | None = None,
+    model_sampling: AnyModelSampling | None = None,
 ) -> torch.Tensor:
     """The float32 sigma schedule (steps + 1 values, last 0) a ComfyUI KSampler would use.
 
@@ -456,6 +514,29 @@ def euler_ancestral_step(
     return step
 
 
+def euler_ancestral_rf_step(
+    noise_sampler: Callable[[], torch.Tensor], eta: float = 1.0, s_noise: float = 1.0
+) -> StepFn:
+    """``sample_euler_ancestral_RF`` (what ``euler_ancestral`` runs on flow models): step down to
+    ``sigma_down = sigma_next (1 + (sigma_next / sigma - 1) eta)`` by interpolating x and x0, rescale
+    by ``(1 - sigma_next) / (1 - sigma_down)`` and add noise of std
+    ``sqrt(sigma_next^2 - sigma_down^2 (1 - sigma_next)^2 / (1 - sigma_down)^2)``."""
+
+    def step(x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, i: int) -> torch.Tensor:
+        if sigmas[i + 1] == 0:
+            return denoised
+        sigma_down = sigmas[i + 1] * (1 + (sigmas[i + 1] / sigmas[i] - 1) * eta)
+        alpha_ip1, alpha_down = 1 - sigmas[i + 1], 1 - sigma_down
+        renoise = (sigmas[i + 1] ** 2 - sigma_down**2 * alpha_ip1**2 / alpha_down**2) ** 0.5
+        ratio = sigma_down / sigmas[i]
+        x = ratio * x + (1 - ratio) * denoised
+        if eta > 0:
+            x = (alpha_ip1 / alpha_down) * x + noise_sampler() * s_noise * renoise
+        return x
+
+    return step
+
+
 def dpmpp_2m_step() -> StepFn:
     """``sample_dpmpp_2m``: DPM-Solver++(2M) (Lu et al. 2022) in t = -log sigma.
 
@@ -485,13 +566,18 @@ def dpmpp_2m_step() -> StepFn:
 COMFY_SAMPLERS: tuple[str, ...] = ("euler", "euler_ancestral", "dpmpp_2m")
 
 
-def make_comfy_step(sampler_name: str, x: torch.Tensor, seed: int | None = None) -> StepFn:
+def make_comfy_step(
+    sampler_name: str, x: torch.Tensor, seed: int | None = None, flow: bool = False
+) -> StepFn:
     """The per-step update of KSampler's ``sampler_name`` for a run starting at ``x`` (the noise-scaled
-    initial latent; ancestral noise is drawn with its shape, dtype and device, from ``seed``)."""
+    initial latent; ancestral noise is drawn with its shape, dtype and device, from ``seed``).
+    ``flow``: the model sampling is ComfyUI's ``CONST`` (rectified flow), where ``euler_ancestral``
+    is ``sample_euler_ancestral_RF``."""
     if sampler_name == "euler":
         return euler_step
     if sampler_name == "euler_ancestral":
-        return euler_ancestral_step(comfy_noise_sampler(x, seed))
+        noise = comfy_noise_sampler(x, seed)
+        return euler_ancestral_rf_step(noise) if flow else euler_ancestral_step(noise)
     if sampler_name == "dpmpp_2m":
         return dpmpp_2m_step()
     raise ConfigError(

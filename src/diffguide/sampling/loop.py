@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from ..engine import GuidedModel
 from ..guidance.base import StepInfo
 from .schedulers import step_kwargs
-from .steppers import ComfyStepper, DiscreteStepper, Stepper
+from .steppers import DiscreteStepper, Stepper
 
 
 @dataclass(frozen=True)
@@ -70,27 +70,8 @@ def sample(
     callback: Callback | None = None,
     progress: bool = False,
 ) -> Tensor:
-    """:func:`run` over a DDPM-family diffusers scheduler (``set_timesteps`` already called)."""
+    """:func:`run` over a DDPM-family diffusers scheduler (``set_timesteps`` already called);
+    the comfy policy is :func:`run` with a :class:`~diffguide.sampling.steppers.ComfyStepper`."""
     prediction = getattr(guided.denoiser, "prediction_type", "epsilon")
     stepper = DiscreteStepper(scheduler, prediction, step_kwargs(scheduler, generators, eta))
     return run(guided, stepper, noise, callback=callback, progress=progress)
-
-
-def sample_comfy(
-    guided: GuidedModel,
-    model_sampling: Any,
-    noise: Tensor,
-    sigmas: Tensor,
-    timesteps: Tensor,
-    *,
-    sampler: str = "euler",
-    seed: int | None = None,
-    model_dtype: torch.dtype | None = None,
-    callback: Callback | None = None,
-    progress: bool = False,
-) -> Tensor:
-    """:func:`run` with ComfyUI's KSampler path (see :class:`~diffguide.sampling.steppers.ComfyStepper`).
-
-    Returns float32 latents, as ComfyUI samples in float32."""
-    stepper = ComfyStepper(model_sampling, sigmas, timesteps, sampler, seed, model_dtype)
-    return run(guided, stepper, noise, callback=callback, progress=progress).float()

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .comfy import ComfyModelSampling, StepFn, make_comfy_step
+from .comfy import AnyModelSampling, StepFn, make_comfy_step
 from .schedulers import sigmas_at
 
 
@@ -181,18 +181,19 @@ def flow_set_timesteps(
 
 @dataclass
 class ComfyStepper:
-    """ComfyUI's KSampler path (``euler``, ``euler_ancestral``, ``dpmpp_2m``) for SD-family models.
+    """ComfyUI's KSampler path (``euler``, ``euler_ancestral``, ``dpmpp_2m``).
 
-    ``model_sampling`` is a :class:`~diffguide.sampling.comfy.ComfyModelSampling`: input
-    scaling ``x / sqrt(sigma^2 + 1)``, x0 from the guided prediction; the sampler's update then
+    ``model_sampling`` is a :class:`~diffguide.sampling.comfy.ComfyModelSampling` (SD family: input
+    scaling ``x / sqrt(sigma^2 + 1)``) or :class:`~diffguide.sampling.comfy.ComfyFlowSampling`
+    (flow models: input x, timestep ``sigma * multiplier``); x0 from the guided prediction; the update then
     moves x from sigmas[i] to sigmas[i + 1] (see :func:`~diffguide.sampling.comfy.make_comfy_step`).
-    ``sigmas_t`` (CPU) has steps + 1 values ending in 0; ``timesteps_t`` (CPU) the model's integer
-    timestep at each of the first ``steps`` sigmas. ``seed`` is the KSampler seed (ancestral
+    ``sigmas_t`` (CPU) has steps + 1 values ending in 0; ``timesteps_t`` (CPU) the model's
+    timestep at each of the first ``steps`` sigmas (an integer on SD models). ``seed`` is the KSampler seed (ancestral
     per-step noise). As in ComfyUI, x is float32 throughout; the model input is cast to
     ``model_dtype``, as ComfyUI casts it to the model's dtype.
     """
 
-    model_sampling: ComfyModelSampling
+    model_sampling: AnyModelSampling
     sigmas_t: Tensor
     timesteps_t: Tensor
     sampler: str = "euler"
@@ -220,7 +221,7 @@ class ComfyStepper:
         self._tim = self.timesteps_t.to(noise.device, torch.float32)
         ms = self.model_sampling
         x = ms.noise_scaling(self._sig[0], noise, torch.zeros_like(noise), ms.is_max_denoise(self._sig))
-        self._update = make_comfy_step(self.sampler, x, self.seed)
+        self._update = make_comfy_step(self.sampler, x, self.seed, flow=self.prediction == "flow")
         return x
 
     def model_input(self, x: Tensor, i: int) -> Tensor:

@@ -10,12 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import DiffguideError
+from .auraflow import AuraFlowFamily
 from .base import Family
 from .flux import FluxFamily
+from .qwen_image import QwenImageFamily
 from .sd import SDFamily
 from .sd3 import SD3Family
 
-FAMILIES: tuple[Family, ...] = (SD3Family(), FluxFamily(), SDFamily())
+FAMILIES: tuple[Family, ...] = (SD3Family(), FluxFamily(), AuraFlowFamily(), QwenImageFamily(), SDFamily())
 
 
 def family_of(pipe: Any) -> Family:

@@ -90,6 +90,13 @@ class Family(ABC):
         return None
 
     # -- per-run guidance checks and shared model inputs ---------------------------------------
+    def default_cfg(
+        self, pipe: Any, terms: tuple[GuidanceTerm, ...], has_negative: bool
+    ) -> tuple[GuidanceTerm, ...]:
+        """``terms`` when CFG was not asked for explicitly (``GenerateConfig.default_cfg``): a
+        family whose pipelines default to no CFG drops the default CFG term here. Default: unchanged."""
+        return terms
+
     def guidance_terms(
         self, pipe: Any, terms: tuple[GuidanceTerm, ...], has_negative: bool
     ) -> tuple[GuidanceTerm, ...]:
@@ -113,7 +120,10 @@ class Family(ABC):
         height: int,
         width: int,
     ) -> tuple[Conditioning, Conditioning | None]:
-        """``cond`` / ``uncond`` with the run's shared model inputs added (default: unchanged)."""
+        """The run's conditioning as the model takes it, from encoded or file-loaded embeddings:
+        add shared inputs (Flux's ``txt_ids``/``img_ids`` and embedded guidance scale, Qwen-Image's
+        ``img_shapes``) and make ``cond`` and ``uncond`` concatenable per branch (e.g. pad text to
+        one length). Called once per run, on B rows each, before any forward. Default: as given."""
         return cond, uncond
 
     # -- the denoiser -------------------------------------------------------------------------
@@ -166,6 +176,10 @@ class Family(ABC):
     ) -> tuple[Any, Any]:
         """``(stepper, diffusers scheduler)`` for the diffusers noise policy: a fresh scheduler
         from the model's config with ``set_timesteps`` done, wrapped in a sampling adapter."""
+
+    def comfy_model_sampling(self, pipe: Any) -> Any:
+        """ComfyUI's model sampling for the ``comfy`` noise policy (only when :attr:`comfy`)."""
+        raise ConfigError(f"the comfy noise policy does not support {self.name} models yet")
 
     # -- decoding -------------------------------------------------------------------------------
     def decode(self, pipe: Any, latents: Tensor) -> list[Image.Image]:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ...errors import ConfigError
 from ...guidance.base import GuidanceTerm
+from ...guidance.cfg import CFG
 from ...guidance.embedded import EmbeddedGuidance, embedded_scale
 from ...sampling.schedulers import step_kwargs
 from ...sampling.steppers import FlowStepper, flow_set_timesteps
@@ -80,6 +81,13 @@ class FluxFamily(Family):
         return "flux-dev" if embeds_guidance(pipe.transformer) else "flux-schnell"
 
     # -- guidance and conditioning ------------------------------------------------------------
+    def default_cfg(
+        self, pipe: Any, terms: tuple[GuidanceTerm, ...], has_negative: bool
+    ) -> tuple[GuidanceTerm, ...]:
+        """FluxPipeline's defaults: no true CFG (``true_cfg_scale`` 1), so the default CFG term goes;
+        embedded guidance 3.5 on guidance-distilled models is added by :meth:`guidance_terms`."""
+        return tuple(t for t in terms if not isinstance(t, CFG))
+
     def guidance_terms(
         self, pipe: Any, terms: tuple[GuidanceTerm, ...], has_negative: bool
     ) -> tuple[GuidanceTerm, ...]:

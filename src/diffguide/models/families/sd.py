@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import ConfigError
+from ...sampling.comfy import ComfyModelSampling
 from ...sampling.schedulers import SCHEDULERS, make_scheduler, set_timesteps, step_kwargs
 from ...sampling.steppers import DiscreteStepper
 from ..denoiser import Conditioning
@@ -120,6 +121,11 @@ class SDFamily(Family):
 
     def default_size(self, pipe: Any) -> int:
         return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+    def comfy_model_sampling(self, pipe: Any) -> ComfyModelSampling:
+        """ComfyUI's ``ModelSamplingDiscrete`` with its SD defaults (the checkpoint's betas are
+        ignored, as ComfyUI does)."""
+        return ComfyModelSampling(prediction_type=self.prediction(pipe))
 
     def stepper(
         self,

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import ConfigError
+from ...sampling.comfy import ComfyFlowSampling
 from ...sampling.schedulers import step_kwargs
 from ...sampling.steppers import FlowStepper, flow_set_timesteps
 from ..denoiser import Conditioning
@@ -31,6 +32,7 @@ class SD3Family(Family):
     model_attr = "transformer"
     components = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
     schedulers = ("euler",)
+    comfy = True
 
     def matches(self, pipe: Any) -> bool:
         return type(getattr(pipe, "transformer", None)).__name__ == "SD3Transformer2DModel"
@@ -91,6 +93,11 @@ class SD3Family(Family):
 
     def default_size(self, pipe: Any) -> int:
         return int(pipe.transformer.config.sample_size * pipe.vae_scale_factor)
+
+    def comfy_model_sampling(self, pipe: Any) -> ComfyFlowSampling:
+        """ComfyUI's ``ModelSamplingSD3`` (discrete flow, multiplier 1000) with the shift of the
+        model's scheduler config (3.0 for SD3/SD3.5, ComfyUI's default for them too)."""
+        return ComfyFlowSampling(shift=float(pipe.scheduler.config.get("shift", 3.0)), multiplier=1000.0)
 
     def stepper(
         self,
