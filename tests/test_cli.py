@@ -199,7 +199,7 @@ def test_help_shows_defaults(runner):
     for needle in (
         f"[default: {DEFAULTS.steps}]",
         f"[default: {DEFAULTS.scheduler}]",
-        f"[default: {DEFAULTS.cfg}]",
+        f"[default: ({DEFAULTS.cfg})]",  # not given: the family default (4, Flux off)
         "[default: outputs]",
         "sigma:LO:HI",
     ):

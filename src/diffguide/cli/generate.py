@@ -203,9 +203,9 @@ def generate(
         float | None,
         typer.Option(
             "--cfg",
-            help="CFG scale w in [0, 100]; 1 = off (no unconditional branch). Not given: "
-            f"{DEFAULTS.cfg:g}, except on Flux (off, as FluxPipeline; true CFG needs --cfg and a negative prompt).",
-            show_default=False,
+            help="CFG scale w in [0, 100]; 1 = off (no unconditional branch). Not given on Flux: off, as "
+            "FluxPipeline (true CFG needs --cfg and a negative prompt).",
+            show_default=str(DEFAULTS.cfg),
             rich_help_panel=P_GUIDE,
         ),
     ] = None,
