@@ -27,7 +27,11 @@ from diffguide.testing_dit import tiny_auraflow, tiny_flux
 
 TOL = 1e-4
 SEED, STEPS, W, SIZE = 11, 6, 4.0, 32
-CASES = [("euler", "euler", "simple"), ("euler_a", "euler_ancestral", "normal"), ("dpmpp_2m", "dpmpp_2m", "karras")]
+CASES = [
+    ("euler", "euler", "simple"),
+    ("euler_a", "euler_ancestral", "normal"),
+    ("dpmpp_2m", "dpmpp_2m", "karras"),
+]
 
 
 @pytest.fixture(scope="module")

@@ -289,7 +289,6 @@ class ComfyFlowSampling:
         sigma = _reshape_sigma(sigma, noise.ndim)
         return sigma * noise + (1.0 - sigma) * latent_image
 
-
     def model_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The timestep diffguide's family ``forward`` takes (0..1000 scale): ``1000 sigma``.
 
