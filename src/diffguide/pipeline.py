@@ -25,7 +25,13 @@ from .models.denoiser import Conditioning, FamilyDenoiser
 from .models.families import Family, family_of
 from .models.loading import load_lora, load_pipeline, own_memory
 from .quiet import library_noise_off
-from .sampling.comfy import COMFY_SCHEDULERS, ComfyFlowSampling, comfy_noise, comfy_sigmas
+from .sampling.comfy import (
+    COMFY_SCHEDULERS,
+    ComfyFlowSampling,
+    ComfyFluxSampling,
+    comfy_noise,
+    comfy_sigmas,
+)
 from .sampling.loop import Callback, run
 from .sampling.noise import generators, image_seeds, initial_noise
 from .sampling.schedulers import SCHEDULERS, SHIFTABLE
@@ -344,7 +350,7 @@ class GuidedPipeline:
         )
         shape = self.family.latent_shape(self.pipe, cfg.num_images, height, width)
         if cfg.noise == "comfy":
-            latents, schedule = self._sample_comfy(cfg, guided, shape, callback, progress)
+            latents, schedule = self._sample_comfy(cfg, guided, shape, (height, width), callback, progress)
         else:
             latents, schedule = self._sample_diffusers(
                 cfg, guided, shape, seeds, (height, width), callback, progress
@@ -468,19 +474,22 @@ class GuidedPipeline:
         cfg: GenerateConfig,
         guided: GuidedModel,
         shape: tuple[int, ...],
+        size: tuple[int, int],
         callback: Callback | None,
         progress: bool,
     ) -> tuple[Tensor, dict[str, Any]]:
-        ms = self.family.comfy_model_sampling(self.pipe)
+        height, width = size
+        ms = self.family.comfy_model_sampling(self.pipe, height, width)
         name = cfg.schedule or "normal"
         sampler = COMFY_SAMPLER_NAMES[cfg.scheduler]
         sigmas = comfy_sigmas(name, cfg.steps, model_sampling=ms)
-        timesteps = ms.sigma_to_timestep(sigmas[:-1])  # once per run, on the CPU
+        timesteps = ms.model_timestep(sigmas[:-1])  # once per run, on the CPU
         dtype = guided.cond.dtype
         # ComfyUI samples in float32 whatever the model's dtype (only the model input is cast).
         noise = comfy_noise(cfg.seed, shape).to(self.pipe.device)
-        stepper = ComfyStepper(ms, sigmas, timesteps, sampler, cfg.seed, dtype)
-        latents = run(guided, stepper, noise, callback=callback, progress=progress)
+        stepper = ComfyStepper(ms, sigmas, timesteps, sampler, cfg.seed, dtype, self.family.pack)
+        x = run(guided, stepper, noise, callback=callback, progress=progress)
+        latents = self.family.unpack(x, height, width)
         noise_desc: dict[str, Any] = {
             "policy": "comfy",
             "generator": "cpu",
@@ -589,6 +598,8 @@ def _broadcast(
 
 def comfy_config(ms: Any) -> dict[str, Any]:
     """The manifest's description of a comfy-policy model sampling."""
+    if isinstance(ms, ComfyFluxSampling):
+        return {"prediction_type": "flow", "flux_time_shift_mu": ms.shift, "table": len(ms.sigmas)}
     if isinstance(ms, ComfyFlowSampling):
         return {"prediction_type": "flow", "shift": ms.shift, "multiplier": ms.multiplier}
     return {"prediction_type": ms.prediction_type, "beta_schedule": "scaled_linear 0.00085..0.012"}

@@ -39,6 +39,8 @@ __all__ = [
     "COMFY_SCHEDULERS",
     "SDXL_SCALE_FACTOR",
     "SD_SCALE_FACTOR",
+    "ComfyFlowSampling",
+    "ComfyFluxSampling",
     "ComfyModelSampling",
     "comfy_euler",
     "comfy_ksampler",
@@ -46,6 +48,7 @@ __all__ = [
     "comfy_noise_sampler",
     "comfy_sample",
     "comfy_sigmas",
+    "flux_node_shift",
     "get_ancestral_step",
     "make_comfy_denoiser",
     "make_comfy_step",
@@ -227,6 +230,10 @@ class ComfyModelSampling:
         noise = noise * torch.sqrt(1.0 + sigma**2.0) if max_denoise else noise * sigma
         return noise + latent_image
 
+    def model_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The timestep the UNet gets: the nearest training timestep (as a float)."""
+        return self.sigma_to_timestep(sigma).float()
+
 
 def time_snr_shift(shift: float, t: torch.Tensor) -> torch.Tensor:
     """``comfy.model_sampling.time_snr_shift``: ``shift t / (1 + (shift - 1) t)`` (identity at shift 1)."""
@@ -281,6 +288,50 @@ class ComfyFlowSampling:
     ) -> torch.Tensor:
         sigma = _reshape_sigma(sigma, noise.ndim)
         return sigma * noise + (1.0 - sigma) * latent_image
+
+    def model_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The timestep diffguide's family ``forward`` takes (0..1000 scale): ``1000 sigma``.
+
+        ComfyUI's model gets ``sigma * multiplier``: with multiplier 1000 (SD3) that is this value;
+        with multiplier 1 (AuraFlow, schnell-like Flux) ComfyUI's DiT scales it by 1000 inside, as
+        diffusers' transformers do with the ``t / 1000`` a family's forward passes them.
+        """
+        return torch.as_tensor(sigma) * 1000.0
+
+
+def flux_time_shift(mu: float, t: torch.Tensor) -> torch.Tensor:
+    """``comfy.model_sampling.flux_time_shift(mu, 1.0, t)``: ``e^mu / (e^mu + (1 / t - 1))``."""
+    return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** 1.0)
+
+
+class ComfyFluxSampling(ComfyFlowSampling):
+    """ComfyUI's ``ModelSamplingFlux`` + ``CONST`` (Flux dev, Qwen-Image).
+
+    ``sigma(t) = flux_time_shift(shift, t)`` over the table ``t = 1..10000 / 10000``; ComfyUI's
+    model timestep is sigma itself (``model_timestep`` gives diffguide's ``1000 sigma``); input,
+    x0 and initial x as :class:`ComfyFlowSampling`. ``shift`` is the mu of the flux time shift:
+    1.15 by default (Qwen-Image's ``sampling_settings``; Flux dev without the node), or from the
+    image size by ComfyUI's ``ModelSamplingFlux`` node (:func:`flux_node_shift`).
+    """
+
+    def __init__(self, shift: float = 1.15, timesteps: int = 10000) -> None:
+        self.shift, self.multiplier = float(shift), 1.0
+        self.sigmas = self.timestep_to_sigma(torch.arange(1, timesteps + 1, 1) / timesteps)
+
+    def sigma_to_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(sigma)
+
+    def timestep_to_sigma(self, timestep: torch.Tensor) -> torch.Tensor:
+        return flux_time_shift(self.shift, torch.as_tensor(timestep))
+
+
+def flux_node_shift(width: int, height: int, max_shift: float = 1.15, base_shift: float = 0.5) -> float:
+    """The shift (mu) ComfyUI's ``ModelSamplingFlux`` node sets for a width x height image: the line
+    through (256, base_shift) and (4096, max_shift) at ``width * height / (8 * 8 * 2 * 2)`` (the
+    packed token count of a VAE with factor 8 and patch 2, as real Flux has)."""
+    mm = (max_shift - base_shift) / (4096 - 256)
+    b = base_shift - mm * 256
+    return (width * height / (8 * 8 * 2 * 2)) * mm + b
 
 
 AnyModelSampling = ComfyModelSampling | ComfyFlowSampling
@@ -567,16 +618,22 @@ COMFY_SAMPLERS: tuple[str, ...] = ("euler", "euler_ancestral", "dpmpp_2m")
 
 
 def make_comfy_step(
-    sampler_name: str, x: torch.Tensor, seed: int | None = None, flow: bool = False
+    sampler_name: str,
+    x: torch.Tensor,
+    seed: int | None = None,
+    flow: bool = False,
+    pack: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> StepFn:
     """The per-step update of KSampler's ``sampler_name`` for a run starting at ``x`` (the noise-scaled
     initial latent; ancestral noise is drawn with its shape, dtype and device, from ``seed``).
     ``flow``: the model sampling is ComfyUI's ``CONST`` (rectified flow), where ``euler_ancestral``
-    is ``sample_euler_ancestral_RF``."""
+    is ``sample_euler_ancestral_RF``. ``pack``: the sampling layout of a family that packs latents
+    (Flux, Qwen-Image): ancestral noise is drawn in ``x``'s (ComfyUI's, unpacked) shape, then packed."""
     if sampler_name == "euler":
         return euler_step
     if sampler_name == "euler_ancestral":
-        noise = comfy_noise_sampler(x, seed)
+        drawn = comfy_noise_sampler(x, seed)
+        noise = drawn if pack is None else (lambda: pack(drawn()))
         return euler_ancestral_rf_step(noise) if flow else euler_ancestral_step(noise)
     if sampler_name == "dpmpp_2m":
         return dpmpp_2m_step()

@@ -14,11 +14,12 @@ Adapters:
   Heun, ...): ``init_noise_sigma``, ``scale_model_input`` and ``alphas_cumprod`` live here only.
 * :class:`FlowStepper`: diffusers' ``FlowMatchEulerDiscreteScheduler`` (SD3, Flux, Qwen-Image,
   AuraFlow): no input scaling, sigma = the scheduler's flow sigma.
-* :class:`ComfyStepper`: the ``comfy`` noise policy (ComfyUI's KSampler samplers, SD family).
+* :class:`ComfyStepper`: the ``comfy`` noise policy (ComfyUI's KSampler samplers and model sampling).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -190,7 +191,9 @@ class ComfyStepper:
     ``sigmas_t`` (CPU) has steps + 1 values ending in 0; ``timesteps_t`` (CPU) the model's
     timestep at each of the first ``steps`` sigmas (an integer on SD models). ``seed`` is the KSampler seed (ancestral
     per-step noise). As in ComfyUI, x is float32 throughout; the model input is cast to
-    ``model_dtype``, as ComfyUI casts it to the model's dtype.
+    ``model_dtype``, as ComfyUI casts it to the model's dtype. ``pack``: the family's sampling
+    layout (Flux, Qwen-Image): ``start`` gets the unpacked noise (as ComfyUI draws it) and packs the
+    initial x; ancestral noise is drawn unpacked and packed (the updates are elementwise).
     """
 
     model_sampling: AnyModelSampling
@@ -199,6 +202,7 @@ class ComfyStepper:
     sampler: str = "euler"
     seed: int | None = None
     model_dtype: torch.dtype | None = None
+    pack: Callable[[Tensor], Tensor] | None = None
 
     def __post_init__(self) -> None:
         self.prediction = self.model_sampling.prediction_type
@@ -221,8 +225,9 @@ class ComfyStepper:
         self._tim = self.timesteps_t.to(noise.device, torch.float32)
         ms = self.model_sampling
         x = ms.noise_scaling(self._sig[0], noise, torch.zeros_like(noise), ms.is_max_denoise(self._sig))
-        self._update = make_comfy_step(self.sampler, x, self.seed, flow=self.prediction == "flow")
-        return x
+        flow = self.prediction == "flow"
+        self._update = make_comfy_step(self.sampler, x, self.seed, flow=flow, pack=self.pack)
+        return x if self.pack is None else self.pack(x)
 
     def model_input(self, x: Tensor, i: int) -> Tensor:
         sigma = self._sig[i].expand(x.shape[0])

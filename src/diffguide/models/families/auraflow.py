@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import ConfigError
+from ...sampling.comfy import ComfyFlowSampling
 from ...sampling.schedulers import step_kwargs
 from ...sampling.steppers import FlowStepper, flow_set_timesteps
 from ..denoiser import Conditioning
@@ -34,6 +35,7 @@ class AuraFlowFamily(Family):
     model_attr = "transformer"
     components = ("transformer", "vae", "text_encoder")
     schedulers = ("euler",)
+    comfy = True
 
     def matches(self, pipe: Any) -> bool:
         return type(getattr(pipe, "transformer", None)).__name__ == "AuraFlowTransformer2DModel"
@@ -86,6 +88,12 @@ class AuraFlowFamily(Family):
                 raise ConfigError(
                     f"{side} {v} is larger than this auraflow model's positional embedding covers (at most {most})"
                 )
+
+    def comfy_model_sampling(self, pipe: Any, height: int, width: int) -> ComfyFlowSampling:
+        """ComfyUI's ``ModelSamplingAuraFlow``: discrete flow with multiplier 1 (ComfyUI's model gets
+        sigma; diffguide's forward gets ``1000 sigma`` and passes ``sigma`` on) and the shift of the
+        model's scheduler config (1.73, ComfyUI's default for AuraFlow too)."""
+        return ComfyFlowSampling(shift=float(pipe.scheduler.config.get("shift", 1.73)), multiplier=1.0)
 
     def stepper(
         self,

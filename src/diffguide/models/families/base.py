@@ -177,8 +177,9 @@ class Family(ABC):
         """``(stepper, diffusers scheduler)`` for the diffusers noise policy: a fresh scheduler
         from the model's config with ``set_timesteps`` done, wrapped in a sampling adapter."""
 
-    def comfy_model_sampling(self, pipe: Any) -> Any:
-        """ComfyUI's model sampling for the ``comfy`` noise policy (only when :attr:`comfy`)."""
+    def comfy_model_sampling(self, pipe: Any, height: int, width: int) -> Any:
+        """ComfyUI's model sampling for the ``comfy`` noise policy (only when :attr:`comfy`), for
+        an image of height x width pixels (Flux's shift depends on it)."""
         raise ConfigError(f"the comfy noise policy does not support {self.name} models yet")
 
     # -- decoding -------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from ...errors import ConfigError
 from ...guidance.base import GuidanceTerm
 from ...guidance.cfg import CFG
 from ...guidance.embedded import EmbeddedGuidance, embedded_scale
+from ...sampling.comfy import ComfyFlowSampling, ComfyFluxSampling, flux_node_shift
 from ...sampling.schedulers import step_kwargs
 from ...sampling.steppers import FlowStepper, flow_set_timesteps
 from ..denoiser import Conditioning
@@ -73,6 +74,7 @@ class FluxFamily(Family):
     model_attr = "transformer"
     components = ("transformer", "vae", "text_encoder", "text_encoder_2")
     schedulers = ("euler",)
+    comfy = True
 
     def matches(self, pipe: Any) -> bool:
         return type(getattr(pipe, "transformer", None)).__name__ == "FluxTransformer2DModel"
@@ -182,6 +184,14 @@ class FluxFamily(Family):
             return_dict=False,
         )
         return out[0]  # type: ignore[no-any-return]
+
+    def comfy_model_sampling(self, pipe: Any, height: int, width: int) -> ComfyFlowSampling:
+        """Dev-like: ComfyUI's ``ModelSamplingFlux`` with the shift its ``ModelSamplingFlux`` node
+        sets for this image size (default max/base shift 1.15/0.5); schnell-like: ComfyUI's
+        ``FluxSchnell`` default, discrete flow with shift 1 and multiplier 1."""
+        if not embeds_guidance(pipe.transformer):
+            return ComfyFlowSampling(shift=1.0, multiplier=1.0)
+        return ComfyFluxSampling(flux_node_shift(width, height))
 
     # -- latents and sizes ------------------------------------------------------------------
     def latent_shape(self, pipe: Any, batch: int, height: int, width: int) -> tuple[int, ...]:

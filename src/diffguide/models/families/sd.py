@@ -122,7 +122,7 @@ class SDFamily(Family):
     def default_size(self, pipe: Any) -> int:
         return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
-    def comfy_model_sampling(self, pipe: Any) -> ComfyModelSampling:
+    def comfy_model_sampling(self, pipe: Any, height: int, width: int) -> ComfyModelSampling:
         """ComfyUI's ``ModelSamplingDiscrete`` with its SD defaults (the checkpoint's betas are
         ignored, as ComfyUI does)."""
         return ComfyModelSampling(prediction_type=self.prediction(pipe))

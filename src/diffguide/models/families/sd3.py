@@ -94,7 +94,7 @@ class SD3Family(Family):
     def default_size(self, pipe: Any) -> int:
         return int(pipe.transformer.config.sample_size * pipe.vae_scale_factor)
 
-    def comfy_model_sampling(self, pipe: Any) -> ComfyFlowSampling:
+    def comfy_model_sampling(self, pipe: Any, height: int, width: int) -> ComfyFlowSampling:
         """ComfyUI's ``ModelSamplingSD3`` (discrete flow, multiplier 1000) with the shift of the
         model's scheduler config (3.0 for SD3/SD3.5, ComfyUI's default for them too)."""
         return ComfyFlowSampling(shift=float(pipe.scheduler.config.get("shift", 3.0)), multiplier=1000.0)
