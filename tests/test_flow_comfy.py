@@ -20,10 +20,11 @@ import torch
 from dit_support import _liven as liven
 
 from diffguide import CFG, ConfigError, EmbeddedGuidance, GuidedPipeline
+from diffguide.conditioning import ConditioningFile
 from diffguide.models.denoiser import Conditioning
 from diffguide.pipeline import GenerateConfig
 from diffguide.sampling.comfy import ComfyFlowSampling, ComfyFluxSampling, comfy_sigmas
-from diffguide.testing_dit import tiny_auraflow, tiny_flux
+from diffguide.testing_dit import qwen_embeds, tiny_auraflow, tiny_flux, tiny_qwen_image
 
 TOL = 1e-4
 SEED, STEPS, W, SIZE = 11, 6, 4.0, 32
@@ -50,7 +51,7 @@ def comfy_model_sampling(comfy, model: str, width: int = SIZE, height: int = SIZ
     """What ComfyUI samples AuraFlow / Flux / Flux schnell with (Flux dev: after its
     ModelSamplingFlux node with the default max_shift 1.15, base_shift 0.5 for width x height)."""
     mt = comfy.mb.ModelType
-    kind = {"AuraFlow": mt.FLOW, "Flux": mt.FLUX, "FluxSchnell": mt.FLOW}[model]
+    kind = {"AuraFlow": mt.FLOW, "Flux": mt.FLUX, "FluxSchnell": mt.FLOW, "QwenImage": mt.FLUX}[model]
     ms = comfy.mb.model_sampling(getattr(comfy.sm, model)({}), kind)
     if model == "Flux":  # nodes_model_advanced.ModelSamplingFlux.patch
         x1, x2, max_shift, base_shift = 256, 4096, 1.15, 0.5
@@ -74,13 +75,29 @@ def flux():
     return GuidedPipeline(pipe)
 
 
-def comfy_run(comfy, gp, cfg, ms, sampler, schedule):
+@pytest.fixture(scope="module")
+def qwen():
+    pipe = tiny_qwen_image(seed=0)
+    liven(pipe.transformer, 3)
+    return GuidedPipeline(pipe)
+
+
+def qwen_conditioning() -> ConditioningFile:
+    (pe, pm), (ne, nm) = qwen_embeds(1, 2), qwen_embeds(2, 2)
+    return ConditioningFile(
+        Conditioning(tensors={"embeds": pe, "mask": pm}), Conditioning(tensors={"embeds": ne, "mask": nm})
+    )
+
+
+def comfy_run(comfy, gp, cfg, ms, sampler, schedule, conditioning=None):
     """ComfyUI's KSampler path from prepare_noise to the final (unpacked) latent."""
     kd, fam, model = comfy.kd, gp.family, gp.model
-    cond, uncond = gp.encode(cfg, SIZE, SIZE)
+    if conditioning is None:
+        cond, uncond = gp.encode(cfg, SIZE, SIZE)
+    else:
+        cond, uncond = conditioning.cond, conditioning.uncond
     cond, uncond = fam.model_inputs(gp.pipe, cfg.guidance, cond, uncond, SIZE, SIZE)
     both = Conditioning.cat([uncond, cond])
-    h = w = SIZE // gp.pipe.vae_scale_factor
 
     def denoise(x, sigma, **_):
         # ComfyUI's model gets ms.timestep(sigma) (sigma * multiplier); diffguide's forward takes
@@ -88,7 +105,9 @@ def comfy_run(comfy, gp, cfg, ms, sampler, schedule):
         t = ms.timestep(sigma) * (1000.0 / getattr(ms, "multiplier", 1.0))
         xin = fam.pack(ms.calculate_input(sigma, x))
         out = fam.forward(model, torch.cat([xin, xin]), torch.cat([t, t]), both).float()
-        x0u, x0c = (ms.calculate_denoised(sigma, fam.unpack(o, h, w), x) for o in out.chunk(2))
+        x0u, x0c = (
+            ms.calculate_denoised(sigma, fam.unpack(o, SIZE, SIZE).reshape(x.shape), x) for o in out.chunk(2)
+        )
         return x0u + W * (x0c - x0u)  # ComfyUI's CFG, in x0 space
 
     sigmas = comfy.c.samplers.calculate_sigmas(ms, schedule, STEPS)
@@ -111,18 +130,21 @@ def comfy_run(comfy, gp, cfg, ms, sampler, schedule):
         return kd.sample_euler_ancestral_RF(Model(), x, sigmas, extra_args=extra, disable=True)
 
 
-def run_both(comfy, gp, model, guidance, scheduler, sampler, schedule):
+def run_both(comfy, gp, model, guidance, scheduler, sampler, schedule, conditioning=None):
     cfg = GenerateConfig.create(
         ["a cat", "a dog"], ["", "ugly"], guidance=guidance, steps=STEPS, seed=SEED, scheduler=scheduler,
         noise="comfy", schedule=schedule, width=SIZE, height=SIZE,
     )  # fmt: skip
-    ours = gp.generate(cfg, decode=False)
+    ours = gp.generate(cfg, decode=False, conditioning=conditioning)
     assert ours.forward_calls == STEPS
-    theirs = comfy_run(comfy, gp, cfg, comfy_model_sampling(comfy, model), sampler, schedule)
+    ms = comfy_model_sampling(comfy, model)
+    # Qwen-Image: ComfyUI's (B, 16, 1, h, w) latent is diffguide's sampling layout (B, 1, 16, h, w)
+    theirs = comfy_run(comfy, gp, cfg, ms, sampler, schedule, conditioning).reshape(ours.latents.shape)
+    assert theirs.shape == ours.latents.shape
     diff = (ours.latents - theirs).abs().max().item()
     print(f"{model} comfy {sampler}/{schedule}: max abs diff {diff:.3g}")
     assert diff <= TOL
-    other = comfy_run(comfy, gp, cfg, comfy_model_sampling(comfy, model), "euler", "ddim_uniform")
+    other = comfy_run(comfy, gp, cfg, ms, "euler", "ddim_uniform", conditioning).reshape(ours.latents.shape)
     assert (ours.latents - other).abs().max() > 1e-2  # the comparison can tell schedules apart
     return ours
 
@@ -145,6 +167,15 @@ def test_flux_comfy_policy_matches_comfyui(comfy, flux, scheduler, sampler, sche
     assert sched["config"]["flux_time_shift_mu"] == pytest.approx(0.5 - 0.65 * 252 / 3840)
 
 
+@pytest.mark.parametrize(("scheduler", "sampler", "schedule"), CASES)
+def test_qwen_image_comfy_policy_matches_comfyui(comfy, qwen, scheduler, sampler, schedule):
+    """Qwen-Image, plain CFG 4 (KSampler's cfg), embeddings from a conditioning file."""
+    ours = run_both(comfy, qwen, "QwenImage", [CFG(W)], scheduler, sampler, schedule, qwen_conditioning())
+    sched = ours.manifests[0]["scheduler"]
+    assert sched["class"] == "ComfyFluxSampling"
+    assert sched["config"]["flux_time_shift_mu"] == pytest.approx(1.15)
+
+
 @pytest.mark.parametrize(
     ("ours", "model", "size"),
     [
@@ -152,6 +183,7 @@ def test_flux_comfy_policy_matches_comfyui(comfy, flux, scheduler, sampler, sche
         (ComfyFluxSampling(0.5 + 0.65 * (4096 - 256) / 3840), "Flux", 1024),
         (ComfyFluxSampling(0.5 + 0.65 * (1536 * 640 / 256 - 256) / 3840), "Flux", (1536, 640)),
         (ComfyFlowSampling(1.0, 1.0), "FluxSchnell", SIZE),
+        (ComfyFluxSampling(1.15), "QwenImage", SIZE),
     ],
 )
 @pytest.mark.parametrize("schedule", ["normal", "simple", "karras", "sgm_uniform"])

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ...errors import ConfigError
 from ...guidance.base import GuidanceTerm
+from ...sampling.comfy import ComfyFlowSampling, ComfyFluxSampling
 from ...sampling.schedulers import step_kwargs
 from ...sampling.steppers import FlowStepper, flow_set_timesteps
 from ..denoiser import Conditioning
@@ -49,9 +50,15 @@ class QwenImageFamily(Family):
     model_attr = "transformer"
     components = ("transformer", "vae", "text_encoder")
     schedulers = ("euler",)
+    comfy = True
 
     def matches(self, pipe: Any) -> bool:
         return type(getattr(pipe, "transformer", None)).__name__ == "QwenImageTransformer2DModel"
+
+    def comfy_model_sampling(self, pipe: Any, height: int, width: int) -> ComfyFlowSampling:
+        """ComfyUI's Qwen-Image model sampling: ``ModelSamplingFlux`` (model type FLUX) with its
+        ``sampling_settings`` shift 1.15 and multiplier 1, whatever the image size."""
+        return ComfyFluxSampling(1.15)
 
     # -- conditioning -----------------------------------------------------------------------
     def encode(
