@@ -150,8 +150,8 @@ def test_pag_tpg_change_latents(runner, cfg_run, sd15_dir, tmp_path, option, win
         (["--tpg-layers", "mid"], "--tpg is 0 (TPG off)"),
         (["--schedule", "karras"], "--schedule applies to the comfy noise policy only"),
         (
-            ["--noise", "comfy", "--scheduler", "heun"],
-            "comfy noise policy supports the samplers euler, euler_a, dpmpp_2m",
+            ["--noise", "comfy", "--scheduler", "unipc"],
+            "comfy noise policy supports the samplers euler, euler_a, dpmpp_2m, heun",
         ),
         (
             ["--noise", "comfy", "--scheduler", "dpmpp_2m_karras"],

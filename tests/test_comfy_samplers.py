@@ -68,6 +68,7 @@ def _run_both(setup, scheduler, comfy_sampler, schedule, seed=42):
         ("euler_a", "euler_ancestral", "normal"),
         ("dpmpp_2m", "dpmpp_2m", "normal"),
         ("dpmpp_2m", "dpmpp_2m", "karras"),
+        ("heun", "heun", "karras"),
     ],
 )
 def test_sampler_matches_ksampler(setup, scheduler, comfy_sampler, schedule):
@@ -171,7 +172,7 @@ def test_ancestral_step_matches_k_diffusion(setup):
     [
         ({"scheduler": "dpmpp_2m_karras"}, "--scheduler dpmpp_2m --schedule karras"),
         ({"scheduler": "ddim"}, "euler, euler_a, dpmpp_2m"),
-        ({"scheduler": "heun"}, "euler_ancestral"),
+        ({"scheduler": "unipc"}, "heun"),
         ({"scheduler": "unipc"}, "not 'unipc'"),
         ({"scheduler": "euler_a", "eta": 0.5}, "--eta"),
     ],
@@ -186,7 +187,7 @@ def test_comfy_schedule_needs_the_comfy_policy():
         GenerateConfig.create("x", schedule="karras")
 
 
-@pytest.mark.parametrize("scheduler", ["euler", "euler_a", "dpmpp_2m"])
+@pytest.mark.parametrize("scheduler", ["euler", "euler_a", "dpmpp_2m", "heun"])
 def test_supported_comfy_samplers_validate(scheduler):
     cfg = GenerateConfig.create("x", noise="comfy", scheduler=scheduler, schedule="karras")
     assert (cfg.noise, cfg.scheduler, cfg.schedule, cfg.eta) == ("comfy", scheduler, "karras", 0.0)

@@ -32,6 +32,9 @@ CASES = [
     ("euler", "euler", "simple"),
     ("euler_a", "euler_ancestral", "normal"),
     ("dpmpp_2m", "dpmpp_2m", "karras"),
+    # heun's second evaluation divides by its sigma: at the normal schedule's last sigma (2.5e-4 on
+    # Flux) that magnifies the rounding of CFG in flow vs x0 space ~4000x (see the CFG-1 test)
+    ("heun", "heun", "simple"),
 ]
 
 
@@ -120,6 +123,8 @@ def comfy_run(comfy, gp, cfg, ms, sampler, schedule, conditioning=None):
             return kd.sample_euler(denoise, x, sigmas, extra_args=extra, disable=True)
         if sampler == "dpmpp_2m":
             return kd.sample_dpmpp_2m(denoise, x, sigmas, extra_args=extra, disable=True)
+        if sampler == "heun":
+            return kd.sample_heun(denoise, x, sigmas, extra_args=extra, disable=True)
 
         class Model:  # sample_euler_ancestral_RF reads the model sampling's noise scale
             inner_model = SimpleNamespace(model_patcher=SimpleNamespace(get_model_object=lambda name: ms))
@@ -136,7 +141,8 @@ def run_both(comfy, gp, model, guidance, scheduler, sampler, schedule, condition
         noise="comfy", schedule=schedule, width=SIZE, height=SIZE,
     )  # fmt: skip
     ours = gp.generate(cfg, decode=False, conditioning=conditioning)
-    assert ours.forward_calls == STEPS
+    # heun evaluates twice per step, except for the last step (an Euler step to sigma 0)
+    assert ours.forward_calls == (2 * STEPS - 1 if sampler == "heun" else STEPS)
     ms = comfy_model_sampling(comfy, model)
     # Qwen-Image: ComfyUI's (B, 16, 1, h, w) latent is diffguide's sampling layout (B, 1, 16, h, w)
     theirs = comfy_run(comfy, gp, cfg, ms, sampler, schedule, conditioning).reshape(ours.latents.shape)
@@ -202,6 +208,39 @@ def test_flux_comfy_shift_follows_the_image_size(flux):
     assert fam.comfy_model_sampling(flux.pipe, 256, 256).shift == pytest.approx(0.5)
 
 
-def test_comfy_policy_refuses_heun_in_one_line(aura):
-    with pytest.raises(ConfigError, match=r"^the comfy noise policy supports the samplers .*not 'heun'$"):
-        GenerateConfig.create(["a cat"], guidance=[CFG(W)], steps=2, scheduler="heun", noise="comfy")
+@pytest.mark.parametrize("fixture", ["aura", "flux"])
+def test_heun_matches_comfyui_exactly_without_cfg(comfy, request, fixture):
+    """No CFG combination (w = 1): the heun updates alone, on the normal schedule down to its tiny
+    last sigma, agree with ComfyUI's sample_heun to float rounding."""
+    gp = request.getfixturevalue(fixture)
+    model = {"aura": "AuraFlow", "flux": "Flux"}[fixture]
+    terms = [EmbeddedGuidance(2.0)] if fixture == "flux" else []
+    cfg = GenerateConfig.create(
+        ["a cat", "a dog"], guidance=terms, steps=STEPS, seed=SEED, scheduler="heun", noise="comfy",
+        schedule="normal", width=SIZE, height=SIZE,
+    )  # fmt: skip
+    ours = gp.generate(cfg, decode=False)
+    assert ours.forward_calls == 2 * STEPS - 1
+    ms = comfy_model_sampling(comfy, model)
+    kd, fam = comfy.kd, gp.family
+    cond, _ = gp.encode(cfg, SIZE, SIZE)
+    cond, _ = fam.model_inputs(gp.pipe, cfg.guidance, cond, None, SIZE, SIZE)
+
+    def denoise(x, sigma, **_):
+        t = ms.timestep(sigma) * (1000.0 / getattr(ms, "multiplier", 1.0))
+        out = fam.forward(gp.model, fam.pack(ms.calculate_input(sigma, x)), t, cond).float()
+        return ms.calculate_denoised(sigma, fam.unpack(out, SIZE, SIZE).reshape(x.shape), x)
+
+    sigmas = comfy.c.samplers.calculate_sigmas(ms, "normal", STEPS)
+    latent = torch.zeros(fam.latent_shape(gp.pipe, 2, SIZE, SIZE))
+    x = ms.noise_scaling(sigmas[0], comfy.c.sample.prepare_noise(latent, SEED), latent, True)
+    with torch.inference_mode():
+        theirs = kd.sample_heun(denoise, x, sigmas, disable=True).reshape(ours.latents.shape)
+    diff = (ours.latents - theirs).abs().max().item()
+    print(f"{model} comfy heun/normal without CFG: max abs diff {diff:.3g}")
+    assert diff <= 1e-5
+
+
+def test_comfy_policy_refuses_other_samplers_in_one_line(aura):
+    with pytest.raises(ConfigError, match=r"^the comfy noise policy supports the samplers .*not 'unipc'$"):
+        GenerateConfig.create(["a cat"], guidance=[CFG(W)], steps=2, scheduler="unipc", noise="comfy")

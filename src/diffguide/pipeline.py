@@ -41,7 +41,7 @@ from .validation import check_prompt_arg, check_types, warn_long_prompts, warn_s
 MAX_STEPS = 1000
 DEFAULT_DTYPE: torch.dtype = getattr(torch, DEFAULTS.dtype)
 #: diffguide scheduler name -> ComfyUI KSampler sampler name, for the comfy noise policy.
-COMFY_SAMPLER_NAMES = {"euler": "euler", "euler_a": "euler_ancestral", "dpmpp_2m": "dpmpp_2m"}
+COMFY_SAMPLER_NAMES = {"euler": "euler", "euler_a": "euler_ancestral", "dpmpp_2m": "dpmpp_2m", "heun": "heun"}
 
 
 def _as_list(value: str | Sequence[str], count: int | None, what: str) -> list[str]:

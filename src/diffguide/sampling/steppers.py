@@ -182,7 +182,7 @@ def flow_set_timesteps(
 
 @dataclass
 class ComfyStepper:
-    """ComfyUI's KSampler path (``euler``, ``euler_ancestral``, ``dpmpp_2m``).
+    """ComfyUI's KSampler path (``euler``, ``euler_ancestral``, ``dpmpp_2m``, ``heun``).
 
     ``model_sampling`` is a :class:`~diffguide.sampling.comfy.ComfyModelSampling` (SD family: input
     scaling ``x / sqrt(sigma^2 + 1)``) or :class:`~diffguide.sampling.comfy.ComfyFlowSampling`
@@ -206,17 +206,27 @@ class ComfyStepper:
 
     def __post_init__(self) -> None:
         self.prediction = self.model_sampling.prediction_type
-        self._levels = self.sigmas_t.tolist()  # Python floats for StepInfo: no per-step sync
-        self._steps_t = self.timesteps_t.tolist()
+        levels, steps_t = self.sigmas_t.tolist(), self.timesteps_t.tolist()
+        # The model evaluations: (sigma index, heun stage). Heun (ComfyUI's sample_heun) evaluates
+        # twice per step, at sigma_i and at its Euler guess's sigma_{i+1}, except for a last step
+        # that ends at sigma 0 (an Euler step there); every other sampler once per step.
+        self._plan: list[tuple[int, int]] = []
+        for i in range(len(levels) - 1):
+            self._plan.append((i, 0))
+            if self.sampler == "heun" and levels[i + 1] != 0:
+                self._plan.append((i + 1, 1))
+        self._levels = [levels[j] for j, _ in self._plan]  # Python floats for StepInfo: no per-step sync
+        self._steps_t = [steps_t[j] for j, _ in self._plan]
         self._update: StepFn | None = None
+        self._heun: tuple[Tensor, Tensor] | None = None  # x and d at the start of a heun step
 
     @property
     def sigmas(self) -> list[float]:
-        return self._levels[:-1]
+        return self._levels
 
     @property
     def timesteps(self) -> list[float]:
-        return self._steps_t  # type: ignore[no-any-return]
+        return self._steps_t
 
     def start(self, noise: Tensor) -> Tensor:
         self.model_dtype = self.model_dtype or noise.dtype
@@ -226,21 +236,34 @@ class ComfyStepper:
         ms = self.model_sampling
         x = ms.noise_scaling(self._sig[0], noise, torch.zeros_like(noise), ms.is_max_denoise(self._sig))
         flow = self.prediction == "flow"
-        self._update = make_comfy_step(self.sampler, x, self.seed, flow=flow, pack=self.pack)
+        if self.sampler != "heun":
+            self._update = make_comfy_step(self.sampler, x, self.seed, flow=flow, pack=self.pack)
         return x if self.pack is None else self.pack(x)
 
-    def model_input(self, x: Tensor, i: int) -> Tensor:
-        sigma = self._sig[i].expand(x.shape[0])
+    def model_input(self, x: Tensor, k: int) -> Tensor:
+        sigma = self._sig[self._plan[k][0]].expand(x.shape[0])
         return self.model_sampling.calculate_input(sigma, x).to(self.model_dtype)
 
-    def model_time(self, i: int, batch: int) -> Tensor:
-        return self._tim[i].expand(batch)
+    def model_time(self, k: int, batch: int) -> Tensor:
+        return self._tim[self._plan[k][0]].expand(batch)
 
-    def step(self, guided: Tensor, x: Tensor, i: int) -> Tensor:
-        assert self._update is not None, "start() first"
-        sigma = self._sig[i].expand(x.shape[0])
-        denoised = self.model_sampling.calculate_denoised(sigma, guided.float(), x)
-        return self._update(x, denoised, self._sig, i)
+    def step(self, guided: Tensor, x: Tensor, k: int) -> Tensor:
+        """Model evaluation ``k`` done: the next x (for heun's first stage, its Euler guess)."""
+        j, stage = self._plan[k]
+        sigma = self._sig[j]
+        denoised = self.model_sampling.calculate_denoised(sigma.expand(x.shape[0]), guided.float(), x)
+        if self.sampler != "heun":
+            assert self._update is not None, "start() first"
+            return self._update(x, denoised, self._sig, j)
+        d = (x - denoised) / sigma  # k-diffusion's to_d
+        if stage == 0:
+            dt = self._sig[j + 1] - sigma
+            if self._sig[j + 1] != 0:
+                self._heun = (x, d)
+            return x + d * dt
+        assert self._heun is not None
+        x0, d0 = self._heun
+        return x0 + (d0 + d) / 2 * (sigma - self._sig[j - 1])
 
     def finish(self, x: Tensor) -> Tensor:
         """x is float32 (as in ComfyUI); returned in the model's dtype."""
