@@ -297,3 +297,28 @@ def test_cli_slg_options(sd3_pipe, tmp_path):
     assert "--slg-layers/--slg-start/--slg-stop given but --slg is 0 (SLG off): set --slg" in res.output
     res = CliRunner().invoke(app, [*run, "--slg", "1", "--slg-layers", "b9"])
     assert res.exit_code == 2 and "block 9 is past the last block" in res.output
+
+
+def test_pag_semantics_value_vs_diagonal(sd3_pipe):
+    """PAG(semantics=...) picks the joint-attention identity: "diagonal" (diffusers' SD3 PAG
+    processor, the default) or "value" (the whole joint map -> V); each is a different perturbed
+    branch, recorded in the manifest and rebuilt by replay's registry; a bad name is one line."""
+    from diffguide import PAG
+    from diffguide.guidance.registry import term_from_dict
+
+    gp = GuidedPipeline(sd3_pipe)
+
+    def run(pag):
+        return gp.generate(
+            PROMPTS[:1], NEGATIVES[:1], guidance=[CFG(5.0), pag], steps=STEPS, seed=SEED, decode=False
+        )
+
+    diag, value = run(PAG(3.0, layers="b1")), run(PAG(3.0, layers="b1", semantics="value"))
+    assert (diag.latents - value.latents).abs().max().item() > 1e-3
+    recorded = value.manifests[0]["parameters"]["guidance"][1]
+    assert (
+        recorded["semantics"] == "value" and "semantics" not in diag.manifests[0]["parameters"]["guidance"][1]
+    )
+    assert term_from_dict(recorded) == PAG(3.0, layers="b1", semantics="value")
+    with pytest.raises(ConfigError, match=r"^PAG semantics must be one of diagonal, value, got 'v'$"):
+        PAG(3.0, semantics="v")  # type: ignore[arg-type]

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..perturb.identity_attention import IdentityAttention
+from ..perturb.joint_identity import SEMANTICS, Semantics
 from .base import Branch, Predictions, StepInfo, Window, check_finite
 from .perturbed import perturbation_delta
 
@@ -41,13 +42,19 @@ def adaptive_scale(s: float, s_ad: float, t: float) -> float:
 
 @dataclass(frozen=True)
 class PAG:
-    """Perturbed-Attention Guidance. ``layers``: a layer spec, or None for the paper's preset."""
+    """Perturbed-Attention Guidance. ``layers``: a layer spec, or None for the paper's preset.
+
+    ``semantics`` (joint attention of DiTs only; a UNet self-attention outputs V either way):
+    ``"diagonal"``, diffusers' SD3 PAG processor (image-to-image scores masked to the diagonal,
+    text kept), or ``"value"``, the modular guider's "attention output = V" for the whole joint
+    sequence (docs/methods.md)."""
 
     scale: float = 3.0
     layers: str | None = None
     adaptive_scale: float = 0.0
     window: Window = field(default_factory=Window)
     name: str = "pag"
+    semantics: Semantics = "diagonal"
 
     def __post_init__(self) -> None:
         check_finite("PAG scale", self.scale)
@@ -56,9 +63,11 @@ class PAG:
             raise ConfigError(f"PAG scale must be in [0, 100], got {self.scale}")
         if self.adaptive_scale < 0.0:
             raise ConfigError(f"PAG adaptive_scale must be >= 0, got {self.adaptive_scale}")
+        if self.semantics not in SEMANTICS:
+            raise ConfigError(f"PAG semantics must be one of {', '.join(SEMANTICS)}, got {self.semantics!r}")
 
     def branches(self) -> tuple[Branch, ...]:
-        return (Branch(self.name, "cond", IdentityAttention(self.layers)),)
+        return (Branch(self.name, "cond", IdentityAttention(self.layers, self.semantics)),)
 
     def scale_at(self, step: StepInfo) -> float:
         if self.adaptive_scale == 0.0:
@@ -82,4 +91,4 @@ class PAG:
             "adaptive_scale": self.adaptive_scale,
             "layers": self.layers,
             "window": self.window.describe(),
-        }
+        } | ({} if self.semantics == "diagonal" else {"semantics": self.semantics})
