@@ -7,17 +7,15 @@ from __future__ import annotations
 import comfy_support
 import pytest
 import torch
+from comfy_reference import comfy_euler, comfy_ksampler, make_comfy_denoiser
 
 from diffguide.errors import ConfigError
 from diffguide.sampling.comfy import (
     COMFY_SCHEDULERS,
     SD_SCALE_FACTOR,
     ComfyModelSampling,
-    comfy_euler,
-    comfy_ksampler,
     comfy_noise,
     comfy_sigmas,
-    make_comfy_denoiser,
 )
 
 CTX_DIM = 32

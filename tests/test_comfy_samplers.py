@@ -9,6 +9,7 @@ from __future__ import annotations
 import comfy_support
 import pytest
 import torch
+from comfy_reference import comfy_sample
 
 from diffguide import CFG, ConfigError
 from diffguide.pipeline import GenerateConfig
@@ -17,7 +18,6 @@ from diffguide.sampling.comfy import (
     ComfyModelSampling,
     comfy_noise,
     comfy_noise_sampler,
-    comfy_sample,
     comfy_sigmas,
     get_ancestral_step,
 )
