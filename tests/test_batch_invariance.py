@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffguide import CFG, PAG, TPG, ConfigError, GenerateConfig
+from diffguide import CFG, PAG, TPG, Conditioning, ConfigError, GenerateConfig
 from diffguide.repro.determinism import BATCH_TOLERANCE, check_determinism
 
 PROMPTS = ["a cat", "a dog", "a red car"]
@@ -59,3 +59,22 @@ def test_batch_invariant_decoded_images_and_check_determinism(sd15):
 def test_batch_invariant_refuses_whole_batch_comfy_noise():
     with pytest.raises(ConfigError, match="per-image noise"):
         GenerateConfig.create(PROMPTS, noise="comfy", batch_invariant=True)
+
+
+def test_conditioning_file_is_cast_to_the_model_dtype(sd15_f64, tmp_path):
+    """Embeddings saved in float32 drive a float64 model (as they would a float16 one): cast to the
+    model's dtype, they give the encoded run's result up to the float32 rounding of the embeddings."""
+    from diffguide.conditioning import ConditioningFile
+
+    cfg = GenerateConfig.create("a cat", guidance=[CFG(3.0)], steps=2, seed=3)
+    cond, uncond = sd15_f64.encode(cfg, 32, 32)
+
+    def as_f32(c):
+        return Conditioning(tensors={k: v.float() for k, v in c.tensors.items()})
+
+    f32 = ConditioningFile(as_f32(cond), as_f32(uncond))
+    assert f32.cond.embeds.dtype == torch.float32
+    from_file = sd15_f64.generate(cfg, decode=False, conditioning=f32).latents
+    encoded = sd15_f64.generate(cfg, decode=False).latents
+    assert from_file.dtype == encoded.dtype == torch.float64
+    assert (from_file - encoded).abs().max().item() <= 1e-4

@@ -339,7 +339,7 @@ class GuidedPipeline:
             warn_long_prompts(getattr(self.pipe, "tokenizer", None), cfg.negative_prompts, "negative prompt")
             cond, uncond = self.encode(cfg, height, width)
         else:
-            cond, uncond = _broadcast(conditioning, cfg.num_images, self.pipe.device)
+            cond, uncond = _broadcast(conditioning, cfg.num_images, self.pipe.device, self.model.dtype)
         cond, uncond = self.family.model_inputs(self.pipe, cfg.guidance, cond, uncond, height, width)
         seeds = image_seeds(cfg.seed, cfg.num_images)
         denoiser = self.denoiser()
@@ -583,14 +583,15 @@ class GuidedPipeline:
 
 
 def _broadcast(
-    conditioning: ConditioningFile, count: int, device: torch.device
+    conditioning: ConditioningFile, count: int, device: torch.device, dtype: torch.dtype
 ) -> tuple[Conditioning, Conditioning | None]:
-    """Conditioning of batch 1 or ``count``, as ``count`` rows on ``device``."""
+    """Conditioning of batch 1 or ``count``, as ``count`` rows on ``device`` in the model's ``dtype``
+    (a float32 file drives a float16 model as its own encoder's output would)."""
 
     def fit(c: Conditioning) -> Conditioning:
         if c.batch not in (1, count):
             raise ConfigError(f"conditioning has batch {c.batch}, but {count} images were asked for")
-        return c.repeat(count if c.batch == 1 else 1).to(device)
+        return c.repeat(count if c.batch == 1 else 1).to(device, dtype)
 
     uncond = conditioning.uncond
     return fit(conditioning.cond), (None if uncond is None else fit(uncond))

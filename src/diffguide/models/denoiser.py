@@ -115,8 +115,13 @@ class Conditioning:
         """Every row ``times`` times (the whole batch repeated, not each row)."""
         return self._map(lambda t: t.repeat(times, *([1] * (t.ndim - 1))))
 
-    def to(self, device: torch.device | str) -> Conditioning:
-        return self._map(lambda t: t.to(device))
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Conditioning:
+        """On ``device``; with ``dtype``, floating tensors cast to it (masks and ids keep theirs)."""
+
+        def move(t: Tensor) -> Tensor:
+            return t.to(device, dtype) if dtype is not None and t.is_floating_point() else t.to(device)
+
+        return self._map(move)
 
     @staticmethod
     def cat(parts: list[Conditioning]) -> Conditioning:
