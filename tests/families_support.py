@@ -126,3 +126,14 @@ def save_tiny(pipe: Any, folder: Path) -> Path:
     """The pipeline as a diffusers folder (safetensors weights)."""
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return folder
+
+
+def max_diff(got, ref) -> float:
+    """Max abs difference of two latents, printed with the test's name (``pytest -s`` shows the
+    figures docs/families.md and the README quote)."""
+    import os
+
+    diff = float((got - ref).abs().max().item())
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+    print(f"{test}: max abs diff vs reference {diff:.2g}")
+    return diff

@@ -33,6 +33,7 @@ from typer.testing import CliRunner
 from diffguide import CFG, ConfigError, DiffguideError, GenerateConfig, GuidedPipeline
 from diffguide.cli.main import app
 from diffguide.io import check_writable, read_manifest, replace_atomic
+from diffguide.repro.determinism import BATCH_TOLERANCE
 from diffguide.repro.replay import validate_manifest
 from diffguide.validation import MAX_SEED, PromptTruncatedWarning, SizeWarning, warn_size
 
@@ -117,7 +118,8 @@ def test_largest_seed_still_works(sd15):
     out = sd15.generate("a", steps=1, seed=MAX_SEED - 1, num_images=2, decode=False)
     assert [m["image"]["seed"] for m in out.manifests] == [MAX_SEED - 1, MAX_SEED]
     alone = sd15.generate("a", steps=1, seed=MAX_SEED, decode=False)
-    assert torch.allclose(out.latents[1:], alone.latents, atol=1e-4)  # image i is seed + i
+    # image i is seed + i (within the project's batch-vs-single bound)
+    assert ((out.latents[1:] - alone.latents).abs() <= BATCH_TOLERANCE * (1 + alone.latents.abs())).all()
 
 
 # --- output locations, checked before the model is loaded --------------------------------------

@@ -22,6 +22,7 @@ from diffusers.models.attention_processor import AttnProcessor, PAGJointAttnProc
 
 from diffguide import ConfigError, DiffguideError
 from diffguide.perturb import BlockSkip, BranchRows, ForwardContext, IdentityAttention, TokenShuffle
+from diffguide.repro.determinism import BATCH_TOLERANCE
 
 SPECS = {"sd3": "b1-2", "sd35": "b0-2", "flux": "b1,s0-1", "auraflow": "b1,s0-1", "qwen": "b1-2"}
 
@@ -74,10 +75,13 @@ def test_diagonal_matches_diffusers_sd3_pag_processor(sd3):
         modules[name].processor = PAGJointAttnProcessor2_0()
     with torch.no_grad():
         ref = ref_model(**x, return_dict=False)[0]
-    assert torch.equal(ours[2:], ref[2:])  # the perturbed rows: bit for bit
+    # bit for bit at one thread on the AVX2 machine this was written on; other kernels may round
+    # differently, so the bound is relative (the float64 check below shows the computations agree)
+    assert ((ours[2:] - ref[2:]).abs() <= 1e-6 * (1 + ref[2:].abs())).all()  # the perturbed rows
     # diffusers runs the unperturbed rows of a perturbed layer as a half batch: equal at one thread,
-    # 9.5e-7 apart at two (ours are the model's own full-batch rows, bit for bit)
-    assert (ours[:2] - ref[:2]).abs().max().item() <= 1e-6
+    # 9.5e-7 apart at two (ours are the model's own full-batch rows): batch composition, so the
+    # project's batch bound
+    assert ((ours[:2] - ref[:2]).abs() <= BATCH_TOLERANCE * (1 + ref[:2].abs())).all()
     assert (ours[2:] - sd3(**x)[2:]).abs().max().item() > 0.1  # and it is a real perturbation
     # in float64 the two agree to rounding
     ours64 = run(
@@ -358,8 +362,8 @@ def test_branch_rows_only_others_bit_identical(dit):
 
 
 def test_branch_row_equals_that_row_alone(dit):
-    """A perturbed row in a batch of 3 equals the same row perturbed in a batch of 1 (to 1e-5, measured
-    <= 2.5e-6: batch composition changes the last bits)."""
+    """A perturbed row in a batch of 3 equals the same row perturbed in a batch of 1 within the
+    project's batch bound (measured <= 2.5e-6: batch composition changes the last bits)."""
     x = dit.inputs(3)
     alone = {
         k: v[1:2] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == 3 else v for k, v in x.items()
@@ -370,7 +374,7 @@ def test_branch_row_equals_that_row_alone(dit):
         in_batch = run(dit, pert, x, slice(1, 2))[1]
         with pert.install(dit.model, "p", context(slice(0, 1), 1)):
             single = dit(**alone)[0]
-        assert (in_batch - single).abs().max().item() <= 1e-5, pert
+        assert ((in_batch - single).abs() <= BATCH_TOLERANCE * (1 + single.abs())).all(), pert
 
 
 def _clean(model: torch.nn.Module) -> bool:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from diffusers import QwenImagePipeline
 from dit_support import _liven as liven
-from families_support import save_tiny
+from families_support import max_diff, save_tiny
 
 from diffguide import CFG, Conditioning, ConfigError, DiffguideError, GuidedPipeline
 from diffguide.conditioning import ConditioningFile, load_conditioning, save_conditioning
@@ -115,7 +115,7 @@ def test_true_cfg_matches_pipeline(qwen_pipe, batch, ragged):
     got, rows = ours(qwen_pipe, t, [CFG(4.0, renorm=True)])
     assert got.shape == ref.shape == (batch, 16, 1, 16, 16)
     assert rows == [2 * batch] * STEPS  # [uncond, cond] in one forward per step
-    assert (got - ref).abs().max().item() <= TOL
+    assert max_diff(got, ref) <= TOL
     plain, _ = ours(qwen_pipe, t, [CFG(4.0)])
     assert (plain - ref).abs().max().item() > 100 * TOL  # the renorm is what diffusers does
 
@@ -125,7 +125,7 @@ def test_no_cfg_matches_pipeline(qwen_pipe):
     cond_only = {k: v for k, v in t.items() if not k.startswith("negative")}
     ref = reference(qwen_pipe, cond_only, true_cfg_scale=1.0)
     got, rows = ours(qwen_pipe, t, [])
-    assert rows == [2] * STEPS and (got - ref).abs().max().item() <= TOL
+    assert rows == [2] * STEPS and max_diff(got, ref) <= TOL
 
 
 def test_padding_the_text_changes_nothing(qwen_pipe):
@@ -369,6 +369,6 @@ def test_lora_matches_pipeline(qwen_lora):
     ref_pipe.load_lora_weights(str(qwen_lora), adapter_name="x")
     ref_pipe.set_adapters(["x"], adapter_weights=[0.7])
     ref = reference(ref_pipe, t, steps=3, true_cfg_scale=4.0)
-    assert (out.latents - ref).abs().max().item() <= TOL
+    assert max_diff(out.latents, ref) <= TOL
     plain = reference(fresh_qwen(), t, steps=3, true_cfg_scale=4.0)
     assert (out.latents - plain).abs().max().item() > 100 * TOL

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
-from families_support import save_tiny, tiny_sd3
+from families_support import max_diff, save_tiny, tiny_sd3
 
 from diffguide import CFG, SLG, Conditioning, ConfigError, GenerateConfig, GuidedPipeline
 from diffguide.conditioning import load_conditioning, save_conditioning
@@ -82,7 +82,7 @@ def test_cfg_matches_pipeline(arch, batch, request):
     got, rows = ours(pipe, [CFG(5.0)], prompts, negatives)
     assert got.shape == ref.shape == (batch, 16, 16, 16)
     assert rows == [2 * batch] * STEPS  # [uncond, cond] in one forward per step
-    assert (got - ref).abs().max().item() <= TOL
+    assert max_diff(got, ref) <= TOL
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -103,7 +103,7 @@ def test_cfg_slg_matches_pipeline_skip_guidance_layers(sd3_pipe, batch):
     slg = SLG(2.8, layers="transformer_blocks.1", start=0.1, stop=0.6)
     got, rows = ours(sd3_pipe, [CFG(5.0), slg], prompts, negatives, steps=steps)
     assert rows == [2 * batch] + [3 * batch] * 4 + [2 * batch] * 3  # SLG rows only inside its window
-    assert (got - ref).abs().max().item() <= TOL
+    assert max_diff(got, ref) <= TOL
     plain = reference(sd3_pipe, prompts, negatives, steps=steps, guidance_scale=5.0)
     assert (got - plain).abs().max().item() > 100 * TOL  # SLG changed the result
     assert all(not m._forward_hooks for m in sd3_pipe.transformer.modules())
@@ -234,7 +234,7 @@ def test_lora_matches_pipeline(sd3_lora):
     ref_pipe.load_lora_weights(str(sd3_lora), adapter_name="x")
     ref_pipe.set_adapters(["x"], adapter_weights=[0.7])
     ref = reference(ref_pipe, PROMPTS, NEGATIVES, steps=3, guidance_scale=5.0)
-    assert (out.latents - ref).abs().max().item() <= TOL
+    assert max_diff(out.latents, ref) <= TOL
     plain = reference(tiny_sd3(seed=0), PROMPTS, NEGATIVES, steps=3, guidance_scale=5.0)
     assert (out.latents - plain).abs().max().item() > 100 * TOL
 
@@ -259,7 +259,7 @@ def test_cfg_pag_matches_sd3_pag_pipeline(sd3_pipe, batch):
     got, rows = ours(sd3_pipe, [CFG(5.0), PAG(3.0, layers="transformer_blocks.1")], prompts, negatives)
     assert rows == [3 * batch] * STEPS
     print(f"sd3 cfg+pag batch {batch}: max abs diff {(got - ref).abs().max().item():.3g}")
-    assert (got - ref).abs().max().item() <= TOL
+    assert max_diff(got, ref) <= TOL
     plain = reference(sd3_pipe, prompts, negatives, guidance_scale=5.0)
     assert (got - plain).abs().max().item() > 100 * TOL
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import math
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,8 +14,6 @@ from ..errors import ConfigError, DiffguideError, LayerSpecError
 from ..quiet import library_noise_off as library_noise_off  # re-exported for the commands
 
 if TYPE_CHECKING:  # torch and the guidance package load lazily: `diffguide --help` needs neither
-    import torch
-
     from ..guidance.base import Window
 
 MODEL_ENVVAR = "DIFFGUIDE_MODEL"
@@ -74,33 +71,11 @@ def resolve_model(model: Path | None) -> Path:
 
 
 def resolve_device(name: str | None) -> str:
-    """``cpu``, ``cuda``, ``cuda:N`` or ``mps``; None picks cuda when available, else cpu."""
-    import torch
+    """``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (checked by :func:`diffguide.validation.check_device`);
+    None picks cuda when available, else cpu."""
+    from ..validation import check_device
 
-    if name is None:
-        return default_device()
-    name = name.strip().lower()
-    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
-        raise ConfigError(f"unknown device '{name}': use cpu, cuda, cuda:N or mps")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise DiffguideError(
-                f"device '{name}' requested but CUDA is not available here; use --device cpu"
-            )
-        index = int(name.split(":")[1]) if ":" in name else 0
-        if index >= torch.cuda.device_count():
-            raise DiffguideError(f"device '{name}': only {torch.cuda.device_count()} CUDA device(s) here")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise DiffguideError("device 'mps' requested but MPS is not available here; use --device cpu")
-    return name
-
-
-def torch_dtype(dtype: DType | str) -> torch.dtype:
-    import torch
-
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
-        DType(dtype).value
-    ]
+    return default_device() if name is None else check_device(name)
 
 
 def _float(text: str, default: float, option: str, spec: str) -> float:

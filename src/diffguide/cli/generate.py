@@ -495,7 +495,6 @@ class Run:
 
 def prepare(opts: dict[str, Any]) -> Run:
     """Validate the generate options, load the model, dry-run the layer specs."""
-    import torch
 
     from .. import app
     from ..conditioning import load_conditioning
@@ -546,8 +545,6 @@ def prepare(opts: dict[str, Any]) -> Run:
     loras = [parse_lora(spec) for spec in o.lora or []]
     device_ = resolve_device(o.device)
     model_path = resolve_model(o.model)
-    if o.threads is not None:
-        torch.set_num_threads(o.threads)
 
     console = Console(stderr=True, quiet=quiet, highlight=False)
     request = app.ModelRequest(str(model_path), DType(dtype).value, device_, o.config, tuple(loras))

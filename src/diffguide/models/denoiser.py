@@ -4,7 +4,6 @@
 (scalar or (R,), 0..1000 scale) with per-row conditioning ``cond`` and returns the raw model
 output (epsilon, v or flow velocity, as ``prediction_type`` says), the space diffusers'
 schedulers step in. A family adapter (``models/families``) supplies the call.
-:meth:`UNetDenoiser.denoise` gives the k-diffusion view ``denoise(x, sigma, cond) -> x0``.
 """
 
 from __future__ import annotations
@@ -189,13 +188,6 @@ class UNetDenoiser(FamilyDenoiser):
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ConfigError(f"unsupported prediction type '{prediction_type}' (epsilon or v_prediction)")
         super().__init__(SDFamily(), unet, prediction_type)
-
-    def denoise(self, x: Tensor, sigma: Tensor, output: Tensor) -> Tensor:
-        """x0 from the noisy sample x (sigma-space, unscaled) and the model output at sigma."""
-        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
-        if self.prediction_type == "epsilon":
-            return x - s * output
-        return x / (s**2 + 1) - output * s / (s**2 + 1) ** 0.5
 
 
 PREDICTIONS = ("epsilon", "v_prediction", "flow")

@@ -133,19 +133,6 @@ class FlowStepper:
         return x
 
 
-def calculate_shift(
-    seq_len: int,
-    base_seq_len: int = 256,
-    max_seq_len: int = 4096,
-    base_shift: float = 0.5,
-    max_shift: float = 1.15,
-) -> float:
-    """Flux/Qwen-Image dynamic shift: mu on the line through (base_seq_len, base_shift) and
-    (max_seq_len, max_shift), at the packed image sequence length (diffusers' ``calculate_shift``)."""
-    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return seq_len * m + (base_shift - m * base_seq_len)
-
-
 def flow_set_timesteps(
     scheduler: Any,
     steps: int,
@@ -162,6 +149,8 @@ def flow_set_timesteps(
     (Flux and Qwen-Image pass ``linspace(1, 1/N, N)``). ``max_shift_default``: used when the
     config has no ``max_shift`` (diffusers' SD3 pipeline assumes 1.16, Flux's 1.15).
     """
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
     cfg = scheduler.config
     mu = None
     if cfg.get("use_dynamic_shifting", False):
@@ -178,6 +167,38 @@ def flow_set_timesteps(
     else:
         scheduler.set_timesteps(steps, device=device, **kwargs)
     return mu
+
+
+def flow_stepper(
+    family: str,
+    pipe: Any,
+    steps: int,
+    *,
+    shift: float,
+    seq_len: int,
+    generators: list[torch.Generator],
+    eta: float,
+    sigmas: list[float] | None = None,
+    max_shift_default: float = 1.15,
+) -> tuple[FlowStepper, Any]:
+    """A fresh ``FlowMatchEulerDiscreteScheduler`` from the pipeline's config (``shift`` != 1
+    overrides a static shift), timesteps set as the family's diffusers pipeline sets them
+    (:func:`flow_set_timesteps`), wrapped in a :class:`FlowStepper`. Every flow family's
+    ``stepper`` is this call with its own ``seq_len`` / ``sigmas``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ..errors import ConfigError
+    from .schedulers import step_kwargs
+
+    config = pipe.scheduler.config
+    if shift != 1.0 and config.get("use_dynamic_shifting", False):
+        raise ConfigError(
+            f"--shift does not apply to this {family} model: its shift is dynamic (mu from the image size)"
+        )
+    sched = FlowMatchEulerDiscreteScheduler.from_config(config, **({} if shift == 1.0 else {"shift": shift}))
+    flow_set_timesteps(sched, steps, pipe.device, seq_len, sigmas=sigmas, max_shift_default=max_shift_default)
+    sched.set_begin_index(0)
+    return FlowStepper(sched, "flow", step_kwargs(sched, generators, eta)), sched
 
 
 @dataclass
@@ -215,6 +236,7 @@ class ComfyStepper:
             self._plan.append((i, 0))
             if self.sampler == "heun" and levels[i + 1] != 0:
                 self._plan.append((i + 1, 1))
+        self._all_levels = levels  # every sigma as a Python float: no device sync in step()
         self._levels = [levels[j] for j, _ in self._plan]  # Python floats for StepInfo: no per-step sync
         self._steps_t = [steps_t[j] for j, _ in self._plan]
         self._update: StepFn | None = None
@@ -258,7 +280,7 @@ class ComfyStepper:
         d = (x - denoised) / sigma  # k-diffusion's to_d
         if stage == 0:
             dt = self._sig[j + 1] - sigma
-            if self._sig[j + 1] != 0:
+            if self._all_levels[j + 1] != 0:
                 self._heun = (x, d)
             return x + d * dt
         assert self._heun is not None

@@ -21,8 +21,7 @@ from torch import Tensor, nn
 
 from ...errors import ConfigError
 from ...sampling.comfy import ComfyFlowSampling
-from ...sampling.schedulers import step_kwargs
-from ...sampling.steppers import FlowStepper, flow_set_timesteps
+from ...sampling.steppers import flow_stepper
 from ..denoiser import Conditioning
 from .base import Family
 
@@ -107,11 +106,8 @@ class AuraFlowFamily(Family):
         generators: list[torch.Generator],
         eta: float,
     ) -> tuple[Any, Any]:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        overrides = {} if shift == 1.0 else {"shift": shift}
-        sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, **overrides)
         f, patch = pipe.vae_scale_factor, pipe.transformer.config.patch_size
-        flow_set_timesteps(sched, steps, pipe.device, (height // f // patch) * (width // f // patch))
-        sched.set_begin_index(0)
-        return FlowStepper(sched, "flow", step_kwargs(sched, generators, eta)), sched
+        seq_len = (height // f // patch) * (width // f // patch)
+        return flow_stepper(
+            self.name, pipe, steps, shift=shift, seq_len=seq_len, generators=generators, eta=eta
+        )

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -57,12 +56,6 @@ class Family(ABC):
     @abstractmethod
     def matches(self, pipe: Any) -> bool:
         """Whether ``pipe`` (a diffusers pipeline) belongs to this family."""
-
-    def load(self, path: str | Path, *, dtype: torch.dtype, config: str | None) -> Any:
-        """A pipeline from a diffusers folder or a single file (``config``: a diffusers folder)."""
-        from ..loading import load_pipeline
-
-        return load_pipeline(path, dtype=dtype, config=config)
 
     def architecture(self, pipe: Any) -> str:
         """The architecture name recorded in the manifest (e.g. "sdxl")."""

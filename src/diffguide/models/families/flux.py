@@ -36,8 +36,7 @@ from ...guidance.base import GuidanceTerm
 from ...guidance.cfg import CFG
 from ...guidance.embedded import EmbeddedGuidance, embedded_scale
 from ...sampling.comfy import ComfyFlowSampling, ComfyFluxSampling, flux_node_shift
-from ...sampling.schedulers import step_kwargs
-from ...sampling.steppers import FlowStepper, flow_set_timesteps
+from ...sampling.steppers import flow_stepper
 from ..denoiser import Conditioning
 from .base import Family
 
@@ -228,20 +227,12 @@ class FluxFamily(Family):
         generators: list[torch.Generator],
         eta: float,
     ) -> tuple[Any, Any]:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        config = pipe.scheduler.config
-        if shift != 1.0 and config.get("use_dynamic_shifting", False):
-            raise ConfigError(
-                "--shift does not apply to this Flux model: its shift is dynamic (mu from the image size)"
-            )
-        overrides = {} if shift == 1.0 else {"shift": shift}
-        sched = FlowMatchEulerDiscreteScheduler.from_config(config, **overrides)
         f = pipe.vae_scale_factor
         seq_len = (height // f // 2) * (width // f // 2)
-        sigmas = None if config.get("use_flow_sigmas", False) else flux_sigmas(steps)
-        flow_set_timesteps(sched, steps, pipe.device, seq_len, sigmas=sigmas)
-        return FlowStepper(sched, "flow", step_kwargs(sched, generators, eta)), sched
+        sigmas = None if pipe.scheduler.config.get("use_flow_sigmas", False) else flux_sigmas(steps)
+        return flow_stepper(
+            "Flux", pipe, steps, shift=shift, seq_len=seq_len, generators=generators, eta=eta, sigmas=sigmas
+        )
 
 
 def flux_sigmas(steps: int) -> list[float]:

@@ -36,8 +36,7 @@ from torch import Tensor, nn
 from ...errors import ConfigError
 from ...guidance.base import GuidanceTerm
 from ...sampling.comfy import ComfyFlowSampling, ComfyFluxSampling
-from ...sampling.schedulers import step_kwargs
-from ...sampling.steppers import FlowStepper, flow_set_timesteps
+from ...sampling.steppers import flow_stepper
 from ..denoiser import Conditioning
 from .base import Family
 
@@ -187,21 +186,12 @@ class QwenImageFamily(Family):
         generators: list[torch.Generator],
         eta: float,
     ) -> tuple[Any, Any]:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        if shift != 1.0 and sched.config.get("use_dynamic_shifting", False):
-            raise ConfigError(
-                "--shift does not apply to this qwen-image model: its shift is set from the image size "
-                "(dynamic shifting)"
-            )
-        if shift != 1.0:
-            sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=shift)
         h, w = self._latent_size(pipe, height, width)
         sigmas = np.linspace(1.0, 1 / steps, steps).tolist()
-        flow_set_timesteps(sched, steps, pipe.device, (h // 2) * (w // 2), sigmas=sigmas)
-        sched.set_begin_index(0)
-        return FlowStepper(sched, "flow", step_kwargs(sched, generators, eta)), sched
+        return flow_stepper(
+            self.name, pipe, steps, shift=shift, seq_len=(h // 2) * (w // 2), generators=generators,
+            eta=eta, sigmas=sigmas,
+        )  # fmt: skip
 
     # -- decoding -------------------------------------------------------------------------------
     def decode(self, pipe: Any, latents: Tensor) -> list[Image.Image]:
