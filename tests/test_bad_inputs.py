@@ -31,11 +31,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from diffguide import CFG, ConfigError, DiffguideError, GenerateConfig, GuidedPipeline
+from diffguide.checks import MAX_SEED, PromptTruncatedWarning, SizeWarning, warn_size
 from diffguide.cli.main import app
 from diffguide.io import check_writable, read_manifest, replace_atomic
 from diffguide.repro.determinism import BATCH_TOLERANCE
 from diffguide.repro.replay import validate_manifest
-from diffguide.validation import MAX_SEED, PromptTruncatedWarning, SizeWarning, warn_size
 
 CUDA = torch.cuda.is_available()
 SRC = str(Path(__file__).resolve().parents[1] / "src")

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .checks import check_rows_schedule
 from .errors import ConfigError, DiffguideError
 from .guidance.base import COND, UNCOND, Branch, GuidanceTerm, StepInfo
 from .models.denoiser import Conditioning, Denoiser
 from .perturb.base import BranchRows, ForwardContext
-from .validation import check_rows_schedule
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .checks import check_prompt_arg, check_types, warn_long_prompts, warn_size
 from .conditioning import ConditioningFile
 from .defaults import DEFAULTS, NOISE_POLICIES, default_device, default_model
 from .engine import GuidedModel
@@ -36,7 +37,6 @@ from .sampling.loop import Callback, run
 from .sampling.noise import generators, image_seeds, initial_noise
 from .sampling.schedulers import SCHEDULERS, SHIFTABLE
 from .sampling.steppers import ComfyStepper
-from .validation import check_prompt_arg, check_types, warn_long_prompts, warn_size
 
 MAX_STEPS = 1000
 DEFAULT_DTYPE: torch.dtype = getattr(torch, DEFAULTS.dtype)
@@ -108,7 +108,7 @@ class GenerateConfig:
         self.validate()
 
     def validate(self) -> None:
-        check_types(self)  # types, seeds and integer ranges (validation.py); then the consistency rules
+        check_types(self)  # types, seeds and integer ranges (checks.py); then the consistency rules
         if not 1 <= self.steps <= MAX_STEPS:
             raise ConfigError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
         for side, v in (("width", self.width), ("height", self.height)):

@@ -279,7 +279,7 @@ def compute_metrics(data: SettingData, n: int, ref: Reference, classifiers: Any)
 
 def check_options(opts: BenchOptions) -> None:
     """Every option in range and the output folder usable, before anything is loaded or created."""
-    from ..validation import check_int
+    from ..checks import check_int
 
     if opts.n < 4:
         raise ConfigError(f"--n must be >= 4 (precision/recall use k = 3 neighbours), got {opts.n}")

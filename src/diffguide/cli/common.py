@@ -71,9 +71,9 @@ def resolve_model(model: Path | None) -> Path:
 
 
 def resolve_device(name: str | None) -> str:
-    """``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (checked by :func:`diffguide.validation.check_device`);
+    """``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (checked by :func:`diffguide.checks.check_device`);
     None picks cuda when available, else cpu."""
-    from ..validation import check_device
+    from ..checks import check_device
 
     return default_device() if name is None else check_device(name)
 

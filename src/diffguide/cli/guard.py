@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 
 import typer
 
+from ..checks import DiffguideWarning
 from ..io import MAX_SUFFIX, check_file_target, check_prefix, check_writable
-from ..validation import DiffguideWarning
 
 T = TypeVar("T")
 

@@ -13,11 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ..checks import check_device, check_rows_schedule, is_int
 from ..errors import ConfigError, DiffguideError
 from ..guidance.base import GuidanceTerm
 from ..guidance.registry import term_from_dict
 from ..pipeline import GenerateConfig
-from ..validation import check_device, check_rows_schedule, is_int
 
 DTYPES = ("float32", "float16", "bfloat16")
 REQUIRED = ("prompts", "negative_prompts", "guidance", "steps", "seed", "scheduler")
