@@ -266,3 +266,10 @@ def test_bench_settings_take_any_registered_term():
         Setting.parse("cond/xyz3")
     config = GenerateConfig.create("a", guidance=s.terms())
     assert [t.describe()["method"] for t in config.guidance] == ["cfg", "mytest"]
+
+
+def test_check_determinism_takes_guide(runner, model_dir):
+    args = ["check-determinism", "-m", str(model_dir), "-p", "a", "--steps", "1", "--threads", "1"]
+    res = runner.invoke(app, [*args, "--cfg", "1", "--guide", "mytest:scale=2", "--json"])
+    assert res.exit_code == 0, res.output
+    assert [c["check"] for c in json.loads(res.stdout)] == ["rerun"]
