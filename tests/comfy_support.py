@@ -297,10 +297,15 @@ def comfy_unet_config(unet) -> dict[str, Any]:
     if cfg.addition_embed_type not in (None, "text_time"):
         raise ValueError(f"unsupported addition_embed_type {cfg.addition_embed_type!r}")
     heads = cfg.num_attention_heads or cfg.attention_head_dim
+    head_channels = -1
     if isinstance(heads, (list, tuple)):
-        if len(set(heads)) != 1:
+        widths = {c // h for c, h in zip(cfg.block_out_channels, heads, strict=True)}
+        if len(set(heads)) == 1:
+            heads = heads[0]
+        elif len(widths) == 1:  # SDXL-style: head count grows with the width, fixed head channels
+            heads, head_channels = -1, widths.pop()
+        else:
             raise ValueError("per-block head counts are not supported here")
-        heads = heads[0]
     model_channels = cfg.block_out_channels[0]
     config: dict[str, Any] = {
         "use_checkpoint": False,
@@ -322,7 +327,7 @@ def comfy_unet_config(unet) -> dict[str, Any]:
         "use_linear_in_transformer": bool(cfg.use_linear_projection),
         "context_dim": cfg.cross_attention_dim,
         "num_heads": heads,
-        "num_head_channels": -1,
+        "num_head_channels": head_channels,
         "adm_in_channels": None,
         "use_temporal_attention": False,
         "use_temporal_resblock": False,
@@ -340,7 +345,8 @@ def comfy_model_from_diffusers_unet(unet):
     model_cls = c.supported_models.SDXL if unet_config["adm_in_channels"] else c.supported_models.SD15
     model_config = model_cls(unet_config)
     # SD15/SDXL add their own head settings (unet_extra_config); ours describe this UNet.
-    model_config.unet_config.update({"num_heads": unet_config["num_heads"], "num_head_channels": -1})
+    heads = {k: unet_config[k] for k in ("num_heads", "num_head_channels")}
+    model_config.unet_config.update(heads)
     model_config.set_inference_dtype(torch.float32, None)
     key_map = c.utils.unet_to_diffusers(model_config.unet_config)
     sd = unet.state_dict()

@@ -1,0 +1,17 @@
+"""diffguide as a ComfyUI custom-node pack (Apache-2.0, as diffguide; calls ComfyUI's API only).
+
+Install: link this folder into ComfyUI's custom_nodes (``ln -s /path/to/diffguide/comfyui
+ComfyUI/custom_nodes/diffguide``) with diffguide installed in ComfyUI's Python (``pip install -e
+/path/to/diffguide``); without that, the checkout's ``src`` is put on ``sys.path``.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+if importlib.util.find_spec("diffguide") is None:
+    sys.path.append(str(Path(__file__).resolve().parents[1] / "src"))
+
+from diffguide.comfy_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
