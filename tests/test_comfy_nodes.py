@@ -176,7 +176,7 @@ def test_stack_pag_tpg_and_foreign_patches_in_order(sdxl):
         NODE_CLASS_MAPPINGS["DiffguideGuidanceStack"], twin, guides="pag:scale=2\ntpg:scale=1"
     )
     assert (
-        listing.startswith("# pag (identity): mid: 1 module(s)")
+        listing.startswith("# pag (identity): mid: 2 module(s)")
         and "# tpg (shuffle): down_blocks.1" in listing
     )
     with counting(twin) as calls:
