@@ -4,6 +4,7 @@ from .base import COND, UNCOND, Branch, GuidanceTerm, StepInfo, Window
 from .cfg import CFG
 from .embedded import EmbeddedGuidance
 from .pag import PAG
+from .seg import SEG
 from .slg import SLG
 from .tpg import TPG
 
@@ -11,6 +12,7 @@ __all__ = [
     "CFG",
     "COND",
     "PAG",
+    "SEG",
     "SLG",
     "TPG",
     "UNCOND",

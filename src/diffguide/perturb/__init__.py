@@ -3,6 +3,7 @@
 from .base import BranchRows, ForwardContext, Perturbation, branch_seed
 from .block_skip import BlockSkip
 from .identity_attention import IdentityAttention
+from .query_blur import QueryBlur
 from .token_shuffle import TokenShuffle
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "ForwardContext",
     "IdentityAttention",
     "Perturbation",
+    "QueryBlur",
     "TokenShuffle",
     "branch_seed",
 ]
