@@ -5,7 +5,7 @@ variants): an independent reference sampling loop, and the checks every method m
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 
 import pytest
 import torch
@@ -27,9 +27,11 @@ def reference(
     perturbed: Callable[[], AbstractContextManager[None]],
     seed: int = SEED,
     prompts: list[str] = PROMPTS,
+    uncond_perturbed: Callable[[], AbstractContextManager[None]] = nullcontext,
 ) -> torch.Tensor:
-    """A plain Euler loop with separate UNet calls u, c and p (p under ``perturbed()``), per image
-    noise ``randn(seed + i)``, and ``g = c + (w - 1)(c - u) + s (c - p)``. Final latents."""
+    """A plain Euler loop with separate UNet calls u, c and p (p under ``perturbed()``, u under
+    ``uncond_perturbed()``), per image noise ``randn(seed + i)``, and
+    ``g = c + (w - 1)(c - u) + s (c - p)``. Final latents."""
     unet, b = pipe.unet, len(prompts)
     size = unet.config.sample_size * pipe.vae_scale_factor
     cond, uncond = encode(pipe, prompts, NEGATIVES[:b], size)
@@ -42,9 +44,12 @@ def reference(
         for t in sched.timesteps:
             x = sched.scale_model_input(latents, t)
             c = unet(x, t, **cond).sample
-            u = unet(x, t, **uncond).sample if w != 1.0 else c
-            with perturbed():
-                p = unet(x, t, **cond).sample
+            with uncond_perturbed():
+                u = unet(x, t, **uncond).sample if w != 1.0 else c
+            p = c
+            if s != 0.0:
+                with perturbed():
+                    p = unet(x, t, **cond).sample
             g = c + (w - 1.0) * (c - u) + s * (c - p)
             latents = sched.step(g, t, latents).prev_sample
     return latents

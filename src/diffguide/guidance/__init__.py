@@ -4,18 +4,22 @@ from .base import COND, UNCOND, Branch, GuidanceTerm, StepInfo, Window
 from .cfg import CFG
 from .embedded import EmbeddedGuidance
 from .pag import PAG
+from .prompt_shuffle import PromptShuffle
 from .seg import SEG
 from .slg import SLG
 from .tpg import TPG
+from .uncond_query_shuffle import UncondQueryShuffle
 
 __all__ = [
     "CFG",
     "COND",
     "PAG",
+    "PromptShuffle",
     "SEG",
     "SLG",
     "TPG",
     "UNCOND",
+    "UncondQueryShuffle",
     "Branch",
     "EmbeddedGuidance",
     "GuidanceTerm",

@@ -19,27 +19,31 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..perturb.token_shuffle import TokenShuffle
+from ..perturb.token_shuffle import Permutation, TokenShuffle
 from .base import Branch, Predictions, StepInfo, Window, check_finite
 from .perturbed import perturbation_delta
 
 
 @dataclass(frozen=True)
 class TPG:
-    """Token Perturbation Guidance. ``layers``: a layer spec, or None for the paper's preset."""
+    """Token Perturbation Guidance. ``layers``: a layer spec, or None for the paper's preset.
+    ``permutation``: ``"per_image"`` (diffguide's default, a batch reproduces its single runs) or
+    ``"shared"`` (the official code's one permutation for the batch; docs/methods.md)."""
 
     scale: float = 3.0
     layers: str | None = None
     window: Window = field(default_factory=Window)
     name: str = "tpg"
+    permutation: Permutation = "per_image"
 
     def __post_init__(self) -> None:
         check_finite("TPG scale", self.scale)
         if not 0.0 <= self.scale <= 100.0:
             raise ConfigError(f"TPG scale must be in [0, 100], got {self.scale}")
+        TokenShuffle(self.layers, self.permutation)  # validates permutation
 
     def branches(self) -> tuple[Branch, ...]:
-        return (Branch(self.name, "cond", TokenShuffle(self.layers)),)
+        return (Branch(self.name, "cond", TokenShuffle(self.layers, self.permutation)),)
 
     def active(self, step: StepInfo) -> bool:
         return self.scale != 0.0 and self.window.contains(step)
@@ -57,4 +61,4 @@ class TPG:
             "scale": self.scale,
             "layers": self.layers,
             "window": self.window.describe(),
-        }
+        } | ({} if self.permutation == "per_image" else {"permutation": self.permutation})

@@ -4,6 +4,8 @@ from .base import BranchRows, ForwardContext, Perturbation, branch_seed
 from .block_skip import BlockSkip
 from .identity_attention import IdentityAttention
 from .query_blur import QueryBlur
+from .query_shuffle import QueryShuffle
+from .text_shuffle import TextShuffle
 from .token_shuffle import TokenShuffle
 
 __all__ = [
@@ -13,6 +15,8 @@ __all__ = [
     "IdentityAttention",
     "Perturbation",
     "QueryBlur",
+    "QueryShuffle",
+    "TextShuffle",
     "TokenShuffle",
     "branch_seed",
 ]
