@@ -28,10 +28,11 @@ def reference(
     seed: int = SEED,
     prompts: list[str] = PROMPTS,
     uncond_perturbed: Callable[[], AbstractContextManager[None]] = nullcontext,
+    steps: Callable[[int], bool] = lambda i: True,
 ) -> torch.Tensor:
     """A plain Euler loop with separate UNet calls u, c and p (p under ``perturbed()``, u under
     ``uncond_perturbed()``), per image noise ``randn(seed + i)``, and
-    ``g = c + (w - 1)(c - u) + s (c - p)``. Final latents."""
+    ``g = c + (w - 1)(c - u) + s (c - p)`` (the s term on the step indices where ``steps(i)``). Final latents."""
     unet, b = pipe.unet, len(prompts)
     size = unet.config.sample_size * pipe.vae_scale_factor
     cond, uncond = encode(pipe, prompts, NEGATIVES[:b], size)
@@ -41,13 +42,13 @@ def reference(
     latents = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(b)])
     latents = latents * sched.init_noise_sigma
     with torch.no_grad():
-        for t in sched.timesteps:
+        for i, t in enumerate(sched.timesteps):
             x = sched.scale_model_input(latents, t)
             c = unet(x, t, **cond).sample
             with uncond_perturbed():
                 u = unet(x, t, **uncond).sample if w != 1.0 else c
             p = c
-            if s != 0.0:
+            if s != 0.0 and steps(i):
                 with perturbed():
                     p = unet(x, t, **cond).sample
             g = c + (w - 1.0) * (c - u) + s * (c - p)

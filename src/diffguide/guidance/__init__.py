@@ -3,6 +3,7 @@
 from .base import COND, UNCOND, Branch, GuidanceTerm, StepInfo, Window
 from .cfg import CFG
 from .embedded import EmbeddedGuidance
+from .layer_skip import LayerSkip
 from .pag import PAG
 from .prompt_shuffle import PromptShuffle
 from .seg import SEG
@@ -13,6 +14,7 @@ from .uncond_query_shuffle import UncondQueryShuffle
 __all__ = [
     "CFG",
     "COND",
+    "LayerSkip",
     "PAG",
     "PromptShuffle",
     "SEG",
