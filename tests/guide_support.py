@@ -106,11 +106,13 @@ def check_restored(gp, terms) -> None:
     unet = gp.unet
     before = probe(unet)
     procs = {k: id(v) for k, v in unet.attn_processors.items()}
+    forwards = {n: m.__dict__["forward"] for n, m in unet.named_modules() if "forward" in m.__dict__}
 
     def clean() -> None:
         assert torch.equal(probe(unet), before)
         assert {k: id(v) for k, v in unet.attn_processors.items()} == procs
-        assert not any("forward" in m.__dict__ for m in unet.modules())
+        # (diffusers' own hook registry, used by reference tests, may leave instance forwards)
+        assert {n: m.__dict__["forward"] for n, m in unet.named_modules() if "forward" in m.__dict__} == forwards
         assert not any(m._forward_pre_hooks or m._forward_hooks for m in unet.modules())
 
     run(gp, terms)
