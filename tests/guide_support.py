@@ -39,7 +39,9 @@ def reference(
     sched = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     sched.set_timesteps(STEPS)
     shape = (1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    latents = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(b)])
+    latents = torch.cat(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(b)]
+    )
     latents = latents * sched.init_noise_sigma
     with torch.no_grad():
         for i, t in enumerate(sched.timesteps):
@@ -112,7 +114,9 @@ def check_restored(gp, terms) -> None:
         assert torch.equal(probe(unet), before)
         assert {k: id(v) for k, v in unet.attn_processors.items()} == procs
         # (diffusers' own hook registry, used by reference tests, may leave instance forwards)
-        assert {n: m.__dict__["forward"] for n, m in unet.named_modules() if "forward" in m.__dict__} == forwards
+        assert {
+            n: m.__dict__["forward"] for n, m in unet.named_modules() if "forward" in m.__dict__
+        } == forwards
         assert not any(m._forward_pre_hooks or m._forward_hooks for m in unet.modules())
 
     run(gp, terms)

@@ -7,7 +7,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import pytest
-import torch
 from diffusers.hooks import HookRegistry
 from diffusers.hooks.layer_skip import LayerSkipConfig, _apply_layer_skip_hook
 from families_support import tiny_sd3
@@ -43,7 +42,12 @@ def skipped(unet, fqn: str, indices: list[int]):
 CASES = [
     ("sd15", "mid_block.attentions.0.transformer_blocks.0", "mid_block.attentions.0.transformer_blocks", [0]),
     ("sdxl", "d1.1", "down_blocks.1.attentions.1.transformer_blocks", [1]),
-    ("sdxl", "down_blocks.1.attentions.0.transformer_blocks.0-1", "down_blocks.1.attentions.0.transformer_blocks", [0, 1]),
+    (
+        "sdxl",
+        "down_blocks.1.attentions.0.transformer_blocks.0-1",
+        "down_blocks.1.attentions.0.transformer_blocks",
+        [0, 1],
+    ),
 ]
 
 
@@ -90,13 +94,17 @@ def test_layer_skip_engine_checks(sd15, unet_calls):
         out = run(sd15, [CFG(4.0), PAG(2.0), SLG(2.8, layers="mid", start=0.0, stop=1.0)])
     assert log.rows == [6, 8, 8] and out.forward_calls == 3
     check_window(sd15, LayerSkip(2.0, window=Window(start=0.5)), unet_calls)
-    check_restored(sd15, [CFG(4.0), LayerSkip(2.0, mode="attn"), SLG(2.0, layers="d0", start=0.0, stop=1.0, name="s")])
+    check_restored(
+        sd15, [CFG(4.0), LayerSkip(2.0, mode="attn"), SLG(2.0, layers="d0", start=0.0, stop=1.0, name="s")]
+    )
 
 
 def test_layer_skip_batch_equals_single_runs(sd15_f64):
     terms = [CFG(4.0), LayerSkip(2.0)]
     both = run(sd15_f64, terms).latents
-    for i, (prompt, negative) in enumerate(zip(["a lighthouse at dusk", "a bowl of fruit"], ["blurry", "dark"], strict=True)):
+    for i, (prompt, negative) in enumerate(
+        zip(["a lighthouse at dusk", "a bowl of fruit"], ["blurry", "dark"], strict=True)
+    ):
         one = run(sd15_f64, terms, prompts=[prompt], negatives=[negative], seed=11 + i).latents
         assert maxdiff(both[i : i + 1], one) <= 1e-10
 

@@ -218,8 +218,11 @@ def test_seg_on_transformers(family):
     base = gp.generate(["a cat"], guidance=[CFG(3.0)], negative_prompt=["ugly"], decode=False, **kwargs)
     for sigma in (math.inf, 1.0):
         out = gp.generate(
-            ["a cat"], guidance=[CFG(3.0), SEG(2.0, blur_sigma=sigma, layers=layers)],
-            negative_prompt=["ugly"], decode=False, **kwargs,
+            ["a cat"],
+            guidance=[CFG(3.0), SEG(2.0, blur_sigma=sigma, layers=layers)],
+            negative_prompt=["ugly"],
+            decode=False,
+            **kwargs,
         )
         assert out.forward_calls == 2
         assert maxdiff(out.latents, base.latents) > 1e-4

@@ -103,7 +103,9 @@ def test_prompt_shuffle_permutes_the_cross_attention_inputs(sd15_pipe):
     unet = sd15_pipe.unet
     attn2 = unet.mid_block.attentions[0].transformer_blocks[0].attn2
     seen = []
-    handle = attn2.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["encoder_hidden_states"]), with_kwargs=True)
+    handle = attn2.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["encoder_hidden_states"]), with_kwargs=True
+    )
     x, ehs = torch.randn(1, 4, 16, 16), torch.randn(1, 77, unet.config.cross_attention_dim)
     ctx = ForwardContext(seeds=(0,))
     try:
@@ -197,18 +199,26 @@ def query_shuffled(unet, prefix: str, strength: float):
     return install
 
 
-@pytest.mark.parametrize(("arch", "layers", "prefix", "strength"), [
-    ("sd15", None, "down_blocks", 1.0),
-    ("sdxl", None, "down_blocks", 0.6),
-    ("sd15", "mid", "mid_block", 0.6),
-])
+@pytest.mark.parametrize(
+    ("arch", "layers", "prefix", "strength"),
+    [
+        ("sd15", None, "down_blocks", 1.0),
+        ("sdxl", None, "down_blocks", 0.6),
+        ("sd15", "mid", "mid_block", 0.6),
+    ],
+)
 def test_uncond_query_shuffle_matches_reference(arch, layers, prefix, strength, request):
     pipe, gp = request.getfixturevalue(f"{arch}_pipe"), request.getfixturevalue(arch)
     assert QueryShuffle(layers).targets(pipe.unet) == [
         n for n, _ in pipe.unet.named_modules() if n.startswith(prefix) and n.endswith("attn1")
     ]
-    expected = reference(pipe, 4.0, 0.0, contextmanager(lambda: iter([None])),
-                         uncond_perturbed=query_shuffled(pipe.unet, prefix, strength))
+    expected = reference(
+        pipe,
+        4.0,
+        0.0,
+        contextmanager(lambda: iter([None])),
+        uncond_perturbed=query_shuffled(pipe.unet, prefix, strength),
+    )
     got = run(gp, [CFG(4.0), UncondQueryShuffle(strength, layers=layers)]).latents
     assert maxdiff(expected, got) <= TOL
     assert maxdiff(got, run(gp, [CFG(4.0)]).latents) > 1e-4
@@ -230,7 +240,11 @@ def test_uncond_query_shuffle_adds_no_rows_and_composes(sd15, unet_calls):
 
 def test_uncond_query_shuffle_window(sd15):
     seen = []
-    run(sd15, [CFG(4.0), UncondQueryShuffle(window=Window(start=0.5))], callback=lambda s: seen.append(s.preds["uncond"]))
+    run(
+        sd15,
+        [CFG(4.0), UncondQueryShuffle(window=Window(start=0.5))],
+        callback=lambda s: seen.append(s.preds["uncond"]),
+    )
     plain = []
     run(sd15, [CFG(4.0)], callback=lambda s: plain.append(s.preds["uncond"]))
     assert torch.equal(seen[0], plain[0])  # step 0: outside the window, u untouched
@@ -266,7 +280,9 @@ def test_uncond_query_shuffle_on_flux_blocks():
 # --- 3. the official TPG's conventions ----------------------------------------------------------------
 
 
-def official_tpg(pipe, blocks, w: float, s: float, seed: int = SEED) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def official_tpg(
+    pipe, blocks, w: float, s: float, seed: int = SEED
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The official pipeline's way, written anew: ONE batched forward of [u, c, p] rows ([c, p] when
     w <= 1: its "CFG off"), the p rows' tokens permuted by ``torch.randperm(N)`` from torch's global
     CPU generator after ``torch.manual_seed(seed)``, one permutation shared by the batch."""
@@ -283,13 +299,15 @@ def official_tpg(pipe, blocks, w: float, s: float, seed: int = SEED) -> tuple[to
     sched = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     sched.set_timesteps(STEPS)
     shape = (1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    latents = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(b)])
+    latents = torch.cat(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(b)]
+    )
     latents = latents * sched.init_noise_sigma
     perms: list[torch.Tensor] = []
 
     def shuffle(module, args, kwargs):
         h = args[0] if args else kwargs["hidden_states"]
-        org, tpg = h[: -b], h[-b:]
+        org, tpg = h[:-b], h[-b:]
         perm = torch.randperm(h.shape[1])
         perms.append(perm)
         h = torch.cat([org, tpg[:, perm]])

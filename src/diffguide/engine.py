@@ -116,7 +116,9 @@ class GuidedModel:
     def active_branches(self, step: StepInfo) -> tuple[list[GuidanceTerm], list[Branch]]:
         terms = [t for t in self.terms if t.active(step)]
         names = {b.name for t in terms for b in t.branches()}
-        perturbed = [b for t in terms for b in t.branches() if b.name == "uncond" and b.perturbation is not None]
+        perturbed = [
+            b for t in terms for b in t.branches() if b.name == "uncond" and b.perturbation is not None
+        ]
         order = [perturbed[0] if perturbed else UNCOND] if "uncond" in names else []
         order.append(COND)
         order += [b for t in terms for b in t.branches() if b.name not in ("cond", "uncond")]

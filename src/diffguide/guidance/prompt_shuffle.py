@@ -52,4 +52,9 @@ class PromptShuffle:
         return guided
 
     def describe(self) -> dict[str, object]:
-        return {"method": "prompt_shuffle", "name": self.name, "scale": self.scale, "window": self.window.describe()}
+        return {
+            "method": "prompt_shuffle",
+            "name": self.name,
+            "scale": self.scale,
+            "window": self.window.describe(),
+        }

@@ -54,7 +54,9 @@ def token_grid(tokens: int, latent: tuple[int, int]) -> tuple[int, int]:
     """The (h, w) grid of ``tokens`` image tokens at some depth of a model whose latent is ``latent``."""
     h, w = _halved(tokens, latent)
     if h * w != tokens:
-        raise DiffguideError(f"cannot lay {tokens} query tokens out on a grid of the {latent[0]}x{latent[1]} latent")
+        raise DiffguideError(
+            f"cannot lay {tokens} query tokens out on a grid of the {latent[0]}x{latent[1]} latent"
+        )
     return h, w
 
 
@@ -64,7 +66,9 @@ class LatentGrid:
 
     size: tuple[int, int] | None = None
     timestep: float = 0.0
-    names: Callable[[tuple[Any, ...], dict[str, Any]], dict[str, Any]] | None = field(default=None, repr=False)
+    names: Callable[[tuple[Any, ...], dict[str, Any]], dict[str, Any]] | None = field(
+        default=None, repr=False
+    )
 
     def hook(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self.names is None:
@@ -84,7 +88,9 @@ class LatentGrid:
 
     def grid(self, tokens: int) -> tuple[int, int]:
         if self.size is None:
-            raise DiffguideError("a query perturbation needs the latent grid; this model's input does not give it")
+            raise DiffguideError(
+                "a query perturbation needs the latent grid; this model's input does not give it"
+            )
         return token_grid(tokens, self.size)
 
     def image_span(self, tokens: int) -> tuple[int, int]:
@@ -131,6 +137,8 @@ def install_query_edit(
         for name in names:
             to_q = getattr(modules[name], "to_q", None)
             if not isinstance(to_q, nn.Module):
-                raise DiffguideError(f"{name} has no to_q projection (fused QKV?); a query perturbation needs one")
+                raise DiffguideError(
+                    f"{name} has no to_q projection (fused QKV?); a query perturbation needs one"
+                )
             stack.enter_context(scoped_forward(to_q, _wrap_to_q(name, branch, ctx, edit)))
         yield

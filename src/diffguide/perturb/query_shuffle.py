@@ -65,7 +65,9 @@ class QueryShuffle:
             key = f"{branch}/{name}/{grid.timestep:.3f}"
             perms = torch.stack(
                 [
-                    torch.randperm(stop - start, generator=torch.Generator().manual_seed(branch_seed(ctx.seeds[i], key)))
+                    torch.randperm(
+                        stop - start, generator=torch.Generator().manual_seed(branch_seed(ctx.seeds[i], key))
+                    )
                     for i in sel.images
                 ]
             )

@@ -57,10 +57,14 @@ class TextShuffle:
             call = named(args, kwargs)
             text = call.get(TEXT)
             if not isinstance(text, torch.Tensor) or text.ndim != 3:
-                raise DiffguideError(f"text shuffle: {type(model).__name__} was called without {TEXT} (B, L, D)")
+                raise DiffguideError(
+                    f"text shuffle: {type(model).__name__} was called without {TEXT} (B, L, D)"
+                )
             start = sel.rows.start or 0
             n_tokens = text.shape[1]
-            perms = torch.stack([torch.randperm(n_tokens, generator=ctx.generator(branch, i)) for i in sel.images])
+            perms = torch.stack(
+                [torch.randperm(n_tokens, generator=ctx.generator(branch, i)) for i in sel.images]
+            )
             call[TEXT] = permute_rows(text, start, perms)
             for key in MASKS:
                 mask = call.get(key)
