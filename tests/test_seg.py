@@ -228,3 +228,12 @@ def test_seg_on_transformers(family):
         assert maxdiff(out.latents, base.latents) > 1e-4
     again = gp.generate(["a cat"], guidance=[CFG(3.0)], negative_prompt=["ugly"], decode=False, **kwargs)
     assert torch.equal(again.latents, base.latents)
+
+
+def test_seg_and_query_shuffle_are_chunk_invariant(sd15_f64):
+    """Rows split across chunks (max_rows=3 of 6 or 8): each chunk's rows are labelled chunk-relative."""
+    from diffguide.guidance import UncondQueryShuffle
+
+    for terms in ([CFG(4.0), SEG(3.0, blur_sigma=1.0)], [CFG(4.0), UncondQueryShuffle(0.7), SEG(2.0)]):
+        whole = run(sd15_f64, terms).latents
+        assert maxdiff(whole, run(sd15_f64, terms, max_rows=3).latents) <= 1e-10
