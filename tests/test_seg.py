@@ -85,6 +85,8 @@ def test_bad_sigma_and_scale_are_one_line_errors():
     for bad in (0.0, -1.0, math.nan):
         with pytest.raises(ConfigError, match="SEG blur sigma must be > 0"):
             SEG(blur_sigma=bad)
+    with pytest.raises(ConfigError, match="SEG blur sigma must be a number, got 'wide'"):
+        SEG(blur_sigma="wide")
     with pytest.raises(ConfigError, match=r"SEG scale must be in \[0, 100\]"):
         SEG(-1.0)
 

@@ -260,7 +260,9 @@ def test_uncond_query_shuffle_batch_equals_single_runs(sd15_f64):
 
 
 def test_uncond_query_shuffle_errors_and_restoration(sd15):
-    with pytest.raises(ConfigError, match="two guidance terms define a branch named 'uncond'"):
+    with pytest.raises(
+        ConfigError, match="two guidance terms perturb the unconditional rows; keep one of them"
+    ):
         run(sd15, [CFG(4.0), UncondQueryShuffle(), UncondQueryShuffle(0.5)])
     check_restored(sd15, [CFG(4.0), UncondQueryShuffle(0.5)])
 

@@ -45,6 +45,8 @@ def _branch_table(terms: Sequence[GuidanceTerm]) -> dict[str, Branch]:
             if branch.name == "uncond" and known is not None and _shares_uncond(known, branch):
                 table["uncond"] = branch if branch.perturbation is not None else known
                 continue
+            if branch.name == "uncond" and known is not None:
+                raise ConfigError("two guidance terms perturb the unconditional rows; keep one of them")
             # A perturbed branch belongs to one term: two equal ones (e.g. two PAG() terms, both
             # named "pag") would otherwise both be laid out, with only the last copy perturbed.
             if known is not None and (known != branch or branch.perturbation is not None):

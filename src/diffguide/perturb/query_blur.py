@@ -80,7 +80,11 @@ class QueryBlur:
     sigma: float = math.inf
 
     def __post_init__(self) -> None:
-        if not self.sigma > 0:  # also rejects nan
+        try:
+            ok = self.sigma > 0  # also rejects nan
+        except TypeError:
+            raise ConfigError(f"SEG blur sigma must be a number, got {self.sigma!r}") from None
+        if not ok:
             raise ConfigError(f"SEG blur sigma must be > 0 (inf for the mean), got {self.sigma}")
 
     def targets(self, model: nn.Module) -> list[str]:
