@@ -42,6 +42,11 @@ def _branch_table(terms: Sequence[GuidanceTerm]) -> dict[str, Branch]:
     for term in terms:
         for branch in term.branches():
             known = table.get(branch.name)
+            if branch.name == "uncond" and known is not None and _shares_uncond(known, branch):
+                table["uncond"] = branch if branch.perturbation is not None else known
+                continue
+            if branch.name == "uncond" and known is not None:
+                raise ConfigError("two guidance terms perturb the unconditional rows; keep one of them")
             # A perturbed branch belongs to one term: two equal ones (e.g. two PAG() terms, both
             # named "pag") would otherwise both be laid out, with only the last copy perturbed.
             if known is not None and (known != branch or branch.perturbation is not None):
@@ -50,6 +55,12 @@ def _branch_table(terms: Sequence[GuidanceTerm]) -> dict[str, Branch]:
                 )
             table[branch.name] = branch
     return table
+
+
+def _shares_uncond(a: Branch, b: Branch) -> bool:
+    """A term may perturb the unconditional rows in place (no extra branch): the plain and one
+    perturbed ``uncond`` branch are then the same rows, evaluated once, perturbed."""
+    return a.prompt == b.prompt == "uncond" and (a.perturbation is None or b.perturbation is None)
 
 
 class GuidedModel:
@@ -107,7 +118,10 @@ class GuidedModel:
     def active_branches(self, step: StepInfo) -> tuple[list[GuidanceTerm], list[Branch]]:
         terms = [t for t in self.terms if t.active(step)]
         names = {b.name for t in terms for b in t.branches()}
-        order = [UNCOND] if "uncond" in names else []
+        perturbed = [
+            b for t in terms for b in t.branches() if b.name == "uncond" and b.perturbation is not None
+        ]
+        order = [perturbed[0] if perturbed else UNCOND] if "uncond" in names else []
         order.append(COND)
         order += [b for t in terms for b in t.branches() if b.name not in ("cond", "uncond")]
         return terms, order

@@ -19,19 +19,29 @@ from .tpg import TPG
 for _module in pkgutil.iter_modules(__path__):  # the other method files register themselves
     importlib.import_module(f"{__name__}.{_module.name}")
 
+# after the loop, so the registry lists the built-in methods first
+from .layer_skip import LayerSkip  # noqa: E402
+from .prompt_shuffle import PromptShuffle  # noqa: E402
+from .seg import SEG  # noqa: E402
+from .uncond_query_shuffle import UncondQueryShuffle  # noqa: E402
+
 __all__ = [
     "CFG",
     "COND",
     "PAG",
     "REGISTRY",
+    "SEG",
     "SLG",
     "TPG",
     "UNCOND",
     "Branch",
     "EmbeddedGuidance",
     "GuidanceTerm",
+    "LayerSkip",
+    "PromptShuffle",
     "StepInfo",
     "Term",
+    "UncondQueryShuffle",
     "Window",
     "register",
 ]
