@@ -1,0 +1,72 @@
+"""Magnitude-aware guidance, MAMBO-G (diffusers' ``MagnitudeAwareGuidance``).
+
+Per image, in the model's prediction space, the CFG scale shrinks where the guidance direction
+is large relative to the unconditional prediction::
+
+    r  = ||c - u|| / ||u||                 (over all of an image's values)
+    w' = 1 + (w - 1) exp(-alpha r)
+    g  = u + w' (c - u)                    (delta (w' - 1)(c - u))
+
+Scale convention: w as in CFG (1 = off); diffusers' ``MagnitudeAwareGuidance(guidance_scale=w,
+alpha=alpha)`` (default formulation) is the same (its defaults: w = 10, alpha = 8). diffusers'
+``use_original_formulation=True`` is ``c + w exp(-alpha r)(c - u)``: its w is ours minus 1 only at
+alpha = 0. No ComfyUI core node. Cost: one unconditional branch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from .base import UNCOND, Branch, Predictions, StepInfo, Window, check_finite
+from .space import dims
+
+
+def magnitude_scale(c: Tensor, u: Tensor, w: float, alpha: float) -> Tensor:
+    """w' = 1 + (w - 1) exp(-alpha ||c - u|| / ||u||), shaped (B, 1, ..., 1)."""
+    d = dims(c)
+    ratio = (c - u).norm(dim=d, keepdim=True) / u.norm(dim=d, keepdim=True)
+    return 1.0 + (w - 1.0) * torch.exp(-alpha * ratio)
+
+
+@dataclass(frozen=True)
+class MagnitudeAware:
+    """Magnitude-aware guidance. ``scale`` w (1 = off), ``alpha`` >= 0 (0 = CFG)."""
+
+    scale: float = 10.0
+    alpha: float = 8.0
+    window: Window = field(default_factory=Window)
+    name: str = "mag"
+
+    def __post_init__(self) -> None:
+        check_finite("magnitude-aware scale", self.scale)
+        check_finite("magnitude-aware alpha", self.alpha)
+        if not 0.0 <= self.scale <= 100.0:
+            raise ConfigError(f"magnitude-aware scale must be in [0, 100], got {self.scale}")
+        if self.alpha < 0.0:
+            raise ConfigError(f"magnitude-aware alpha must be >= 0, got {self.alpha}")
+
+    def branches(self) -> tuple[Branch, ...]:
+        return (UNCOND,)
+
+    def active(self, step: StepInfo) -> bool:
+        return self.scale != 1.0 and self.window.contains(step)
+
+    def delta(self, preds: Predictions, step: StepInfo) -> Tensor:
+        c, u = preds["cond"], preds["uncond"]
+        return (magnitude_scale(c, u, self.scale, self.alpha) - 1.0) * (c - u)
+
+    def post(self, guided: Tensor, preds: Predictions, step: StepInfo) -> Tensor:
+        return guided
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "method": "mag",
+            "name": self.name,
+            "scale": self.scale,
+            "alpha": self.alpha,
+            "window": self.window.describe(),
+        }
