@@ -10,7 +10,9 @@ is large relative to the unconditional prediction::
 Scale convention: w as in CFG (1 = off); diffusers' ``MagnitudeAwareGuidance(guidance_scale=w,
 alpha=alpha)`` (default formulation) is the same (its defaults: w = 10, alpha = 8). diffusers'
 ``use_original_formulation=True`` is ``c + w exp(-alpha r)(c - u)``: its w is ours minus 1 only at
-alpha = 0. No ComfyUI core node. Cost: one unconditional branch.
+alpha = 0. diffusers 0.42's guider crashes on (B, C, H, W) predictions (UNets, SD3):
+``torch.norm(x, dim=[1, 2, 3])`` with its default p='fro' raises "dim must be a 2-tuple"; it works
+on packed (B, tokens, channels) ones (Flux). No ComfyUI core node. Cost: one unconditional branch.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from .space import dims
 def magnitude_scale(c: Tensor, u: Tensor, w: float, alpha: float) -> Tensor:
     """w' = 1 + (w - 1) exp(-alpha ||c - u|| / ||u||), shaped (B, 1, ..., 1)."""
     d = dims(c)
-    ratio = (c - u).norm(dim=d, keepdim=True) / u.norm(dim=d, keepdim=True)
+    ratio = torch.linalg.vector_norm(c - u, dim=d, keepdim=True) / torch.linalg.vector_norm(u, dim=d, keepdim=True)
     return 1.0 + (w - 1.0) * torch.exp(-alpha * ratio)
 
 

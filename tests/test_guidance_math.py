@@ -1,0 +1,333 @@
+"""Guidance terms that combine predictions (no model-side perturbation): APG, CFG-Zero*, TCFG,
+magnitude-aware, ComfyUI's RescaleCFG and CFGNorm, the guidance interval.
+
+Each: formulas on known values; equality with its reference (diffusers' guider or ComfyUI's node,
+run by ComfyUI's own sampling_function) on identical predictions; windows; batch = single runs;
+composition in one forward; end to end on the tiny SD1.5 and SD3."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers.guiders import (
+    AdaptiveProjectedGuidance,
+    ClassifierFreeZeroStarGuidance,
+    MagnitudeAwareGuidance,
+    TangentialClassifierFreeGuidance,
+)
+from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer
+from families_support import tiny_sd3
+from guidance_refs import Patcher, comfy_guided, comfy_node_module, diffusers_guided
+
+from diffguide import CFG, PAG, TPG, ConfigError, GuidedPipeline, StepInfo, Window
+from diffguide.guidance import (
+    APG,
+    CFGNorm,
+    CFGZeroStar,
+    MagnitudeAware,
+    RescaleCFG,
+    RunState,
+    TCFG,
+    guidance_interval,
+    interval_window,
+)
+from diffguide.guidance.cfg_zero_star import optimized_scale
+from diffguide.guidance.space import comfy_input, x0_to_pred
+
+TOL = 1e-6
+PROMPTS = ["a cat", "a dog"]
+NEGATIVES = ["ugly", "blurry"]
+
+
+def maxdiff(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+def vec(*values, dtype=torch.float64):
+    """One image (1, N, 1, 1) with the given values along the channel dim."""
+    return torch.tensor(values, dtype=dtype).view(1, -1, 1, 1)
+
+
+def preds(seed: int = 0, shape=(3, 4, 8, 8), dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(shape, generator=g, dtype=dtype)
+    u = c + 0.5 * torch.randn(shape, generator=g, dtype=dtype)
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    return c, u, x
+
+
+def step_at(x=None, sigma=1.5, prediction="epsilon", index=0, count=10, state=None):
+    return StepInfo(index, count, sigma, 500.0, x, prediction, state)
+
+
+def guided(term, c, u, step):
+    g = c + term.delta({"cond": c, "uncond": u}, step)
+    return term.post(g, {"cond": c, "uncond": u}, step)
+
+
+# --- formulas on known values ------------------------------------------------------------------
+
+
+def test_apg_formula_known_values():
+    c, u = vec(1.0, 0.0), vec(0.0, 1.0)  # D = (1, -1): parallel to c (1, 0), orthogonal (0, -1)
+    step = step_at(space := None)  # prediction space: no x needed
+    assert space is None
+    plain = APG(3.0, eta=0.0, norm_threshold=0.0, momentum=0.0, space="prediction")
+    assert maxdiff(guided(plain, c, u, step), vec(1.0, -2.0)) == 0.0
+    half = APG(3.0, eta=0.5, norm_threshold=0.0, momentum=0.0, space="prediction")
+    assert maxdiff(guided(half, c, u, step), vec(2.0, -2.0)) == 0.0
+    clipped = APG(3.0, eta=0.0, norm_threshold=1.0, momentum=0.0, space="prediction")  # |D| = sqrt 2 -> 1
+    assert maxdiff(guided(clipped, c, u, step), vec(1.0, -2.0 / math.sqrt(2.0))) <= 1e-15
+    cfg_like = APG(3.0, eta=1.0, norm_threshold=0.0, momentum=0.0, space="prediction")
+    assert maxdiff(guided(cfg_like, c, u, step), u + 3.0 * (c - u)) <= 1e-15
+
+
+def test_apg_momentum_known_values_and_reset_when_sigma_rises():
+    term = APG(2.0, eta=1.0, norm_threshold=0.0, momentum=-0.5, space="prediction")
+    state = RunState()
+    c, u1, u2 = vec(1.0, 0.0), vec(0.0, 0.0), vec(0.0, 1.0)
+    assert maxdiff(guided(term, c, u1, step_at(sigma=2.0, state=state)), vec(2.0, 0.0)) == 0.0  # D = (1, 0)
+    # D2 = (1, -1) - 0.5 (1, 0) = (0.5, -1)
+    assert maxdiff(guided(term, c, u2, step_at(sigma=1.0, state=state)), vec(1.5, -1.0)) == 0.0
+    # sigma rises (a new pass): the running D starts again, as ComfyUI's node does
+    assert maxdiff(guided(term, c, u2, step_at(sigma=3.0, state=state)), vec(2.0, -1.0)) == 0.0
+    with pytest.raises(ConfigError, match="APG with momentum needs the run's state"):
+        term.delta({"cond": c, "uncond": u1}, step_at())
+
+
+def test_apg_x0_space_is_the_paper_formula_on_x0():
+    c, u, x = preds(1, dtype=torch.float64)
+    step = step_at(x, sigma=2.5)
+    term = APG(4.0, eta=0.3, norm_threshold=3.0, momentum=0.0)
+    c0, u0 = step.to_x0(c), step.to_x0(u)
+    ref_x0 = APG(4.0, eta=0.3, norm_threshold=3.0, momentum=0.0, space="prediction")
+    assert maxdiff(step.to_x0(guided(term, c, u, step)), guided(ref_x0, c0, u0, step)) <= 1e-12
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "flow"])
+def test_x0_to_pred_moves_x0_by_the_given_amount(prediction):
+    c, d, x = preds(2, dtype=torch.float64)
+    step = step_at(x, sigma=0.7, prediction=prediction)
+    assert maxdiff(step.to_x0(c + x0_to_pred(step, d)), step.to_x0(c) + d) <= 1e-12
+    assert maxdiff(x0_to_pred(step_at(x, sigma=0.0, prediction=prediction), d), 0 * d) == 0.0
+
+
+def test_cfg_zero_star_formula_known_values():
+    c, u = vec(2.0, 2.0), vec(1.0, 0.0)  # alpha = <c, u> / |u|^2 = 2
+    assert optimized_scale(c, u).item() == pytest.approx(2.0)
+    term = CFGZeroStar(3.0, zero_init_steps=1)
+    # alpha u + w (c - alpha u) = (2, 0) + 3 (0, 2)
+    assert maxdiff(guided(term, c, u, step_at(index=1)), vec(2.0, 6.0)) <= 1e-7
+    assert maxdiff(guided(term, c, u, step_at(index=0)), vec(0.0, 0.0)) == 0.0  # zero-init
+    assert term.active(step_at(index=0)) and not CFGZeroStar(1.0).active(step_at(index=1))
+
+
+def test_tcfg_formula_known_values():
+    c, u = vec(2.0, 0.0), vec(0.0, 1.0)  # top singular direction of [c; u] is (1, 0): u' = 0
+    assert maxdiff(guided(TCFG(3.0), c, u, step_at()), vec(6.0, 0.0)) <= 1e-6
+    c2, u2 = vec(1.0, 0.0), vec(1.0, 0.0)  # u along v1: unchanged, plain CFG
+    assert maxdiff(guided(TCFG(3.0), c2, u2, step_at()), vec(1.0, 0.0)) <= 1e-6
+
+
+def test_magnitude_aware_formula_known_values():
+    c, u = vec(3.0, 4.0), vec(0.0, 4.0)  # |c - u| / |u| = 3 / 4
+    w = 1.0 + 6.0 * math.exp(-2.0 * 0.75)
+    assert maxdiff(guided(MagnitudeAware(7.0, alpha=2.0), c, u, step_at()), u + w * (c - u)) <= 1e-12
+    assert maxdiff(guided(MagnitudeAware(7.0, alpha=0.0), c, u, step_at()), u + 7.0 * (c - u)) <= 1e-12
+
+
+def test_cfg_norm_formula_known_values():
+    # eps model at sigma 1: x0 = x sqrt 2 - eps; x = 0 makes x0 = -eps
+    x, c = vec(0.0, 0.0), vec(3.0, 4.0)  # |c0| = 5
+    g = vec(6.0, 8.0)  # |g0| = 10 -> halved
+    step = step_at(x, sigma=1.0)
+    out = CFGNorm(1.0).post(g, {"cond": c}, step)
+    assert maxdiff(out, vec(3.0, 4.0)) <= 1e-8  # the node's + 1e-8 in the denominator
+    assert maxdiff(CFGNorm(1.0).post(c / 2, {"cond": c}, step), c / 2) <= 1e-12  # attenuates only
+    assert maxdiff(CFGNorm(1.0, pre_cfg=True).post(c / 2, {"cond": c}, step), c) <= 1e-12  # amplifies
+    assert maxdiff(CFGNorm(0.5, pre_cfg=True).post(c / 2, {"cond": c}, step), 0.75 * c) <= 1e-12
+
+
+def test_rescale_cfg_multiplier_one_matches_the_cond_std_in_v():
+    c, u, x = preds(3, dtype=torch.float64)
+    step = step_at(x, sigma=1.3)
+    g = RescaleCFG(1.0).post(u + 5.0 * (c - u), {"cond": c}, step)
+    xs = comfy_input(step) / (1.0 + 1.3**2)
+
+    def v(pred):
+        return (xs - step.to_x0(pred)).std(dim=(1, 2, 3))
+
+    assert maxdiff(v(g), v(c)) <= 1e-12
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: APG(norm_threshold=-1.0), "APG norm_threshold must be >= 0 (0 = off), got -1.0"),
+        (lambda: APG(space="eps"), "APG space must be one of x0, prediction, got 'eps'"),
+        (lambda: APG(momentum=2.0), "APG momentum must be in [-5, 1] (0 = off), got 2.0"),
+        (lambda: CFGZeroStar(zero_init_steps=-1), "CFG-Zero* zero_init_steps must be >= 0, got -1"),
+        (lambda: CFGZeroStar(zero_init_steps=1.5), "CFG-Zero* zero_init_steps must be an integer, got 1.5"),
+        (lambda: TCFG(math.nan), "TCFG scale must be a finite number, got nan"),
+        (lambda: MagnitudeAware(alpha=-1.0), "magnitude-aware alpha must be >= 0, got -1.0"),
+        (lambda: RescaleCFG(1.5), "RescaleCFG multiplier must be in [0, 1], got 1.5"),
+        (lambda: CFGNorm(pre_cfg="yes"), "CFGNorm pre_cfg must be true or false, got 'yes'"),
+        (lambda: guidance_interval(4.0, "sd3"), "unknown guidance interval 'sd3'; known: sdxl, edm2-s, edm2-xxl"),
+    ],
+)
+def test_bad_parameters_are_one_line_errors(make, message):
+    with pytest.raises(ConfigError) as err:
+        make()
+    assert str(err.value) == message
+
+
+# --- equality with the references on identical predictions -------------------------------------
+
+
+@pytest.mark.parametrize(("eta", "r", "beta"), [(0.0, 2.5, -0.75), (0.5, 0.0, 0.0), (1.0, 10.0, 0.3)])
+def test_apg_matches_diffusers_guider_over_steps(eta, r, beta):
+    """diffusers' original formulation c + s N with s = w - 1, in prediction space, 4 steps of momentum."""
+    w = 6.0
+    ref = AdaptiveProjectedGuidance(
+        guidance_scale=w - 1.0,
+        eta=eta,
+        adaptive_projected_guidance_rescale=r,
+        adaptive_projected_guidance_momentum=beta or None,
+        use_original_formulation=True,
+    )
+    ref.momentum_buffer = MomentumBuffer(beta) if beta else None  # what its prepare_inputs does at step 0
+    term, state = APG(w, eta=eta, norm_threshold=r, momentum=beta, space="prediction"), RunState()
+    worst = 0.0
+    for i in range(4):
+        c, u, _ = preds(10 + i)
+        got = guided(term, c, u, step_at(sigma=3.0 - i, index=i, state=state))
+        worst = max(worst, maxdiff(got, diffusers_guided(ref, c, u, i)))
+    print(f"APG vs diffusers (eta={eta}, r={r}, beta={beta}): max diff {worst:.2e}")
+    assert worst <= TOL
+
+
+def test_diffusers_apg_default_formulation_is_not_the_paper_when_eta_is_not_one():
+    """Documented: diffusers' default u + w N equals the paper's c + (w - 1) N only where N = D."""
+    c, u, _ = preds(4)
+    ref = AdaptiveProjectedGuidance(guidance_scale=5.0, eta=0.0, adaptive_projected_guidance_rescale=0.0)
+    ours = guided(APG(5.0, eta=0.0, norm_threshold=0.0, momentum=0.0, space="prediction"), c, u, step_at())
+    assert maxdiff(ours, diffusers_guided(ref, c, u)) > 1e-2
+    same = AdaptiveProjectedGuidance(guidance_scale=5.0, eta=1.0, adaptive_projected_guidance_rescale=0.0)
+    cfg = guided(APG(5.0, eta=1.0, norm_threshold=0.0, momentum=0.0, space="prediction"), c, u, step_at())
+    assert maxdiff(cfg, diffusers_guided(same, c, u)) <= TOL
+
+
+@pytest.fixture(scope="module")
+def comfy_nodes():
+    return {name: comfy_node_module(name) for name in ("nodes_apg", "nodes_cfg", "nodes_tcfg", "nodes_model_advanced")}
+
+
+@pytest.mark.parametrize(("eta", "r", "beta"), [(0.0, 2.5, -0.75), (0.4, 0.0, 0.5), (1.0, 0.0, 0.0)])
+def test_apg_matches_comfy_node_in_x0_with_cfg_one_below(comfy_nodes, eta, r, beta):
+    """ComfyUI's node at cfg w - 1 is the paper's APG at w, in x0 space (momentum over 4 steps,
+    reset when sigma rises); at eta 1, r 0 the node's cfg w is CFG at w + 1 (asserted)."""
+    w = 5.0
+    patcher = Patcher()
+    comfy_nodes["nodes_apg"].APG.execute(patcher, eta, r, beta)
+    term, state = APG(w, eta=eta, norm_threshold=r, momentum=beta), RunState()
+    worst = 0.0
+    for i, sigma in enumerate([8.0, 3.0, 1.0, 9.0]):  # the last one restarts the momentum
+        c, u, x = preds(20 + i, dtype=torch.float64)
+        step = step_at(x, sigma=sigma, index=i, state=state)
+        got = step.to_x0(guided(term, c, u, step))
+        ref = comfy_guided(patcher, comfy_input(step), sigma, step.to_x0(c), step.to_x0(u), w - 1.0)
+        worst = max(worst, maxdiff(got, ref))
+    print(f"APG vs ComfyUI node (eta={eta}, r={r}, beta={beta}): max diff {worst:.2e}")
+    assert worst <= TOL
+    if (eta, r, beta) == (1.0, 0.0, 0.0):
+        c0, u0 = step.to_x0(c), step.to_x0(u)
+        node = comfy_guided(patcher, comfy_input(step), 9.0, c0, u0, w)
+        assert maxdiff(node, u0 + (w + 1.0) * (c0 - u0)) <= 1e-12
+
+
+@pytest.mark.parametrize("zero_init", [0, 2])
+def test_cfg_zero_star_matches_diffusers_guider(zero_init):
+    ref = ClassifierFreeZeroStarGuidance(guidance_scale=4.5, zero_init_steps=zero_init)
+    term = CFGZeroStar(4.5, zero_init_steps=zero_init)
+    worst = 0.0
+    for i in range(4):
+        c, u, _ = preds(30 + i)
+        worst = max(worst, maxdiff(guided(term, c, u, step_at(index=i)), diffusers_guided(ref, c, u, i)))
+    print(f"CFG-Zero* vs diffusers (zero_init_steps={zero_init}): max diff {worst:.2e}")
+    assert worst <= TOL
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "flow"])
+def test_comfy_cfg_zero_star_node_differs_by_the_affine_part(comfy_nodes, prediction):
+    """ComfyUI's node applies alpha u + w (c - alpha u) to the x0 estimates; the paper applies it to
+    the prediction. x0 is affine in the prediction, so they differ by (w - 1)(1 - alpha) x (documented)."""
+    w, sigma = 4.0, 0.6
+    patcher = Patcher()
+    comfy_nodes["nodes_cfg"].CFGZeroStar.execute(patcher)
+    c, u, x = preds(5, dtype=torch.float64)
+    step = step_at(x, sigma=sigma, prediction=prediction, index=3)
+    ours = step.to_x0(guided(CFGZeroStar(w, zero_init_steps=0), c, u, step))
+    xc = comfy_input(step)
+    node = comfy_guided(patcher, xc, sigma, step.to_x0(c), step.to_x0(u), w)
+    alpha = optimized_scale(c, u)
+    assert maxdiff(node, ours + (w - 1.0) * (1.0 - alpha) * xc) <= 1e-5  # alpha: float32 (diffusers) vs float64
+    assert maxdiff(node, ours) > 1e-3
+
+
+def test_tcfg_matches_diffusers_guider_and_comfy_node(comfy_nodes):
+    w = 5.0
+    c, u, x = preds(6)
+    got = guided(TCFG(w), c, u, step_at())
+    d = maxdiff(got, diffusers_guided(TangentialClassifierFreeGuidance(guidance_scale=w), c, u))
+    c64, u64, x64 = (t.double() for t in (c, u, x))
+    patcher = Patcher()
+    comfy_nodes["nodes_tcfg"].TCFG.execute(patcher)
+    step = step_at(x64, sigma=1.0)  # the node damps x - x0 = sigma eps: the same float32 SVD input at sigma 1
+    ours = step.to_x0(guided(TCFG(w), c64, u64, step))
+    node = comfy_guided(patcher, comfy_input(step), 1.0, step.to_x0(c64), step.to_x0(u64), w)
+    print(f"TCFG: vs diffusers {d:.2e}, vs ComfyUI {maxdiff(ours, node):.2e}")
+    assert d <= TOL
+    assert maxdiff(ours, node) <= TOL
+
+
+def test_magnitude_aware_matches_diffusers_guider():
+    """On packed (B, tokens, channels) predictions: diffusers' guider fails on 4-d ones (asserted)."""
+    c, u, _ = preds(7, shape=(3, 64, 16))
+    worst = max(
+        maxdiff(guided(MagnitudeAware(w, alpha=a), c, u, step_at()), diffusers_guided(MagnitudeAwareGuidance(w, a), c, u))
+        for w, a in [(10.0, 8.0), (4.0, 0.5), (1.5, 0.0)]
+    )
+    print(f"magnitude-aware vs diffusers: max diff {worst:.2e}")
+    assert worst <= TOL
+    c4, u4, _ = preds(7)
+    with pytest.raises(RuntimeError, match="dim must be a 2-tuple"):
+        diffusers_guided(MagnitudeAwareGuidance(10.0, 8.0), c4, u4)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "flow"])
+def test_rescale_cfg_matches_comfy_node(comfy_nodes, prediction):
+    w, phi, sigma = 6.0, 0.7, 2.2
+    patcher = Patcher()
+    comfy_nodes["nodes_model_advanced"].RescaleCFG().patch(patcher, phi)
+    c, u, x = preds(8, dtype=torch.float64)
+    step = step_at(x, sigma=sigma, prediction=prediction)
+    ours = step.to_x0(RescaleCFG(phi).post(u + w * (c - u), {"cond": c}, step))
+    node = comfy_guided(patcher, comfy_input(step), sigma, step.to_x0(c), step.to_x0(u), w)
+    print(f"RescaleCFG vs ComfyUI ({prediction}): max diff {maxdiff(ours, node):.2e}")
+    assert maxdiff(ours, node) <= TOL
+
+
+@pytest.mark.parametrize("pre_cfg", [False, True])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "flow"])
+def test_cfg_norm_matches_comfy_node(comfy_nodes, pre_cfg, prediction):
+    w, k, sigma = 5.0, 0.8, 0.9
+    patcher = Patcher()
+    comfy_nodes["nodes_cfg"].CFGNorm.execute(patcher, k, pre_cfg)
+    c, u, x = preds(9, dtype=torch.float64)
+    step = step_at(x, sigma=sigma, prediction=prediction)
+    ours = step.to_x0(CFGNorm(k, pre_cfg=pre_cfg).post(u + w * (c - u), {"cond": c}, step))
+    node = comfy_guided(patcher, comfy_input(step), sigma, step.to_x0(c), step.to_x0(u), w)
+    print(f"CFGNorm(pre_cfg={pre_cfg}) vs ComfyUI ({prediction}): max diff {maxdiff(ours, node):.2e}")
+    assert maxdiff(ours, node) <= TOL
