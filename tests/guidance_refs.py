@@ -53,17 +53,23 @@ class Patcher:
     def clone(self) -> Patcher:
         return self
 
-    def set_model_sampler_pre_cfg_function(self, fn: Callable, disable_cfg1_optimization: bool = False) -> None:
+    def set_model_sampler_pre_cfg_function(
+        self, fn: Callable, disable_cfg1_optimization: bool = False
+    ) -> None:
         self.model_options.setdefault("sampler_pre_cfg_function", []).append(fn)
 
     def set_model_sampler_cfg_function(self, fn: Callable, disable_cfg1_optimization: bool = False) -> None:
         self.model_options["sampler_cfg_function"] = fn
 
-    def set_model_sampler_post_cfg_function(self, fn: Callable, disable_cfg1_optimization: bool = False) -> None:
+    def set_model_sampler_post_cfg_function(
+        self, fn: Callable, disable_cfg1_optimization: bool = False
+    ) -> None:
         self.model_options.setdefault("sampler_post_cfg_function", []).append(fn)
 
 
-def comfy_guided(patcher: Patcher, x: torch.Tensor, sigma: float, c0: torch.Tensor, u0: torch.Tensor, w: float):
+def comfy_guided(
+    patcher: Patcher, x: torch.Tensor, sigma: float, c0: torch.Tensor, u0: torch.Tensor, w: float
+):
     """ComfyUI's own ``comfy.samplers.sampling_function`` (pre-CFG hooks, cfg_function, post-CFG
     hooks) with the model's x0 predictions c0, u0 given (``sampler_calc_cond_batch_function``), at
     its model input x: the guided x0."""
@@ -75,7 +81,9 @@ def comfy_guided(patcher: Patcher, x: torch.Tensor, sigma: float, c0: torch.Tens
     return sampling_function(None, x, s, [{}], [{}], w, model_options=options)
 
 
-def diffusers_guided(guider: Any, c: torch.Tensor, u: torch.Tensor, step: int = 0, steps: int = 10) -> torch.Tensor:
+def diffusers_guided(
+    guider: Any, c: torch.Tensor, u: torch.Tensor, step: int = 0, steps: int = 10
+) -> torch.Tensor:
     """A diffusers guider's ``forward`` at one step (its state set as the modular pipelines do)."""
     guider.set_state(step, steps, torch.tensor(999))
     return guider.forward(c, u).pred

@@ -24,12 +24,12 @@ from guidance_refs import Patcher, comfy_guided, comfy_node_module, diffusers_gu
 from diffguide import CFG, PAG, TPG, ConfigError, GuidedPipeline, StepInfo, Window
 from diffguide.guidance import (
     APG,
+    TCFG,
     CFGNorm,
     CFGZeroStar,
     MagnitudeAware,
     RescaleCFG,
     RunState,
-    TCFG,
     guidance_interval,
     interval_window,
 )
@@ -174,7 +174,10 @@ def test_rescale_cfg_multiplier_one_matches_the_cond_std_in_v():
         (lambda: MagnitudeAware(alpha=-1.0), "magnitude-aware alpha must be >= 0, got -1.0"),
         (lambda: RescaleCFG(1.5), "RescaleCFG multiplier must be in [0, 1], got 1.5"),
         (lambda: CFGNorm(pre_cfg="yes"), "CFGNorm pre_cfg must be true or false, got 'yes'"),
-        (lambda: guidance_interval(4.0, "sd3"), "unknown guidance interval 'sd3'; known: sdxl, edm2-s, edm2-xxl"),
+        (
+            lambda: guidance_interval(4.0, "sd3"),
+            "unknown guidance interval 'sd3'; known: sdxl, edm2-s, edm2-xxl",
+        ),
     ],
 )
 def test_bad_parameters_are_one_line_errors(make, message):
@@ -221,7 +224,10 @@ def test_diffusers_apg_default_formulation_is_not_the_paper_when_eta_is_not_one(
 
 @pytest.fixture(scope="module")
 def comfy_nodes():
-    return {name: comfy_node_module(name) for name in ("nodes_apg", "nodes_cfg", "nodes_tcfg", "nodes_model_advanced")}
+    return {
+        name: comfy_node_module(name)
+        for name in ("nodes_apg", "nodes_cfg", "nodes_tcfg", "nodes_model_advanced")
+    }
 
 
 @pytest.mark.parametrize(("eta", "r", "beta"), [(0.0, 2.5, -0.75), (0.4, 0.0, 0.5), (1.0, 0.0, 0.0)])
@@ -272,7 +278,9 @@ def test_comfy_cfg_zero_star_node_differs_by_the_affine_part(comfy_nodes, predic
     xc = comfy_input(step)
     node = comfy_guided(patcher, xc, sigma, step.to_x0(c), step.to_x0(u), w)
     alpha = optimized_scale(c, u)
-    assert maxdiff(node, ours + (w - 1.0) * (1.0 - alpha) * xc) <= 1e-5  # alpha: float32 (diffusers) vs float64
+    assert (
+        maxdiff(node, ours + (w - 1.0) * (1.0 - alpha) * xc) <= 1e-5
+    )  # alpha: float32 (diffusers) vs float64
     assert maxdiff(node, ours) > 1e-3
 
 
@@ -298,7 +306,10 @@ def test_magnitude_aware_matches_diffusers_guider():
     """On packed (B, tokens, channels) predictions: diffusers' guider fails on 4-d ones (asserted)."""
     c, u, _ = preds(7, shape=(3, 64, 16))
     worst = max(
-        maxdiff(guided(MagnitudeAware(w, alpha=a), c, u, step_at()), diffusers_guided(MagnitudeAwareGuidance(w, a), c, u))
+        maxdiff(
+            guided(MagnitudeAware(w, alpha=a), c, u, step_at()),
+            diffusers_guided(MagnitudeAwareGuidance(w, a), c, u),
+        )
         for w, a in [(10.0, 8.0), (4.0, 0.5), (1.5, 0.0)]
     )
     print(f"magnitude-aware vs diffusers: max diff {worst:.2e}")
@@ -333,3 +344,139 @@ def test_cfg_norm_matches_comfy_node(comfy_nodes, pre_cfg, prediction):
     node = comfy_guided(patcher, comfy_input(step), sigma, step.to_x0(c), step.to_x0(u), w)
     print(f"CFGNorm(pre_cfg={pre_cfg}) vs ComfyUI ({prediction}): max diff {maxdiff(ours, node):.2e}")
     assert maxdiff(ours, node) <= TOL
+
+
+# --- in the engine: windows, batches, runs, composition, the tiny models -------------------------
+
+STEPS = 4
+METHODS = {
+    "apg": [APG(5.0)],
+    "apg_prediction": [APG(5.0, eta=0.5, norm_threshold=3.0, momentum=0.5, space="prediction")],
+    "cfg_zero_star": [CFGZeroStar(4.0)],
+    "tcfg": [TCFG(4.0)],
+    "mag": [MagnitudeAware(6.0, alpha=1.0)],
+    "interval": [guidance_interval(4.0)],
+    "rescale_cfg": [CFG(4.0), RescaleCFG(0.7)],
+    "cfg_norm": [CFG(4.0), CFGNorm(1.0)],
+    "cfg_norm_pre": [CFG(4.0), CFGNorm(0.8, pre_cfg=True)],
+}
+
+
+def run(gp, guidance, prompts=PROMPTS, negatives=NEGATIVES, seed=3, **kwargs):
+    kwargs.setdefault("steps", STEPS)
+    return gp.generate(prompts, negatives, guidance=guidance, seed=seed, decode=False, **kwargs)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_batch_equals_single_runs_and_nothing_leaks_between_runs(sd15_f64, method):
+    """Per-image state (APG momentum): image i of a batch equals its own run (seed + i) in float64;
+    a second run on the same pipeline repeats the first exactly (no state from the first run)."""
+    terms = METHODS[method]
+    batch = run(sd15_f64, terms)
+    for i in range(len(PROMPTS)):
+        alone = run(sd15_f64, terms, [PROMPTS[i]], [NEGATIVES[i]], seed=3 + i).latents
+        assert maxdiff(batch.latents[i : i + 1], alone) <= 1e-9 * (1 + alone.abs().max().item()), f"image {i}"
+    assert torch.equal(run(sd15_f64, terms).latents, batch.latents)
+    cond_only = run(sd15_f64, [CFG(1.0)]).latents
+    assert maxdiff(batch.latents, cond_only) > 1e-3  # the method does something
+
+
+@pytest.mark.parametrize(
+    "term",
+    [
+        APG(5.0, window=Window(start=0.5)),
+        CFGZeroStar(4.0, zero_init_steps=0, window=Window(start=0.5)),
+        TCFG(4.0, window=Window(start=0.5)),
+        MagnitudeAware(6.0, window=Window(start=0.5)),
+    ],
+    ids=["apg", "cfg_zero_star", "tcfg", "mag"],
+)
+def test_term_outside_its_window_adds_no_rows_and_no_guidance(sd15, unet_calls, term):
+    steps = []
+    with unet_calls(sd15.unet) as log:
+        run(sd15, [term], callback=lambda s: steps.append(s))
+    assert log.rows == [2, 2, 4, 4]
+    for s in steps[:2]:
+        assert torch.equal(s.guided, s.preds["cond"])
+
+
+def test_guidance_interval_guides_only_inside_its_sigmas(sd15, unet_calls):
+    sigmas: list[float] = []
+    with unet_calls(sd15.unet) as log:
+        run(sd15, [guidance_interval(4.0)], steps=8, callback=lambda s: sigmas.append(s.step.sigma))
+    inside = [0.28 <= s <= 5.42 for s in sigmas]
+    assert any(inside) and not all(inside)
+    assert log.rows == [4 if i else 2 for i in inside]
+    assert interval_window("edm2-xxl") == Window(sigma_min=0.28, sigma_max=2.9)
+    lo, hi = interval_window(flow=True).sigma_min, interval_window(flow=True).sigma_max
+    assert lo == pytest.approx(0.28 / 1.28) and hi == pytest.approx(5.42 / 6.42)
+
+
+def test_every_term_composes_in_one_forward_per_step(sd15, unet_calls):
+    terms = [
+        APG(3.0),
+        TCFG(2.0),
+        MagnitudeAware(2.0),
+        PAG(1.0),
+        TPG(1.0),
+        RescaleCFG(0.5),
+        CFGNorm(1.0),
+        CFGZeroStar(2.0, zero_init_steps=0),
+    ]
+    with unet_calls(sd15.unet) as log:
+        out = run(sd15, terms)
+    assert log.rows == [4 * len(PROMPTS)] * STEPS  # [uncond, cond, pag, tpg]
+    assert out.forward_calls == STEPS and torch.isfinite(out.latents).all()
+
+
+def test_apg_and_cfg_zero_star_runs_match_diffusers_guiders_at_every_step(sd15):
+    """Whole runs on the tiny SD1.5: at every step the guided prediction equals the diffusers
+    guider's (stepped along with the run, APG momentum included) on that step's predictions."""
+    cases = [
+        (
+            APG(5.0, eta=0.0, norm_threshold=4.0, momentum=-0.5, space="prediction"),
+            AdaptiveProjectedGuidance(4.0, -0.5, 4.0, eta=0.0, use_original_formulation=True),
+        ),
+        (CFGZeroStar(4.0, zero_init_steps=1), ClassifierFreeZeroStarGuidance(4.0, zero_init_steps=1)),
+        (TCFG(4.0), TangentialClassifierFreeGuidance(4.0)),
+    ]
+    for term, ref in cases:
+        states = []
+        run(sd15, [term], callback=states.append)
+        if isinstance(ref, AdaptiveProjectedGuidance):
+            ref.momentum_buffer = MomentumBuffer(-0.5)
+        worst = max(
+            maxdiff(s.guided, diffusers_guided(ref, s.preds["cond"], s.preds["uncond"], i, STEPS))
+            for i, s in enumerate(states)
+        )
+        print(f"{term.describe()['method']} run on tiny SD1.5 vs diffusers guider: max diff {worst:.2e}")
+        assert worst <= TOL
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return GuidedPipeline(tiny_sd3(seed=0))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_runs_on_tiny_sd3(sd3, method):
+    rows: list[int] = []
+    handle = sd3.pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: rows.append(int(k["hidden_states"].shape[0])), with_kwargs=True
+    )
+    try:
+        out = run(sd3, METHODS[method], steps=3)
+    finally:
+        handle.remove()
+    assert out.forward_calls == 3 and all(r in (2, 4) for r in rows)
+    assert torch.isfinite(out.latents).all()
+    assert maxdiff(out.latents, run(sd3, [CFG(1.0)], steps=3).latents) > 1e-4
+
+
+def test_cfg_zero_star_zero_init_keeps_the_flow_latents_on_tiny_sd3(sd3):
+    """Zero velocity on the first step: the first Euler step leaves the latents where they were."""
+    states = []
+    run(sd3, [CFGZeroStar(4.0, zero_init_steps=1)], steps=2, callback=states.append)
+    assert torch.equal(states[0].guided, torch.zeros_like(states[0].guided))
+    assert torch.equal(states[0].latents_out, states[0].latents_in)
+    assert not torch.equal(states[1].latents_out, states[1].latents_in)

@@ -2,7 +2,7 @@
 
 Per image, in the model's prediction space (the flow velocity in the paper; epsilon or v on UNets)::
 
-    alpha = <c, u> / (||u||^2 + 1e-8)            (over all of an image's values, float32)
+    alpha = <c, u> / (||u||^2 + 1e-8)            (over all of an image's values, at least float32)
     g = alpha u + w (c - alpha u)
 
 and for the first ``zero_init_steps`` model evaluations (``StepInfo.index < zero_init_steps``,
@@ -35,8 +35,10 @@ from .base import UNCOND, Branch, Predictions, StepInfo, Window, check_finite
 
 
 def optimized_scale(c: Tensor, u: Tensor, eps: float = 1e-8) -> Tensor:
-    """alpha = <c, u> / (||u||^2 + eps) per image, shaped (B, 1, ..., 1), in c's dtype."""
-    cf, uf = c.flatten(1).float(), u.flatten(1).float()
+    """alpha = <c, u> / (||u||^2 + eps) per image, shaped (B, 1, ..., 1), in c's dtype
+    (computed in float32 as diffusers does, or float64 for a float64 model)."""
+    dtype = torch.promote_types(c.dtype, torch.float32)
+    cf, uf = c.flatten(1).to(dtype), u.flatten(1).to(dtype)
     alpha = (cf * uf).sum(dim=1) / ((uf * uf).sum(dim=1) + eps)
     return alpha.to(c.dtype).view(-1, *([1] * (c.ndim - 1)))
 

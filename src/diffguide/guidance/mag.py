@@ -30,7 +30,9 @@ from .space import dims
 def magnitude_scale(c: Tensor, u: Tensor, w: float, alpha: float) -> Tensor:
     """w' = 1 + (w - 1) exp(-alpha ||c - u|| / ||u||), shaped (B, 1, ..., 1)."""
     d = dims(c)
-    ratio = torch.linalg.vector_norm(c - u, dim=d, keepdim=True) / torch.linalg.vector_norm(u, dim=d, keepdim=True)
+    ratio = torch.linalg.vector_norm(c - u, dim=d, keepdim=True) / torch.linalg.vector_norm(
+        u, dim=d, keepdim=True
+    )
     return 1.0 + (w - 1.0) * torch.exp(-alpha * ratio)
 
 

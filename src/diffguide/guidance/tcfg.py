@@ -7,7 +7,7 @@ components tangential to v1 before CFG::
     u' = (u . v1) v1
     g  = u' + w (c - u')        (delta (w - 1)(c - u'))
 
-in the model's prediction space (float32 SVD). Scale convention: w as in CFG (1 = off).
+in the model's prediction space (SVD in float32, or float64 for a float64 model). Scale convention: w as in CFG (1 = off).
 diffusers' ``TangentialClassifierFreeGuidance(guidance_scale=w)`` (default formulation) is the
 same; ComfyUI's TCFG node (pre-CFG) damps ``x - x0`` (sigma * epsilon, sigma * v on flow models),
 a multiple of the prediction, which gives the same u' (v1 does not change with the scale, nor with
@@ -29,10 +29,11 @@ from .base import UNCOND, Branch, Predictions, StepInfo, Window, check_finite
 
 
 def damp_tangential(c: Tensor, u: Tensor) -> Tensor:
-    """u' = (u . v1) v1 per image, v1 the first right singular vector of [c; u] (float32)."""
-    a = torch.stack([c, u], dim=1).flatten(2).float()  # (B, 2, D)
+    """u' = (u . v1) v1 per image, v1 the first right singular vector of [c; u] (at least float32)."""
+    dtype = torch.promote_types(c.dtype, torch.float32)
+    a = torch.stack([c, u], dim=1).flatten(2).to(dtype)  # (B, 2, D)
     v1 = torch.linalg.svd(a, full_matrices=False).Vh[:, :1]  # (B, 1, D)
-    uf = u.reshape(u.shape[0], 1, -1).float()
+    uf = u.reshape(u.shape[0], 1, -1).to(dtype)
     return ((uf @ v1.transpose(-2, -1)) * v1).reshape(u.shape).to(u.dtype)
 
 
