@@ -14,6 +14,7 @@ import torch
 from diffusers.guiders import (
     AdaptiveProjectedGuidance,
     ClassifierFreeZeroStarGuidance,
+    FrequencyDecoupledGuidance,
     MagnitudeAwareGuidance,
     TangentialClassifierFreeGuidance,
 )
@@ -22,8 +23,10 @@ from families_support import tiny_sd3
 from guidance_refs import Patcher, comfy_guided, comfy_node_module, diffusers_guided
 
 from diffguide import CFG, PAG, TPG, ConfigError, GuidedPipeline, StepInfo, Window
+from diffguide.errors import DiffguideError
 from diffguide.guidance import (
     APG,
+    FDG,
     TCFG,
     CFGNorm,
     CFGZeroStar,
@@ -34,6 +37,7 @@ from diffguide.guidance import (
     interval_window,
 )
 from diffguide.guidance.cfg_zero_star import optimized_scale
+from diffguide.guidance.fdg import collapse, laplacian_pyramid, pyr_up
 from diffguide.guidance.space import comfy_input, x0_to_pred
 
 TOL = 1e-6
@@ -186,7 +190,60 @@ def test_bad_parameters_are_one_line_errors(make, message):
     assert str(err.value) == message
 
 
+def test_fdg_pyramid_collapses_to_its_input_and_equal_scales_are_cfg():
+    c, u, _ = preds(11, dtype=torch.float64)
+    bands = laplacian_pyramid(c, 3)
+    assert [b.shape[-1] for b in bands] == [8, 4, 2]
+    assert maxdiff(collapse(bands), c) <= 1e-14
+    smooth = torch.ones_like(c)  # a constant has no detail: everything in the coarse level
+    assert maxdiff(laplacian_pyramid(smooth, 2)[0], 0 * smooth) <= 1e-14
+    assert maxdiff(guided(FDG((4.0, 4.0)), c, u, step_at()), u + 4.0 * (c - u)) <= 1e-13
+    # only the coarse level guided: g - c = pyr_up(3 (c_1 - u_1)), the fine band is c's own
+    coarse = laplacian_pyramid(c, 2)[1] - laplacian_pyramid(u, 2)[1]
+    assert maxdiff(FDG((1.0, 4.0)).guided(c, u) - c, pyr_up(3.0 * coarse)) <= 1e-13
+
+
+def test_fdg_refuses_packed_and_indivisible_predictions():
+    c3 = torch.zeros(1, 64, 16)
+    with pytest.raises(
+        DiffguideError, match=r"FDG needs \(B, C, H, W\) predictions, got shape \(1, 64, 16\)"
+    ):
+        guided(FDG(), c3, c3, step_at())
+    c = torch.zeros(1, 4, 12, 10)
+    with pytest.raises(
+        DiffguideError, match="FDG with 3 levels needs latent sides divisible by 4 and at least 12, got 12x10"
+    ):
+        guided(FDG((3.0, 2.0, 1.5)), c, c, step_at())
+
+
 # --- equality with the references on identical predictions -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("scales", "rhos"), [((10.0, 5.0), None), ((7.0, 3.0, 2.0), (0.5, 1.0, 0.0)), ((4.0,), None)]
+)
+def test_fdg_matches_diffusers_guider(scales, rhos):
+    c, u, _ = preds(12, shape=(3, 4, 16, 16))
+    ref = FrequencyDecoupledGuidance(
+        guidance_scales=list(scales), parallel_weights=list(rhos) if rhos else None
+    )
+    want = diffusers_guided(ref, c, u)
+    d = maxdiff(FDG(scales, rhos).guided(c, u), want)
+    engine = maxdiff(guided(FDG(scales, rhos), c, u, step_at()), want)  # c + (g - c): one rounding
+    print(f"FDG {scales} vs diffusers: max diff {d:.2e} (through the engine's c + delta: {engine:.2e})")
+    assert d <= TOL and engine <= TOL * (1 + want.abs().max().item())
+
+
+def test_diffusers_fdg_defects():
+    """Documented: a level at scale 1 appends the previous level's band (shape error), and a latent
+    with no power-of-two side comes back padded to the next power of two."""
+    c, u, _ = preds(13, shape=(1, 4, 16, 16))
+    with pytest.raises(RuntimeError, match="must match the size"):
+        diffusers_guided(FrequencyDecoupledGuidance(guidance_scales=[7.0, 3.0, 1.0]), c, u)
+    assert guided(FDG((7.0, 3.0, 1.0)), c, u, step_at()).shape == c.shape
+    c96 = torch.randn(1, 4, 96, 96)
+    assert diffusers_guided(FrequencyDecoupledGuidance(), c96, 0.9 * c96).shape == (1, 4, 128, 128)
+    assert guided(FDG(), c96, 0.9 * c96, step_at()).shape == c96.shape
 
 
 @pytest.mark.parametrize(("eta", "r", "beta"), [(0.0, 2.5, -0.75), (0.5, 0.0, 0.0), (1.0, 10.0, 0.3)])
@@ -359,6 +416,7 @@ METHODS = {
     "rescale_cfg": [CFG(4.0), RescaleCFG(0.7)],
     "cfg_norm": [CFG(4.0), CFGNorm(1.0)],
     "cfg_norm_pre": [CFG(4.0), CFGNorm(0.8, pre_cfg=True)],
+    "fdg": [FDG((6.0, 3.0), parallel_weights=(0.5, 1.0))],
 }
 
 

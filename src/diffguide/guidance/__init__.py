@@ -6,6 +6,7 @@ from .cfg import CFG
 from .cfg_norm import CFGNorm
 from .cfg_zero_star import CFGZeroStar
 from .embedded import EmbeddedGuidance
+from .fdg import FDG
 from .interval import INTERVALS, guidance_interval, interval_window
 from .mag import MagnitudeAware
 from .pag import PAG
@@ -18,6 +19,7 @@ __all__ = [
     "APG",
     "CFG",
     "COND",
+    "FDG",
     "INTERVALS",
     "PAG",
     "SLG",
