@@ -28,6 +28,7 @@ from diffguide.guidance import (
     APG,
     FDG,
     TCFG,
+    AdaptiveCFG,
     CFGNorm,
     CFGZeroStar,
     MagnitudeAware,
@@ -214,6 +215,31 @@ def test_fdg_refuses_packed_and_indivisible_predictions():
         DiffguideError, match="FDG with 3 levels needs latent sides divisible by 4 and at least 12, got 12x10"
     ):
         guided(FDG((3.0, 2.0, 1.5)), c, c, step_at())
+
+
+def fooocus_compute_cfg(uncond, cond, cfg_scale, adaptive_cfg, timestep):
+    """Fooocus's compute_cfg (modules/patch.py) as its CFG hook calls it, t = 1 - timestep / 999."""
+    t = 1.0 - timestep / 999.0
+    real = uncond + cfg_scale * (cond - uncond)
+    if cfg_scale > adaptive_cfg:
+        return real * t + (uncond + adaptive_cfg * (cond - uncond)) * (1 - t)
+    return real
+
+
+@pytest.mark.parametrize(("w", "mimic"), [(12.0, 7.0), (5.0, 7.0), (7.0, 7.0)])
+def test_adaptive_cfg_is_fooocus_compute_cfg(w, mimic):
+    """In float64: Fooocus blends two CFG results, we scale once (float32 orders differ by 2e-6)."""
+    c, u, _ = preds(14, dtype=torch.float64)
+    worst = 0.0
+    for timestep in (999.0, 700.0, 250.0, 1.0):
+        step = StepInfo(0, 10, 1.0, timestep)
+        want = fooocus_compute_cfg(u, c, w, mimic, timestep)
+        worst = max(worst, maxdiff(guided(AdaptiveCFG(w, mimic=mimic), c, u, step), want))
+    print(f"adaptive CFG ({w}, mimic {mimic}) vs Fooocus's formula: max diff {worst:.2e}")
+    assert worst <= 1e-12
+    first = AdaptiveCFG(w, mimic=mimic).scale_at(StepInfo(0, 10, 14.6, 999.0))
+    assert first == (mimic if w > mimic else w)  # the first step is guided like the mimicked scale
+    assert AdaptiveCFG(w, mimic=mimic).scale_at(StepInfo(9, 10, 0.03, 0.0)) == w  # the last like w
 
 
 # --- equality with the references on identical predictions -------------------------------------
@@ -417,6 +443,7 @@ METHODS = {
     "cfg_norm": [CFG(4.0), CFGNorm(1.0)],
     "cfg_norm_pre": [CFG(4.0), CFGNorm(0.8, pre_cfg=True)],
     "fdg": [FDG((6.0, 3.0), parallel_weights=(0.5, 1.0))],
+    "adaptive_cfg": [AdaptiveCFG(9.0, mimic=3.0)],
 }
 
 

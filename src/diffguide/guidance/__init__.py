@@ -1,5 +1,6 @@
 """Guidance terms: pure tensor math, one method per file."""
 
+from .adaptive_cfg import AdaptiveCFG
 from .apg import APG
 from .base import COND, UNCOND, Branch, GuidanceTerm, RunState, StepInfo, Window
 from .cfg import CFG
@@ -26,6 +27,7 @@ __all__ = [
     "TCFG",
     "TPG",
     "UNCOND",
+    "AdaptiveCFG",
     "Branch",
     "CFGNorm",
     "CFGZeroStar",

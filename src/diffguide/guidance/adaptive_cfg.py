@@ -1,0 +1,79 @@
+"""Fooocus's adaptive CFG: CFG at a high scale that mimics a lower one early in sampling.
+
+Fooocus (lllyasviel, ``modules/patch.py``: ``compute_cfg``) blends, at a scale w above the mimicked
+scale w_m, the real CFG prediction with the one at w_m by the diffusion progress
+t = 1 - timestep / 999 (0 at the first, pure-noise step, 1 at the end)::
+
+    g = t * CFG(w) + (1 - t) * CFG(w_m)        if w > w_m       (CFG(v) = u + v (c - u))
+    g = CFG(w)                                 otherwise
+
+that is CFG with the scale ``w_t = t w + (1 - t) w_m``: early steps are guided like w_m (less
+saturation, Fooocus's "TSNR mimicry"), late steps with the full w. Fooocus combines ``x - x0``
+(sigma * epsilon); the blend is linear, so any prediction space gives the same x0.
+
+t is taken from :attr:`StepInfo.timestep` (the 0..999 training timestep on the SD family, what
+Fooocus reads from ComfyUI's model sampling; ``1000 sigma`` on flow models, where t is clamped to
+[0, 1]). Defaults: Fooocus's ``adaptive_cfg`` 7 as ``mimic``; ``scale`` 10. Fooocus's sharpness
+(an anisotropic filter blended into the cond prediction) is not included. Cost: one unconditional
+branch, as CFG.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from ..errors import ConfigError
+from .base import UNCOND, Branch, Predictions, StepInfo, Window, check_finite
+
+
+def progress(timestep: float) -> float:
+    """Fooocus's diffusion progress 1 - timestep / 999, clamped to [0, 1]."""
+    return min(1.0, max(0.0, 1.0 - timestep / 999.0))
+
+
+def adaptive_scale(w: float, mimic: float, t: float) -> float:
+    """The effective CFG scale: t w + (1 - t) mimic above the mimicked scale, else w."""
+    return t * w + (1.0 - t) * mimic if w > mimic else w
+
+
+@dataclass(frozen=True)
+class AdaptiveCFG:
+    """Fooocus's adaptive CFG. ``scale`` w (1 = off), ``mimic`` w_m (Fooocus's ``adaptive_cfg``)."""
+
+    scale: float = 10.0
+    mimic: float = 7.0
+    window: Window = field(default_factory=Window)
+    name: str = "adaptive_cfg"
+
+    def __post_init__(self) -> None:
+        check_finite("adaptive CFG scale", self.scale)
+        check_finite("adaptive CFG mimic", self.mimic)
+        for what, value in (("scale", self.scale), ("mimic", self.mimic)):
+            if not 0.0 <= value <= 100.0:
+                raise ConfigError(f"adaptive CFG {what} must be in [0, 100], got {value}")
+
+    def branches(self) -> tuple[Branch, ...]:
+        return (UNCOND,)
+
+    def scale_at(self, step: StepInfo) -> float:
+        return adaptive_scale(self.scale, self.mimic, progress(step.timestep))
+
+    def active(self, step: StepInfo) -> bool:
+        return self.window.contains(step) and self.scale_at(step) != 1.0
+
+    def delta(self, preds: Predictions, step: StepInfo) -> Tensor:
+        return (self.scale_at(step) - 1.0) * (preds["cond"] - preds["uncond"])
+
+    def post(self, guided: Tensor, preds: Predictions, step: StepInfo) -> Tensor:
+        return guided
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "method": "adaptive_cfg",
+            "name": self.name,
+            "scale": self.scale,
+            "mimic": self.mimic,
+            "window": self.window.describe(),
+        }
