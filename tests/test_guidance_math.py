@@ -39,6 +39,7 @@ from diffguide.guidance import (
 )
 from diffguide.guidance.cfg_zero_star import optimized_scale
 from diffguide.guidance.fdg import collapse, laplacian_pyramid, pyr_up
+from diffguide.guidance.sharpness import joint_bilateral
 from diffguide.guidance.space import comfy_input, x0_to_pred
 
 TOL = 1e-6
@@ -240,6 +241,53 @@ def test_adaptive_cfg_is_fooocus_compute_cfg(w, mimic):
     first = AdaptiveCFG(w, mimic=mimic).scale_at(StepInfo(0, 10, 14.6, 999.0))
     assert first == (mimic if w > mimic else w)  # the first step is guided like the mimicked scale
     assert AdaptiveCFG(w, mimic=mimic).scale_at(StepInfo(9, 10, 0.03, 0.0)) == w  # the last like w
+
+
+def test_sharpness_filter_is_kornias_joint_bilateral_blur():
+    """Fooocus's anisotropic.py is kornia's joint bilateral blur (13 x 13, sigma 3 and 3, L1, reflect)."""
+    from kornia.filters import joint_bilateral_blur
+
+    x, g, _ = preds(15, shape=(2, 4, 16, 12))
+    d = maxdiff(joint_bilateral(x, g), joint_bilateral_blur(x, g, (13, 13), 3.0, (3.0, 3.0), "reflect", "l1"))
+    print(f"sharpness filter vs kornia: max diff {d:.2e}")
+    assert d <= TOL
+    flat = torch.ones(1, 4, 16, 16)
+    assert maxdiff(joint_bilateral(3.0 * flat, torch.randn(1, 4, 16, 16)), 3.0 * flat) <= 1e-6  # averages
+    with pytest.raises(
+        DiffguideError, match=r"Fooocus sharpness needs \(B, C, H, W\) predictions with sides above 6"
+    ):
+        joint_bilateral(torch.zeros(1, 4, 6, 16), torch.zeros(1, 4, 6, 16))
+
+
+def fooocus_cfg_hook(x, c0, u0, w, adaptive_cfg, sharpness, timestep):
+    """Fooocus's sampler CFG hook (modules/patch.py) in ComfyUI's terms: eps = x - x0, its filter
+    (kornia's joint bilateral blur on the standardised cond x0), compute_cfg; returns the guided x0."""
+    from kornia.filters import joint_bilateral_blur
+
+    cond_eps, uncond_eps = x - c0, x - u0
+    t = 1.0 - timestep / 999.0
+    alpha = 0.001 * sharpness * t
+    std, mean = torch.std_mean(c0, dim=(1, 2, 3), keepdim=True)
+    degraded = joint_bilateral_blur(
+        cond_eps, (c0 - mean) / (std + 1e-5), (13, 13), 3.0, (3.0, 3.0), "reflect", "l1"
+    )
+    weighted = degraded * alpha + cond_eps * (1.0 - alpha)
+    return x - fooocus_compute_cfg(uncond_eps, weighted, w, adaptive_cfg, timestep)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "flow"])
+def test_adaptive_cfg_with_sharpness_is_fooocus_cfg_hook(prediction):
+    c, u, x = preds(16, shape=(2, 4, 16, 16), dtype=torch.float64)
+    worst = 0.0
+    for timestep, sigma in ((999.0, 14.6), (500.0, 1.9), (20.0, 0.05)):
+        step = StepInfo(0, 10, sigma, timestep, x, prediction)
+        ours = step.to_x0(guided(AdaptiveCFG(12.0, mimic=7.0, sharpness=2.0), c, u, step))
+        ref = fooocus_cfg_hook(comfy_input(step), step.to_x0(c), step.to_x0(u), 12.0, 7.0, 2.0, timestep)
+        worst = max(worst, maxdiff(ours, ref))
+    print(f"adaptive CFG + sharpness vs Fooocus's hook ({prediction}): max diff {worst:.2e}")
+    assert worst <= 1e-10
+    sharp = guided(AdaptiveCFG(12.0, mimic=7.0, sharpness=2.0), c, u, step)
+    assert maxdiff(sharp, guided(AdaptiveCFG(12.0, mimic=7.0), c, u, step)) > 1e-6
 
 
 # --- equality with the references on identical predictions -------------------------------------
@@ -444,6 +492,7 @@ METHODS = {
     "cfg_norm_pre": [CFG(4.0), CFGNorm(0.8, pre_cfg=True)],
     "fdg": [FDG((6.0, 3.0), parallel_weights=(0.5, 1.0))],
     "adaptive_cfg": [AdaptiveCFG(9.0, mimic=3.0)],
+    "adaptive_cfg_sharpness": [AdaptiveCFG(9.0, mimic=3.0, sharpness=20.0)],
 }
 
 

@@ -13,9 +13,14 @@ saturation, Fooocus's "TSNR mimicry"), late steps with the full w. Fooocus combi
 
 t is taken from :attr:`StepInfo.timestep` (the 0..999 training timestep on the SD family, what
 Fooocus reads from ComfyUI's model sampling; ``1000 sigma`` on flow models, where t is clamped to
-[0, 1]). Defaults: Fooocus's ``adaptive_cfg`` 7 as ``mimic``; ``scale`` 10. Fooocus's sharpness
-(an anisotropic filter blended into the cond prediction) is not included. Cost: one unconditional
-branch, as CFG.
+[0, 1]). Defaults: Fooocus's ``adaptive_cfg`` 7 as ``mimic``; ``scale`` 10.
+
+Sharpness (``sharpness`` s; Fooocus's default 2, here 0 = off): Fooocus replaces the cond "noise"
+``n = x - x0`` (ComfyUI's input minus the cond's x0) in that CFG by ``n + a (F(n) - n)``, F its
+anisotropic filter (:mod:`.sharpness`), ``a = 0.001 s t``, so the guided noise gains
+``w_t a (F(n) - n)``; here that change is mapped to the prediction (:mod:`.space`). It needs the
+model input x and (B, C, H, W) predictions. Cost: one unconditional branch, as CFG, plus the
+13 x 13 filter of one image per image when sharpness is on.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .base import UNCOND, Branch, Predictions, StepInfo, Window, check_finite
+from .sharpness import anisotropic
+from .space import comfy_input, x0_to_pred
 
 
 def progress(timestep: float) -> float:
@@ -40,16 +47,21 @@ def adaptive_scale(w: float, mimic: float, t: float) -> float:
 
 @dataclass(frozen=True)
 class AdaptiveCFG:
-    """Fooocus's adaptive CFG. ``scale`` w (1 = off), ``mimic`` w_m (Fooocus's ``adaptive_cfg``)."""
+    """Fooocus's adaptive CFG. ``scale`` w (1 = off), ``mimic`` w_m (Fooocus's ``adaptive_cfg``),
+    ``sharpness`` (Fooocus's sharpness; 0 = off)."""
 
     scale: float = 10.0
     mimic: float = 7.0
+    sharpness: float = 0.0
     window: Window = field(default_factory=Window)
     name: str = "adaptive_cfg"
 
     def __post_init__(self) -> None:
         check_finite("adaptive CFG scale", self.scale)
         check_finite("adaptive CFG mimic", self.mimic)
+        check_finite("adaptive CFG sharpness", self.sharpness)
+        if not 0.0 <= self.sharpness <= 30.0:
+            raise ConfigError(f"adaptive CFG sharpness must be in [0, 30], got {self.sharpness}")
         for what, value in (("scale", self.scale), ("mimic", self.mimic)):
             if not 0.0 <= value <= 100.0:
                 raise ConfigError(f"adaptive CFG {what} must be in [0, 100], got {value}")
@@ -64,7 +76,14 @@ class AdaptiveCFG:
         return self.window.contains(step) and self.scale_at(step) != 1.0
 
     def delta(self, preds: Predictions, step: StepInfo) -> Tensor:
-        return (self.scale_at(step) - 1.0) * (preds["cond"] - preds["uncond"])
+        c, w = preds["cond"], self.scale_at(step)
+        delta = (w - 1.0) * (c - preds["uncond"])
+        a = 0.001 * self.sharpness * progress(step.timestep)
+        if a == 0.0:
+            return delta
+        c0 = step.to_x0(c)
+        n = comfy_input(step) - c0
+        return delta + x0_to_pred(step, -w * a * (anisotropic(n, c0) - n))
 
     def post(self, guided: Tensor, preds: Predictions, step: StepInfo) -> Tensor:
         return guided
@@ -75,5 +94,6 @@ class AdaptiveCFG:
             "name": self.name,
             "scale": self.scale,
             "mimic": self.mimic,
+            "sharpness": self.sharpness,
             "window": self.window.describe(),
         }
