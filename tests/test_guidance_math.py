@@ -572,6 +572,24 @@ def test_term_outside_its_window_adds_no_rows_and_no_guidance(sd15, unet_calls, 
         assert torch.equal(s.guided, s.preds["cond"])
 
 
+@pytest.mark.parametrize(
+    "post", [RescaleCFG(0.7, window=Window(start=0.5)), CFGNorm(0.5, pre_cfg=True, window=Window(start=0.5))]
+)
+def test_corrections_act_only_inside_their_window(sd15, unet_calls, post):
+    plain, corrected = [], []
+    run(sd15, [CFG(4.0)], callback=plain.append)
+    with unet_calls(sd15.unet) as log:
+        run(sd15, [CFG(4.0), post], callback=corrected.append)
+    assert log.rows == [4] * STEPS  # no rows of their own
+    for s in corrected[:2]:  # before the window: plain CFG, c + (w - 1)(c - u), of the step's predictions
+        assert torch.equal(s.guided, s.preds["cond"] + 3.0 * (s.preds["cond"] - s.preds["uncond"]))
+    late = corrected[2]
+    assert (
+        maxdiff(late.guided, late.preds["uncond"] + 4.0 * (late.preds["cond"] - late.preds["uncond"])) > 1e-4
+    )
+    assert maxdiff(corrected[0].guided, plain[0].guided) == 0.0
+
+
 def test_guidance_interval_guides_only_inside_its_sigmas(sd15, unet_calls):
     sigmas: list[float] = []
     with unet_calls(sd15.unet) as log:
