@@ -1,20 +1,35 @@
-"""Guidance terms: pure tensor math, one method per file."""
+"""Guidance terms: pure tensor math, one method per file.
 
-from .adaptive_cfg import AdaptiveCFG
-from .apg import APG
+A method registers itself (``@register("name")`` on a frozen :class:`Term` dataclass, see
+:mod:`.term`); every module of this package is imported here, so a new ``<method>.py`` is
+known everywhere without further edits.
+"""
+
+import importlib
+import pkgutil
+
 from .base import COND, UNCOND, Branch, GuidanceTerm, RunState, StepInfo, Window
 from .cfg import CFG
-from .cfg_norm import CFGNorm
-from .cfg_zero_star import CFGZeroStar
 from .embedded import EmbeddedGuidance
-from .fdg import FDG
-from .interval import INTERVALS, guidance_interval, interval_window
-from .mag import MagnitudeAware
 from .pag import PAG
-from .rescale_cfg import RescaleCFG
 from .slg import SLG
-from .tcfg import TCFG
+from .term import REGISTRY, Term, register
 from .tpg import TPG
+
+for _module in pkgutil.iter_modules(__path__):  # the other method files register themselves
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+# Below the built-ins (sorted imports would put adaptive_cfg and apg before cfg): the registry lists
+# the built-ins first.
+from .adaptive_cfg import AdaptiveCFG  # noqa: E402
+from .apg import APG  # noqa: E402
+from .cfg_norm import CFGNorm  # noqa: E402
+from .cfg_zero_star import CFGZeroStar  # noqa: E402
+from .fdg import FDG  # noqa: E402
+from .interval import INTERVALS, guidance_interval, interval_window  # noqa: E402
+from .mag import MagnitudeAware  # noqa: E402
+from .rescale_cfg import RescaleCFG  # noqa: E402
+from .tcfg import TCFG  # noqa: E402
 
 __all__ = [
     "APG",
@@ -23,6 +38,7 @@ __all__ = [
     "FDG",
     "INTERVALS",
     "PAG",
+    "REGISTRY",
     "SLG",
     "TCFG",
     "TPG",
@@ -37,7 +53,9 @@ __all__ = [
     "RescaleCFG",
     "RunState",
     "StepInfo",
+    "Term",
     "Window",
     "guidance_interval",
     "interval_window",
+    "register",
 ]

@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from ..errors import ConfigError
-from .base import UNCOND, Branch, Predictions, StepInfo, Window, check_finite
+from .base import UNCOND, Branch, Predictions, StepInfo, Window
 from .sharpness import anisotropic
 from .space import comfy_input, x0_to_pred
+from .term import Term, bounds, register
 
 
 def progress(timestep: float) -> float:
@@ -45,8 +45,9 @@ def adaptive_scale(w: float, mimic: float, t: float) -> float:
     return t * w + (1.0 - t) * mimic if w > mimic else w
 
 
+@register("adaptive_cfg")
 @dataclass(frozen=True)
-class AdaptiveCFG:
+class AdaptiveCFG(Term):
     """Fooocus's adaptive CFG. ``scale`` w (1 = off), ``mimic`` w_m (Fooocus's ``adaptive_cfg``),
     ``sharpness`` (Fooocus's sharpness; 0 = off)."""
 
@@ -56,24 +57,15 @@ class AdaptiveCFG:
     window: Window = field(default_factory=Window)
     name: str = "adaptive_cfg"
 
-    def __post_init__(self) -> None:
-        check_finite("adaptive CFG scale", self.scale)
-        check_finite("adaptive CFG mimic", self.mimic)
-        check_finite("adaptive CFG sharpness", self.sharpness)
-        if not 0.0 <= self.sharpness <= 30.0:
-            raise ConfigError(f"adaptive CFG sharpness must be in [0, 30], got {self.sharpness}")
-        for what, value in (("scale", self.scale), ("mimic", self.mimic)):
-            if not 0.0 <= value <= 100.0:
-                raise ConfigError(f"adaptive CFG {what} must be in [0, 100], got {value}")
+    label = "adaptive CFG"
+    off = 1.0
+    ranges = bounds(scale=(0.0, 100.0), mimic=(0.0, 100.0), sharpness=(0.0, 30.0))
 
     def branches(self) -> tuple[Branch, ...]:
         return (UNCOND,)
 
     def scale_at(self, step: StepInfo) -> float:
         return adaptive_scale(self.scale, self.mimic, progress(step.timestep))
-
-    def active(self, step: StepInfo) -> bool:
-        return self.window.contains(step) and self.scale_at(step) != 1.0
 
     def delta(self, preds: Predictions, step: StepInfo) -> Tensor:
         c, w = preds["cond"], self.scale_at(step)
@@ -84,16 +76,3 @@ class AdaptiveCFG:
         c0 = step.to_x0(c)
         n = comfy_input(step) - c0
         return delta + x0_to_pred(step, -w * a * (anisotropic(n, c0) - n))
-
-    def post(self, guided: Tensor, preds: Predictions, step: StepInfo) -> Tensor:
-        return guided
-
-    def describe(self) -> dict[str, object]:
-        return {
-            "method": "adaptive_cfg",
-            "name": self.name,
-            "scale": self.scale,
-            "mimic": self.mimic,
-            "sharpness": self.sharpness,
-            "window": self.window.describe(),
-        }

@@ -27,6 +27,7 @@ Momentum is per run and per image: the running D is a (B, ...) tensor kept in th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -34,8 +35,9 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import UNCOND, Branch, Predictions, StepInfo, Window, check_finite
+from .base import UNCOND, Branch, Predictions, StepInfo, Window
 from .space import dims, x0_to_pred
+from .term import Term, bounds, register
 
 Space = Literal["x0", "prediction"]
 SPACES: tuple[Space, ...] = ("x0", "prediction")
@@ -64,8 +66,9 @@ def apg_update(d: Tensor, c: Tensor, eta: float, r: float) -> Tensor:
     return orthogonal + eta * parallel
 
 
+@register("apg")
 @dataclass(frozen=True)
-class APG:
+class APG(Term):
     """Adaptive Projected Guidance. ``scale`` w (1 = off), ``eta`` weight of the parallel part,
     ``norm_threshold`` r (0 = no clipping), ``momentum`` beta (0 = none), ``space`` x0 or prediction.
     Defaults: the paper's Algorithm 1 listing (eta 0, r 2.5, beta -0.75) at scale 7.5."""
@@ -78,28 +81,11 @@ class APG:
     window: Window = field(default_factory=Window)
     name: str = "apg"
 
-    def __post_init__(self) -> None:
-        for what, value in (
-            ("scale", self.scale),
-            ("eta", self.eta),
-            ("norm_threshold", self.norm_threshold),
-        ):
-            check_finite(f"APG {what}", value)
-        check_finite("APG momentum", self.momentum)
-        if not 0.0 <= self.scale <= 100.0:
-            raise ConfigError(f"APG scale must be in [0, 100], got {self.scale}")
-        if self.norm_threshold < 0.0:
-            raise ConfigError(f"APG norm_threshold must be >= 0 (0 = off), got {self.norm_threshold}")
-        if not -5.0 <= self.momentum <= 1.0:
-            raise ConfigError(f"APG momentum must be in [-5, 1] (0 = off), got {self.momentum}")
-        if self.space not in SPACES:
-            raise ConfigError(f"APG space must be one of {', '.join(SPACES)}, got {self.space!r}")
+    off = 1.0
+    ranges = bounds(scale=(0.0, 100.0), norm_threshold=(0.0, math.inf), momentum=(-5.0, 1.0))
 
     def branches(self) -> tuple[Branch, ...]:
         return (UNCOND,)
-
-    def active(self, step: StepInfo) -> bool:
-        return self.scale != 1.0 and self.window.contains(step)
 
     def _momentum(self, d: Tensor, step: StepInfo) -> Tensor:
         if self.momentum == 0.0:
@@ -121,18 +107,3 @@ class APG:
             self._momentum(c - u, step), c, self.eta, self.norm_threshold
         )
         return x0_to_pred(step, update) if self.space == "x0" else update
-
-    def post(self, guided: Tensor, preds: Predictions, step: StepInfo) -> Tensor:
-        return guided
-
-    def describe(self) -> dict[str, object]:
-        return {
-            "method": "apg",
-            "name": self.name,
-            "scale": self.scale,
-            "eta": self.eta,
-            "norm_threshold": self.norm_threshold,
-            "momentum": self.momentum,
-            "space": self.space,
-            "window": self.window.describe(),
-        }

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
-from .base import Branch, Predictions, StepInfo, Window, check_finite
+from .base import Predictions, StepInfo, Window
 from .space import comfy_input, x0_to_pred
+from .term import Term, bounds, register
 
 
 def channel_dim(t: Tensor) -> int:
@@ -51,8 +51,9 @@ def norm_pre(n_g: Tensor, n_c: Tensor, strength: float) -> Tensor:
     return strength * rescaled + (1.0 - strength) * n_g if strength != 1.0 else rescaled
 
 
+@register("cfg_norm")
 @dataclass(frozen=True)
-class CFGNorm:
+class CFGNorm(Term):
     """ComfyUI's CFGNorm. ``strength`` k in [0, 100]; ``pre_cfg`` picks the form."""
 
     strength: float = 1.0
@@ -60,15 +61,8 @@ class CFGNorm:
     window: Window = field(default_factory=Window)
     name: str = "cfg_norm"
 
-    def __post_init__(self) -> None:
-        check_finite("CFGNorm strength", self.strength)
-        if not 0.0 <= self.strength <= 100.0:
-            raise ConfigError(f"CFGNorm strength must be in [0, 100], got {self.strength}")
-        if not isinstance(self.pre_cfg, bool):
-            raise ConfigError(f"CFGNorm pre_cfg must be true or false, got {self.pre_cfg!r}")
-
-    def branches(self) -> tuple[Branch, ...]:
-        return ()
+    label = "CFGNorm"
+    ranges = bounds(strength=(0.0, 100.0))
 
     def active(self, step: StepInfo) -> bool:
         return step.sigma > 0.0 and self.window.contains(step)
@@ -84,12 +78,3 @@ class CFGNorm:
         else:
             target = norm_post(g0, c0, self.strength)
         return guided + x0_to_pred(step, target - g0)
-
-    def describe(self) -> dict[str, object]:
-        return {
-            "method": "cfg_norm",
-            "name": self.name,
-            "strength": self.strength,
-            "pre_cfg": self.pre_cfg,
-            "window": self.window.describe(),
-        }

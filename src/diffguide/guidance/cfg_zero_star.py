@@ -31,7 +31,8 @@ from torch import Tensor
 
 from ..defaults import DEFAULTS
 from ..errors import ConfigError
-from .base import UNCOND, Branch, Predictions, StepInfo, Window, check_finite
+from .base import UNCOND, Branch, Predictions, StepInfo, Window
+from .term import Term, bounds, register
 
 
 def optimized_scale(c: Tensor, u: Tensor, eps: float = 1e-8) -> Tensor:
@@ -43,8 +44,9 @@ def optimized_scale(c: Tensor, u: Tensor, eps: float = 1e-8) -> Tensor:
     return alpha.to(c.dtype).view(-1, *([1] * (c.ndim - 1)))
 
 
+@register("cfg_zero_star")
 @dataclass(frozen=True)
-class CFGZeroStar:
+class CFGZeroStar(Term):
     """CFG-Zero*. ``scale`` w (1 = off), ``zero_init_steps`` K (0 = none)."""
 
     scale: float = DEFAULTS.cfg
@@ -52,12 +54,11 @@ class CFGZeroStar:
     window: Window = field(default_factory=Window)
     name: str = "cfg_zero_star"
 
-    def __post_init__(self) -> None:
-        check_finite("CFG-Zero* scale", self.scale)
-        if not 0.0 <= self.scale <= 100.0:
-            raise ConfigError(f"CFG-Zero* scale must be in [0, 100], got {self.scale}")
-        if isinstance(self.zero_init_steps, bool) or not isinstance(self.zero_init_steps, int):
-            raise ConfigError(f"CFG-Zero* zero_init_steps must be an integer, got {self.zero_init_steps!r}")
+    label = "CFG-Zero*"
+    off = 1.0
+    ranges = bounds(scale=(0.0, 100.0))
+
+    def validate(self) -> None:
         if self.zero_init_steps < 0:
             raise ConfigError(f"CFG-Zero* zero_init_steps must be >= 0, got {self.zero_init_steps}")
 
@@ -78,12 +79,3 @@ class CFGZeroStar:
 
     def post(self, guided: Tensor, preds: Predictions, step: StepInfo) -> Tensor:
         return torch.zeros_like(guided) if step.index < self.zero_init_steps else guided
-
-    def describe(self) -> dict[str, object]:
-        return {
-            "method": "cfg_zero_star",
-            "name": self.name,
-            "scale": self.scale,
-            "zero_init_steps": self.zero_init_steps,
-            "window": self.window.describe(),
-        }

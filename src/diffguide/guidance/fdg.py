@@ -34,6 +34,7 @@ from torch import Tensor
 from ..errors import ConfigError, DiffguideError
 from .apg import project
 from .base import UNCOND, Branch, Predictions, StepInfo, Window, check_finite
+from .term import Term, register
 
 _BINOMIAL = (1.0, 4.0, 6.0, 4.0, 1.0)
 
@@ -83,8 +84,9 @@ def check_shape(pred: Tensor, levels: int) -> None:
         )
 
 
+@register("fdg")
 @dataclass(frozen=True)
-class FDG:
+class FDG(Term):
     """Frequency-decoupled guidance. ``scales``: one CFG scale per level, finest first;
     ``parallel_weights``: rho per level (None: all 1, no projection)."""
 
@@ -93,10 +95,15 @@ class FDG:
     window: Window = field(default_factory=Window)
     name: str = "fdg"
 
+    off = 1.0
+
     def __post_init__(self) -> None:
-        object.__setattr__(self, "scales", tuple(self.scales))
+        object.__setattr__(self, "scales", tuple(self.scales))  # manifests store lists
         if self.parallel_weights is not None:
             object.__setattr__(self, "parallel_weights", tuple(self.parallel_weights))
+        super().__post_init__()
+
+    def validate(self) -> None:
         if not 1 <= len(self.scales) <= 8:
             raise ConfigError(f"FDG needs 1 to 8 scales (one per pyramid level), got {len(self.scales)}")
         for w in self.scales:
@@ -138,15 +145,3 @@ class FDG:
     def delta(self, preds: Predictions, step: StepInfo) -> Tensor:
         c = preds["cond"]
         return self.guided(c, preds["uncond"]) - c
-
-    def post(self, guided: Tensor, preds: Predictions, step: StepInfo) -> Tensor:
-        return guided
-
-    def describe(self) -> dict[str, object]:
-        return {
-            "method": "fdg",
-            "name": self.name,
-            "scales": list(self.scales),
-            "parallel_weights": None if self.parallel_weights is None else list(self.parallel_weights),
-            "window": self.window.describe(),
-        }

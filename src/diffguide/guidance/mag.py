@@ -17,14 +17,15 @@ on packed (B, tokens, channels) ones (Flux). No ComfyUI core node. Cost: one unc
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
-from .base import UNCOND, Branch, Predictions, StepInfo, Window, check_finite
+from .base import UNCOND, Branch, Predictions, StepInfo, Window
 from .space import dims
+from .term import Term, bounds, register
 
 
 def magnitude_scale(c: Tensor, u: Tensor, w: float, alpha: float) -> Tensor:
@@ -36,8 +37,9 @@ def magnitude_scale(c: Tensor, u: Tensor, w: float, alpha: float) -> Tensor:
     return 1.0 + (w - 1.0) * torch.exp(-alpha * ratio)
 
 
+@register("mag")
 @dataclass(frozen=True)
-class MagnitudeAware:
+class MagnitudeAware(Term):
     """Magnitude-aware guidance. ``scale`` w (1 = off), ``alpha`` >= 0 (0 = CFG)."""
 
     scale: float = 10.0
@@ -45,32 +47,13 @@ class MagnitudeAware:
     window: Window = field(default_factory=Window)
     name: str = "mag"
 
-    def __post_init__(self) -> None:
-        check_finite("magnitude-aware scale", self.scale)
-        check_finite("magnitude-aware alpha", self.alpha)
-        if not 0.0 <= self.scale <= 100.0:
-            raise ConfigError(f"magnitude-aware scale must be in [0, 100], got {self.scale}")
-        if self.alpha < 0.0:
-            raise ConfigError(f"magnitude-aware alpha must be >= 0, got {self.alpha}")
+    label = "magnitude-aware"
+    off = 1.0
+    ranges = bounds(scale=(0.0, 100.0), alpha=(0.0, math.inf))
 
     def branches(self) -> tuple[Branch, ...]:
         return (UNCOND,)
 
-    def active(self, step: StepInfo) -> bool:
-        return self.scale != 1.0 and self.window.contains(step)
-
     def delta(self, preds: Predictions, step: StepInfo) -> Tensor:
         c, u = preds["cond"], preds["uncond"]
         return (magnitude_scale(c, u, self.scale, self.alpha) - 1.0) * (c - u)
-
-    def post(self, guided: Tensor, preds: Predictions, step: StepInfo) -> Tensor:
-        return guided
-
-    def describe(self) -> dict[str, object]:
-        return {
-            "method": "mag",
-            "name": self.name,
-            "scale": self.scale,
-            "alpha": self.alpha,
-            "window": self.window.describe(),
-        }

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
-from .base import Branch, Predictions, StepInfo, Window, check_finite
+from .base import Predictions, StepInfo, Window
 from .space import comfy_input, dims, x0_to_pred
+from .term import Term, bounds, register
 
 
 def rescale_in_v(g0: Tensor, c0: Tensor, x: Tensor, sigma: float, phi: float) -> Tensor:
@@ -41,21 +41,17 @@ def rescale_in_v(g0: Tensor, c0: Tensor, x: Tensor, sigma: float, phi: float) ->
     return xs - v * sigma / root
 
 
+@register("rescale_cfg")
 @dataclass(frozen=True)
-class RescaleCFG:
+class RescaleCFG(Term):
     """ComfyUI's RescaleCFG. ``multiplier`` phi in [0, 1]."""
 
     multiplier: float = 0.7
     window: Window = field(default_factory=Window)
     name: str = "rescale_cfg"
 
-    def __post_init__(self) -> None:
-        check_finite("RescaleCFG multiplier", self.multiplier)
-        if not 0.0 <= self.multiplier <= 1.0:
-            raise ConfigError(f"RescaleCFG multiplier must be in [0, 1], got {self.multiplier}")
-
-    def branches(self) -> tuple[Branch, ...]:
-        return ()
+    label = "RescaleCFG"
+    ranges = bounds(multiplier=(0.0, 1.0))
 
     def active(self, step: StepInfo) -> bool:
         return self.multiplier != 0.0 and step.sigma > 0.0 and self.window.contains(step)
@@ -67,11 +63,3 @@ class RescaleCFG:
         g0, c0 = step.to_x0(guided), step.to_x0(preds["cond"])
         target = rescale_in_v(g0, c0, comfy_input(step), float(step.sigma), self.multiplier)
         return guided + x0_to_pred(step, target - g0)
-
-    def describe(self) -> dict[str, object]:
-        return {
-            "method": "rescale_cfg",
-            "name": self.name,
-            "multiplier": self.multiplier,
-            "window": self.window.describe(),
-        }

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from ..defaults import DEFAULTS
-from ..errors import ConfigError
-from .base import UNCOND, Branch, Predictions, StepInfo, Window, check_finite
+from .base import UNCOND, Branch, Predictions, StepInfo, Window
+from .term import Term, bounds, register
 
 
 def damp_tangential(c: Tensor, u: Tensor) -> Tensor:
@@ -37,31 +37,21 @@ def damp_tangential(c: Tensor, u: Tensor) -> Tensor:
     return ((uf @ v1.transpose(-2, -1)) * v1).reshape(u.shape).to(u.dtype)
 
 
+@register("tcfg")
 @dataclass(frozen=True)
-class TCFG:
+class TCFG(Term):
     """Tangential damping CFG. ``scale`` w (1 = off)."""
 
     scale: float = DEFAULTS.cfg
     window: Window = field(default_factory=Window)
     name: str = "tcfg"
 
-    def __post_init__(self) -> None:
-        check_finite("TCFG scale", self.scale)
-        if not 0.0 <= self.scale <= 100.0:
-            raise ConfigError(f"TCFG scale must be in [0, 100], got {self.scale}")
+    off = 1.0
+    ranges = bounds(scale=(0.0, 100.0))
 
     def branches(self) -> tuple[Branch, ...]:
         return (UNCOND,)
 
-    def active(self, step: StepInfo) -> bool:
-        return self.scale != 1.0 and self.window.contains(step)
-
     def delta(self, preds: Predictions, step: StepInfo) -> Tensor:
         c = preds["cond"]
         return (self.scale - 1.0) * (c - damp_tangential(c, preds["uncond"]))
-
-    def post(self, guided: Tensor, preds: Predictions, step: StepInfo) -> Tensor:
-        return guided
-
-    def describe(self) -> dict[str, object]:
-        return {"method": "tcfg", "name": self.name, "scale": self.scale, "window": self.window.describe()}
