@@ -17,14 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from .checks import check_rows_schedule
 from .errors import ConfigError, DiffguideError
-from .guidance.base import COND, UNCOND, Branch, GuidanceTerm, StepInfo
+from .guidance.base import COND, UNCOND, Branch, GuidanceTerm, RunState, StepInfo
 from .models.denoiser import Conditioning, Denoiser
 from .perturb.base import BranchRows, ForwardContext
 
@@ -102,11 +102,13 @@ class GuidedModel:
         self.forward_calls = 0
         self.rows_schedule = check_rows_schedule(rows_schedule)
         self.fallbacks: dict[int, int] = {}  # step -> max_rows from then on, after running out of memory
+        self.run_state = RunState()  # stateful terms' memory (APG momentum); fresh for every run
 
     @contextmanager
     def installed(self) -> Iterator[GuidedModel]:
         """Install every perturbation of every branch for the run; all removed on exit."""
         self.ctx.generators.clear()  # every run draws from freshly seeded generators
+        self.run_state = RunState()  # and no term remembers a previous run
         with ExitStack() as stack:
             for branch in self.branches.values():
                 if branch.perturbation is not None:
@@ -181,6 +183,7 @@ class GuidedModel:
         rows_t = torch.cat([t] * len(branches)) if t.ndim > 0 else t
         out = self._forward(rows_x, rows_t, self._conditioning(branches), branches, batch, step.index)
         preds = {b.name: out[k * batch : (k + 1) * batch] for k, b in enumerate(branches)}
+        step = replace(step, state=self.run_state)
         guided = preds["cond"]
         for term in terms:
             guided = guided + term.delta(preds, step)
