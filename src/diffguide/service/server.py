@@ -83,8 +83,11 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+KEY_COOKIE = "diffguide_api_key"
+
+
 def _authorised(request: Request, key: str) -> bool:
-    given = request.query_params.get("api_key")
+    given = request.query_params.get("api_key") or request.cookies.get(KEY_COOKIE)
     auth = request.headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
         given = auth[7:].strip()
@@ -131,7 +134,10 @@ def create_app(config: ServiceConfig, cache: ModelCache | None = None) -> FastAP
         async def require_key(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
             if request.method != "OPTIONS" and not _authorised(request, key):
                 return error(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", {"WWW-Authenticate": "Bearer"})
-            return await call_next(request)
+            response = await call_next(request)
+            if request.url.path == "/" and "api_key" in request.query_params:  # the page's own files
+                response.set_cookie(KEY_COOKIE, key, httponly=True, samesite="strict")
+            return response
 
     api.add_middleware(BodyLimit, limit=config.max_request_bytes)
     _handlers(api)
@@ -264,6 +270,17 @@ def _other_routes(api: FastAPI, worker: Worker, cache: ModelCache) -> None:
         from .layers import layer_report
 
         return layer_report(cache.get(name), {"pag": pag, "tpg": tpg, "slg": slg})
+
+    @api.get("/v1/options")
+    def options() -> dict[str, Any]:
+        """Schedulers, noise policies and the defaults (the page's choices)."""
+        from ..defaults import DEFAULTS, NOISE_POLICIES, SCHEDULER_NAMES
+
+        return {
+            "schedulers": list(SCHEDULER_NAMES),
+            "noise_policies": list(NOISE_POLICIES),
+            "defaults": {"steps": DEFAULTS.steps, "cfg": DEFAULTS.cfg, "scheduler": DEFAULTS.scheduler},
+        }
 
     @api.get("/healthz")
     def healthz() -> dict[str, Any]:
