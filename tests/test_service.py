@@ -13,13 +13,13 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load
+from service_support import PROMPT, Gate, Sink, client, job_body, wait_state
 
 from diffguide import ConfigError
 from diffguide.io import read_manifest
 from diffguide.service.models import ModelCache, find_models
 from diffguide.service.schema import JobRequest
 from diffguide.service.store import RESTART_ERROR, JobStore
-from service_support import PROMPT, Gate, Sink, client, job_body, wait_state
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,9 @@ def pixels(png: bytes) -> torch.Tensor:
 
 def test_job_succeeds_with_files_equal_to_the_library_run(cache, tmp_path):
     with client(cache, tmp_path) as c:
-        r = c.post("/v1/jobs?wait=true", json=job_body(prompt=["a handwritten digit 7", "a photo of a dress"]))
+        r = c.post(
+            "/v1/jobs?wait=true", json=job_body(prompt=["a handwritten digit 7", "a photo of a dress"])
+        )
         assert r.status_code == 200
         job = r.json()
         assert job["state"] == "succeeded" and job["images"] == 2 and job["error"] is None
@@ -57,14 +59,18 @@ def test_job_succeeds_with_files_equal_to_the_library_run(cache, tmp_path):
         for i in range(2):
             png = c.get(f"/v1/jobs/{job['id']}/images/{i}")
             assert png.headers["content-type"] == "image/png"
-            assert torch.equal(pixels(png.content), torch.tensor(list(ref.images[i].convert("RGB").getdata())))
+            assert torch.equal(
+                pixels(png.content), torch.tensor(list(ref.images[i].convert("RGB").getdata()))
+            )
             path = tmp_path / f"{i}.png"
             path.write_bytes(png.content)
             assert read_manifest(path)["image"]["index"] == i
         manifests = c.get(f"/v1/jobs/{job['id']}/manifest").json()
         assert [m["image"]["prompt"] for m in manifests] == ["a handwritten digit 7", "a photo of a dress"]
         assert manifests[0]["output"] == ref.manifests[0]["output"]
-        assert c.get(f"/v1/jobs/{job['id']}/images/2").json() == {"error": f"job '{job['id']}' has no image 2"}
+        assert c.get(f"/v1/jobs/{job['id']}/images/2").json() == {
+            "error": f"job '{job['id']}' has no image 2"
+        }
         assert c.get(f"/v1/jobs/{job['id']}/images/2").status_code == 404
         gone = c.delete(f"/v1/jobs/{job['id']}")
         assert gone.status_code == 409
@@ -107,7 +113,9 @@ def test_bad_requests_are_422_with_one_line(cache, tmp_path, body, message):
 
 def test_bad_layer_spec_fails_the_job_with_the_one_line_error(cache, tmp_path):
     with client(cache, tmp_path) as c:
-        job = c.post("/v1/jobs?wait=true", json=job_body(guidance=[{"method": "pag", "layers": "up_blocks.9"}]))
+        job = c.post(
+            "/v1/jobs?wait=true", json=job_body(guidance=[{"method": "pag", "layers": "up_blocks.9"}])
+        )
         assert job.json()["state"] == "failed"
         assert job.json()["error"].startswith("layer 'up_blocks.9' is not a module of this model")
         assert c.get(f"/v1/jobs/{job.json()['id']}/images/0").status_code == 409
@@ -173,7 +181,9 @@ def test_a_job_raising_mid_run_fails_cleanly_and_the_next_job_is_correct(cache, 
             gate.remove()
             assert unet.attn_processors == processors  # the PAG processors were removed
             assert (len(unet._forward_pre_hooks), len(unet._forward_hooks)) == hooks
-            good = c.post("/v1/jobs?wait=true", json=job_body(guidance=[{"method": "pag", "scale": 2}])).json()
+            good = c.post(
+                "/v1/jobs?wait=true", json=job_body(guidance=[{"method": "pag", "scale": 2}])
+            ).json()
             assert good["state"] == "succeeded"
             latents = load(c.get(f"/v1/jobs/{good['id']}/latents").content)["latents"]
             assert 'diffguide_jobs{state="failed"} 1' in c.get("/metrics").text
@@ -230,7 +240,10 @@ def test_api_key_guards_every_endpoint_and_the_page(cache, tmp_path):
 def test_cors_is_off_by_default_and_on_for_named_origins(cache, tmp_path):
     preflight = {"Origin": "http://a.example", "Access-Control-Request-Method": "POST"}
     with client(cache, tmp_path / "off") as c:
-        assert "access-control-allow-origin" not in c.get("/healthz", headers={"Origin": "http://a.example"}).headers
+        assert (
+            "access-control-allow-origin"
+            not in c.get("/healthz", headers={"Origin": "http://a.example"}).headers
+        )
         assert "access-control-allow-origin" not in c.options("/v1/jobs", headers=preflight).headers
     with client(cache, tmp_path / "on", cors_origins=("http://a.example",)) as c:
         r = c.options("/v1/jobs", headers=preflight)
@@ -268,7 +281,9 @@ def test_compare_reports_the_diff_and_a_heatmap(cache, tmp_path):
         diff = c.get("/v1/compare", params={"a": a, "b": d}).json()
         la = load(c.get(f"/v1/jobs/{a}/latents").content)["latents"]
         ld = load(c.get(f"/v1/jobs/{d}/latents").content)["latents"]
-        assert not diff["identical"] and diff["latents"]["max_abs_err"] == pytest.approx(float((la - ld).abs().max()))
+        assert not diff["identical"] and diff["latents"]["max_abs_err"] == pytest.approx(
+            float((la - ld).abs().max())
+        )
         heat = c.get("/v1/compare/heatmap", params={"a": a, "b": d})
         with Image.open(io.BytesIO(heat.content)) as im:
             assert im.size == (256, 256) and im.getextrema()[0][1] == 255
@@ -304,7 +319,9 @@ def test_model_cache_evicts_least_recently_used_within_its_budget(tmp_path):
     models = find_models((tmp_path,), False)
     assert sorted(models) == ["a", "b"]
     small = ModelCache(models, 10.0)
-    with pytest.raises(ConfigError, match=r"^model 'a' needs 20\.7 MB, more than the model memory budget \(10\.0 MB\)$"):
+    with pytest.raises(
+        ConfigError, match=r"^model 'a' needs 20\.7 MB, more than the model memory budget \(10\.0 MB\)$"
+    ):
         small.get("a")
     cache = ModelCache(models, 30.0)
     a = cache.get("a")

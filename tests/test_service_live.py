@@ -16,13 +16,13 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load, load_file
+from service_support import client, free_port
 from typer.testing import CliRunner
 
 import diffguide
 from diffguide.cli.main import app as cli
 from diffguide.service.models import ModelCache, find_models
 from diffguide.service.store import RESTART_ERROR
-from service_support import client, free_port
 
 
 def rgb(data: bytes | Path) -> torch.Tensor:
@@ -103,7 +103,9 @@ def test_uvicorn_killed_mid_job_restarts_with_finished_results_and_the_job_faile
         with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
             _ready(http, proc)
             assert httpx.get(f"{base}/healthz").status_code == 401  # the key is required
-            done = http.post("/v1/jobs", params={"wait": "true"}, json={"prompt": "a handwritten digit 1", "steps": 3})
+            done = http.post(
+                "/v1/jobs", params={"wait": "true"}, json={"prompt": "a handwritten digit 1", "steps": 3}
+            )
             assert done.json()["state"] == "succeeded"
             png = http.get(f"/v1/jobs/{done.json()['id']}/images/0").content
             long = http.post("/v1/jobs", json={"prompt": "a handwritten digit 2", "steps": 200}).json()

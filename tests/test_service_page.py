@@ -15,18 +15,20 @@ from pathlib import Path
 
 import pytest
 import uvicorn
+from service_support import free_port
 
 from diffguide.service.config import ServiceConfig
 from diffguide.service.models import ModelCache, find_models
 from diffguide.service.server import create_app
-from service_support import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update"]  # fmt: skip
 DOCS_IMAGES = Path(__file__).resolve().parents[1] / "docs" / "images"
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="the browser extra (playwright) is not installed")
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="the browser extra (playwright) is not installed"
+)
 if not Path(CHROMIUM).is_file():
     pytest.skip(f"no Chromium at {CHROMIUM} (Debian's chromium package)", allow_module_level=True)
 
@@ -65,8 +67,10 @@ def test_page_submits_shows_progress_image_manifest_and_compares(server, tmp_pat
         page.fill("#steps", "12")
         page.fill("#seed", "3")
         page.locator("#pag").fill("2")
-        page.evaluate("steps = []; new MutationObserver(() => steps.push(document.getElementById('progress-text')"
-                      ".textContent)).observe(document.getElementById('progress-text'), {childList: true})")
+        page.evaluate(
+            "steps = []; new MutationObserver(() => steps.push(document.getElementById('progress-text')"
+            ".textContent)).observe(document.getElementById('progress-text'), {childList: true})"
+        )
         page.click("#submit")
         sync_api.expect(page.locator("#progress-text")).to_have_text("succeeded", timeout=60_000)
         seen = page.evaluate("steps")

@@ -61,7 +61,9 @@ def serve(
         from ..service.config import ServiceConfig
         from ..service.server import create_app
     except ImportError as err:
-        raise ConfigError(f"diffguide serve needs the 'serve' extra (pip install 'diffguide[serve]'): {err}") from None
+        raise ConfigError(
+            f"diffguide serve needs the 'serve' extra (pip install 'diffguide[serve]'): {err}"
+        ) from None
     from .common import resolve_device
 
     config = ServiceConfig(

@@ -56,7 +56,9 @@ def heatmap_png(worker: Worker, a: str, b: str, index: int) -> bytes:
 
     pa, pb = _pixels(worker, a, index), _pixels(worker, b, index)
     if pa.shape != pb.shape:
-        raise HTTPException(409, f"images of different sizes: {tuple(pa.shape[1:])} and {tuple(pb.shape[1:])}")
+        raise HTTPException(
+            409, f"images of different sizes: {tuple(pa.shape[1:])} and {tuple(pb.shape[1:])}"
+        )
     diff = (pa - pb).abs().amax(dim=0)
     peak = float(diff.max())
     v = diff / peak if peak > 0 else diff

@@ -28,8 +28,8 @@ def layer_report(pipe: GuidedPipeline, specs: dict[str, str | None]) -> dict[str
     presets: dict[str, Any] = {}
     for method in METHODS:
         try:
-            spec = default_layers(net, method)  # type: ignore[arg-type]
-            presets[method] = {"spec": spec, "modules": _perturbation(method, None).targets(net)}
+            preset = default_layers(net, method)  # type: ignore[arg-type]
+            presets[method] = {"spec": preset, "modules": _perturbation(method, None).targets(net)}
         except DiffguideError as err:
             presets[method] = {"spec": None, "error": str(err)}
     selected = {}

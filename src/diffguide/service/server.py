@@ -26,9 +26,9 @@ from .. import __version__
 from ..errors import DiffguideError
 from .compare import compare_jobs, heatmap_png
 from .config import ServiceConfig
+from .files import finished_folder, image_path, job_row
 from .models import ModelCache, find_models
 from .schema import JobRequest
-from .files import finished_folder, image_path, job_row
 from .store import JobStore
 from .worker import NotCancellable, QueueFull, Worker, one_line
 
@@ -131,9 +131,15 @@ def create_app(config: ServiceConfig, cache: ModelCache | None = None) -> FastAP
         key = config.api_key
 
         @api.middleware("http")
-        async def require_key(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        async def require_key(
+            request: Request, call_next: Callable[[Request], Awaitable[Response]]
+        ) -> Response:
             if request.method != "OPTIONS" and not _authorised(request, key):
-                return error(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", {"WWW-Authenticate": "Bearer"})
+                return error(
+                    401,
+                    "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                    {"WWW-Authenticate": "Bearer"},
+                )
             response = await call_next(request)
             if request.url.path == "/" and "api_key" in request.query_params:  # the page's own files
                 response.set_cookie(KEY_COOKIE, key, httponly=True, samesite="strict")
@@ -171,8 +177,11 @@ def _job_routes(api: FastAPI, worker: Worker, config: ServiceConfig) -> None:
         try:
             row = await asyncio.to_thread(worker.submit, req)
         except QueueFull:
-            return error(429, f"the queue is full ({config.queue_size} jobs waiting); retry later",
-                         {"Retry-After": str(RETRY_AFTER_S)})
+            return error(
+                429,
+                f"the queue is full ({config.queue_size} jobs waiting); retry later",
+                {"Retry-After": str(RETRY_AFTER_S)},
+            )
         if not wait:
             return JSONResponse(row.public(), status_code=202, headers={"Location": f"/v1/jobs/{row.id}"})
         await asyncio.to_thread(worker.live[row.id].done.wait, config.wait_timeout_s)
@@ -195,15 +204,18 @@ def _job_routes(api: FastAPI, worker: Worker, config: ServiceConfig) -> None:
         try:
             row = worker.cancel(job_id)
         except NotCancellable:
-            raise HTTPException(409, f"job '{job_id}' has already ended ({job_row(worker, job_id).state})") from None
+            raise HTTPException(
+                409, f"job '{job_id}' has already ended ({job_row(worker, job_id).state})"
+            ) from None
         return {**row.public(), "cancel_requested": True}
 
     @api.get("/v1/jobs/{job_id}/events")
     async def events(job_id: str) -> StreamingResponse:
         """Server-sent events: ``state``, one ``step`` per step (``preview`` every few), ``end``."""
         job_row(worker, job_id)
-        return StreamingResponse(_stream(worker, job_id), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            _stream(worker, job_id), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
 
     @api.get("/v1/jobs/{job_id}/images/{index}", response_class=FileResponse)
     def image(job_id: str, index: int) -> FileResponse:
@@ -265,7 +277,9 @@ def _other_routes(api: FastAPI, worker: Worker, cache: ModelCache) -> None:
         }
 
     @api.get("/v1/models/{name}/layers")
-    def layers(name: str, pag: str | None = None, tpg: str | None = None, slg: str | None = None) -> dict[str, Any]:
+    def layers(
+        name: str, pag: str | None = None, tpg: str | None = None, slg: str | None = None
+    ) -> dict[str, Any]:
         """The model's attention units and presets; with pag/tpg/slg, the modules each spec selects."""
         from .layers import layer_report
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from .. import app
 from ..errors import DiffguideError
-from ..io import manifest_json, replace_atomic, save_result
+from ..io import replace_atomic, save_result
 from ..pipeline import GenerationResult
 from .config import ServiceConfig
 from .models import ModelCache
@@ -199,7 +199,9 @@ class Worker:
                 event["preview"] = preview_png(x[0])
             live.emit(event)
 
-        request = app.GenerateRequest(app.ModelRequest(str(self.cache.path(req.model))), cfg, None, self.config.threads)
+        request = app.GenerateRequest(
+            app.ModelRequest(str(self.cache.path(req.model))), cfg, None, self.config.threads
+        )
         return app.generate(request, pipe, callback=on_step)
 
     @staticmethod
@@ -209,9 +211,13 @@ class Worker:
 
         shutil.rmtree(folder, ignore_errors=True)
         save_result(result, folder, prefix="image")
-        replace_atomic(folder / "manifest.json", manifest_json(result.manifests, indent=2) + "\n")
-        meta = {"diffguide": manifest_json(result.manifests)}
-        replace_atomic(folder / "latents.safetensors", save({"latents": result.latents.cpu().contiguous()}, meta))
+        replace_atomic(
+            folder / "manifest.json", json.dumps(result.manifests, indent=2, ensure_ascii=False) + "\n"
+        )
+        meta = {"diffguide": json.dumps(result.manifests, ensure_ascii=False)}
+        replace_atomic(
+            folder / "latents.safetensors", save({"latents": result.latents.cpu().contiguous()}, meta)
+        )
 
     def _finished(self, job_id: str) -> None:
         row = self.store.get(job_id)
