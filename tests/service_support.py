@@ -49,6 +49,27 @@ def wait_state(c: TestClient, job_id: str, states: tuple[str, ...], timeout: flo
     raise AssertionError(f"job {job_id} not in {states} after {timeout}s: {job}")
 
 
+@contextlib.contextmanager
+def live_server(config: ServiceConfig, cache: ModelCache) -> Iterator[str]:
+    """A real uvicorn on loopback in this process; yields its base URL."""
+    import uvicorn
+
+    srv = uvicorn.Server(
+        uvicorn.Config(create_app(config, cache), host="127.0.0.1", port=free_port(), log_level="warning")
+    )
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{srv.config.port}"
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
-from service_support import free_port
+from service_support import live_server
 
 from diffguide.service.config import ServiceConfig
 from diffguide.service.models import ModelCache, find_models
-from diffguide.service.server import create_app
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -35,20 +31,10 @@ if not Path(CHROMIUM).is_file():
 
 @pytest.fixture
 def server(tmp_path) -> Iterator[str]:
-    """A real uvicorn on loopback in this process (API key on), its base URL with the key."""
-    cache = ModelCache(find_models((), True), 4096.0)
-    app = create_app(ServiceConfig(tmp_path / "data", threads=1, api_key="page-key", preview_every=1), cache)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(30)
+    """A real uvicorn on loopback in this process (API key on)."""
+    config = ServiceConfig(tmp_path / "data", threads=1, api_key="page-key", preview_every=1)
+    with live_server(config, ModelCache(find_models((), True), 4096.0)) as url:
+        yield url
 
 
 def test_page_submits_shows_progress_image_manifest_and_compares(server, tmp_path):
