@@ -8,6 +8,7 @@ that every job's latents are bit-identical to its solo run (the library on the s
 thread). Prints p50 / p95 latency and throughput; ``--json FILE`` writes the report.
 
     python benchmarks/service_load.py [--requests 100] [--clients 20] [--steps 4] [--json out.json]
+    python benchmarks/service_load.py --ray 2      # the same on 2 Ray Serve replicas
 """
 
 from __future__ import annotations
@@ -144,13 +145,16 @@ def check_solo(
     return bad
 
 
-def start_server(data_dir: Path, port: int, queue_size: int) -> subprocess.Popen[bytes]:
+def start_server(data_dir: Path, port: int, queue_size: int, replicas: int = 0) -> subprocess.Popen[bytes]:
+    """``diffguide serve`` on loopback (``replicas`` > 0: ``--ray --replicas N``), once it answers."""
     src = Path(__file__).resolve().parents[1] / "src"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "diffguide.cli.main", "serve", "--port", str(port), "--data-dir", str(data_dir),
            "--threads", "1", "--device", "cpu", "--queue-size", str(queue_size), "--preview-every", "0"]  # fmt: skip
+    if replicas:
+        cmd += ["--ray", "--replicas", str(replicas)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + (1200 if replicas else 120)  # Ray and its replicas start slowly
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
@@ -167,6 +171,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--queue-size", type=int, default=16, help="the server's queue (429s are retried)")
+    ap.add_argument("--ray", type=int, default=0, metavar="REPLICAS", help="serve with --ray --replicas N")
     ap.add_argument("--url", help="a running diffguide serve (default: start one on loopback)")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--json", type=Path, help="write the report here")
@@ -177,7 +182,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         url = args.url
         if url is None:
-            proc = start_server(Path(tmp), args.port, args.queue_size)
+            proc = start_server(Path(tmp), args.port, args.queue_size, args.ray)
             url = f"http://127.0.0.1:{args.port}"
         try:
             report, ids = run_load(url, args.requests, args.clients, args.steps)

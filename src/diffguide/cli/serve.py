@@ -53,6 +53,22 @@ def serve(
     preview_every: Annotated[
         int, typer.Option("--preview-every", help="A preview in the event stream every N steps (0: none).")
     ] = 2,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray", help="Sample on Ray Serve replicas (the 'ray' extra); the HTTP front stays here."
+        ),
+    ] = False,
+    replicas: Annotated[
+        int, typer.Option("--replicas", help="With --ray: replicas (the minimum when autoscaling).")
+    ] = 2,
+    max_replicas: Annotated[
+        int | None, typer.Option("--max-replicas", help="With --ray: autoscale up to this many replicas.")
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option("--ray-address", help="With --ray: join this Ray cluster (default: start one)."),
+    ] = None,
 ) -> None:
     """Serve the HTTP API and web page: jobs, progress events, cancellation, results (docs/service.md)."""
     try:
@@ -79,4 +95,19 @@ def serve(
         threads=threads,
         preview_every=preview_every,
     )
-    uvicorn.run(create_app(config), host=host, port=port, log_level="info")
+    if not ray:
+        uvicorn.run(create_app(config), host=host, port=port, log_level="info")
+        return
+    from ..service import ray_backend
+    from ..service.models import ModelCache, find_models
+
+    models = find_models(config.model_dirs, config.bundled_model)
+    runner = ray_backend.start(
+        models, config.memory_budget_mb, config.device, threads, replicas, max_replicas, ray_address
+    )
+    cache = ModelCache(models, config.memory_budget_mb, config.device)  # the front's layer dry runs
+    try:
+        app = create_app(config, cache, runner=runner, concurrency=max_replicas or replicas)
+        uvicorn.run(app, host=host, port=port, log_level="info")
+    finally:
+        ray_backend.stop()

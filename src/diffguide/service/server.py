@@ -30,7 +30,7 @@ from .files import finished_folder, image_path, job_row
 from .models import ModelCache, find_models
 from .schema import JobRequest
 from .store import JobStore
-from .worker import NotCancellable, QueueFull, Worker, one_line
+from .worker import NotCancellable, QueueFull, Runner, Worker, one_line
 
 RETRY_AFTER_S = 2
 EVENT_POLL_S = 0.05
@@ -94,13 +94,16 @@ def _authorised(request: Request, key: str) -> bool:
     return given is not None and secrets.compare_digest(given.encode(), key.encode())
 
 
-def create_app(config: ServiceConfig, cache: ModelCache | None = None) -> FastAPI:
-    """The service's app; ``cache`` may be shared between apps (tests keep models loaded)."""
+def create_app(
+    config: ServiceConfig, cache: ModelCache | None = None, runner: Runner | None = None, concurrency: int = 1
+) -> FastAPI:
+    """The service's app; ``cache`` may be shared between apps (tests keep models loaded).
+    ``runner``: jobs run there (Ray Serve replicas), ``concurrency`` at a time."""
     cache = cache or ModelCache(
         find_models(config.model_dirs, config.bundled_model), config.memory_budget_mb, config.device
     )
     store = JobStore(config.data_dir)
-    worker = Worker(config, store, cache)
+    worker = Worker(config, store, cache, runner, concurrency)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -190,8 +193,7 @@ def _job_routes(api: FastAPI, worker: Worker, config: ServiceConfig) -> None:
     @api.get("/v1/jobs")
     def jobs(limit: int = Query(100, ge=1, le=1000)) -> list[dict[str, Any]]:
         """The most recent jobs, oldest first."""
-        rows = worker.store.list(limit=1_000_000)
-        return [r.public() for r in rows[-limit:]]
+        return [r.public() for r in worker.store.list(limit=limit)]
 
     @api.get("/v1/jobs/{job_id}")
     def job(job_id: str) -> dict[str, Any]:

@@ -103,7 +103,7 @@ class JobStore:
         for (job_id,) in rows:
             shutil.rmtree(self.folder(job_id), ignore_errors=True)
             self.update(job_id, state="failed", error=RESTART_ERROR, finished=time.time())
-        return [j for j in self.list(states=("queued",))]
+        return self.list(states=("queued",), limit=1_000_000)
 
     def add(self, job_id: str, model: str, request: dict[str, Any], steps: int) -> JobRow:
         with self._lock:
@@ -138,12 +138,13 @@ class JobStore:
         return None if row is None else _row(row)
 
     def list(self, states: tuple[str, ...] = STATES, limit: int = 1000) -> list[JobRow]:
+        """The ``limit`` most recent jobs in ``states``, oldest first."""
         marks = ", ".join("?" for _ in states)
         with self._lock:
             rows = self._db.execute(
-                f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY seq LIMIT ?", (*states, limit)
+                f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY seq DESC LIMIT ?", (*states, limit)
             ).fetchall()
-        return [_row(r) for r in rows]
+        return [_row(r) for r in reversed(rows)]
 
     def counts(self) -> dict[str, int]:
         with self._lock:

@@ -1,4 +1,5 @@
-"""The in-process worker: a bounded queue of job ids, one thread running them in order.
+"""The in-process worker: a bounded queue of job ids, worker threads running them in order
+(one thread by default; with Ray Serve, one per replica, each job run by a replica).
 
 Each job gets its own sampling state (config, generators, scheduler); the model's weights are
 shared through the :class:`~.models.ModelCache`, and :meth:`GuidedPipeline.generate` holds the
@@ -17,6 +18,7 @@ import shutil
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,10 @@ from .schema import JobRequest
 from .store import FINISHED, RESTART_ERROR, JobRow, JobStore
 
 KEEP_LIVE = 256  # finished jobs whose event history stays in memory
+
+
+#: Runs a job elsewhere (a Ray Serve replica) and returns its result.
+Runner = Callable[[JobRequest], GenerationResult]
 
 
 class QueueFull(Exception):
@@ -79,31 +85,42 @@ class Metrics:
 class Worker:
     """Queue, live state and the worker thread of one service."""
 
-    def __init__(self, config: ServiceConfig, store: JobStore, cache: ModelCache) -> None:
+    def __init__(
+        self,
+        config: ServiceConfig,
+        store: JobStore,
+        cache: ModelCache,
+        runner: Runner | None = None,
+        concurrency: int = 1,
+    ) -> None:
         self.config, self.store, self.cache = config, store, cache
+        self.runner, self.concurrency = runner, concurrency
         self.queue: queue.Queue[str | None] = queue.Queue()
         self.live: dict[str, LiveJob] = {}
         self.metrics = Metrics()
         self._submit = threading.Lock()
         self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         for row in self.store.recover():  # queued before a restart: queued again, in order
             self.live[row.id] = LiveJob()
             self.queue.put(row.id)
-        self._thread = threading.Thread(target=self._loop, name="diffguide-worker", daemon=True)
-        self._thread.start()
+        for n in range(self.concurrency):
+            thread = threading.Thread(target=self._loop, name=f"diffguide-worker-{n}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop after the running job's current step (it is marked failed, as after a crash)."""
         self._stopping.set()
         for live in list(self.live.values()):
             live.cancel.set()
-        self.queue.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout)
+        for _ in self._threads:
+            self.queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout)
 
     # -- requests -------------------------------------------------------------------------
     def waiting(self) -> int:
@@ -175,6 +192,8 @@ class Worker:
 
     def _generate(self, row: JobRow, live: LiveJob) -> GenerationResult:
         req = JobRequest.model_validate(row.request)
+        if self.runner is not None:  # remote replicas (Ray Serve): no per-step progress or cancel
+            return self.runner(req)
         cfg = req.to_config()
         pipe = self.cache.get(req.model)
         per_image = cfg.batch_invariant and cfg.num_images > 1
