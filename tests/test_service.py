@@ -349,3 +349,18 @@ def test_concurrent_submissions_lose_nothing(cache, tmp_path):
         seeds = sorted(c.get(f"/v1/jobs/{j}/manifest").json()[0]["image"]["seed"] for j in ids)
         assert seeds == list(range(8))
         assert PROMPT in c.get(f"/v1/jobs/{ids[0]}/manifest").text
+
+
+def test_serve_command_refuses_bad_settings_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from diffguide.cli.main import app as cli
+
+    runner = CliRunner()
+    res = runner.invoke(cli, ["serve", "--models-dir", str(tmp_path / "nope"), "--data-dir", str(tmp_path)])
+    assert res.exit_code == 2
+    assert res.output.strip() == f"error: model folder '{tmp_path / 'nope'}' does not exist or is not a folder"
+    res = runner.invoke(cli, ["serve", "--queue-size", "0", "--data-dir", str(tmp_path)])
+    assert (res.exit_code, res.output.strip()) == (2, "error: queue size must be >= 1, got 0")
+    res = runner.invoke(cli, ["serve", "--api-key", " ", "--data-dir", str(tmp_path)])
+    assert (res.exit_code, res.output.strip()) == (2, "error: the API key is empty: give a non-empty key or none")
