@@ -359,8 +359,13 @@ def test_serve_command_refuses_bad_settings_in_one_line(tmp_path):
     runner = CliRunner()
     res = runner.invoke(cli, ["serve", "--models-dir", str(tmp_path / "nope"), "--data-dir", str(tmp_path)])
     assert res.exit_code == 2
-    assert res.output.strip() == f"error: model folder '{tmp_path / 'nope'}' does not exist or is not a folder"
+    assert (
+        res.output.strip() == f"error: model folder '{tmp_path / 'nope'}' does not exist or is not a folder"
+    )
     res = runner.invoke(cli, ["serve", "--queue-size", "0", "--data-dir", str(tmp_path)])
     assert (res.exit_code, res.output.strip()) == (2, "error: queue size must be >= 1, got 0")
     res = runner.invoke(cli, ["serve", "--api-key", " ", "--data-dir", str(tmp_path)])
-    assert (res.exit_code, res.output.strip()) == (2, "error: the API key is empty: give a non-empty key or none")
+    assert (res.exit_code, res.output.strip()) == (
+        2,
+        "error: the API key is empty: give a non-empty key or none",
+    )
