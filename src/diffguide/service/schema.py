@@ -7,15 +7,13 @@ result equals the CLI's bit for bit on the same thread count.
 
 from __future__ import annotations
 
-import math
-from typing import Annotated, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..defaults import DEFAULTS
 from ..errors import ConfigError
-from ..guidance import CFG, PAG, SLG, TPG, Window
 from ..guidance.base import GuidanceTerm
 from ..pipeline import GenerateConfig
 from .models import check_model_name
@@ -29,67 +27,14 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class WindowIn(Strict):
-    """When a term is active: fractions of the run [start, end) and noise levels [sigma_min, sigma_max]."""
+def build_term(spec: dict[str, Any], index: int) -> GuidanceTerm:
+    """A term from its JSON form: ``method`` (any registered one, see ``diffguide guides``) and
+    that method's parameters by name, a window as ``{start, end, sigma_min, sigma_max}``: the
+    manifest's form, so a manifest's ``parameters.guidance`` can be sent back as is."""
+    from ..guidance.registry import term_class
 
-    start: float = 0.0
-    end: float = 1.0
-    sigma_min: float = 0.0
-    sigma_max: float | None = None  # None: no upper bound
-
-    def build(self) -> Window:
-        hi = math.inf if self.sigma_max is None else self.sigma_max
-        return Window(sigma_min=self.sigma_min, sigma_max=hi, start=self.start, end=self.end)
-
-
-def _window(w: WindowIn | None) -> Window:
-    return Window() if w is None else w.build()
-
-
-class CFGIn(Strict):
-    method: Literal["cfg"]
-    scale: float = DEFAULTS.cfg
-    rescale: float = 0.0
-    renorm: bool = False
-    window: WindowIn | None = None
-
-    def build(self) -> GuidanceTerm:
-        return CFG(self.scale, self.rescale, _window(self.window), renorm=self.renorm)
-
-
-class PAGIn(Strict):
-    method: Literal["pag"]
-    scale: float = 3.0
-    layers: str | None = None
-    adaptive: float = 0.0
-    window: WindowIn | None = None
-
-    def build(self) -> GuidanceTerm:
-        return PAG(self.scale, self.layers, self.adaptive, _window(self.window))
-
-
-class TPGIn(Strict):
-    method: Literal["tpg"]
-    scale: float = 3.0
-    layers: str | None = None
-    window: WindowIn | None = None
-
-    def build(self) -> GuidanceTerm:
-        return TPG(self.scale, self.layers, _window(self.window))
-
-
-class SLGIn(Strict):
-    method: Literal["slg"]
-    scale: float = 2.8
-    layers: str | None = None
-    start: float = 0.01
-    stop: float = 0.2
-
-    def build(self) -> GuidanceTerm:
-        return SLG(self.scale, self.layers, self.start, self.stop)
-
-
-Term = Annotated[CFGIn | PAGIn | TPGIn | SLGIn, Field(discriminator="method")]
+    cls = term_class(spec.get("method"), f" in guidance[{index}]")
+    return cls.from_dict({k: v for k, v in spec.items() if v is not None})  # null: the default
 
 
 class JobRequest(Strict):
@@ -99,8 +44,11 @@ class JobRequest(Strict):
     prompt: str | list[str] = Field(description="a prompt, or one per image")
     negative_prompt: str | list[str] = ""
     num_images: int | None = Field(None, ge=1, le=MAX_IMAGES)
-    guidance: list[Term] | None = Field(
-        None, description="guidance terms; null: the default (CFG 4), as the CLI without --cfg"
+    guidance: list[dict[str, Any]] | None = Field(
+        None,
+        description='guidance terms, e.g. {"method": "pag", "scale": 1.5, "layers": "mid"}; '
+        "any registered method and its parameters (diffguide guides); null: the default (CFG 4), "
+        "as the CLI without --cfg",
     )
     steps: int = Field(DEFAULTS.steps, ge=1, le=MAX_STEPS)
     width: int | None = Field(None, ge=8, le=MAX_SIDE)
@@ -138,7 +86,7 @@ class JobRequest(Strict):
 
     def to_config(self) -> GenerateConfig:
         """The run's config (ConfigError on a bad combination, before anything is queued)."""
-        terms = None if self.guidance is None else [t.build() for t in self.guidance]
+        terms = None if self.guidance is None else [build_term(t, i) for i, t in enumerate(self.guidance)]
         count = self.num_images
         prompt = self.prompt if isinstance(self.prompt, str) or len(self.prompt) > 1 else self.prompt[0]
         cfg = GenerateConfig.create(
