@@ -40,6 +40,7 @@ def server(tmp_path) -> Iterator[str]:
 def test_page_submits_shows_progress_image_manifest_and_compares(server, tmp_path):
     shots = tmp_path / "shots"
     shots.mkdir()
+    sync_api.expect.set_options(timeout=30_000)  # a loaded shared machine: generous waits
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page(viewport={"width": 1200, "height": 900})
@@ -47,8 +48,8 @@ def test_page_submits_shows_progress_image_manifest_and_compares(server, tmp_pat
         page.on("pageerror", lambda e: errors.append(str(e)))
         assert page.goto(server + "/").status == 401  # no key, no page
         page.goto(server + "/?api_key=page-key")
-        sync_api.expect(page.locator("#model")).to_have_value("tiny-sd")
-        sync_api.expect(page.locator("#pag-layers option").first).to_have_text("preset (mid)")
+        sync_api.expect(page.locator("#model")).to_have_value("tiny-sd", timeout=60_000)
+        sync_api.expect(page.locator("#pag-layers option").first).to_have_text("preset (mid)", timeout=60_000)
         page.fill("#prompt", "a handwritten digit 7")
         page.fill("#steps", "12")
         page.fill("#seed", "3")
