@@ -153,9 +153,14 @@ def start_server(data_dir: Path, port: int, queue_size: int, replicas: int = 0) 
            "--threads", "1", "--device", "cpu", "--queue-size", str(queue_size), "--preview-every", "0"]  # fmt: skip
     if replicas:
         cmd += ["--ray", "--replicas", str(replicas)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = data_dir / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + (1200 if replicas else 120)  # Ray and its replicas start slowly
     while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+            raise SystemExit("diffguide serve exited: " + " | ".join(tail))
         try:
             if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
                 return proc
