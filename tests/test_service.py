@@ -95,7 +95,10 @@ def test_unknown_job_is_404_on_every_job_endpoint(cache, tmp_path):
         ({"model": "other"}, "unknown model 'other'; available: tiny-sd"),
         ({"guidance": [{"method": "cfg", "scale": -1}]}, "CFG scale must be in [0, 100], got -1.0"),
         ({"guidance": [{"method": "xyz"}]}, "unknown guidance method 'xyz' in guidance[0]; known: cfg,"),
-        ({"guidance": [{"method": "pag", "adaptive": 1}]}, "pag has no parameter 'adaptive'; its parameters:"),
+        (
+            {"guidance": [{"method": "pag", "adaptive": 1}]},
+            "pag has no parameter 'adaptive'; its parameters:",
+        ),
         ({"guidance": ["cfg"]}, "guidance.0: Input should be a valid dictionary"),
         ({"scheduler": "nope"}, "unknown scheduler 'nope'; choose one of: euler"),
         ({"steps": 0}, "steps: Input should be greater than or equal to 1"),
