@@ -26,6 +26,7 @@ from comfy_nodes_support import (
 
 from diffguide import CFG, PAG, TPG, GuidedPipeline
 from diffguide.comfy_nodes import NODE_CLASS_MAPPINGS, mappings
+from diffguide.comfy_nodes.nodes import supported
 from diffguide.errors import ConfigError, LayerSpecError
 from diffguide.guidance import REGISTRY
 from diffguide.pipeline import GenerateConfig
@@ -286,14 +287,19 @@ def test_node_errors_are_one_line(sdxl, comfy):
 
 def test_nodes_come_from_the_registry():
     classes, names = mappings()
-    expected = {f"Diffguide{cls.__name__}" for m, cls in REGISTRY.items() if m != "embedded_guidance"}
-    assert set(classes) == expected | {"DiffguideGuidanceStack"}
+    expected = {f"Diffguide{cls.__name__}" for m, cls in REGISTRY.items() if supported(cls)}
+    assert {"DiffguidePAG", "DiffguideTPG", "DiffguideSLG", "DiffguideCFG"} <= expected
+    assert "DiffguideEmbeddedGuidance" not in classes
+    assert set(classes) == (expected - {"DiffguideEmbeddedGuidance"}) | {"DiffguideGuidanceStack"}
     assert names["DiffguidePAG"] == "diffguide PAG"
     spec = classes["DiffguidePAG"].INPUT_TYPES()["required"]
     assert list(spec) == [
         "model", "scale", "layers", "adaptive_scale", "window_sigma_min", "window_sigma_max", "window_start",
         "window_end", "semantics",
     ]  # fmt: skip
+    fdg = [c for c in classes.values() if c.__name__ == "DiffguideFDG"]
+    if fdg:  # a tuple parameter is a STRING of comma-separated numbers
+        assert fdg[0].INPUT_TYPES()["required"]["scales"][0] == "STRING"
     assert spec["semantics"][0] == ["diagonal", "value"]
     assert "one model call per step" in classes["DiffguideTPG"].DESCRIPTION
 
@@ -307,3 +313,17 @@ def test_importing_the_pack_imports_no_comfyui():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_cfg_node_at_ksampler_cfg1_equals_comfyui_cfg(sdxl):
+    """The generated CFG node with KSampler cfg 1: u is still evaluated (the node turns off
+    ComfyUI's cfg-1 shortcut) in the same call, and g = c + (w - 1)(c - u) is ComfyUI's CFG w."""
+    _, twin, conds = sdxl
+    model, listing = run_node(node("CFG"), twin, scale=W)
+    with counting(twin) as calls:
+        ours = sample(model, conds, cfg=1.0)
+    theirs = sample(twin, conds, cfg=W)
+    print(f"CFG node at cfg 1 vs ComfyUI cfg {W}: {err(ours, theirs):.3g}")
+    assert calls == [4] * STEPS and listing == "# no perturbed branch"
+    assert err(ours, theirs) <= TOL
+    assert err(sample(twin, conds, cfg=1.0), theirs) > 0.1

@@ -64,6 +64,8 @@ def _input(cls: type[Term], f: dataclasses.Field[Any], tp: Any) -> dict[str, tup
         return {f.name: ("INT", {"default": int(default), "min": -(2**31), "max": 2**31 - 1})}
     if get_origin(inner) is Literal:
         return {f.name: ([str(a) for a in get_args(inner)], {"default": str(default)})}
+    if get_origin(inner) is tuple:  # e.g. FDG's scales: "10, 5"
+        return {f.name: ("STRING", {"default": ", ".join(str(v) for v in default)})}
     raise TypeError(f"{cls.__name__}.{f.name}: no ComfyUI widget for {tp!r}")
 
 
@@ -97,7 +99,11 @@ def term_from_inputs(cls: type[Term], values: dict[str, Any]) -> Term:
             kwargs[f.name] = Window(float(w["sigma_min"]), sigma_max, float(w["start"]), float(w["end"]))
             continue
         value = values[f.name]
-        if optional or inner is str:
+        if get_origin(inner) is tuple:
+            item = get_args(inner)[0]
+            parts = [t.strip() for t in str(value).split(",") if t.strip()]
+            value = tuple(parse_value(item, t, f"{cls.title()} {f.name}") for t in parts)
+        elif optional or inner is str:
             text = str(value).strip()
             value = (
                 None
@@ -172,12 +178,27 @@ class GuidanceStack:
         return patch_model(model, terms)  # type: ignore[no-any-return]
 
 
+def supported(cls: type[Term]) -> bool:
+    """Whether the nodes can run the term: its default instance's perturbations are ones the pack
+    implements on ComfyUI's models (identity attention, token shuffle, whole-block skip)."""
+    from ..perturb.block_skip import BlockSkip
+    from ..perturb.identity_attention import IdentityAttention
+    from ..perturb.token_shuffle import TokenShuffle
+
+    try:
+        branches = cls().branches()  # type: ignore[call-arg]
+    except Exception:  # a term without defaults: no node
+        return False
+    known = (IdentityAttention, TokenShuffle, BlockSkip)
+    return all(b.perturbation is None or type(b.perturbation) in known for b in branches)
+
+
 def mappings() -> tuple[dict[str, type], dict[str, str]]:
     """NODE_CLASS_MAPPINGS and NODE_DISPLAY_NAME_MAPPINGS for the registry as it is now."""
     classes: dict[str, type] = {}
     names: dict[str, str] = {}
     for method, cls in REGISTRY.items():
-        if method in SKIP:
+        if method in SKIP or not supported(cls):
             continue
         key = f"Diffguide{cls.__name__}"
         classes[key] = node_class(method, cls)

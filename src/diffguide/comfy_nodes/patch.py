@@ -98,6 +98,10 @@ def _kind(perturbation: object) -> tuple[str, str | None]:
     if isinstance(perturbation, IdentityAttention):
         return "identity", perturbation.layers
     if isinstance(perturbation, TokenShuffle):
+        if getattr(perturbation, "permutation", "per_image") != "per_image":
+            raise ConfigError(
+                "the ComfyUI nodes draw TPG permutations per image only (permutation=per_image)"
+            )
         return "shuffle", perturbation.layers
     if isinstance(perturbation, BlockSkip):
         if perturbation.mode != "block":
