@@ -306,7 +306,7 @@ def test_nodes_come_from_the_registry():
 
 def test_importing_the_pack_imports_no_comfyui():
     code = (
-        "import sys; sys.path.insert(0, 'comfyui/..'); import importlib; "
+        f"import sys; sys.path.insert(0, {str(comfy_support.REPO_ROOT)!r}); import importlib; "
         "m = importlib.import_module('comfyui'); assert 'DiffguidePAG' in m.NODE_CLASS_MAPPINGS; "
         "bad = [k for k in sys.modules if k == 'comfy' or k.startswith(('comfy.', 'comfy_extras'))]; "
         "assert not bad, bad"
