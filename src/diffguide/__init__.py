@@ -25,6 +25,7 @@ _LAZY = {
     "GuidedModel": ".engine",
     "StepResult": ".engine",
     "CFG": ".guidance",
+    "CFGNorm": ".guidance",
     "PAG": ".guidance",
     "SLG": ".guidance",
     "TPG": ".guidance",
@@ -43,7 +44,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from .defaults import DEFAULTS, default_model
     from .engine import GuidedModel, StepResult
-    from .guidance import CFG, PAG, SLG, TPG, Branch, EmbeddedGuidance, GuidanceTerm, StepInfo, Window
+    from .guidance import CFG, PAG, CFGNorm, SLG, TPG, Branch, EmbeddedGuidance, GuidanceTerm, StepInfo, Window
     from .models.denoiser import Conditioning, UNetDenoiser
     from .pipeline import GenerateConfig, GenerationResult, GuidedPipeline
 
@@ -64,6 +65,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "CFG",
     "DEFAULTS",
+    "CFGNorm",
     "PAG",
     "SLG",
     "TPG",

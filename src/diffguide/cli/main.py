@@ -30,6 +30,7 @@ from .. import __version__
 from ..errors import DiffguideError
 from . import check, diff, generate, layers, replay
 from .bench import bench_app
+from .comfy import comfy_app
 from .flags import FlagCommand, FlagGroup
 from .guard import Interrupted, exit_now_if_abandoned, interrupted, one_line_warnings, signals_raise
 
@@ -142,6 +143,7 @@ app.command("diff", cls=FlagCommand)(diff.diff)
 app.command("replay", cls=FlagCommand)(replay.replay_command)
 app.command("check-determinism", cls=FlagCommand)(check.check_determinism)
 app.add_typer(bench_app, name="bench")
+app.add_typer(comfy_app, name="comfy")
 app.command("version", cls=FlagCommand)(version)
 
 

@@ -2,6 +2,7 @@
 
 from .base import COND, UNCOND, Branch, GuidanceTerm, StepInfo, Window
 from .cfg import CFG
+from .cfgnorm import CFGNorm
 from .embedded import EmbeddedGuidance
 from .pag import PAG
 from .slg import SLG
@@ -9,6 +10,7 @@ from .tpg import TPG
 
 __all__ = [
     "CFG",
+    "CFGNorm",
     "COND",
     "PAG",
     "SLG",

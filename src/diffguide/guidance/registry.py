@@ -8,6 +8,7 @@ from typing import Any
 from ..errors import ConfigError
 from .base import GuidanceTerm, Window
 from .cfg import CFG
+from .cfgnorm import CFGNorm
 from .embedded import EmbeddedGuidance
 from .pag import PAG
 from .slg import SLG
@@ -15,6 +16,7 @@ from .tpg import TPG
 
 METHODS: dict[str, type] = {
     "cfg": CFG,
+    "cfgnorm": CFGNorm,
     "pag": PAG,
     "tpg": TPG,
     "slg": SLG,
