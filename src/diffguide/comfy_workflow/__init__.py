@@ -113,21 +113,23 @@ def execute(run: WorkflowRun, pipeline: Any = None, *, config: str | None = None
     result = gp.generate(run.config, decode=False, conditioning=run.conditioning)
     for m in result.manifests:
         m["comfy_workflow"] = {"sampler_node": run.sampler_node, "files": model_hash(run.model)}
-    return WorkflowResult(comfy_latent_out(gp.family.name, result.latents, run.latent_shape), result)
+    return WorkflowResult(comfy_latent_out(gp, result.latents, run.latent_shape), result)
 
 
-def comfy_latent_out(family: str, latents: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Model-space latents -> ComfyUI's LATENT (``process_latent_out`` of the model's latent format)."""
+def comfy_latent_out(gp: Any, latents: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Model-space latents of ``gp``'s model -> ComfyUI's LATENT (``process_latent_out`` of its
+    latent format: Qwen-Image's Wan21 mean/std per channel, SD's scale factor)."""
     x = latents.float()
+    family = gp.family.name
     if family == "qwen-image":
         view = (1, 16, 1, 1, 1)
         mean = torch.tensor(WAN21_MEAN).view(view)
         std = torch.tensor(WAN21_STD).view(view)
         x = x.reshape(x.shape[0], 16, 1, *x.shape[-2:]) * std + mean
     elif family == "sd":
-        from ..sampling.comfy import SD_SCALE_FACTOR
+        from ..sampling.comfy import SD_SCALE_FACTOR, SDXL_SCALE_FACTOR
 
-        x = x / SD_SCALE_FACTOR
+        x = x / (SDXL_SCALE_FACTOR if gp.is_xl else SD_SCALE_FACTOR)
     else:
         raise DiffguideError(f"ComfyUI's latent format for {family} models is not mapped yet")
     return x.reshape(shape)

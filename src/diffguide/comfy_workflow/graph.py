@@ -214,7 +214,8 @@ def _check_literal(node: Node, name: str, kind: str, value: Any) -> None:
         "BOOLEAN": isinstance(value, bool),
     }.get(kind, False)
     if not ok:
-        expect = f"a link to a {kind} output" if kind in _LINK_TYPES else f"a {kind.lower()}"
+        names = {"INT": "an integer", "FLOAT": "a number", "STRING": "a string", "BOOLEAN": "true or false"}
+        expect = f"a link to a {kind} output" if kind in _LINK_TYPES else names[kind]
         raise WorkflowError(f"{node.label}: input '{name}' must be {expect}, got {value!r}")
 
 

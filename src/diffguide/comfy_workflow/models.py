@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import DiffguideError
+from .graph import WorkflowError
 
 FOLDERS: dict[str, tuple[str, ...]] = {
     "diffusion_models": ("diffusion_models", "unet"),
@@ -38,16 +39,16 @@ _QWEN_ROPE = {128: (16, 56, 56)}
 def resolve(models_dir: Path | None, folder: str, name: str, label: str) -> Path:
     """The file ``name`` of ComfyUI's ``folder`` under ``models_dir``, or a one-line error."""
     if models_dir is None:
-        raise DiffguideError(f"{label}: '{name}' is a model name; give the models folder (--models DIR)")
+        raise WorkflowError(f"{label}: '{name}' is a model name; give the models folder (--models DIR)")
     if Path(name).is_absolute() or ".." in Path(name).parts:
-        raise DiffguideError(f"{label}: model name '{name}' must be relative to the models folder")
+        raise WorkflowError(f"{label}: model name '{name}' must be relative to the models folder")
     tried = []
     for sub in FOLDERS[folder]:
         path = models_dir / sub / name
         if path.is_file():
             return path
         tried.append(str(models_dir / sub))
-    raise DiffguideError(f"{label}: model file '{name}' not found in {' or '.join(tried)}")
+    raise WorkflowError(f"{label}: model file '{name}' not found in {' or '.join(tried)}")
 
 
 def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
