@@ -57,7 +57,12 @@ def lora_state_dict(transformer: Any, seed: int = 5, rank: int = 4) -> dict[str,
     model = copy.deepcopy(transformer)
     torch.manual_seed(seed)
     model.add_adapter(
-        LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+        LoraConfig(
+            r=rank,
+            lora_alpha=rank,
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            init_lora_weights=False,
+        )
     )
     sd = get_peft_model_state_dict(model)
     return {f"transformer.{k}": (v * 0.5).contiguous() for k, v in sd.items()}
@@ -78,7 +83,11 @@ def make_models_dir(root: Path, mask_tail: int = 0) -> Path:
     (root / "diffusion_models").mkdir(parents=True)
     (root / "loras").mkdir()
     sd = {k: v.contiguous() for k, v in transformer.state_dict().items()}
-    save_file(sd, str(root / "diffusion_models" / "tiny_qwen.safetensors"), metadata={"config": json.dumps(QWEN_CONFIG)})
+    save_file(
+        sd,
+        str(root / "diffusion_models" / "tiny_qwen.safetensors"),
+        metadata={"config": json.dumps(QWEN_CONFIG)},
+    )
     save_file(lora_state_dict(transformer), str(root / "loras" / "tiny_lora.safetensors"))
     save_comfy_conditioning(root / "positive.safetensors", conditioning(1, mask_tail), {"prompt": "a cat"})
     save_comfy_conditioning(root / "negative.safetensors", conditioning(2, mask_tail), {"prompt": ""})
@@ -100,15 +109,27 @@ def qwen_workflow(
 ) -> dict[str, Any]:
     """UNETLoader -> LoraLoaderModelOnly -> ModelSamplingAuraFlow -> CFGNorm -> KSampler (API format)."""
     wf: dict[str, Any] = {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_qwen.safetensors", "weight_dtype": "default"}},
+        "1": {
+            "class_type": "UNETLoader",
+            "inputs": {"unet_name": "tiny_qwen.safetensors", "weight_dtype": "default"},
+        },
         "2": {
             "class_type": "LoraLoaderModelOnly",
             "inputs": {"model": ["1", 0], "lora_name": "tiny_lora.safetensors", "strength_model": lora},
         },
         "3": {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["2", 0], "shift": shift}},
-        "4": {"class_type": "CFGNorm", "inputs": {"model": ["3", 0], "strength": cfgnorm, "pre_cfg": pre_cfg}},
-        "5": {"class_type": "DiffguideLoadConditioning", "inputs": {"file": str(models / "positive.safetensors")}},
-        "6": {"class_type": "DiffguideLoadConditioning", "inputs": {"file": str(models / "negative.safetensors")}},
+        "4": {
+            "class_type": "CFGNorm",
+            "inputs": {"model": ["3", 0], "strength": cfgnorm, "pre_cfg": pre_cfg},
+        },
+        "5": {
+            "class_type": "DiffguideLoadConditioning",
+            "inputs": {"file": str(models / "positive.safetensors")},
+        },
+        "6": {
+            "class_type": "DiffguideLoadConditioning",
+            "inputs": {"file": str(models / "negative.safetensors")},
+        },
         "7": {
             "class_type": "EmptyHunyuanLatentVideo",
             "inputs": {"width": SIZE, "height": SIZE, "length": 1, "batch_size": 1},
@@ -116,10 +137,17 @@ def qwen_workflow(
         "8": {
             "class_type": "KSampler",
             "inputs": {
-                "model": ["4", 0], "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler,
-                "scheduler": scheduler, "positive": ["5", 0], "negative": ["6", 0], "latent_image": ["7", 0],
+                "model": ["4", 0],
+                "seed": seed,
+                "steps": steps,
+                "cfg": cfg,
+                "sampler_name": sampler,
+                "scheduler": scheduler,
+                "positive": ["5", 0],
+                "negative": ["6", 0],
+                "latent_image": ["7", 0],
                 "denoise": 1.0,
-            },  # fmt: skip
+            },
         },
     }
     if cfgnorm is None:
@@ -150,8 +178,8 @@ def load_comfy_nodes() -> Any:
     sys.path.insert(0, str(standin_dir))
     try:
         import comfy_extras.nodes_cfg as nodes_cfg
-        import comfy_extras.nodes_model_advanced as nodes_model_advanced
         import comfy_extras.nodes_hunyuan as nodes_hunyuan
+        import comfy_extras.nodes_model_advanced as nodes_model_advanced
         import folder_paths
         import nodes
     except Exception as exc:
@@ -177,7 +205,11 @@ def comfy_qwen_patcher(path: Path) -> Any:
     import comfy.model_detection as md
 
     sd = load_file(str(path))
-    unet_config = {"image_model": "qwen_image", **QWEN_CONFIG, "axes_dims_rope": tuple(QWEN_CONFIG["axes_dims_rope"])}
+    unet_config = {
+        "image_model": "qwen_image",
+        **QWEN_CONFIG,
+        "axes_dims_rope": tuple(QWEN_CONFIG["axes_dims_rope"]),
+    }
     model_config = md.model_config_from_unet_config(unet_config, sd)
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model(sd, "")
@@ -195,7 +227,9 @@ def _io_node(cls: Any, **kwargs: Any) -> Any:
     return getattr(clone, clone.FUNCTION)(**kwargs).result
 
 
-def comfy_execute(workflow: dict[str, Any], models: Path, trace: dict[str, Any] | None = None) -> torch.Tensor:
+def comfy_execute(
+    workflow: dict[str, Any], models: Path, trace: dict[str, Any] | None = None
+) -> torch.Tensor:
     """Run ``workflow`` (API format) with ComfyUI's node code; returns KSampler's LATENT samples.
     ``trace``, when given, receives ComfyUI's model sampling (``model_sampling``) and sigmas."""
     cn = load_comfy_nodes()
@@ -217,9 +251,7 @@ def comfy_execute(workflow: dict[str, Any], models: Path, trace: dict[str, Any] 
     def out(nid: str) -> tuple[Any, ...]:
         if nid not in values:
             node = workflow[nid]
-            inputs = {
-                k: (out(v[0])[v[1]] if isinstance(v, list) else v) for k, v in node["inputs"].items()
-            }
+            inputs = {k: (out(v[0])[v[1]] if isinstance(v, list) else v) for k, v in node["inputs"].items()}
             values[nid] = classes[node["class_type"]](inputs)
         return values[nid]
 

@@ -112,7 +112,13 @@ def test_eval_cannot_change_tensors_without_dropout_or_batchnorm():
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
     g = torch.Generator().manual_seed(0)
     x, ctx = torch.randn(1, 16, 64, generator=g), torch.randn(1, 7, 64, generator=g)
-    kw = dict(hidden_states=x, encoder_hidden_states=ctx, timestep=torch.tensor([0.5]), img_shapes=[[(1, 4, 4)]], return_dict=False)
+    kw = dict(
+        hidden_states=x,
+        encoder_hidden_states=ctx,
+        timestep=torch.tensor([0.5]),
+        img_shapes=[[(1, 4, 4)]],
+        return_dict=False,
+    )
     with torch.no_grad():
         a = model.train()(**kw)[0]
         b = model.eval()(**kw)[0]

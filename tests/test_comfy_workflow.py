@@ -13,7 +13,6 @@ import torch
 from comfy_workflow_support import (
     QWEN_CONFIG,
     conditioning,
-    lora_state_dict,
     make_models_dir,
     qwen_workflow,
     tiny_qwen_transformer,
@@ -61,11 +60,18 @@ def test_explain_names_terms_schedule_shift_seed_and_noise(models, tmp_path):
     assert "guidance terms: cfg(scale=4.0, rescale=0.0), cfgnorm(strength=1.0, pre_cfg=False)" in text
     assert "sampler: node 8 (KSampler): euler / simple, 8 steps, cfg 4, seed 12345" in text
     # simple schedule of ModelSamplingDiscreteFlow(3.1): sigma(t) = 3.1 t / (1 + 2.1 t) at t = 1, 7/8, ...
-    assert "sigmas (after the shift): 1, 0.955947, 0.902913, 0.837838, 0.756098, 0.65035, 0.508197, 0.306931, 0" in text
-    assert "noise: comfy policy: one CPU generator seeded 12345 draws the whole [1, 16, 1, 8, 8] batch" in text
+    assert (
+        "sigmas (after the shift): 1, 0.955947, 0.902913, 0.837838, 0.756098, 0.65035, 0.508197, 0.306931, 0"
+        in text
+    )
+    assert (
+        "noise: comfy policy: one CPU generator seeded 12345 draws the whole [1, 16, 1, 8, 8] batch" in text
+    )
     assert '"attention_mask": "tensor[1, 7]", "pooled_output": null' in text
     cfg = run.config
-    assert cfg.noise == "comfy" and cfg.scheduler == "euler" and cfg.schedule == "simple" and cfg.seed == 12345
+    assert (
+        cfg.noise == "comfy" and cfg.scheduler == "euler" and cfg.schedule == "simple" and cfg.seed == 12345
+    )
     assert cfg.guidance == (CFG(4.0), CFGNorm(1.0))
     assert cfg.comfy_sampling == ComfyShift("flow", 3.1, 1.0)
     assert run.model.loras == ((models / "loras" / "tiny_lora.safetensors", 0.8),)
@@ -86,7 +92,9 @@ def test_ui_format_maps_widgets_like_the_api_format(models, tmp_path):
                 widgets.append(value)
                 if name == "seed":
                     widgets.append("fixed")  # control_after_generate
-        nodes.append({"id": int(nid), "type": node["class_type"], "inputs": inputs, "widgets_values": widgets})
+        nodes.append(
+            {"id": int(nid), "type": node["class_type"], "inputs": inputs, "widgets_values": widgets}
+        )
     nodes.append({"id": 99, "type": "Note", "widgets_values": ["hello"]})
     ui = load(write(tmp_path, {"nodes": nodes, "links": links}), models)
     assert ui.config == load(write(tmp_path, api), models).config
@@ -173,8 +181,13 @@ def test_loader_reads_the_sizes_from_the_weights(tmp_path):
     save_file(sd, str(path), metadata={"config": json.dumps({"axes_dims_rope": [8, 12, 12]})})
     pipe = load_diffusion_model(path, torch.float32)
     cfg = pipe.transformer.config
-    assert {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if k in QWEN_CONFIG} == QWEN_CONFIG
-    assert all(torch.equal(a, b) for a, b in zip(pipe.transformer.state_dict().values(), t.state_dict().values(), strict=True))
+    assert {
+        k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if k in QWEN_CONFIG
+    } == QWEN_CONFIG
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(pipe.transformer.state_dict().values(), t.state_dict().values(), strict=True)
+    )
     save_file(sd, str(path))  # head size 32 without a config: no known rotary axes
     with pytest.raises(DiffguideError, match=r"attention head size 32 has no known rotary axes"):
         load_diffusion_model(path, torch.float32)
@@ -197,7 +210,9 @@ def test_workflow_run_equals_the_run_built_by_hand(models, tmp_path):
         "a cat", guidance=[CFG(4.0), CFGNorm(1.0)], steps=STEPS, seed=12345, scheduler="euler",
         noise="comfy", schedule="simple", width=64, height=64, comfy_sampling=ComfyShift("flow", 3.1, 1.0),
     )  # fmt: skip
-    by_hand = gp.generate(cfg, decode=False, conditioning=ConditioningFile(to_diffguide(pos, "p"), to_diffguide(neg, "n")))
+    by_hand = gp.generate(
+        cfg, decode=False, conditioning=ConditioningFile(to_diffguide(pos, "p"), to_diffguide(neg, "n"))
+    )
     assert torch.equal(ours.result.latents, by_hand.latents)
     assert torch.equal(ours.latents, comfy_latent_out(gp, by_hand.latents, (1, 16, 1, 8, 8)))
     # and the pieces matter: without CFGNorm, or with the LoRA at 1.0, the tensors differ

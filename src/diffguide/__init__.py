@@ -44,7 +44,18 @@ _LAZY = {
 if TYPE_CHECKING:
     from .defaults import DEFAULTS, default_model
     from .engine import GuidedModel, StepResult
-    from .guidance import CFG, PAG, CFGNorm, SLG, TPG, Branch, EmbeddedGuidance, GuidanceTerm, StepInfo, Window
+    from .guidance import (
+        CFG,
+        PAG,
+        SLG,
+        TPG,
+        Branch,
+        CFGNorm,
+        EmbeddedGuidance,
+        GuidanceTerm,
+        StepInfo,
+        Window,
+    )
     from .models.denoiser import Conditioning, UNetDenoiser
     from .pipeline import GenerateConfig, GenerationResult, GuidedPipeline
 
@@ -65,11 +76,11 @@ def __dir__() -> list[str]:
 __all__ = [
     "CFG",
     "DEFAULTS",
-    "CFGNorm",
     "PAG",
     "SLG",
     "TPG",
     "Branch",
+    "CFGNorm",
     "Conditioning",
     "ConfigError",
     "DiffguideError",

@@ -18,7 +18,10 @@ comfy_app = typer.Typer(
 
 Models = Annotated[
     Path | None,
-    typer.Option("--models", help="ComfyUI models folder (diffusion_models/, loras/, vae/, text_encoders/, checkpoints/)."),
+    typer.Option(
+        "--models",
+        help="ComfyUI models folder (diffusion_models/, loras/, vae/, text_encoders/, checkpoints/).",
+    ),
 ]
 Cond = Annotated[
     list[str] | None,
@@ -59,9 +62,9 @@ def run(
     workflow: Annotated[Path, typer.Argument(help="Workflow JSON (API or UI format).")],
     models: Models = None,
     conditioning: Cond = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the latents (.safetensors).")] = Path(
-        "comfy-latents.safetensors"
-    ),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Where to write the latents (.safetensors).")
+    ] = Path("comfy-latents.safetensors"),
     config: Annotated[
         str | None, typer.Option("--config", help="Diffusers folder describing a single-file checkpoint.")
     ] = None,
@@ -77,10 +80,14 @@ def run(
     wf = load(workflow, models, _overrides(conditioning))
     result = execute(wf, config=config)
     manifest = result.result.manifests[0]
-    data = save({"samples": result.latents.contiguous()}, metadata={"diffguide_manifest": manifest_json(manifest)})
+    data = save(
+        {"samples": result.latents.contiguous()}, metadata={"diffguide_manifest": manifest_json(manifest)}
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     replace_atomic(out, data)
     replace_atomic(out.with_suffix(".json"), manifest_json(manifest, indent=2))
-    typer.echo(f"latents {list(result.latents.shape)} -> {out} ({result.result.forward_calls} model forward calls)")
+    typer.echo(
+        f"latents {list(result.latents.shape)} -> {out} ({result.result.forward_calls} model forward calls)"
+    )
     if wf.decode_node is not None:
         typer.echo(f"note: node {wf.decode_node} (VAEDecode) not run: diffguide writes the latents only")

@@ -12,6 +12,7 @@ nothing is loaded until :func:`execute`. See docs/comfyui.md.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,8 @@ from .translate import ModelSpec, WorkflowRun, model_hash, translate
 
 __all__ = [
     "WorkflowError",
-    "WorkflowRun",
     "WorkflowResult",
+    "WorkflowRun",
     "build_pipeline",
     "comfy_latent_out",
     "execute",
@@ -50,7 +51,7 @@ WAN21_STD = (
 def load(
     path: str | Path,
     models: str | Path | None = None,
-    conditioning: dict[str, str | Path] | None = None,
+    conditioning: Mapping[str, str | Path] | None = None,
 ) -> WorkflowRun:
     """The diffguide run of the workflow file ``path``; model names resolve under ``models``
     (ComfyUI's models folder layout). ``conditioning``: {node id: ComfyUI-form conditioning file}

@@ -41,14 +41,18 @@ def _json_value(key: str, value: Any) -> Any:
 def check_comfy_conditioning(value: Any, what: str = "conditioning") -> ComfyConditioning:
     """``value`` as ComfyUI's [[tensor, dict], ...] form, or a one-line error."""
     if not isinstance(value, (list, tuple)) or not value:
-        raise DiffguideError(f"{what} must be ComfyUI's [[tensor, {{...}}], ...] form, got {type(value).__name__}")
+        raise DiffguideError(
+            f"{what} must be ComfyUI's [[tensor, {{...}}], ...] form, got {type(value).__name__}"
+        )
     out = []
     for i, entry in enumerate(value):
         if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
             raise DiffguideError(f"{what} entry {i} must be [tensor, {{...}}], got {type(entry).__name__}")
         tensor, meta = entry
         if not isinstance(tensor, Tensor) or not isinstance(meta, dict):
-            raise DiffguideError(f"{what} entry {i} must be [tensor, dict], got [{type(tensor).__name__}, {type(meta).__name__}]")
+            raise DiffguideError(
+                f"{what} entry {i} must be [tensor, dict], got [{type(tensor).__name__}, {type(meta).__name__}]"
+            )
         out.append([tensor, dict(meta)])
     return out
 
@@ -94,7 +98,9 @@ def load_comfy_conditioning(path: str | Path) -> tuple[ComfyConditioning, dict[s
             ) from err
         return check_comfy_conditioning(obj, f"'{path}'"), {}
     if path.suffix.lower() != ".safetensors":
-        raise DiffguideError(f"conditioning file '{path}' must be .safetensors (or .pt, read with weights_only=True)")
+        raise DiffguideError(
+            f"conditioning file '{path}' must be .safetensors (or .pt, read with weights_only=True)"
+        )
     try:
         with safe_open(str(path), "pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
@@ -113,7 +119,9 @@ def load_comfy_conditioning(path: str | Path) -> tuple[ComfyConditioning, dict[s
             meta.update({k: tensors[f"{i}.{k}"] for k in d["tensors"]})
             entries.append([tensors[f"{i}.cond"], meta])
     except (KeyError, TypeError, ValueError) as err:
-        raise DiffguideError(f"'{path}': malformed '{META_KEY}' metadata ({type(err).__name__}: {err})") from err
+        raise DiffguideError(
+            f"'{path}': malformed '{META_KEY}' metadata ({type(err).__name__}: {err})"
+        ) from err
     return check_comfy_conditioning(entries, f"'{path}'"), metadata
 
 
@@ -121,7 +129,9 @@ def to_diffguide(entries: ComfyConditioning, what: str) -> Conditioning:
     """diffguide's Conditioning for one ComfyUI conditioning (one entry): ``embeds`` the tensor,
     ``mask`` its ``attention_mask``, ``pooled`` its ``pooled_output``."""
     if len(entries) != 1:
-        raise DiffguideError(f"{what}: {len(entries)} conditioning entries (combined/area conditioning) are not supported")
+        raise DiffguideError(
+            f"{what}: {len(entries)} conditioning entries (combined/area conditioning) are not supported"
+        )
     tensor, meta = entries[0]
     tensors: dict[str, Tensor] = {"embeds": tensor}
     if isinstance(meta.get("attention_mask"), Tensor):

@@ -75,7 +75,11 @@ def parse_workflow(data: Any) -> Graph:
         data = data["prompt"]
     if isinstance(data, dict) and isinstance(data.get("nodes"), list):
         graph = _from_ui(data)
-    elif isinstance(data, dict) and data and all(isinstance(v, dict) and "class_type" in v for v in data.values()):
+    elif (
+        isinstance(data, dict)
+        and data
+        and all(isinstance(v, dict) and "class_type" in v for v in data.values())
+    ):
         graph = _from_api(data)
     else:
         raise WorkflowError(
@@ -135,7 +139,9 @@ def _from_ui(data: dict[str, Any]) -> Graph:
         for slot in raw.get("inputs") or []:
             if slot.get("link") is not None:
                 if slot["link"] not in links:
-                    raise WorkflowError(f"node {nid} ({cls}): input '{slot.get('name')}' uses link {slot['link']}, which does not exist")
+                    raise WorkflowError(
+                        f"node {nid} ({cls}): input '{slot.get('name')}' uses link {slot['link']}, which does not exist"
+                    )
                 inputs[str(slot.get("name"))] = follow(links[slot["link"]])
         if cls in NODES:
             inputs.update(_widgets(nid, cls, raw.get("widgets_values") or [], inputs))
@@ -172,7 +178,9 @@ def check_graph(graph: Graph) -> None:
         spec = node.spec
         for name in node.inputs:
             if name not in spec.inputs:
-                raise WorkflowError(f"{node.label}: unknown input '{name}' (inputs: {', '.join(spec.inputs)})")
+                raise WorkflowError(
+                    f"{node.label}: unknown input '{name}' (inputs: {', '.join(spec.inputs)})"
+                )
         for name, kind in spec.inputs.items():
             value = node.inputs.get(name)
             if value is None:

@@ -104,7 +104,7 @@ def load_diffusion_model(path: Path, dtype: torch.dtype) -> Any:
     sd = _strip(sd)
     if "img_in.weight" in sd and "txt_norm.weight" in sd:
         cfg = qwen_image_config(sd, metadata, path.name)
-        model = QwenImageTransformer2DModel(**cfg)
+        model: Any = QwenImageTransformer2DModel(**cfg)
         _load(model, sd, path)
         scheduler = FlowMatchEulerDiscreteScheduler(
             shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,

@@ -31,6 +31,10 @@ def _n(outputs: tuple[str, ...], optional: tuple[str, ...] = (), **inputs: str) 
     return NodeType(dict(inputs), outputs, optional)
 
 
+def _typed(outputs: tuple[str, ...], inputs: dict[str, str]) -> NodeType:
+    return NodeType(inputs, outputs)
+
+
 _SAMPLER = {
     "seed": "INT",
     "steps": "INT",
@@ -86,14 +90,16 @@ NODES: dict[str, NodeType] = {
     "EmptyLatentImage": _n(("LATENT",), width="INT", height="INT", batch_size="INT"),
     "EmptySD3LatentImage": _n(("LATENT",), width="INT", height="INT", batch_size="INT"),
     "EmptyHunyuanLatentVideo": _n(("LATENT",), width="INT", height="INT", length="INT", batch_size="INT"),
-    "KSampler": _n(
+    "KSampler": _typed(
         ("LATENT",),
-        model="MODEL",
-        **_SAMPLER,
-        positive="CONDITIONING",
-        negative="CONDITIONING",
-        latent_image="LATENT",
-        denoise="FLOAT",
+        {
+            "model": "MODEL",
+            **_SAMPLER,
+            "positive": "CONDITIONING",
+            "negative": "CONDITIONING",
+            "latent_image": "LATENT",
+            "denoise": "FLOAT",
+        },
     ),
     "KSamplerAdvanced": _n(
         ("LATENT",),

@@ -131,7 +131,9 @@ class Translator:
     def _UNETLoader(self, node: Node) -> tuple[Any, ...]:
         dtype = str(self.value(node, "weight_dtype"))
         if dtype not in DTYPES:
-            raise WorkflowError(f"{node.label}: weight_dtype '{dtype}' is not supported (one of {', '.join(DTYPES)})")
+            raise WorkflowError(
+                f"{node.label}: weight_dtype '{dtype}' is not supported (one of {', '.join(DTYPES)})"
+            )
         path = resolve(self.models_dir, "diffusion_models", str(self.value(node, "unet_name")), node.label)
         return (_Model(ModelSpec("UNETLoader", path, DTYPES[dtype], node=node.id)),)
 
@@ -150,7 +152,9 @@ class Translator:
         return (_Clip(node.id, False),)
 
     def _VAELoader(self, node: Node) -> tuple[Any, ...]:
-        return (("file", node.id, resolve(self.models_dir, "vae", str(self.value(node, "vae_name")), node.label)),)
+        return (
+            ("file", node.id, resolve(self.models_dir, "vae", str(self.value(node, "vae_name")), node.label)),
+        )
 
     def _lora(self, node: Node) -> _Model:
         model: _Model = self.value(node, "model")
@@ -184,7 +188,9 @@ class Translator:
 
     def _ModelSamplingAuraFlow(self, node: Node) -> tuple[Any, ...]:
         s = self.number(node, "shift", 0.0, 100.0)
-        return self._shift(node, ComfyShift("flow", s, 1.0), f"ModelSamplingDiscreteFlow shift {s:g}, multiplier 1")
+        return self._shift(
+            node, ComfyShift("flow", s, 1.0), f"ModelSamplingDiscreteFlow shift {s:g}, multiplier 1"
+        )
 
     def _ModelSamplingSD3(self, node: Node) -> tuple[Any, ...]:
         s = self.number(node, "shift", 0.0, 100.0)
@@ -208,7 +214,11 @@ class Translator:
     def _CFGNorm(self, node: Node) -> tuple[Any, ...]:
         strength = self.number(node, "strength", 0.0, 100.0)
         pre = bool(self.value(node, "pre_cfg") or False)
-        form = "pre-CFG, combined prediction rescaled to the cond norm" if pre else "post-CFG, x0 space, attenuate only"
+        form = (
+            "pre-CFG, combined prediction rescaled to the cond norm"
+            if pre
+            else "post-CFG, x0 space, attenuate only"
+        )
         return self._term(node, CFGNorm(strength, pre_cfg=pre), f"CFGNorm strength {strength:g} ({form})")
 
     def _PerturbedAttentionGuidance(self, node: Node) -> tuple[Any, ...]:
@@ -219,7 +229,9 @@ class Translator:
         raise WorkflowError(f"{node.label}: {why}")
 
     def _RescaleCFG(self, node: Node) -> tuple[Any, ...]:
-        return self._unsupported(node, "RescaleCFG is not mapped yet (ComfyUI rescales in v space; not exact here)")
+        return self._unsupported(
+            node, "RescaleCFG is not mapped yet (ComfyUI rescales in v space; not exact here)"
+        )
 
     def _SkipLayerGuidanceSD3(self, node: Node) -> tuple[Any, ...]:
         return self._unsupported(node, "SkipLayerGuidanceSD3 is not mapped yet")
@@ -228,7 +240,9 @@ class Translator:
         return self._unsupported(node, "SkipLayerGuidanceDiT is not mapped yet")
 
     def _FluxGuidance(self, node: Node) -> tuple[Any, ...]:
-        return self._unsupported(node, "FluxGuidance is not mapped yet (use diffguide generate with EmbeddedGuidance)")
+        return self._unsupported(
+            node, "FluxGuidance is not mapped yet (use diffguide generate with EmbeddedGuidance)"
+        )
 
     # -- conditioning ---------------------------------------------------------------------------
     def _CLIPTextEncode(self, node: Node) -> tuple[Any, ...]:
@@ -262,7 +276,10 @@ class Translator:
                 f"{node.label}: zeroing a prompt needs its encoded tensors; give them with --conditioning {cond.node}=FILE"
             )
         zeroed = [
-            [torch.zeros_like(t), {k: (torch.zeros_like(v) if k == "pooled_output" else v) for k, v in m.items()}]
+            [
+                torch.zeros_like(t),
+                {k: (torch.zeros_like(v) if k == "pooled_output" else v) for k, v in m.items()},
+            ]
             for t, m in cond.entries
         ]
         return (_Cond(node.id, entries=zeroed, source=f"zeros of {cond.source} via {node.label}"),)
@@ -271,7 +288,9 @@ class Translator:
     def _empty(self, node: Node, channels: int, frames: int | None) -> tuple[Any, ...]:
         w, h, b = (int(self.value(node, k)) for k in ("width", "height", "batch_size"))
         if w < 16 or h < 16 or w % 8 or h % 8 or not 1 <= b <= 64:
-            raise WorkflowError(f"{node.label}: width/height must be multiples of 8 >= 16 and batch 1..64, got {w}x{h}x{b}")
+            raise WorkflowError(
+                f"{node.label}: width/height must be multiples of 8 >= 16 and batch 1..64, got {w}x{h}x{b}"
+            )
         shape = (b, channels, h // 8, w // 8) if frames is None else (b, channels, frames, h // 8, w // 8)
         return (_Latent(node.id, shape, w, h),)
 
@@ -284,7 +303,9 @@ class Translator:
     def _EmptyHunyuanLatentVideo(self, node: Node) -> tuple[Any, ...]:
         length = int(self.value(node, "length"))
         if not 1 <= length <= 4:
-            raise WorkflowError(f"{node.label}: length {length} makes a video; diffguide samples one frame (length 1)")
+            raise WorkflowError(
+                f"{node.label}: length {length} makes a video; diffguide samples one frame (length 1)"
+            )
         return self._empty(node, 16, 1)
 
     # -- the sampler ---------------------------------------------------------------------------
@@ -314,16 +335,22 @@ class Translator:
         latent: _Latent = self.value(node, "latent_image")
         sampler = str(self.value(node, "sampler_name"))
         if sampler not in SAMPLERS:
-            raise WorkflowError(f"{node.label}: sampler '{sampler}' is not supported; one of {', '.join(SAMPLERS)}")
+            raise WorkflowError(
+                f"{node.label}: sampler '{sampler}' is not supported; one of {', '.join(SAMPLERS)}"
+            )
         schedule = str(self.value(node, "scheduler"))
         if schedule not in COMFY_SCHEDULERS:
-            raise WorkflowError(f"{node.label}: scheduler '{schedule}' is not supported; one of {', '.join(COMFY_SCHEDULERS)}")
+            raise WorkflowError(
+                f"{node.label}: scheduler '{schedule}' is not supported; one of {', '.join(COMFY_SCHEDULERS)}"
+            )
         cfg_scale = self.number(node, "cfg", 0.0, 100.0)
         terms: tuple[GuidanceTerm, ...] = (CFG(cfg_scale), *model.terms)
         batch = latent.shape[0]
         conditioning = None
         if (pos.entries is None) != (neg.entries is None):
-            raise WorkflowError(f"{node.label}: positive and negative must both be prompts or both conditioning files")
+            raise WorkflowError(
+                f"{node.label}: positive and negative must both be prompts or both conditioning files"
+            )
         if pos.entries is not None and neg.entries is not None:
             conditioning = ConditioningFile(
                 to_diffguide(pos.entries, f"{node.label} positive"),
@@ -347,8 +374,10 @@ class Translator:
             f"sampler: {node.label}: {sampler} / {schedule}, {config.steps} steps, cfg {cfg_scale:g}, seed {seed}",
             "guidance terms: " + ", ".join(_term_text(t) for t in terms),
             f"latent: {self.graph[latent.node].label}: {list(latent.shape)} ({latent.width}x{latent.height} px)",
-            f"positive: {pos.source}" + (f" metadata {describe_metadata(pos.entries)}" if pos.entries else ""),
-            f"negative: {neg.source}" + (f" metadata {describe_metadata(neg.entries)}" if neg.entries else ""),
+            f"positive: {pos.source}"
+            + (f" metadata {describe_metadata(pos.entries)}" if pos.entries else ""),
+            f"negative: {neg.source}"
+            + (f" metadata {describe_metadata(neg.entries)}" if neg.entries else ""),
         ]
         return WorkflowRun(model.spec, config, conditioning, latent.shape, node.id, tuple(lines))
 
@@ -380,7 +409,9 @@ def translate(
         n for n in graph.values() if n.class_type == "VAEDecode"
     ]
     if len(sinks) > 1:
-        raise WorkflowError(f"{sinks[1].label}: more than one output; diffguide runs one sampler and one output")
+        raise WorkflowError(
+            f"{sinks[1].label}: more than one output; diffguide runs one sampler and one output"
+        )
     target = sinks[0] if sinks else samplers[0]
     run: WorkflowRun = tr.output(Link(target.id, 0)) if target.spec.outputs else tr._SaveImage(target)[0]
     unused = sorted(set(graph) - set(tr._values) - {target.id})

@@ -10,13 +10,13 @@ from .tpg import TPG
 
 __all__ = [
     "CFG",
-    "CFGNorm",
     "COND",
     "PAG",
     "SLG",
     "TPG",
     "UNCOND",
     "Branch",
+    "CFGNorm",
     "EmbeddedGuidance",
     "GuidanceTerm",
     "StepInfo",

@@ -70,11 +70,15 @@ def _static(ma: dict[str, Any], mb: dict[str, Any]) -> list[Finding]:
     meta_a, meta_b = _get(ma, "conditioning", "metadata") or {}, _get(mb, "conditioning", "metadata") or {}
     if _differs(meta_a, meta_b):
         keys = sorted(k for k in set(meta_a) | set(meta_b) if meta_a.get(k) != meta_b.get(k))
-        out.append(Finding("inputs", "conditioning metadata", f"differs in {', '.join(keys)}: {meta_a} vs {meta_b}"))
+        out.append(
+            Finding("inputs", "conditioning metadata", f"differs in {', '.join(keys)}: {meta_a} vs {meta_b}")
+        )
     na, nb = ma.get("noise", {}), mb.get("noise", {})
     keys = sorted(k for k in set(na) | set(nb) if na.get(k) != nb.get(k))
     if keys:
-        out.append(Finding("inputs", "noise", "; ".join(f"{k}: {na.get(k)!r} vs {nb.get(k)!r}" for k in keys)))
+        out.append(
+            Finding("inputs", "noise", "; ".join(f"{k}: {na.get(k)!r} vs {nb.get(k)!r}" for k in keys))
+        )
     ha, hb = _get(ma, "model", "hashes") or {}, _get(mb, "model", "hashes") or {}
     for comp in sorted(set(ha) | set(hb)):
         if ha.get(comp) != hb.get(comp):
@@ -91,10 +95,23 @@ def _static(ma: dict[str, Any], mb: dict[str, Any]) -> list[Finding]:
         rep = None
         if sa.get("sigmas") and sb.get("sigmas") and len(sa["sigmas"]) == len(sb["sigmas"]):
             rep = compare(torch.tensor(sa["sigmas"]), torch.tensor(sb["sigmas"]), name="sigmas")
-        out.append(Finding("sampling", "sigmas after the shift", f"config {sa.get('config')} vs {sb.get('config')}", report=rep))
+        out.append(
+            Finding(
+                "sampling",
+                "sigmas after the shift",
+                f"config {sa.get('config')} vs {sb.get('config')}",
+                report=rep,
+            )
+        )
     ga, gb = _get(ma, "parameters", "guidance"), _get(mb, "parameters", "guidance")
     if _differs(ga, gb):
-        out.append(Finding("guidance", "terms", f"{[t.get('method') for t in ga or []]} vs {[t.get('method') for t in gb or []]}"))
+        out.append(
+            Finding(
+                "guidance",
+                "terms",
+                f"{[t.get('method') for t in ga or []]} vs {[t.get('method') for t in gb or []]}",
+            )
+        )
     return out
 
 
@@ -125,7 +142,11 @@ def _steps(a: Trace, b: Trace, rtol: float, atol: float) -> list[Finding]:
         if not r.ok and nxt_a != nxt_b:
             return [Finding("sampling", "the step's target noise level", f"sigma {nxt_a} vs {nxt_b}", i, r)]
         if not r.ok:
-            return [Finding("sampler step", "latents after the step", "differ on an equal guided prediction", i, r)]
+            return [
+                Finding(
+                    "sampler step", "latents after the step", "differ on an equal guided prediction", i, r
+                )
+            ]
     return []
 
 

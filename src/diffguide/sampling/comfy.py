@@ -633,7 +633,9 @@ class ComfyShift:
         takes sigma) is refused rather than run with a timestep ComfyUI would scale differently.
         """
         if not isinstance(native, ComfyFlowSampling):
-            raise ConfigError("ComfyUI's ModelSampling* flow nodes apply to flow-matching models, not SD UNets")
+            raise ConfigError(
+                "ComfyUI's ModelSampling* flow nodes apply to flow-matching models, not SD UNets"
+            )
         if self.kind == "flux":
             return ComfyFluxSampling(self.shift)
         if self.multiplier != native.multiplier:
