@@ -5,6 +5,7 @@ transformer's sizes from its weights, and the workflow run = the same run built 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -242,3 +243,42 @@ def test_cli_run_writes_comfy_latents_and_manifest(models, tmp_path):
     assert manifest["scheduler"]["config"] == {"prediction_type": "flow", "shift": 3.1, "multiplier": 1.0}
     assert manifest["comfy_workflow"]["sampler_node"] == "8"
     assert manifest["model"]["loras"][0]["scale"] == 0.8
+
+
+def test_clip_text_encode_needs_conditioning_files_for_unet_workflows(models, tmp_path):
+    wf = qwen_workflow(models)
+    (models / "text_encoders").mkdir(exist_ok=True)
+    (models / "text_encoders" / "qwen_2.5_vl.safetensors").write_bytes(b"")
+    wf["9"] = {
+        "class_type": "CLIPLoader",
+        "inputs": {"clip_name": "qwen_2.5_vl.safetensors", "type": "qwen_image"},
+    }
+    wf["5"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["9", 0]}}
+    wf["6"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["9", 0]}}
+    path = write(tmp_path, wf)
+    with pytest.raises(
+        WorkflowError,
+        match=r"^node 5 \(CLIPTextEncode\): diffguide cannot run this text encoder \(node 9\); .*--conditioning 5=FILE",
+    ):
+        load(path, models)
+    pos, neg = models / "positive.safetensors", models / "negative.safetensors"
+    res = CliRunner().invoke(
+        app,
+        [
+            "comfy",
+            "explain",
+            str(path),
+            "--models",
+            str(models),
+            "--conditioning",
+            f"5={pos}",
+            "--conditioning",
+            f"6={neg}",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert f"positive: {pos} via node 5 (CLIPTextEncode) metadata" in res.output
+    a, b = load(path, models, {"5": pos, "6": neg}), load(write(tmp_path, qwen_workflow(models)), models)
+    assert replace(a.config, prompts=b.config.prompts, negative_prompts=b.config.negative_prompts) == b.config
+    assert a.conditioning is not None and b.conditioning is not None
+    assert torch.equal(a.conditioning.cond.get("mask"), b.conditioning.cond.get("mask"))

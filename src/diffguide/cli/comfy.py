@@ -68,6 +68,9 @@ def run(
     config: Annotated[
         str | None, typer.Option("--config", help="Diffusers folder describing a single-file checkpoint.")
     ] = None,
+    trace: Annotated[
+        Path | None, typer.Option("--trace", help="Also save a step trace (compare two with 'diffguide diff').")
+    ] = None,
 ) -> None:
     """Run the workflow; write ComfyUI's LATENT samples (key 'samples') and the manifest next to them."""
     from safetensors.torch import save
@@ -77,8 +80,13 @@ def run(
 
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out must end in .safetensors, got '{out}'")
+    from ..repro.trace import TraceRecorder, check_trace_path
+
+    if trace is not None:
+        check_trace_path(trace)
     wf = load(workflow, models, _overrides(conditioning))
-    result = execute(wf, config=config)
+    recorder = TraceRecorder() if trace is not None else None
+    result = execute(wf, config=config, callback=recorder)
     manifest = result.result.manifests[0]
     data = save(
         {"samples": result.latents.contiguous()}, metadata={"diffguide_manifest": manifest_json(manifest)}
@@ -86,6 +94,8 @@ def run(
     out.parent.mkdir(parents=True, exist_ok=True)
     replace_atomic(out, data)
     replace_atomic(out.with_suffix(".json"), manifest_json(manifest, indent=2))
+    if recorder is not None and trace is not None:
+        recorder.save(trace, manifest)
     typer.echo(
         f"latents {list(result.latents.shape)} -> {out} ({result.result.forward_calls} model forward calls)"
     )

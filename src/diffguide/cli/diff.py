@@ -55,6 +55,11 @@ def _render_stages(a: Path, b: Path, rtol: float, atol: float, console: Console)
     found = diagnose(load_trace(a), load_trace(b), rtol=rtol, atol=atol)
     if not found:
         return
+    if found[-1].step is None:  # no tensor differs: settings recorded differently, without effect here
+        console.print("the runs' tensors agree; recorded differences without effect:", markup=False)
+        for f in found:
+            console.print(f"  {f.line()}", markup=False)
+        return
     console.print(f"runs part at {found[0].line()}", markup=False)
     for f in found[1:]:
         console.print(f"  also: {f.line()}", markup=False)

@@ -108,10 +108,13 @@ def build_pipeline(spec: ModelSpec, config: str | None = None) -> Any:
     return gp
 
 
-def execute(run: WorkflowRun, pipeline: Any = None, *, config: str | None = None) -> WorkflowResult:
-    """Sample the run (on ``pipeline`` if given, else the model spec's); latents as ComfyUI returns them."""
+def execute(
+    run: WorkflowRun, pipeline: Any = None, *, config: str | None = None, callback: Any = None
+) -> WorkflowResult:
+    """Sample the run (on ``pipeline`` if given, else the model spec's); latents as ComfyUI returns
+    them. ``callback``: a step callback, e.g. a :class:`~diffguide.repro.trace.TraceRecorder`."""
     gp = pipeline if pipeline is not None else build_pipeline(run.model, config)
-    result = gp.generate(run.config, decode=False, conditioning=run.conditioning)
+    result = gp.generate(run.config, decode=False, conditioning=run.conditioning, callback=callback)
     for m in result.manifests:
         m["comfy_workflow"] = {"sampler_node": run.sampler_node, "files": model_hash(run.model)}
     return WorkflowResult(comfy_latent_out(gp, result.latents, run.latent_shape), result)
