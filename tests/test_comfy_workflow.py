@@ -282,3 +282,27 @@ def test_clip_text_encode_needs_conditioning_files_for_unet_workflows(models, tm
     assert replace(a.config, prompts=b.config.prompts, negative_prompts=b.config.negative_prompts) == b.config
     assert a.conditioning is not None and b.conditioning is not None
     assert torch.equal(a.conditioning.cond.get("mask"), b.conditioning.cond.get("mask"))
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"pre_cfg": True, "sampler": "dpmpp_2m"}, {"cfgnorm": None, "lora": 1.0}]
+)
+def test_a_run_written_as_a_workflow_loads_back_to_the_same_run(models, tmp_path, kwargs):
+    from diffguide.comfy_workflow import to_workflow
+
+    run = load(write(tmp_path, qwen_workflow(models, **kwargs)), models)
+    files = (str(models / "positive.safetensors"), str(models / "negative.safetensors"))
+    again = load(write(tmp_path, to_workflow(run, files)), models)
+    # the prompts are placeholders naming the conditioning nodes, whose ids differ
+    assert (
+        replace(again.config, prompts=run.config.prompts, negative_prompts=run.config.negative_prompts)
+        == run.config
+    )
+    assert again.conditioning is not None and run.conditioning is not None
+    assert torch.equal(again.conditioning.cond.embeds, run.conditioning.cond.embeds)
+    assert again.model == replace(run.model, node=again.model.node)
+    assert again.latent_shape == run.latent_shape
+    with pytest.raises(WorkflowError, match=r"^only comfy-noise-policy runs can be written"):
+        to_workflow(
+            replace(run, config=replace(run.config, noise="diffusers", schedule=None, comfy_sampling=None))
+        )

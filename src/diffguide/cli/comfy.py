@@ -69,7 +69,8 @@ def run(
         str | None, typer.Option("--config", help="Diffusers folder describing a single-file checkpoint.")
     ] = None,
     trace: Annotated[
-        Path | None, typer.Option("--trace", help="Also save a step trace (compare two with 'diffguide diff').")
+        Path | None,
+        typer.Option("--trace", help="Also save a step trace (compare two with 'diffguide diff')."),
     ] = None,
 ) -> None:
     """Run the workflow; write ComfyUI's LATENT samples (key 'samples') and the manifest next to them."""

@@ -23,6 +23,7 @@ from ..errors import DiffguideError
 from .conditioning import load_comfy_conditioning, save_comfy_conditioning
 from .graph import WorkflowError, read_workflow
 from .translate import ModelSpec, WorkflowRun, model_hash, translate
+from .writer import to_workflow
 
 __all__ = [
     "WorkflowError",
@@ -35,6 +36,7 @@ __all__ = [
     "load",
     "load_comfy_conditioning",
     "save_comfy_conditioning",
+    "to_workflow",
 ]
 
 #: ComfyUI's Wan21 latent format (Qwen-Image): per-channel mean and std of the VAE latents.

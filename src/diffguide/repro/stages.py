@@ -131,7 +131,9 @@ def _steps(a: Trace, b: Trace, rtol: float, atol: float) -> list[Finding]:
         for k in preds:
             r = compare(a.tensors[k], b.tensors[k], rtol, atol, name=k)
             if not r.ok:
-                return [Finding("model", f"prediction {k.split('/', 1)[1]}", "differs on equal latents", i, r)]
+                return [
+                    Finding("model", f"prediction {k.split('/', 1)[1]}", "differs on equal latents", i, r)
+                ]
         key = step_key(i, "guided")
         r = compare(a.tensors[key], b.tensors[key], rtol, atol, name=key)
         if not r.ok:
