@@ -306,3 +306,13 @@ def test_a_run_written_as_a_workflow_loads_back_to_the_same_run(models, tmp_path
         to_workflow(
             replace(run, config=replace(run.config, noise="diffusers", schedule=None, comfy_sampling=None))
         )
+
+
+def test_manifest_of_a_workflow_run_rebuilds_its_config(models, tmp_path):
+    """Replay reads the ModelSampling override back from the manifest."""
+    from diffguide.repro.schema import config_from_manifest
+
+    run = load(write(tmp_path, qwen_workflow(models, steps=1)), models)
+    manifest = json.loads(json.dumps(execute(run).result.manifests[0]))
+    assert config_from_manifest(manifest).comfy_sampling == ComfyShift("flow", 3.1, 1.0)
+    assert config_from_manifest(manifest).guidance == run.config.guidance

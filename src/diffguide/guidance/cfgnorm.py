@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import Branch, Predictions, StepInfo, Window, check_finite
+from .base import Predictions, StepInfo, Window
+from .term import Term, bounds, register
 
 
 def channel_norm(t: Tensor) -> Tensor:
@@ -60,24 +61,26 @@ def x0_to_prediction(prediction: str, x: Tensor, sigma: float, x0: Tensor) -> Te
     raise ConfigError(f"CFGNorm: unknown prediction type '{prediction}'")
 
 
+@register("cfgnorm")
 @dataclass(frozen=True)
-class CFGNorm:
-    """ComfyUI's CFGNorm: ``strength`` in [0, 100]; ``pre_cfg`` selects the node's pre-CFG form."""
+class CFGNorm(Term):
+    """ComfyUI's CFGNorm: ``strength`` in [0, 100]; ``pre_cfg`` selects the node's pre-CFG form.
+
+    Adds no branch and no delta: it corrects the combined prediction (``post``), so it goes after
+    CFG in the term list. Active inside its window at every strength (strength 0 zeroes the
+    guided x0, as the node does)."""
 
     strength: float = 1.0
     pre_cfg: bool = False
     window: Window = field(default_factory=Window)
     name: str = "cfgnorm"
 
-    def __post_init__(self) -> None:
-        check_finite("CFGNorm strength", self.strength)
-        if not 0.0 <= self.strength <= 100.0:
-            raise ConfigError(f"CFGNorm strength must be in [0, 100], got {self.strength}")
-        if not isinstance(self.pre_cfg, bool):
-            raise ConfigError(f"CFGNorm pre_cfg must be true or false, got {self.pre_cfg!r}")
+    label = "CFGNorm"
+    ranges = bounds(strength=(0.0, 100.0))
+    hidden = frozenset({"name"})
 
-    def branches(self) -> tuple[Branch, ...]:
-        return ()
+    def scale_at(self, step: StepInfo) -> float:
+        return self.strength
 
     def active(self, step: StepInfo) -> bool:
         return self.window.contains(step)
@@ -104,11 +107,3 @@ class CFGNorm:
         if self.strength != 1.0:
             rescaled = self.strength * rescaled + (1.0 - self.strength) * comb
         return rescaled
-
-    def describe(self) -> dict[str, object]:
-        return {
-            "method": "cfgnorm",
-            "strength": self.strength,
-            "pre_cfg": self.pre_cfg,
-            "window": self.window.describe(),
-        }
