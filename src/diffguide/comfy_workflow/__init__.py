@@ -70,13 +70,17 @@ def load(
 def explain(run: WorkflowRun) -> list[str]:
     """What the run is, in lines: model, patches, terms, schedule (sigmas after the shift), seeds,
     noise policy, conditioning and its metadata."""
-    from ..sampling.comfy import ComfyFluxSampling, comfy_sigmas
+    from ..sampling.comfy import ComfyFlowSampling, ComfyFluxSampling, comfy_sigmas
 
     cfg = run.config
     lines = list(run.explain)
-    native = ComfyFluxSampling(1.15)  # Qwen-Image's own; a ModelSampling node replaces it
-    ms = cfg.comfy_sampling.build(native) if cfg.comfy_sampling is not None else None
-    if ms is not None:
+    shift = cfg.comfy_sampling
+    if shift is not None:  # the node's model sampling, whatever the model (execute checks the fit)
+        ms = (
+            ComfyFluxSampling(shift.shift)
+            if shift.kind == "flux"
+            else ComfyFlowSampling(shift.shift, shift.multiplier)
+        )
         sigmas = comfy_sigmas(cfg.schedule or "normal", cfg.steps, model_sampling=ms)
         lines.append("sigmas (after the shift): " + ", ".join(f"{s:.6g}" for s in sigmas.tolist()))
     else:
