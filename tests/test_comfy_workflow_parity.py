@@ -6,8 +6,8 @@ on a tiny random Qwen-Image transformer with a peft LoRA and ComfyUI-form condit
 side runs its node classes (tests/comfy_workflow_support.py; only UNETLoader is replaced by the
 explicit-config build, since ComfyUI's detection builds a full-size Qwen-Image). The final
 ``[1, 16, 1, 8, 8]`` LATENT samples must agree to 1e-4; ``pytest -s`` prints the figures.
-Skipped only without ComfyUI core; failed when DIFFGUIDE_REQUIRE_COMFY=1 or when ComfyUI is there
-but its nodes do not import or run.
+Skipped only when ComfyUI core is not installed (and then failed when DIFFGUIDE_REQUIRE_COMFY=1);
+failed when it is installed but does not import, or its nodes do not import or run.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ def models(tmp_path_factory):
     try:
         load_comfy_nodes()
     except comfy_support.ComfyUnavailable as exc:
+        if (comfy_support.COMFY_DIR / "comfy" / "samplers.py").is_file():  # installed but broken: a failure
+            pytest.fail(f"ComfyUI is installed in {comfy_support.COMFY_DIR} but does not work: {exc}")
         pytest.skip(f"ComfyUI core not available: {exc}")
     return make_models_dir(tmp_path_factory.mktemp("models"))
 
