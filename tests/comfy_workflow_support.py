@@ -28,7 +28,7 @@ from dit_support import _liven
 from safetensors.torch import save_file
 
 from diffguide.comfy_workflow import load_comfy_conditioning, save_comfy_conditioning
-from diffguide.testing_dit import tiny_qwen_image
+from diffguide.testing_dit import tiny_auraflow, tiny_qwen_image
 
 QWEN_CONFIG = {
     "patch_size": 2,
@@ -156,6 +156,41 @@ def qwen_workflow(
     return wf
 
 
+AURA_CONFIG = {"num_attention_heads": 4, "sample_size": 16}
+AURA_SIZE = 128  # pixels: a 16x16 latent, the 8x8 patch grid of the tiny model's positional table
+
+
+def make_aura_models_dir(root: Path) -> Path:
+    """A tiny AuraFlow transformer (diffusers keys, head count in the metadata) and conditioning."""
+    transformer = _liven(tiny_auraflow(seed=0).transformer, 3).requires_grad_(False)
+    (root / "diffusion_models").mkdir(parents=True)
+    sd = {k: v.contiguous() for k, v in transformer.state_dict().items()}
+    save_file(
+        sd,
+        str(root / "diffusion_models" / "tiny_aura.safetensors"),
+        metadata={"config": json.dumps(AURA_CONFIG)},
+    )
+    for name, seed in (("positive", 1), ("negative", 2)):
+        g = torch.Generator().manual_seed(seed)
+        save_comfy_conditioning(root / f"{name}.safetensors", [[torch.randn(1, TOKENS, 32, generator=g), {}]])
+    return root
+
+
+def aura_workflow(
+    models: Path, *, sampler: str = "euler", scheduler: str = "simple", pre_cfg: bool = False
+) -> dict[str, Any]:
+    """UNETLoader -> ModelSamplingAuraFlow(3.1) -> CFGNorm -> KSampler on EmptyLatentImage (API format)."""
+    wf = qwen_workflow(models, sampler=sampler, scheduler=scheduler, pre_cfg=pre_cfg)
+    wf["1"]["inputs"]["unet_name"] = "tiny_aura.safetensors"
+    del wf["2"]
+    wf["3"]["inputs"]["model"] = ["1", 0]
+    wf["7"] = {
+        "class_type": "EmptyLatentImage",
+        "inputs": {"width": AURA_SIZE, "height": AURA_SIZE, "batch_size": 1},
+    }
+    return wf
+
+
 # --------------------------------------------------------------------------------------------------
 # ComfyUI's side
 # --------------------------------------------------------------------------------------------------
@@ -221,6 +256,34 @@ def comfy_qwen_patcher(path: Path) -> Any:
     return c.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
+def comfy_aura_patcher(path: Path) -> Any:
+    """ComfyUI's AuraFlow model for a tiny diffusers AuraFlow state dict: ``supported_models.AuraFlow``
+    with the sizes given, the state dict converted by ``convert_diffusers_mmdit`` (on a copy: the
+    conversion swaps the final modulation's halves in place)."""
+    from safetensors.torch import load_file
+
+    c = comfy_support.load_comfy()
+    import comfy.model_detection as md
+    import comfy.supported_models as sm
+
+    sd = md.convert_diffusers_mmdit({k: v.clone() for k, v in load_file(str(path)).items()}, "")
+    unet_config = md.detect_unet_config(sd, "")
+    unet_config.update(dim=32, n_heads=4, global_conddim=32, patch_size=2, in_channels=4, out_channels=4)
+    model_config = sm.AuraFlow(unet_config)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model(sd, "")
+    missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"ComfyUI AuraFlow state dict mismatch: {missing[:3]} {unexpected[:3]}")
+    model.eval()
+    cpu = torch.device("cpu")
+    return c.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def _patcher(path: Path) -> Any:
+    return comfy_aura_patcher(path) if "aura" in path.name else comfy_qwen_patcher(path)
+
+
 def _io_node(cls: Any, **kwargs: Any) -> Any:
     """An io-style (V3) node executed as ComfyUI's executor does."""
     clone = cls.PREPARE_CLASS_CLONE(None)
@@ -243,7 +306,8 @@ def comfy_execute(
         "CFGNorm": lambda i: _io_node(cn.cfg.CFGNorm, **i),
         "EmptyHunyuanLatentVideo": lambda i: _io_node(cn.hunyuan.EmptyHunyuanLatentVideo, **i),
         "KSampler": lambda i: nodes.KSampler().sample(**i),
-        "UNETLoader": lambda i: (comfy_qwen_patcher(models / "diffusion_models" / i["unet_name"]),),
+        "UNETLoader": lambda i: (_patcher(models / "diffusion_models" / i["unet_name"]),),
+        "EmptyLatentImage": lambda i: nodes.EmptyLatentImage().generate(**i),
         "DiffguideLoadConditioning": lambda i: (load_comfy_conditioning(i["file"])[0],),
     }
     values: dict[str, tuple[Any, ...]] = {}

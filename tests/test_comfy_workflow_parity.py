@@ -16,7 +16,14 @@ import json
 
 import comfy_support
 import pytest
-from comfy_workflow_support import comfy_execute, load_comfy_nodes, make_models_dir, qwen_workflow
+from comfy_workflow_support import (
+    aura_workflow,
+    comfy_execute,
+    load_comfy_nodes,
+    make_aura_models_dir,
+    make_models_dir,
+    qwen_workflow,
+)
 
 from diffguide.comfy_workflow import execute, load
 
@@ -63,3 +70,21 @@ def _write(tmp_path, wf):
     path = tmp_path / "other.json"
     path.write_text(json.dumps(wf))
     return path
+
+
+@pytest.fixture(scope="module")
+def aura_models(models, tmp_path_factory):
+    return make_aura_models_dir(tmp_path_factory.mktemp("aura"))
+
+
+@pytest.mark.parametrize("case", ["euler/simple", "dpmpp_2m/simple, pre_cfg"])
+def test_auraflow_workflow_matches_comfyui_nodes(aura_models, tmp_path, case):
+    """UNETLoader (a tiny AuraFlow) -> ModelSamplingAuraFlow(3.1) -> CFGNorm -> KSampler, 4-channel latent."""
+    kwargs = {"sampler": "dpmpp_2m", "pre_cfg": True} if "pre_cfg" in case else {}
+    wf = aura_workflow(aura_models, **kwargs)
+    ours = execute(load(_write(tmp_path, wf), aura_models))
+    theirs = comfy_execute(wf, aura_models)
+    assert theirs.shape == ours.latents.shape == (1, 4, 16, 16)
+    diff = (ours.latents - theirs).abs().max().item()
+    print(f"AuraFlow workflow [{case}]: max abs diff {diff:.3g} (|latent| max {theirs.abs().max():.3g})")
+    assert diff <= TOL

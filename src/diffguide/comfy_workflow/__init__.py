@@ -136,6 +136,10 @@ def comfy_latent_out(gp: Any, latents: torch.Tensor, shape: tuple[int, ...]) -> 
         mean = torch.tensor(WAN21_MEAN).view(view)
         std = torch.tensor(WAN21_STD).view(view)
         x = x.reshape(x.shape[0], 16, 1, *x.shape[-2:]) * std + mean
+    elif family == "auraflow":  # ComfyUI's AuraFlow latent format is SDXL's
+        from ..sampling.comfy import SDXL_SCALE_FACTOR
+
+        x = x / SDXL_SCALE_FACTOR
     elif family == "sd":
         from ..sampling.comfy import SD_SCALE_FACTOR, SDXL_SCALE_FACTOR
 

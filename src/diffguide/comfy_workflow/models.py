@@ -9,7 +9,9 @@ A diffusion-model file (``UNETLoader``) is a transformer state dict in diffusers
 or without ComfyUI's ``model.diffusion_model.`` / ``diffusion_model.`` prefix. Its sizes come from
 the tensors' shapes (so a tiny test model loads like the full-size one); a ``config`` entry
 (a diffusers config as JSON) in the file's safetensors metadata is used when present and
-checked against the shapes. Supported: Qwen-Image (``QwenImageTransformer2DModel``).
+checked against the shapes. Supported: Qwen-Image (``QwenImageTransformer2DModel``) and AuraFlow
+(``AuraFlowTransformer2DModel``, diffusers' key names; its head count is not in the weights: the
+real model's 3072 = 12 x 256, other sizes need the config).
 """
 
 from __future__ import annotations
@@ -96,6 +98,39 @@ def qwen_image_config(sd: dict[str, torch.Tensor], metadata: dict[str, str], nam
     return cfg
 
 
+def _count(sd: dict[str, torch.Tensor], prefix: str) -> int:
+    return len({k.split(".")[1] for k in sd if k.startswith(prefix + ".")})
+
+
+def auraflow_config(sd: dict[str, torch.Tensor], metadata: dict[str, str], name: str) -> dict[str, Any]:
+    """``AuraFlowTransformer2DModel`` kwargs from the shapes (4 latent channels, as AuraFlow)."""
+    inner, patch_in = sd["pos_embed.proj.weight"].shape
+    patch = round((int(patch_in) // 4) ** 0.5)
+    cfg: dict[str, Any] = {
+        "patch_size": patch,
+        "in_channels": 4,
+        "out_channels": int(sd["proj_out.weight"].shape[0]) // (patch * patch),
+        "num_mmdit_layers": _count(sd, "joint_transformer_blocks"),
+        "num_single_dit_layers": _count(sd, "single_transformer_blocks"),
+        "joint_attention_dim": int(sd["context_embedder.weight"].shape[1]),
+        "caption_projection_dim": int(inner),
+        "pos_embed_max_size": int(sd["pos_embed.pos_embed"].shape[1]),
+    }
+    given = json.loads(metadata["config"]) if "config" in metadata else {}
+    for key, value in cfg.items():
+        if key in given and given[key] != value:
+            raise DiffguideError(f"'{name}': its config says {key}={given[key]}, its weights {value}")
+    heads = given.get("num_attention_heads", 12 if inner == 3072 else None)
+    if heads is None or int(inner) % int(heads):
+        raise DiffguideError(
+            f"'{name}': the attention heads of a width-{inner} AuraFlow are not in its weights; store the "
+            "diffusers config (num_attention_heads) as the file's 'config' metadata"
+        )
+    cfg.update(num_attention_heads=int(heads), attention_head_dim=int(inner) // int(heads))
+    cfg["sample_size"] = int(given.get("sample_size", 64))
+    return cfg
+
+
 def load_diffusion_model(path: Path, dtype: torch.dtype) -> Any:
     """A diffusers pipeline (no text encoder, no VAE) around the transformer in ``path``."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
@@ -114,8 +149,19 @@ def load_diffusion_model(path: Path, dtype: torch.dtype) -> Any:
         return QwenImagePipeline(
             scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, transformer=model
         )
+    if "joint_transformer_blocks.0.attn.add_k_proj.weight" in sd and "register_tokens" in sd:
+        from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel
+
+        aura: Any = AuraFlowTransformer2DModel(**auraflow_config(sd, metadata, path.name))
+        _load(aura, sd, path)
+        aura = (aura if dtype == torch.float32 else aura.to(dtype)).eval().requires_grad_(False)
+        return AuraFlowPipeline(
+            tokenizer=None, text_encoder=None, vae=None, transformer=aura,
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=1.73),
+        )  # fmt: skip
     raise DiffguideError(
-        f"'{path}': not a diffusion model diffguide can read from its weights (supported: Qwen-Image transformers)"
+        f"'{path}': not a diffusion model diffguide can read from its weights (supported: Qwen-Image and "
+        "AuraFlow transformers in diffusers' key names)"
     )
 
 
