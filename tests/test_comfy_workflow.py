@@ -316,3 +316,23 @@ def test_manifest_of_a_workflow_run_rebuilds_its_config(models, tmp_path):
     manifest = json.loads(json.dumps(execute(run).result.manifests[0]))
     assert config_from_manifest(manifest).comfy_sampling == ComfyShift("flow", 3.1, 1.0)
     assert config_from_manifest(manifest).guidance == run.config.guidance
+
+
+def test_auraflow_loader_reads_the_sizes_from_the_weights(tmp_path):
+    from comfy_workflow_support import make_aura_models_dir
+
+    from diffguide.testing_dit import tiny_auraflow
+
+    root = make_aura_models_dir(tmp_path / "aura")
+    pipe = load_diffusion_model(root / "diffusion_models" / "tiny_aura.safetensors", torch.float32)
+    want = dict(tiny_auraflow(0).transformer.config)
+    got = dict(pipe.transformer.config)
+    assert {k: got[k] for k in want if not k.startswith("_")} == {
+        k: v for k, v in want.items() if not k.startswith("_")
+    }
+    sd = {k: v.contiguous() for k, v in pipe.transformer.state_dict().items()}
+    save_file(sd, str(tmp_path / "bare.safetensors"))
+    with pytest.raises(
+        DiffguideError, match=r"the attention heads of a width-32 AuraFlow are not in its weights"
+    ):
+        load_diffusion_model(tmp_path / "bare.safetensors", torch.float32)
