@@ -100,7 +100,7 @@ def test_diff_cli_names_the_stage(models, tmp_path, base):
     TraceRecorder(tensors=base.tensors, steps=base.steps).save(b_path, base.manifest)
     res = CliRunner().invoke(app, ["diff", str(a_path), str(b_path)])
     assert res.exit_code == 1
-    assert "runs part at guidance: terms: ['cfg'] vs ['cfg', 'cfgnorm']" in res.output
+    assert "runs part at guidance: terms: ['cfg'] vs ['cfg', 'cfg_norm']" in res.output
     assert "guidance at step 0: guided prediction: differs on equal branch predictions (max abs" in res.output
 
 

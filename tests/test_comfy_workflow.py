@@ -58,7 +58,7 @@ def test_explain_names_terms_schedule_shift_seed_and_noise(models, tmp_path):
     text = "\n".join(explain(run))
     assert "node 3 (ModelSamplingAuraFlow): ModelSamplingDiscreteFlow shift 3.1, multiplier 1" in text
     assert "node 2 (LoraLoaderModelOnly): LoRA tiny_lora.safetensors at strength 0.8" in text
-    assert "guidance terms: cfg(scale=4.0, rescale=0.0), cfgnorm(strength=1.0, pre_cfg=False)" in text
+    assert "guidance terms: cfg(scale=4.0, rescale=0.0), cfg_norm(strength=1.0, pre_cfg=False)" in text
     assert "sampler: node 8 (KSampler): euler / simple, 8 steps, cfg 4, seed 12345" in text
     # simple schedule of ModelSamplingDiscreteFlow(3.1): sigma(t) = 3.1 t / (1 + 2.1 t) at t = 1, 7/8, ...
     assert (

@@ -88,7 +88,7 @@ def test_guides_command_lists_registered_terms(runner):
     res = runner.invoke(app, ["guides", "--json"])
     assert res.exit_code == 0, res.output
     table = {t["method"]: t for t in json.loads(res.stdout)}
-    assert list(table)[:6] == ["cfg", "cfgnorm", "embedded_guidance", "pag", "slg", "tpg"]
+    assert list(table)[:5] == ["cfg", "embedded_guidance", "pag", "slg", "tpg"]
     assert table["mytest"]["summary"] == "A test-only term: scale (c - u), i.e. CFG with w = 1 + scale."
     assert table["mytest"]["parameters"] == [
         {"name": "scale", "type": "float", "default": 1.0, "range": [0.0, 10.0]},
@@ -122,10 +122,7 @@ def test_guide_syntax():
 
 
 GUIDE_ERRORS = [
-    (
-        "xyz:scale=1",
-        "--guide 'xyz:scale=1': unknown guidance method 'xyz'; known: cfg, cfgnorm, embedded_guidance",
-    ),
+    ("xyz:scale=1", "--guide 'xyz:scale=1': unknown guidance method 'xyz'; known: cfg, embedded_guidance"),
     (
         "pag:scle=2",
         "--guide 'pag:scle=2': pag has no parameter 'scle'; it takes scale, layers, adaptive_scale, window, "

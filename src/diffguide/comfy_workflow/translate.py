@@ -394,6 +394,7 @@ class Translator:
 def _term_text(t: GuidanceTerm) -> str:
     d = t.describe()
     d.pop("window", None)
+    d.pop("name", None)
     return f"{d.pop('method')}(" + ", ".join(f"{k}={v}" for k, v in d.items()) + ")"
 
 
