@@ -2,7 +2,7 @@
 
 Norms are over the channel dim of each pixel, as ComfyUI's ``dim=1``: dim 1 of (B, C, H, W); on a
 packed transformer prediction (B, tokens, 4C) (Flux, Qwen-Image: 2x2 patches, channel-major) the C
-channels of each of a token's 4 pixels (equal to ComfyUI's node within 6.7e-6 on a Qwen-Image
+channels of each of a token's 4 pixels (equal to ComfyUI's node within 5.7e-6 on a Qwen-Image
 workflow, tests/test_comfy_workflow_parity.py). k = ``strength``.
 
 Post-CFG form (``pre_cfg=False``, the node's default), on the x0 estimates g0 (guided), c0 (cond)::
