@@ -31,6 +31,8 @@ PROMPT_KEYS = (
     "embedded_guidance", "guidance", "scheduler", "shift", "eta",
 )  # fmt: skip
 TOP_KEYS = ("prompts", "family", "seeds", "defaults")
+#: A ``prompts`` string with one of these endings is a prompt file's path, otherwise a prompt.
+PROMPT_FILES = (".yaml", ".yml", ".json", ".txt")
 
 
 @dataclass(frozen=True)
@@ -267,8 +269,10 @@ def prompt_set(prompts: Any, seeds: int | Sequence[int] | None = None) -> Prompt
     """Normalise ``sample_validation``'s ``prompts``: a :class:`PromptSet`, a path, or a list of
     strings / :class:`ValidationPrompt` / mappings; ``seeds``: one for every prompt (an int) or one
     per prompt (a list), for prompts that set none."""
-    if isinstance(prompts, (str, Path)) and (isinstance(prompts, Path) or Path(prompts).suffix):
+    if isinstance(prompts, Path) or (isinstance(prompts, str) and prompts.lower().endswith(PROMPT_FILES)):
         pset = load_prompts(prompts)
+    elif isinstance(prompts, dict):
+        pset = PromptSet((_entry(prompts, "prompt 0", {}),))
     elif isinstance(prompts, PromptSet):
         pset = prompts
     elif isinstance(prompts, str):
