@@ -51,6 +51,7 @@ class ValidationResult:
     images: list[Image.Image]  # in index order: prompt by prompt, seed by seed
     index: dict[str, Any]
     grid: Path
+    latents: list[torch.Tensor] = field(default_factory=list)  # final latents per image (CPU)
     step_grids: dict[int, Path] = field(default_factory=dict)  # prompt index -> grid over steps
 
 
@@ -321,10 +322,10 @@ def sample_validation(
         ],
     }
     _write_step(folder, jobs, results, index)
-    images = [r.images[0] for r in results]
+    images, latents = [r.images[0] for r in results], [r.latents[0] for r in results]
     del results
     free_memory()
-    return ValidationResult(step, folder, images, index, folder / "grid.png", step_grids(out, jobs))
+    return ValidationResult(step, folder, images, index, folder / "grid.png", latents, step_grids(out, jobs))
 
 
 __all__ = ["Job", "ValidationResult", "grid", "plan", "sample_validation"]
