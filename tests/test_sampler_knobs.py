@@ -67,7 +67,7 @@ def test_thresholded_x0_equals_ddpm_step(prediction):
 
 def test_thresholding_refuses_flow():
     with pytest.raises(
-        ConfigError, match="^dynamic thresholding is for epsilon and v-prediction models, not 'flow'$"
+        ConfigError, match=r"^dynamic thresholding is for epsilon and v-prediction models, not 'flow'$"
     ):
         thresholded_x0("flow", torch.zeros(1, 4), 0.5, torch.zeros(1, 4), DynamicThreshold())
 

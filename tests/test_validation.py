@@ -357,7 +357,7 @@ def test_memory_options_same_image(tmp_path, sd15_pipe, opts):
     gp = GuidedPipeline(sd15_pipe)
     prompt = {"prompt": "a cat", "seeds": [3], "steps": 3}
     processors = {k: type(v) for k, v in sd15_pipe.unet.attn_processors.items()}
-    base, m0 = run_one(gp, None, prompt, tmp_path / "a")
+    base, _ = run_one(gp, None, prompt, tmp_path / "a")
     got, m1 = run_one(gp, None, prompt, tmp_path / "b", memory=opts)
     diff = np.abs(pixels(base) - pixels(got)).max()
     lat = (base.latents[0] - got.latents[0]).abs().max().item()
