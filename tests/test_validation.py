@@ -370,13 +370,28 @@ def test_memory_options_same_image(tmp_path, sd15_pipe, opts):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only behaviour")
-def test_sequential_offload_needs_an_accelerator(tmp_path):
+def test_sequential_offload_needs_an_accelerator_and_leaves_the_weights(tmp_path):
     pipe = testing.tiny_sd15(0)
-    with pytest.raises(NotImplementedError, match="meta tensor"):
+    params = {n: (p, p.detach().clone()) for n, p in pipe.unet.named_parameters()}
+    with torch.no_grad():
+        ref = pipe.unet(torch.zeros(1, 4, 4, 4), 1, torch.zeros(1, 77, 32)).sample
+    with pytest.raises(TypeError):  # on a CPU-only machine: accelerate cannot run it
         sample_validation(
             GuidedPipeline(pipe), {"prompt": "a", "steps": 1}, step=0, out_dir=tmp_path,
             memory=MemoryOptions(sequential_cpu_offload=True),
         )  # fmt: skip
+    # the parameter objects (those an optimizer holds) are back in the modules, values unchanged
+    for n, p in pipe.unet.named_parameters():
+        assert p is params[n][0] and torch.equal(p, params[n][1])
+    assert all(p.device.type == "cpu" for p in pipe.text_encoder.parameters())
+    hooked = [
+        m for c in (pipe.unet, pipe.vae, pipe.text_encoder) for m in c.modules() if hasattr(m, "_hf_hook")
+    ]
+    assert hooked == [] and list(tmp_path.iterdir()) == []
+    with torch.no_grad():
+        assert torch.equal(
+            pipe.unet(torch.zeros(1, 4, 4, 4), 1, torch.zeros(1, 77, 32)).sample, ref
+        )  # still runs
 
 
 def oom_hook(unet, when):
@@ -444,3 +459,19 @@ def test_cli_validate(tmp_path):
     res = CliRunner().invoke(cli, ["validate", "--prompts", str(bad), "--out", str(tmp_path / "o2")])
     assert res.exit_code == 2
     assert res.output.strip() == f"error: {bad}:3: 'seeds' must be an integer, got 'x'"
+
+
+def test_pipeline_or_components_from_a_base_pipeline(tmp_path, sd15_pipe):
+    prompt = {"prompt": "a", "seeds": [2], "steps": 2}
+    _, a = run_one(sd15_pipe, None, prompt, tmp_path / "a")  # a diffusers pipeline
+    _, b = run_one(
+        sd15_pipe.unet, sd15_pipe, prompt, tmp_path / "b"
+    )  # the denoiser + a base pipeline's parts
+    assert a["output"]["latents_hash"] == b["output"]["latents_hash"]
+    assert a["model"]["hashes"] == b["model"]["hashes"]
+    with pytest.raises(ConfigError, match=r"^a bare model needs components="):
+        sample_validation(sd15_pipe.unet, "a", step=0, out_dir=tmp_path / "c")
+    with pytest.raises(
+        ConfigError, match=r"^StableDiffusionPipeline needs the component 'vae': pass it in components=$"
+    ):
+        sample_validation(sd15_pipe.unet, "a", step=0, out_dir=tmp_path / "c", components={"tokenizer": 1})

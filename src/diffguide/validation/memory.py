@@ -86,9 +86,42 @@ def _flag(module: Any, attr: str, value: bool) -> Iterator[None]:
         setattr(module, attr, old)
 
 
+def _tensors(pipe: Any) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Every submodule's own parameter and buffer tables, copied: the original objects."""
+    mods = {id(m): m for c in pipe.components.values() if isinstance(c, nn.Module) for m in c.modules()}
+    return [(m._parameters, dict(m._parameters)) for m in mods.values()] + [
+        (m._buffers, dict(m._buffers)) for m in mods.values()
+    ]
+
+
+def _drop_hooks(pipe: Any) -> None:
+    """accelerate's hooks off every submodule (diffusers' ``remove_all_hooks`` stops at the first
+    hook whose detach fails, e.g. after a failed sequential offload on the CPU): a hook that cannot
+    detach is dropped and the module's own forward restored."""
+    from accelerate.hooks import remove_hook_from_module
+
+    for component in pipe.components.values():
+        if not isinstance(component, nn.Module):
+            continue
+        for m in component.modules():
+            if "_hf_hook" not in m.__dict__:
+                continue
+            try:
+                remove_hook_from_module(m)
+            except Exception:
+                m.__dict__.pop("_hf_hook", None)
+                m.__dict__.pop("forward", None)
+                m.__dict__.pop("_old_forward", None)
+    pipe._all_hooks = []
+
+
 @contextlib.contextmanager
 def _offload(pipe: Any, sequential: bool, device: torch.device) -> Iterator[None]:
+    """accelerate's offload hooks for the duration. Sequential offload replaces parameters by meta
+    tensors; on exit every module gets its original parameter and buffer objects back (the ones
+    the trainer's optimizer holds), on the device they were on."""
     devices = _devices(pipe)
+    tables = _tensors(pipe)
     try:
         if sequential:
             pipe.enable_sequential_cpu_offload(device=device)
@@ -96,9 +129,28 @@ def _offload(pipe: Any, sequential: bool, device: torch.device) -> Iterator[None
             pipe.enable_model_cpu_offload(device=device)
         yield
     finally:
-        pipe.remove_all_hooks()
-        for name, dev in devices.items():
-            pipe.components[name].to(dev)
+        try:
+            _drop_hooks(pipe)
+        finally:  # the original tensors go back whatever happens
+            for table, original in tables:
+                table.update(original)
+            for name, dev in devices.items():
+                pipe.components[name].to(dev)
+
+
+class ExecutionView:
+    """The pipeline as an offloaded run sees it: ``device`` is where the models execute
+    (diffusers' ``_execution_device``), not the CPU they are parked on; all else is the pipeline's."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.__dict__["_pipe"] = pipe
+
+    @property
+    def device(self) -> torch.device:
+        return self._pipe._execution_device  # type: ignore[no-any-return]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_pipe"], name)
 
 
 @contextlib.contextmanager

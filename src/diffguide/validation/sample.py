@@ -37,7 +37,7 @@ from ..io import _png_bytes, manifest_json, replace_atomic
 from ..pipeline import GenerateConfig, GenerationResult, GuidedPipeline
 from .components import assemble, plain_forward, unwrap
 from .isolation import free_memory, training_untouched
-from .memory import MemoryOptions, applied
+from .memory import ExecutionView, MemoryOptions, applied
 from .presets import FamilyDefaults, family_defaults
 from .prompts import PromptSet, ValidationPrompt, prompt_set
 
@@ -121,7 +121,7 @@ def _run(
     record: dict[str, Any] = {"options": memory.describe(), "escalation": []}
     try:
         with applied(gp.pipe, gp.model, memory, device):
-            result = gp.generate(job.config)
+            result = _on(gp, memory).generate(job.config)
     except Exception as err:
         if not (isinstance(err, OutOfMemory) or is_out_of_memory(err)):
             raise
@@ -133,13 +133,23 @@ def _run(
     free_cached_memory(device)
     try:
         with applied(gp.pipe, gp.model, memory.offloaded(), device):
-            result = gp.generate(job.config)
+            result = _on(gp, memory.offloaded()).generate(job.config)
     except Exception as err:
         if not (isinstance(err, OutOfMemory) or is_out_of_memory(err)):
             raise
         raise OutOfMemory(_oom_message(job, memory.offloaded(), True)) from None
     record["options"] = memory.offloaded().describe()
     return result, _rows(record, result)
+
+
+def _on(gp: GuidedPipeline, memory: MemoryOptions) -> GuidedPipeline:
+    """``gp``, or with offload a view of it whose device is the execution device; the weight hashes
+    are those taken before offloading (sequential offload parks weights on the meta device)."""
+    if not memory.offload:
+        return gp
+    return GuidedPipeline(
+        ExecutionView(gp.pipe), source=gp.source, loras=gp.loras, _hashes=gp.component_hashes()
+    )
 
 
 def _rows(record: dict[str, Any], result: GenerationResult) -> dict[str, Any]:
@@ -284,6 +294,7 @@ def sample_validation(
     device = next(gp.model.parameters()).device
     oom_offload = device.type != "cpu" if offload_on_oom is None else offload_on_oom
     results, records = [], []
+    gp.component_hashes()  # the weights as they are now, before any offload hook
     with training_untouched(modules), plain_forward(gp.model):
         if threads is not None:
             torch.set_num_threads(threads)
