@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -334,8 +335,11 @@ def test_defaults_table():
     }
     assert family_defaults("flux-schnell").guidance() == () and family_defaults("flux-schnell").steps == 4
     assert (FAMILY_DEFAULTS["sdxl"].cfg, FAMILY_DEFAULTS["sdxl"].steps) == (7.0, 30)
+    assert family_defaults("qwen-image").guidance() == (CFG(4.0, renorm=True),)
     assert all(d.source for d in FAMILY_DEFAULTS.values())
     assert markdown_table().count("\n") == len(FAMILY_DEFAULTS) + 1
+    docs = Path(__file__).resolve().parents[1] / "docs" / "validation.md"
+    assert markdown_table() in docs.read_text()  # the docs print the one table as it is
 
 
 # -- memory options and the out-of-memory escalation ------------------------------------------------
@@ -475,3 +479,34 @@ def test_pipeline_or_components_from_a_base_pipeline(tmp_path, sd15_pipe):
         ConfigError, match=r"^StableDiffusionPipeline needs the component 'vae': pass it in components=$"
     ):
         sample_validation(sd15_pipe.unet, "a", step=0, out_dir=tmp_path / "c", components={"tokenizer": 1})
+
+
+def test_frees_its_pipeline_and_refuses_meta_weights(tmp_path, sd15_pipe, monkeypatch):
+    import gc
+    import weakref
+
+    import diffguide.validation.sample as sample_module
+
+    refs = []
+
+    def assemble(denoiser, parts):
+        pipe = real(denoiser, parts)
+        refs.append(weakref.ref(pipe))
+        return pipe
+
+    real = sample_module.assemble
+    monkeypatch.setattr(sample_module, "assemble", assemble)
+    r = sample_validation(
+        sd15_pipe.unet,
+        {"prompt": "a", "steps": 1},
+        step=0,
+        out_dir=tmp_path,
+        components=components(sd15_pipe),
+    )
+    gc.collect()
+    assert len(refs) == 1 and refs[0]() is None  # the assembled pipeline is gone; the images stay
+    assert r.images[0].size == (32, 32)
+    with torch.device("meta"):
+        lazy = testing.sd15_unet(0)
+    with pytest.raises(ConfigError, match=r"^the UNet2DConditionModel has weights on the meta device"):
+        sample_validation(lazy, "a", step=1, out_dir=tmp_path, components=components(sd15_pipe))

@@ -27,11 +27,12 @@ class FamilyDefaults:
     slg: float | None = None  # SD3.5: Skip Layer Guidance scale on the family's preset layers
     scheduler: str = "euler"
     source: str = ""
+    cfg_renorm: bool = False  # Qwen-Image's true CFG keeps the conditional prediction's norm
 
     def guidance(self) -> tuple[GuidanceTerm, ...]:
         terms: list[GuidanceTerm] = []
         if self.cfg is not None:
-            terms.append(CFG(self.cfg))
+            terms.append(CFG(self.cfg, renorm=self.cfg_renorm))
         if self.slg is not None:
             terms.append(SLG(self.slg))
         if self.embedded is not None:
@@ -71,7 +72,10 @@ FAMILY_DEFAULTS: dict[str, FamilyDefaults] = {
         4, None, source="FLUX.1 [schnell] model card: 4 steps, guidance 0 (no guidance embedding, no CFG)"
     ),
     "qwen-image": FamilyDefaults(
-        50, 4.0, source="diffusers QwenImagePipeline defaults (true_cfg_scale 4.0, 50 steps)"
+        50,
+        4.0,
+        cfg_renorm=True,
+        source="diffusers QwenImagePipeline defaults (true_cfg_scale 4.0 with its norm rescale, 50 steps)",
     ),
     "auraflow": FamilyDefaults(
         50, 3.5, source="diffusers AuraFlowPipeline defaults (guidance_scale 3.5, 50 steps)"

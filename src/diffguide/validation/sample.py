@@ -82,6 +82,12 @@ def _pipeline(model: Any, components: Any) -> tuple[GuidedPipeline, list[nn.Modu
             f"model must be a GuidedPipeline, a diffusers pipeline or a denoiser module, got {type(model).__name__}"
         )
     modules = [m for m in gp.pipe.components.values() if isinstance(m, nn.Module)]
+    for m in modules:
+        if any(p.is_meta for p in m.parameters()):
+            raise ConfigError(
+                f"the {type(m).__name__} has weights on the meta device (lazy init or an offload hook "
+                "left in place): it cannot be sampled; load or materialise its weights first"
+            )
     return gp, wrappers + modules
 
 
