@@ -510,3 +510,12 @@ def test_frees_its_pipeline_and_refuses_meta_weights(tmp_path, sd15_pipe, monkey
         lazy = testing.sd15_unet(0)
     with pytest.raises(ConfigError, match=r"^the UNet2DConditionModel has weights on the meta device"):
         sample_validation(lazy, "a", step=1, out_dir=tmp_path, components=components(sd15_pipe))
+
+
+def test_unknown_guidance_method_in_a_prompt_file(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("prompts:\n  - prompt: a\n    guidance: [{method: cfx, scale: 2}]\n")
+    with pytest.raises(
+        ConfigError, match=rf"^{path}:2: unknown guidance method 'cfx' in 'guidance'; known: .*cfg"
+    ):
+        load_prompts(path)

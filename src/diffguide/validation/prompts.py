@@ -21,7 +21,7 @@ from ..guidance.base import GuidanceTerm
 from ..guidance.cfg import CFG
 from ..guidance.embedded import EmbeddedGuidance
 from ..guidance.pag import PAG
-from ..guidance.registry import term_from_dict
+from ..guidance.registry import term_class
 from ..guidance.slg import SLG
 from .presets import FAMILY_DEFAULTS
 
@@ -101,7 +101,7 @@ def _terms(entry: Mapping[str, Any], where: str) -> tuple[GuidanceTerm, ...] | N
                 raise ConfigError(
                     f"a 'guidance' item must be a mapping like {{method: cfg, scale: 5}}, got {d!r}"
                 )
-            terms.append(term_from_dict(d))
+            terms.append(term_class(d.get("method"), " in 'guidance'").from_dict(d))
         for key, cls in (("cfg", CFG), ("pag", PAG), ("slg", SLG), ("embedded_guidance", EmbeddedGuidance)):
             if key in entry:
                 terms.append(cls(_float(entry[key], key, where)))
