@@ -72,7 +72,9 @@ def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
 # --- CFG ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scheduler", ["euler", "euler_a", "dpmpp_2m_karras", "ddim", "unipc", "heun"])
+@pytest.mark.parametrize(
+    "scheduler", ["euler", "euler_a", "dpmpp_2m_karras", "ddim", "unipc", "heun", "ddpm"]
+)
 def test_cfg_matches_diffusers(pair, scheduler):
     pipe, gp = pair
     ref = diffusers_latents(reference_pipe(pipe, scheduler), negative_prompt=NEGATIVES, guidance_scale=5.0)

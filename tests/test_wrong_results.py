@@ -338,7 +338,7 @@ LABELS = [1, 4, 7, 9, 10, 13, 17, 19]  # 4 digits, 4 garments
 
 
 @pytest.mark.parametrize(
-    "scheduler", ["euler", "euler_a", "heun", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "unipc"]
+    "scheduler", ["euler", "euler_a", "heun", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "ddpm"]
 )
 def test_every_scheduler_gives_recognizable_images_on_the_bundled_model(bundled, scheduler):
     """Judged by the independent classifiers (ccexam's MNIST net, the project's Fashion-MNIST CNN),
@@ -366,4 +366,13 @@ def test_every_scheduler_gives_recognizable_images_on_the_bundled_model(bundled,
 def test_the_scheduler_list_is_covered():
     from diffguide.sampling.schedulers import SCHEDULERS
 
-    assert set(SCHEDULERS) == {"euler", "euler_a", "heun", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "unipc"}
+    assert set(SCHEDULERS) == {
+        "euler",
+        "euler_a",
+        "heun",
+        "ddim",
+        "dpmpp_2m",
+        "dpmpp_2m_karras",
+        "unipc",
+        "ddpm",
+    }

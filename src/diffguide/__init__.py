@@ -25,6 +25,7 @@ _LAZY = {
     "GuidedModel": ".engine",
     "StepResult": ".engine",
     "CFG": ".guidance",
+    "CFGNorm": ".guidance",
     "PAG": ".guidance",
     "SLG": ".guidance",
     "TPG": ".guidance",
@@ -43,7 +44,18 @@ _LAZY = {
 if TYPE_CHECKING:
     from .defaults import DEFAULTS, default_model
     from .engine import GuidedModel, StepResult
-    from .guidance import CFG, PAG, SLG, TPG, Branch, EmbeddedGuidance, GuidanceTerm, StepInfo, Window
+    from .guidance import (
+        CFG,
+        PAG,
+        SLG,
+        TPG,
+        Branch,
+        CFGNorm,
+        EmbeddedGuidance,
+        GuidanceTerm,
+        StepInfo,
+        Window,
+    )
     from .models.denoiser import Conditioning, UNetDenoiser
     from .pipeline import GenerateConfig, GenerationResult, GuidedPipeline
 
@@ -68,6 +80,7 @@ __all__ = [
     "SLG",
     "TPG",
     "Branch",
+    "CFGNorm",
     "Conditioning",
     "ConfigError",
     "DiffguideError",

@@ -29,6 +29,7 @@ SCHEDULER_NAMES: tuple[str, ...] = (
     "dpmpp_2m",
     "dpmpp_2m_karras",
     "unipc",
+    "ddpm",
 )
 #: Noise policies: as diffusers' pipelines, or as ComfyUI's KSampler.
 NOISE_POLICIES: tuple[str, ...] = ("diffusers", "comfy")

@@ -30,6 +30,7 @@ from .sampling.comfy import (
     COMFY_SCHEDULERS,
     ComfyFlowSampling,
     ComfyFluxSampling,
+    ComfyShift,
     comfy_noise,
     comfy_sigmas,
 )
@@ -76,6 +77,8 @@ class GenerateConfig:
     # CFG was not asked for explicitly: the model family may replace the default CFG term by its
     # own default (guidance-distilled Flux: embedded guidance, no true CFG, as FluxPipeline)
     default_cfg: bool = False
+    # comfy policy only: a ComfyUI ModelSampling* node's override of the family's model sampling
+    comfy_sampling: ComfyShift | None = None
 
     @staticmethod
     def create(
@@ -152,6 +155,8 @@ class GenerateConfig:
                     "--batch-invariant needs per-image noise; the comfy noise policy draws one noise "
                     "tensor for the whole batch (as ComfyUI does), so it has no single-image runs to match"
                 )
+            if self.comfy_sampling is not None and not isinstance(self.comfy_sampling, ComfyShift):
+                raise ConfigError(f"comfy_sampling must be a ComfyShift, got {self.comfy_sampling!r}")
             if (self.schedule or "normal") not in COMFY_SCHEDULERS:
                 raise ConfigError(
                     f"unknown ComfyUI schedule '{self.schedule}'; one of: {', '.join(COMFY_SCHEDULERS)}"
@@ -160,6 +165,8 @@ class GenerateConfig:
             raise ConfigError(
                 "--schedule applies to the comfy noise policy only (diffusers schedulers set their own)"
             )
+        elif self.comfy_sampling is not None:
+            raise ConfigError("a ComfyUI model sampling override applies to the comfy noise policy only")
 
     @property
     def num_images(self) -> int:
@@ -480,6 +487,8 @@ class GuidedPipeline:
     ) -> tuple[Tensor, dict[str, Any]]:
         height, width = size
         ms = self.family.comfy_model_sampling(self.pipe, height, width)
+        if cfg.comfy_sampling is not None:
+            ms = cfg.comfy_sampling.build(ms)
         name = cfg.schedule or "normal"
         sampler = COMFY_SAMPLER_NAMES[cfg.scheduler]
         sigmas = comfy_sigmas(name, cfg.steps, model_sampling=ms)

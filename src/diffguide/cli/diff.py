@@ -42,5 +42,24 @@ def diff(
             console = Console(file=sys.stdout, highlight=False, width=160)
             console.print(f"comparing trace [bold]{a}[/bold] with reference trace [bold]{b}[/bold]")
             render_trace_diff(report, console)
+            _render_stages(a, b, rtol, atol, console)
         return 0 if report.ok else 1
     return run_diff_cli(a, b, rtol, atol, as_json)
+
+
+def _render_stages(a: Path, b: Path, rtol: float, atol: float, console: Console) -> None:
+    """The stage where the runs part (inputs, model, sampling, guidance, sampler step)."""
+    from ..repro.stages import diagnose
+    from ..repro.trace import load_trace
+
+    found = diagnose(load_trace(a), load_trace(b), rtol=rtol, atol=atol)
+    if not found:
+        return
+    if found[-1].step is None:  # no tensor differs: settings recorded differently, without effect here
+        console.print("the runs' tensors agree; recorded differences without effect:", markup=False)
+        for f in found:
+            console.print(f"  {f.line()}", markup=False)
+        return
+    console.print(f"runs part at {found[0].line()}", markup=False)
+    for f in found[1:]:
+        console.print(f"  also: {f.line()}", markup=False)

@@ -28,8 +28,9 @@ import typer
 
 from .. import __version__
 from ..errors import DiffguideError
-from . import check, diff, generate, guides, layers, replay, serve
+from . import check, diff, generate, guides, layers, replay, serve, validate
 from .bench import bench_app
+from .comfy import comfy_app
 from .flags import FlagCommand, FlagGroup
 from .guard import Interrupted, exit_now_if_abandoned, interrupted, one_line_warnings, signals_raise
 
@@ -142,7 +143,9 @@ app.command("guides", cls=FlagCommand)(guides.guides)
 app.command("diff", cls=FlagCommand)(diff.diff)
 app.command("replay", cls=FlagCommand)(replay.replay_command)
 app.command("check-determinism", cls=FlagCommand)(check.check_determinism)
+app.command("validate", cls=FlagCommand)(validate.validate)
 app.add_typer(bench_app, name="bench")
+app.add_typer(comfy_app, name="comfy")
 app.command("serve", cls=FlagCommand)(serve.serve)
 app.command("version", cls=FlagCommand)(version)
 

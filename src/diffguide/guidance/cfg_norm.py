@@ -1,8 +1,9 @@
 """ComfyUI's CFGNorm node, both forms: keep the per-pixel norm of the guided prediction near the cond's.
 
-Norms are over the channel dim of each pixel (dim 1 of (B, C, H, W); on a packed transformer
-prediction (B, tokens, channels) over each token's channels, i.e. per 2x2 patch on Flux, where
-ComfyUI, which sees unpacked latents, takes them per pixel). k = ``strength``.
+Norms are over the channel dim of each pixel, as ComfyUI's ``dim=1``: dim 1 of (B, C, H, W); on a
+packed transformer prediction (B, tokens, 4C) (Flux, Qwen-Image: 2x2 patches, channel-major) the C
+channels of each of a token's 4 pixels (equal to ComfyUI's node within 5.7e-6 on a Qwen-Image
+workflow, tests/test_comfy_workflow_parity.py). k = ``strength``.
 
 Post-CFG form (``pre_cfg=False``, the node's default), on the x0 estimates g0 (guided), c0 (cond)::
 
@@ -31,24 +32,30 @@ from .space import comfy_input, x0_to_pred
 from .term import Term, bounds, register
 
 
-def channel_dim(t: Tensor) -> int:
-    """The channel dim: 1 of a (B, C, H, W) latent, the last of a packed (B, tokens, channels) one."""
-    return 1 if t.ndim == 4 else -1
+def per_pixel(t: Tensor) -> Tensor:
+    """``t`` with its channels on dim 1 per pixel: a packed (B, tokens, 4C) prediction (2x2 patches,
+    channel-major, as Flux and Qwen-Image pack) viewed as (B, tokens, C, 4); (B, C, ...) as is."""
+    if t.ndim == 3:
+        b, n, ch = t.shape
+        return t.reshape(b, n, ch // 4, 4).transpose(1, 2)  # (B, C, tokens, 4): channels on dim 1
+    return t
 
 
 def norm_post(g0: Tensor, c0: Tensor, strength: float) -> Tensor:
-    d = channel_dim(g0)
-    ratio = c0.norm(dim=d, keepdim=True) / (g0.norm(dim=d, keepdim=True) + 1e-8)
-    return g0 * ratio.clamp(min=0.0, max=1.0) * strength
+    g, c = per_pixel(g0), per_pixel(c0)
+    ratio = c.norm(dim=1, keepdim=True) / (g.norm(dim=1, keepdim=True) + 1e-8)
+    out = g * ratio.clamp(min=0.0, max=1.0) * strength
+    return out.transpose(1, 2).reshape(g0.shape) if g0.ndim == 3 else out
 
 
-def norm_pre(n_g: Tensor, n_c: Tensor, strength: float) -> Tensor:
-    d = channel_dim(n_g)
-    norm_c = torch.linalg.vector_norm(n_c, dim=d, keepdim=True)
-    norm_g = torch.linalg.vector_norm(n_g, dim=d, keepdim=True)
+def norm_pre(n_g0: Tensor, n_c0: Tensor, strength: float) -> Tensor:
+    n_g, n_c = per_pixel(n_g0), per_pixel(n_c0)
+    norm_c = torch.linalg.vector_norm(n_c, dim=1, keepdim=True)
+    norm_g = torch.linalg.vector_norm(n_g, dim=1, keepdim=True)
     ratio = torch.where(norm_g > 0, norm_c / norm_g.clamp_min(1e-12), torch.ones_like(norm_g))
     rescaled = n_g * ratio
-    return strength * rescaled + (1.0 - strength) * n_g if strength != 1.0 else rescaled
+    out = strength * rescaled + (1.0 - strength) * n_g if strength != 1.0 else rescaled
+    return out.transpose(1, 2).reshape(n_g0.shape) if n_g0.ndim == 3 else out
 
 
 @register("cfg_norm")

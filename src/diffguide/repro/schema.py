@@ -69,6 +69,15 @@ def config_from_manifest(manifest: Mapping[str, Any]) -> GenerateConfig:
         negative_prompts=tuple(p["negative_prompts"]),
         guidance=tuple(_term(d, i) for i, d in enumerate(p["guidance"])),
     )
+    if isinstance(p.get("comfy_sampling"), Mapping):  # a ComfyUI ModelSampling* override
+        from ..sampling.comfy import ComfyShift
+
+        try:
+            kwargs["comfy_sampling"] = ComfyShift(**p["comfy_sampling"])
+        except TypeError as err:
+            raise _bad(
+                "parameters.comfy_sampling", "must be {kind, shift, multiplier}", p["comfy_sampling"]
+            ) from err
     try:
         return GenerateConfig(**kwargs)
     except ConfigError as err:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -42,6 +43,7 @@ __all__ = [
     "ComfyFlowSampling",
     "ComfyFluxSampling",
     "ComfyModelSampling",
+    "ComfyShift",
     "comfy_noise",
     "comfy_noise_sampler",
     "comfy_sigmas",
@@ -600,3 +602,46 @@ def make_comfy_step(
     raise ConfigError(
         f"unsupported ComfyUI sampler {sampler_name!r}; choose one of: {', '.join(COMFY_SAMPLERS)}"
     )
+
+
+@dataclass(frozen=True)
+class ComfyShift:
+    """A ComfyUI model-sampling node applied to the model (the comfy noise policy only).
+
+    ``kind="flow"``: ``ModelSamplingSD3`` (multiplier 1000) / ``ModelSamplingAuraFlow`` (multiplier 1):
+    ``ModelSamplingDiscreteFlow`` with ``shift``, whatever the family's own sampling was (on
+    Qwen-Image it replaces the flux time shift). ``kind="flux"``: ``ModelSamplingFlux``, ``shift``
+    the mu of the flux time shift (:func:`flux_node_shift` of the node's width and height).
+    """
+
+    kind: str
+    shift: float
+    multiplier: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("flow", "flux"):
+            raise ConfigError(f"comfy model sampling kind must be 'flow' or 'flux', got {self.kind!r}")
+        for what, v in (("shift", self.shift), ("multiplier", self.multiplier)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"comfy model sampling {what} must be a finite number > 0, got {v!r}")
+
+    def build(self, native: AnyModelSampling) -> ComfyFlowSampling:
+        """The model sampling, for a model whose own ComfyUI sampling is ``native``.
+
+        The model's timestep is ``sigma * multiplier``; diffguide's family forward assumes the
+        family's own multiplier, so a node with another one (``ModelSamplingSD3`` on a model that
+        takes sigma) is refused rather than run with a timestep ComfyUI would scale differently.
+        """
+        if not isinstance(native, ComfyFlowSampling):
+            raise ConfigError(
+                "ComfyUI's ModelSampling* flow nodes apply to flow-matching models, not SD UNets"
+            )
+        if self.kind == "flux":
+            return ComfyFluxSampling(self.shift)
+        if self.multiplier != native.multiplier:
+            raise ConfigError(
+                f"a model sampling multiplier of {self.multiplier:g} on a model whose timestep multiplier is "
+                f"{native.multiplier:g} is not supported (ModelSamplingSD3 is for SD3, ModelSamplingAuraFlow "
+                "for AuraFlow/Qwen-Image-style models)"
+            )
+        return ComfyFlowSampling(self.shift, self.multiplier)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from diffusers import (
     DDIMScheduler,
+    DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
@@ -30,6 +31,7 @@ SCHEDULERS: dict[str, tuple[Any, dict[str, Any]]] = {
     "dpmpp_2m": (DPMSolverMultistepScheduler, {"use_karras_sigmas": False}),
     "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
     "unipc": (UniPCMultistepScheduler, {}),
+    "ddpm": (DDPMScheduler, {}),  # ancestral DDPM (Ho et al. 2020), noise from the per-image generators
 }
 
 

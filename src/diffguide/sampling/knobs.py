@@ -1,0 +1,126 @@
+"""Sampler knobs: dynamic thresholding (Imagen) and k-diffusion's churn / ancestral options.
+
+Formulas (k-diffusion's ``sampling.py``, as ComfyUI's KSampler runs it; Karras et al. 2022, alg. 2):
+
+* churn (``euler``, ``heun``): at step i of N, ``gamma = min(s_churn / N, sqrt(2) - 1)`` when
+  ``s_tmin <= sigma_i <= s_tmax`` (else 0); ``sigma_hat = sigma_i (1 + gamma)``; when gamma > 0,
+  ``x += s_noise * eps * sqrt(sigma_hat^2 - sigma_i^2)``; the model is evaluated at sigma_hat and
+  the Euler step goes from sigma_hat to sigma_{i+1}.
+* ancestral (``euler_ancestral``): ``sigma_up = min(sigma_to, eta sqrt(sigma_to^2 (sigma_from^2 -
+  sigma_to^2) / sigma_from^2))``, ``sigma_down = sqrt(sigma_to^2 - sigma_up^2)``; Euler to
+  sigma_down, then ``x += s_noise * sigma_up * eps`` (eta 0: plain Euler; ``sigma_down == 0``: x0).
+* dynamic thresholding (Saharia et al. 2022, sec. 2.3; diffusers' ``_threshold_sample``): per
+  image ``s = clamp(quantile(|x0|, percentile), 1, max_value)``, ``x0 = clamp(x0, -s, s) / s``.
+  For epsilon and v-prediction models (x0 from the prediction first, :func:`thresholded_x0`); flow
+  models have no [-1, 1] data range to threshold to.
+
+:func:`sample_euler` runs these over a k-diffusion style denoiser ``denoise(x, sigma) -> x0``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..models.denoiser import prediction_to_x0
+
+
+@dataclass(frozen=True)
+class DynamicThreshold:
+    percentile: float = 0.995  # Imagen's p; diffusers' dynamic_thresholding_ratio
+    max_value: float = 1.0  # diffusers' sample_max_value
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.percentile <= 1.0:
+            raise ConfigError(f"dynamic threshold percentile must be in (0, 1], got {self.percentile}")
+        if not (math.isfinite(self.max_value) and self.max_value >= 1.0):
+            raise ConfigError(f"dynamic threshold max value must be >= 1, got {self.max_value}")
+
+
+def dynamic_threshold(x0: Tensor, opts: DynamicThreshold = DynamicThreshold()) -> Tensor:
+    """Imagen's dynamic thresholding of predicted x0 (B, ...), per image; computed in float32."""
+    dtype, b = x0.dtype, x0.shape[0]
+    flat = x0.reshape(b, -1).float()
+    s = torch.quantile(flat.abs(), opts.percentile, dim=1).clamp(min=1, max=opts.max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(dtype)
+
+
+def thresholded_x0(prediction: str, x: Tensor, sigma: float, pred: Tensor, opts: DynamicThreshold) -> Tensor:
+    """x0 of an epsilon / v-prediction model output (model input ``x`` at noise level sigma), thresholded."""
+    if prediction not in ("epsilon", "v_prediction"):
+        raise ConfigError(f"dynamic thresholding is for epsilon and v-prediction models, not '{prediction}'")
+    return dynamic_threshold(prediction_to_x0(prediction, x, sigma, pred), opts)
+
+
+def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of an ancestral step (k-diffusion's ``get_ancestral_step``)."""
+    if not eta:
+        return sigma_to, 0.0
+    up = min(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+    return (sigma_to**2 - up**2) ** 0.5, up
+
+
+def churn_gamma(
+    sigma: float, steps: int, s_churn: float, s_tmin: float = 0.0, s_tmax: float = math.inf
+) -> float:
+    """Karras' gamma at noise level sigma for a run of ``steps`` steps."""
+    if s_churn <= 0 or not s_tmin <= sigma <= s_tmax:
+        return 0.0
+    return min(s_churn / steps, 2**0.5 - 1)
+
+
+@dataclass(frozen=True)
+class Knobs:
+    eta: float = 0.0  # ancestral noise (0: deterministic)
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = math.inf
+    s_noise: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("eta", "s_churn", "s_tmin", "s_noise"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {v}")
+        if self.s_tmax < self.s_tmin:
+            raise ConfigError(f"s_tmax ({self.s_tmax}) must be >= s_tmin ({self.s_tmin})")
+        if self.eta and self.s_churn:
+            raise ConfigError("eta (ancestral) and s_churn (Karras churn) are separate samplers: set one")
+
+
+def sample_euler(
+    denoise: Callable[[Tensor, float], Tensor],
+    x: Tensor,
+    sigmas: list[float],
+    knobs: Knobs,
+    noise: Callable[[Tensor], Tensor],
+    threshold: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """k-diffusion's ``sample_euler`` (churn) or ``sample_euler_ancestral`` (eta > 0).
+
+    ``denoise(x, sigma)``: x0 at noise level sigma (k-diffusion's scaled x); ``noise(x)``: standard
+    normal noise like x (per-image generators, or ComfyUI's); ``threshold``: applied to x0 (e.g.
+    :func:`dynamic_threshold`)."""
+    steps = len(sigmas) - 1
+    for i in range(steps):
+        sigma, nxt = sigmas[i], sigmas[i + 1]
+        gamma = churn_gamma(sigma, steps, knobs.s_churn, knobs.s_tmin, knobs.s_tmax)
+        sigma_hat = sigma * (gamma + 1)
+        if gamma > 0:
+            x = x + noise(x) * knobs.s_noise * (sigma_hat**2 - sigma**2) ** 0.5
+        x0 = denoise(x, sigma_hat)
+        if threshold is not None:
+            x0 = threshold(x0)
+        down, up = ancestral_step(sigma_hat, nxt, knobs.eta)
+        if down == 0 and knobs.eta:  # sample_euler_ancestral's last step (sample_euler steps to 0)
+            x = x0
+            continue
+        x = x + (x - x0) / sigma_hat * (down - sigma_hat)
+        if up:
+            x = x + noise(x) * knobs.s_noise * up
+    return x

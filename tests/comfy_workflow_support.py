@@ -1,0 +1,328 @@
+"""Tiny Qwen-Image workflows for diffguide.comfy_workflow, and ComfyUI's own node code running them.
+
+:func:`make_models_dir` writes, in ComfyUI's models layout: a tiny random Qwen-Image transformer
+(diffusers key names, its config in the safetensors metadata for the rotary axes), a LoRA for it
+built with peft (``transformer.``-prefixed peft keys, which both diffusers and ComfyUI read), and
+ComfyUI-form conditioning files. :func:`qwen_workflow` is the service problem's workflow in the API
+format. :func:`comfy_execute` runs such a workflow with ComfyUI's node classes (``nodes.py``,
+``comfy_extras``), except ``UNETLoader``, which cannot build a tiny Qwen-Image (its detection reads
+only in_channels and num_layers and builds the full size): the model comes from
+``model_detection.model_config_from_unet_config`` with the explicit tiny config, ``get_model``,
+the diffusers state dict loaded as is, and a ModelPatcher; and ``DiffguideLoadConditioning``
+(diffguide's own node), read with diffguide's loader.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import comfy_support
+import torch
+from dit_support import _liven
+from safetensors.torch import save_file
+
+from diffguide.comfy_workflow import load_comfy_conditioning, save_comfy_conditioning
+from diffguide.testing_dit import tiny_auraflow, tiny_qwen_image
+
+QWEN_CONFIG = {
+    "patch_size": 2,
+    "in_channels": 64,
+    "out_channels": 16,
+    "num_layers": 2,
+    "attention_head_dim": 32,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 64,
+    "axes_dims_rope": [8, 12, 12],
+}
+SIZE = 64  # pixels: a 8x8 latent, 16 tokens
+TOKENS = 7
+
+
+def tiny_qwen_transformer(seed: int = 0) -> Any:
+    return _liven(tiny_qwen_image(seed=seed).transformer, seed + 3).requires_grad_(False)
+
+
+def lora_state_dict(transformer: Any, seed: int = 5, rank: int = 4) -> dict[str, torch.Tensor]:
+    """A random LoRA (peft, rank 4 on the attention projections), ``transformer.``-prefixed keys."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    model = copy.deepcopy(transformer)
+    torch.manual_seed(seed)
+    model.add_adapter(
+        LoraConfig(
+            r=rank,
+            lora_alpha=rank,
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            init_lora_weights=False,
+        )
+    )
+    sd = get_peft_model_state_dict(model)
+    return {f"transformer.{k}": (v * 0.5).contiguous() for k, v in sd.items()}
+
+
+def conditioning(seed: int, mask_tail: int = 0) -> list[list[Any]]:
+    """ComfyUI-form conditioning: [[embeds (1, 7, 64), {"pooled_output": None, "attention_mask": ...}]]."""
+    g = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(1, TOKENS, 64, generator=g)
+    mask = torch.ones(1, TOKENS, dtype=torch.long)
+    if mask_tail:
+        mask[:, -mask_tail:] = 0
+    return [[embeds, {"pooled_output": None, "attention_mask": mask}]]
+
+
+def make_models_dir(root: Path, mask_tail: int = 0) -> Path:
+    transformer = tiny_qwen_transformer()
+    (root / "diffusion_models").mkdir(parents=True)
+    (root / "loras").mkdir()
+    sd = {k: v.contiguous() for k, v in transformer.state_dict().items()}
+    save_file(
+        sd,
+        str(root / "diffusion_models" / "tiny_qwen.safetensors"),
+        metadata={"config": json.dumps(QWEN_CONFIG)},
+    )
+    save_file(lora_state_dict(transformer), str(root / "loras" / "tiny_lora.safetensors"))
+    save_comfy_conditioning(root / "positive.safetensors", conditioning(1, mask_tail), {"prompt": "a cat"})
+    save_comfy_conditioning(root / "negative.safetensors", conditioning(2, mask_tail), {"prompt": ""})
+    return root
+
+
+def qwen_workflow(
+    models: Path,
+    *,
+    sampler: str = "euler",
+    scheduler: str = "simple",
+    cfg: float = 4.0,
+    steps: int = 8,
+    seed: int = 12345,
+    lora: float = 0.8,
+    shift: float = 3.1,
+    cfgnorm: float | None = 1.0,
+    pre_cfg: bool = False,
+) -> dict[str, Any]:
+    """UNETLoader -> LoraLoaderModelOnly -> ModelSamplingAuraFlow -> CFGNorm -> KSampler (API format)."""
+    wf: dict[str, Any] = {
+        "1": {
+            "class_type": "UNETLoader",
+            "inputs": {"unet_name": "tiny_qwen.safetensors", "weight_dtype": "default"},
+        },
+        "2": {
+            "class_type": "LoraLoaderModelOnly",
+            "inputs": {"model": ["1", 0], "lora_name": "tiny_lora.safetensors", "strength_model": lora},
+        },
+        "3": {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["2", 0], "shift": shift}},
+        "4": {
+            "class_type": "CFGNorm",
+            "inputs": {"model": ["3", 0], "strength": cfgnorm, "pre_cfg": pre_cfg},
+        },
+        "5": {
+            "class_type": "DiffguideLoadConditioning",
+            "inputs": {"file": str(models / "positive.safetensors")},
+        },
+        "6": {
+            "class_type": "DiffguideLoadConditioning",
+            "inputs": {"file": str(models / "negative.safetensors")},
+        },
+        "7": {
+            "class_type": "EmptyHunyuanLatentVideo",
+            "inputs": {"width": SIZE, "height": SIZE, "length": 1, "batch_size": 1},
+        },
+        "8": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["4", 0],
+                "seed": seed,
+                "steps": steps,
+                "cfg": cfg,
+                "sampler_name": sampler,
+                "scheduler": scheduler,
+                "positive": ["5", 0],
+                "negative": ["6", 0],
+                "latent_image": ["7", 0],
+                "denoise": 1.0,
+            },
+        },
+    }
+    if cfgnorm is None:
+        del wf["4"]
+        wf["8"]["inputs"]["model"] = ["3", 0]
+    return wf
+
+
+AURA_CONFIG = {"num_attention_heads": 4, "sample_size": 16}
+AURA_SIZE = 128  # pixels: a 16x16 latent, the 8x8 patch grid of the tiny model's positional table
+
+
+def make_aura_models_dir(root: Path) -> Path:
+    """A tiny AuraFlow transformer (diffusers keys, head count in the metadata) and conditioning."""
+    transformer = _liven(tiny_auraflow(seed=0).transformer, 3).requires_grad_(False)
+    (root / "diffusion_models").mkdir(parents=True)
+    sd = {k: v.contiguous() for k, v in transformer.state_dict().items()}
+    save_file(
+        sd,
+        str(root / "diffusion_models" / "tiny_aura.safetensors"),
+        metadata={"config": json.dumps(AURA_CONFIG)},
+    )
+    for name, seed in (("positive", 1), ("negative", 2)):
+        g = torch.Generator().manual_seed(seed)
+        save_comfy_conditioning(root / f"{name}.safetensors", [[torch.randn(1, TOKENS, 32, generator=g), {}]])
+    return root
+
+
+def aura_workflow(
+    models: Path, *, sampler: str = "euler", scheduler: str = "simple", pre_cfg: bool = False
+) -> dict[str, Any]:
+    """UNETLoader -> ModelSamplingAuraFlow(3.1) -> CFGNorm -> KSampler on EmptyLatentImage (API format)."""
+    wf = qwen_workflow(models, sampler=sampler, scheduler=scheduler, pre_cfg=pre_cfg)
+    wf["1"]["inputs"]["unet_name"] = "tiny_aura.safetensors"
+    del wf["2"]
+    wf["3"]["inputs"]["model"] = ["1", 0]
+    wf["7"] = {
+        "class_type": "EmptyLatentImage",
+        "inputs": {"width": AURA_SIZE, "height": AURA_SIZE, "batch_size": 1},
+    }
+    return wf
+
+
+# --------------------------------------------------------------------------------------------------
+# ComfyUI's side
+# --------------------------------------------------------------------------------------------------
+
+_NODE_STANDINS = ("torchvision", "torchaudio", "av")
+
+
+def load_comfy_nodes() -> Any:
+    """ComfyUI's ``nodes`` and ``comfy_extras`` node modules (import-only stand-ins for torchvision,
+    torchaudio and av, which they import but these nodes never use; removed again afterwards).
+
+    Raises ComfyUnavailable when ComfyUI core is missing (the test skips, or fails with
+    DIFFGUIDE_REQUIRE_COMFY=1); a node module that does not import is a RuntimeError (a failure)."""
+    comfy_support.load_comfy()
+    missing = [n for n in _NODE_STANDINS if importlib.util.find_spec(n) is None]
+    standin_dir = Path(tempfile.mkdtemp(prefix="diffguide-comfy-node-standins-"))
+    for name in missing:
+        (standin_dir / name).mkdir()
+        (standin_dir / name / "__init__.py").write_text(comfy_support._LENIENT_STANDIN)
+    sys.path.insert(0, str(standin_dir))
+    try:
+        import comfy_extras.nodes_cfg as nodes_cfg
+        import comfy_extras.nodes_hunyuan as nodes_hunyuan
+        import comfy_extras.nodes_model_advanced as nodes_model_advanced
+        import folder_paths
+        import nodes
+    except Exception as exc:
+        raise RuntimeError(f"ComfyUI's node modules do not import: {type(exc).__name__}: {exc}") from exc
+    finally:
+        for mod in list(sys.modules):
+            if mod.split(".")[0] in missing:
+                del sys.modules[mod]
+        sys.meta_path[:] = [f for f in sys.meta_path if type(f).__module__ not in missing]
+        sys.path.remove(str(standin_dir))
+        shutil.rmtree(standin_dir, ignore_errors=True)
+    return type("ComfyNodes", (), {
+        "nodes": nodes, "cfg": nodes_cfg, "advanced": nodes_model_advanced, "hunyuan": nodes_hunyuan,
+        "folder_paths": folder_paths,
+    })  # fmt: skip
+
+
+def comfy_qwen_patcher(path: Path) -> Any:
+    """ComfyUI's QwenImage model for the tiny diffusers state dict in ``path`` (the issue's recipe)."""
+    from safetensors.torch import load_file
+
+    c = comfy_support.load_comfy()
+    import comfy.model_detection as md
+
+    sd = load_file(str(path))
+    unet_config = {
+        "image_model": "qwen_image",
+        **QWEN_CONFIG,
+        "axes_dims_rope": tuple(QWEN_CONFIG["axes_dims_rope"]),
+    }
+    model_config = md.model_config_from_unet_config(unet_config, sd)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model(sd, "")
+    missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"ComfyUI QwenImage state dict mismatch: {missing[:3]} {unexpected[:3]}")
+    model.eval()
+    cpu = torch.device("cpu")
+    return c.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def comfy_aura_patcher(path: Path) -> Any:
+    """ComfyUI's AuraFlow model for a tiny diffusers AuraFlow state dict: ``supported_models.AuraFlow``
+    with the sizes given, the state dict converted by ``convert_diffusers_mmdit`` (on a copy: the
+    conversion swaps the final modulation's halves in place)."""
+    from safetensors.torch import load_file
+
+    c = comfy_support.load_comfy()
+    import comfy.model_detection as md
+    import comfy.supported_models as sm
+
+    sd = md.convert_diffusers_mmdit({k: v.clone() for k, v in load_file(str(path)).items()}, "")
+    unet_config = md.detect_unet_config(sd, "")
+    unet_config.update(dim=32, n_heads=4, global_conddim=32, patch_size=2, in_channels=4, out_channels=4)
+    model_config = sm.AuraFlow(unet_config)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model(sd, "")
+    missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"ComfyUI AuraFlow state dict mismatch: {missing[:3]} {unexpected[:3]}")
+    model.eval()
+    cpu = torch.device("cpu")
+    return c.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def _patcher(path: Path) -> Any:
+    return comfy_aura_patcher(path) if "aura" in path.name else comfy_qwen_patcher(path)
+
+
+def _io_node(cls: Any, **kwargs: Any) -> Any:
+    """An io-style (V3) node executed as ComfyUI's executor does."""
+    clone = cls.PREPARE_CLASS_CLONE(None)
+    return getattr(clone, clone.FUNCTION)(**kwargs).result
+
+
+def comfy_execute(
+    workflow: dict[str, Any], models: Path, trace: dict[str, Any] | None = None
+) -> torch.Tensor:
+    """Run ``workflow`` (API format) with ComfyUI's node code; returns KSampler's LATENT samples.
+    ``trace``, when given, receives ComfyUI's model sampling (``model_sampling``) and sigmas."""
+    cn = load_comfy_nodes()
+    comfy_support.load_comfy().utils.PROGRESS_BAR_ENABLED = False
+    cn.folder_paths.add_model_folder_path("loras", str(models / "loras"), is_default=True)
+    nodes = cn.nodes
+    classes: dict[str, Any] = {
+        "LoraLoaderModelOnly": lambda i: nodes.LoraLoaderModelOnly().load_lora_model_only(**i),
+        "ModelSamplingAuraFlow": lambda i: cn.advanced.ModelSamplingAuraFlow().patch_aura(**i),
+        "ModelSamplingSD3": lambda i: cn.advanced.ModelSamplingSD3().patch(**i),
+        "CFGNorm": lambda i: _io_node(cn.cfg.CFGNorm, **i),
+        "EmptyHunyuanLatentVideo": lambda i: _io_node(cn.hunyuan.EmptyHunyuanLatentVideo, **i),
+        "KSampler": lambda i: nodes.KSampler().sample(**i),
+        "UNETLoader": lambda i: (_patcher(models / "diffusion_models" / i["unet_name"]),),
+        "EmptyLatentImage": lambda i: nodes.EmptyLatentImage().generate(**i),
+        "DiffguideLoadConditioning": lambda i: (load_comfy_conditioning(i["file"])[0],),
+    }
+    values: dict[str, tuple[Any, ...]] = {}
+
+    def out(nid: str) -> tuple[Any, ...]:
+        if nid not in values:
+            node = workflow[nid]
+            inputs = {k: (out(v[0])[v[1]] if isinstance(v, list) else v) for k, v in node["inputs"].items()}
+            values[nid] = classes[node["class_type"]](inputs)
+        return values[nid]
+
+    sampler = next(k for k, v in workflow.items() if v["class_type"] == "KSampler")
+    with torch.inference_mode():
+        latent = out(sampler)[0]
+    if trace is not None:
+        model = out(workflow[sampler]["inputs"]["model"][0])[0]
+        trace["model_sampling"] = model.get_model_object("model_sampling")
+    return latent["samples"]

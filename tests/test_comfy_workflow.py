@@ -1,0 +1,338 @@
+"""diffguide.comfy_workflow without ComfyUI: reading and checking workflows (one-line errors naming
+node id and class), the run they map to, ComfyUI-form conditioning files, the loader that reads a
+transformer's sizes from its weights, and the workflow run = the same run built by hand."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import torch
+from comfy_workflow_support import (
+    QWEN_CONFIG,
+    conditioning,
+    make_models_dir,
+    qwen_workflow,
+    tiny_qwen_transformer,
+)
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from diffguide import CFG, CFGNorm, GenerateConfig, GuidedPipeline
+from diffguide.cli.main import app
+from diffguide.comfy_workflow import (
+    WorkflowError,
+    comfy_latent_out,
+    execute,
+    explain,
+    load,
+    load_comfy_conditioning,
+    save_comfy_conditioning,
+)
+from diffguide.comfy_workflow.conditioning import to_diffguide
+from diffguide.comfy_workflow.graph import parse_workflow
+from diffguide.comfy_workflow.models import load_diffusion_model
+from diffguide.conditioning import ConditioningFile
+from diffguide.errors import DiffguideError
+from diffguide.sampling.comfy import ComfyShift
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    return make_models_dir(tmp_path_factory.mktemp("models"))
+
+
+def write(tmp_path: Path, wf: dict) -> Path:
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(wf))
+    return path
+
+
+def test_explain_names_terms_schedule_shift_seed_and_noise(models, tmp_path):
+    run = load(write(tmp_path, qwen_workflow(models)), models)
+    text = "\n".join(explain(run))
+    assert "node 3 (ModelSamplingAuraFlow): ModelSamplingDiscreteFlow shift 3.1, multiplier 1" in text
+    assert "node 2 (LoraLoaderModelOnly): LoRA tiny_lora.safetensors at strength 0.8" in text
+    assert "guidance terms: cfg(scale=4.0, rescale=0.0), cfg_norm(strength=1.0, pre_cfg=False)" in text
+    assert "sampler: node 8 (KSampler): euler / simple, 8 steps, cfg 4, seed 12345" in text
+    # simple schedule of ModelSamplingDiscreteFlow(3.1): sigma(t) = 3.1 t / (1 + 2.1 t) at t = 1, 7/8, ...
+    assert (
+        "sigmas (after the shift): 1, 0.955947, 0.902913, 0.837838, 0.756098, 0.65035, 0.508197, 0.306931, 0"
+        in text
+    )
+    assert (
+        "noise: comfy policy: one CPU generator seeded 12345 draws the whole [1, 16, 1, 8, 8] batch" in text
+    )
+    assert '"attention_mask": "tensor[1, 7]", "pooled_output": null' in text
+    cfg = run.config
+    assert (
+        cfg.noise == "comfy" and cfg.scheduler == "euler" and cfg.schedule == "simple" and cfg.seed == 12345
+    )
+    assert cfg.guidance == (CFG(4.0), CFGNorm(1.0))
+    assert cfg.comfy_sampling == ComfyShift("flow", 3.1, 1.0)
+    assert run.model.loras == ((models / "loras" / "tiny_lora.safetensors", 0.8),)
+
+
+def test_ui_format_maps_widgets_like_the_api_format(models, tmp_path):
+    api = qwen_workflow(models)
+    nodes, links = [], []
+    link_id = 0
+    for nid, node in api.items():
+        inputs, widgets = [], []
+        for name, value in node["inputs"].items():
+            if isinstance(value, list):
+                link_id += 1
+                links.append([link_id, int(value[0]), value[1], int(nid), len(inputs), "X"])
+                inputs.append({"name": name, "type": "X", "link": link_id})
+            else:
+                widgets.append(value)
+                if name == "seed":
+                    widgets.append("fixed")  # control_after_generate
+        nodes.append(
+            {"id": int(nid), "type": node["class_type"], "inputs": inputs, "widgets_values": widgets}
+        )
+    nodes.append({"id": 99, "type": "Note", "widgets_values": ["hello"]})
+    ui = load(write(tmp_path, {"nodes": nodes, "links": links}), models)
+    assert ui.config == load(write(tmp_path, api), models).config
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda wf: wf.update({"9": {"class_type": "FancyUpscale", "inputs": {}}}),
+         r"^node 9 \(FancyUpscale\): unsupported node class; diffguide runs CFGNorm, CLIPLoader, .*"),
+        (lambda wf: wf["3"]["inputs"].update(model=["42", 0]),
+         r"^node 3 \(ModelSamplingAuraFlow\): input 'model' links to node 42, which does not exist$"),
+        (lambda wf: wf["2"]["inputs"].update(model=["4", 0]),
+         r"^node \d \([A-Za-z]+\): the workflow has a cycle: (\d -> ){3}\d$"),
+        (lambda wf: wf["8"]["inputs"].update(positive=["1", 0]),
+         r"^node 8 \(KSampler\): input 'positive' expects CONDITIONING, but output 0 of node 1 \(UNETLoader\) is MODEL$"),
+        (lambda wf: wf["8"]["inputs"].update(steps="eight"),
+         r"^node 8 \(KSampler\): input 'steps' must be an integer, got 'eight'$"),
+        (lambda wf: wf["1"]["inputs"].update(unet_name="missing.safetensors"),
+         r"^node 1 \(UNETLoader\): model file 'missing.safetensors' not found in .*diffusion_models or .*unet$"),
+        (lambda wf: wf["8"]["inputs"].update(sampler_name="lcm"),
+         r"^node 8 \(KSampler\): sampler 'lcm' is not supported; one of euler, euler_ancestral, dpmpp_2m, heun$"),
+        (lambda wf: wf["8"]["inputs"].update(denoise=0.5),
+         r"^node 8 \(KSampler\): denoise 0.5 \(img2img\) is not supported; use 1.0$"),
+        (lambda wf: wf["8"]["inputs"].pop("negative"),
+         r"^node 8 \(KSampler\): required input 'negative' \(CONDITIONING\) is missing$"),
+        (lambda wf: wf["2"]["inputs"].update(model=["1", 3]),
+         r"^node 2 \(LoraLoaderModelOnly\): input 'model' links to output 3 of node 1 \(UNETLoader\), which has 1 output\(s\)$"),
+    ],
+)  # fmt: skip
+def test_bad_workflows_are_one_line_errors_naming_node_and_class(models, tmp_path, edit, message):
+    wf = qwen_workflow(models)
+    edit(wf)
+    with pytest.raises(WorkflowError, match=message) as info:
+        load(write(tmp_path, wf), models)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_errors_are_one_line_exit_2(models, tmp_path):
+    wf = qwen_workflow(models)
+    wf["9"] = {"class_type": "FancyUpscale", "inputs": {}}
+    res = CliRunner().invoke(app, ["comfy", "explain", str(write(tmp_path, wf)), "--models", str(models)])
+    assert res.exit_code == 2
+    assert res.output.startswith("error: node 9 (FancyUpscale): unsupported node class")
+    assert res.output.count("\n") == 1
+
+
+def test_not_a_workflow():
+    with pytest.raises(WorkflowError, match=r"^not a ComfyUI workflow"):
+        parse_workflow({"foo": 1})
+
+
+def test_comfy_conditioning_keeps_its_metadata(tmp_path):
+    cond = conditioning(1, mask_tail=2)
+    cond[0][1]["note"] = "from the workflow"
+    path = save_comfy_conditioning(tmp_path / "c.safetensors", cond, {"prompt": "a cat"})
+    back, meta = load_comfy_conditioning(path)
+    assert meta == {"prompt": "a cat"}
+    assert torch.equal(back[0][0], cond[0][0])
+    assert torch.equal(back[0][1]["attention_mask"], cond[0][1]["attention_mask"])
+    assert back[0][1]["pooled_output"] is None and back[0][1]["note"] == "from the workflow"
+    c = to_diffguide(back, "test")
+    assert torch.equal(c.get("mask"), cond[0][1]["attention_mask"])
+
+
+def test_comfy_conditioning_pt_only_with_weights_only(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save(conditioning(1), good)
+    assert torch.equal(load_comfy_conditioning(good)[0][0][0], conditioning(1)[0][0])
+
+    bad = tmp_path / "bad.pt"
+    torch.save([[torch.zeros(1), {"x": Fraction(1, 3)}]], bad)
+    with pytest.raises(DiffguideError, match=r"holds arbitrary Python objects; .* weights_only=True$"):
+        load_comfy_conditioning(bad)
+    with pytest.raises(DiffguideError, match=r"only tensors and JSON values can be saved$"):
+        save_comfy_conditioning(tmp_path / "x.safetensors", [[torch.zeros(1), {"x": Fraction(1, 3)}]])
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_loader_reads_the_sizes_from_the_weights(tmp_path):
+    t = tiny_qwen_transformer()
+    sd = {f"model.diffusion_model.{k}": v.contiguous() for k, v in t.state_dict().items()}
+    path = tmp_path / "q.safetensors"
+    save_file(sd, str(path), metadata={"config": json.dumps({"axes_dims_rope": [8, 12, 12]})})
+    pipe = load_diffusion_model(path, torch.float32)
+    cfg = pipe.transformer.config
+    assert {
+        k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if k in QWEN_CONFIG
+    } == QWEN_CONFIG
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(pipe.transformer.state_dict().values(), t.state_dict().values(), strict=True)
+    )
+    save_file(sd, str(path))  # head size 32 without a config: no known rotary axes
+    with pytest.raises(DiffguideError, match=r"attention head size 32 has no known rotary axes"):
+        load_diffusion_model(path, torch.float32)
+    bad = tmp_path / "bad.safetensors"
+    save_file(sd, str(bad), metadata={"config": json.dumps({"num_layers": 5})})
+    with pytest.raises(DiffguideError, match=r"its config says num_layers=5, its weights 2$"):
+        load_diffusion_model(bad, torch.float32)
+
+
+def test_workflow_run_equals_the_run_built_by_hand(models, tmp_path):
+    """The workflow is only a front end: the same run through the Python API gives the same tensors."""
+    run = load(write(tmp_path, qwen_workflow(models, steps=STEPS)), models)
+    ours = execute(run)
+    pipe = load_diffusion_model(models / "diffusion_models" / "tiny_qwen.safetensors", torch.float32)
+    gp = GuidedPipeline(pipe)
+    gp.load_lora(models / "loras" / "tiny_lora.safetensors", 0.8)
+    pos, _ = load_comfy_conditioning(models / "positive.safetensors")
+    neg, _ = load_comfy_conditioning(models / "negative.safetensors")
+    cfg = GenerateConfig.create(
+        "a cat", guidance=[CFG(4.0), CFGNorm(1.0)], steps=STEPS, seed=12345, scheduler="euler",
+        noise="comfy", schedule="simple", width=64, height=64, comfy_sampling=ComfyShift("flow", 3.1, 1.0),
+    )  # fmt: skip
+    by_hand = gp.generate(
+        cfg, decode=False, conditioning=ConditioningFile(to_diffguide(pos, "p"), to_diffguide(neg, "n"))
+    )
+    assert torch.equal(ours.result.latents, by_hand.latents)
+    assert torch.equal(ours.latents, comfy_latent_out(gp, by_hand.latents, (1, 16, 1, 8, 8)))
+    # and the pieces matter: without CFGNorm, or with the LoRA at 1.0, the tensors differ
+    plain = gp.generate(
+        GenerateConfig.create("a cat", guidance=[CFG(4.0)], **_same(cfg)), decode=False,
+        conditioning=ConditioningFile(to_diffguide(pos, "p"), to_diffguide(neg, "n")),
+    )  # fmt: skip
+    assert (plain.latents - by_hand.latents).abs().max() > 1e-3
+
+
+def _same(cfg: GenerateConfig) -> dict:
+    keys = ("steps", "seed", "scheduler", "noise", "schedule", "width", "height", "comfy_sampling")
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def test_cli_run_writes_comfy_latents_and_manifest(models, tmp_path):
+    wf = write(tmp_path, qwen_workflow(models, steps=2))
+    out = tmp_path / "o" / "lat.safetensors"
+    res = CliRunner().invoke(app, ["comfy", "run", str(wf), "--models", str(models), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith(f"latents [1, 16, 1, 8, 8] -> {out} (2 model forward calls)")
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        assert f.get_tensor("samples").shape == (1, 16, 1, 8, 8)
+    manifest = json.loads(out.with_suffix(".json").read_text())
+    assert manifest["scheduler"]["config"] == {"prediction_type": "flow", "shift": 3.1, "multiplier": 1.0}
+    assert manifest["comfy_workflow"]["sampler_node"] == "8"
+    assert manifest["model"]["loras"][0]["scale"] == 0.8
+
+
+def test_clip_text_encode_needs_conditioning_files_for_unet_workflows(models, tmp_path):
+    wf = qwen_workflow(models)
+    (models / "text_encoders").mkdir(exist_ok=True)
+    (models / "text_encoders" / "qwen_2.5_vl.safetensors").write_bytes(b"")
+    wf["9"] = {
+        "class_type": "CLIPLoader",
+        "inputs": {"clip_name": "qwen_2.5_vl.safetensors", "type": "qwen_image"},
+    }
+    wf["5"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["9", 0]}}
+    wf["6"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["9", 0]}}
+    path = write(tmp_path, wf)
+    with pytest.raises(
+        WorkflowError,
+        match=r"^node 5 \(CLIPTextEncode\): diffguide cannot run this text encoder \(node 9\); .*--conditioning 5=FILE",
+    ):
+        load(path, models)
+    pos, neg = models / "positive.safetensors", models / "negative.safetensors"
+    res = CliRunner().invoke(
+        app,
+        [
+            "comfy",
+            "explain",
+            str(path),
+            "--models",
+            str(models),
+            "--conditioning",
+            f"5={pos}",
+            "--conditioning",
+            f"6={neg}",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert f"positive: {pos} via node 5 (CLIPTextEncode) metadata" in res.output
+    a, b = load(path, models, {"5": pos, "6": neg}), load(write(tmp_path, qwen_workflow(models)), models)
+    assert replace(a.config, prompts=b.config.prompts, negative_prompts=b.config.negative_prompts) == b.config
+    assert a.conditioning is not None and b.conditioning is not None
+    assert torch.equal(a.conditioning.cond.get("mask"), b.conditioning.cond.get("mask"))
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"pre_cfg": True, "sampler": "dpmpp_2m"}, {"cfgnorm": None, "lora": 1.0}]
+)
+def test_a_run_written_as_a_workflow_loads_back_to_the_same_run(models, tmp_path, kwargs):
+    from diffguide.comfy_workflow import to_workflow
+
+    run = load(write(tmp_path, qwen_workflow(models, **kwargs)), models)
+    files = (str(models / "positive.safetensors"), str(models / "negative.safetensors"))
+    again = load(write(tmp_path, to_workflow(run, files)), models)
+    # the prompts are placeholders naming the conditioning nodes, whose ids differ
+    assert (
+        replace(again.config, prompts=run.config.prompts, negative_prompts=run.config.negative_prompts)
+        == run.config
+    )
+    assert again.conditioning is not None and run.conditioning is not None
+    assert torch.equal(again.conditioning.cond.embeds, run.conditioning.cond.embeds)
+    assert again.model == replace(run.model, node=again.model.node)
+    assert again.latent_shape == run.latent_shape
+    with pytest.raises(WorkflowError, match=r"^only comfy-noise-policy runs can be written"):
+        to_workflow(
+            replace(run, config=replace(run.config, noise="diffusers", schedule=None, comfy_sampling=None))
+        )
+
+
+def test_manifest_of_a_workflow_run_rebuilds_its_config(models, tmp_path):
+    """Replay reads the ModelSampling override back from the manifest."""
+    from diffguide.repro.schema import config_from_manifest
+
+    run = load(write(tmp_path, qwen_workflow(models, steps=1)), models)
+    manifest = json.loads(json.dumps(execute(run).result.manifests[0]))
+    assert config_from_manifest(manifest).comfy_sampling == ComfyShift("flow", 3.1, 1.0)
+    assert config_from_manifest(manifest).guidance == run.config.guidance
+
+
+def test_auraflow_loader_reads_the_sizes_from_the_weights(tmp_path):
+    from comfy_workflow_support import make_aura_models_dir
+
+    from diffguide.testing_dit import tiny_auraflow
+
+    root = make_aura_models_dir(tmp_path / "aura")
+    pipe = load_diffusion_model(root / "diffusion_models" / "tiny_aura.safetensors", torch.float32)
+    want = dict(tiny_auraflow(0).transformer.config)
+    got = dict(pipe.transformer.config)
+    assert {k: got[k] for k in want if not k.startswith("_")} == {
+        k: v for k, v in want.items() if not k.startswith("_")
+    }
+    sd = {k: v.contiguous() for k, v in pipe.transformer.state_dict().items()}
+    save_file(sd, str(tmp_path / "bare.safetensors"))
+    with pytest.raises(
+        DiffguideError, match=r"the attention heads of a width-32 AuraFlow are not in its weights"
+    ):
+        load_diffusion_model(tmp_path / "bare.safetensors", torch.float32)
