@@ -50,7 +50,11 @@ def gp() -> GuidedPipeline:
 def test_loads_with_plain_diffusers():
     pipe = StableDiffusion3Pipeline.from_pretrained(bundled_model(NAME), **ABSENT)
     assert type(pipe.transformer).__name__ == "SD3Transformer2DModel"
-    assert type(pipe.text_encoder).__name__ == type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    assert (
+        type(pipe.text_encoder).__name__
+        == type(pipe.text_encoder_2).__name__
+        == "CLIPTextModelWithProjection"
+    )
     assert pipe.text_encoder_3 is None
     assert pipe.scheduler.config.shift == 1.0
     # float16 on disk, float32 as loaded (config.json's dtype), like the transformer
@@ -100,7 +104,8 @@ def test_prompts_are_recognizable_with_cfg(gp):
 
 def test_cli_generate_by_name(tmp_path):
     res = CliRunner().invoke(
-        app, ["generate", "-m", NAME, "-p", "a handwritten digit 2", "--steps", "2", "-o", str(tmp_path / "out")]
+        app,
+        ["generate", "-m", NAME, "-p", "a handwritten digit 2", "--steps", "2", "-o", str(tmp_path / "out")],
     )
     assert res.exit_code == 0, res.output
     manifests = list((tmp_path / "out").glob("*.json"))

@@ -8,7 +8,7 @@ SD3's logit-normal timestep sampling, 10 % empty captions, EMA) on the same data
 Stages (in order; each resumable from training/runs/<run>/, default training/runs/sd3/):
 
     python training/train_sd3.py prepare                 # latents + prompt embeddings (cached)
-    python training/train_sd3.py train --steps 5000      # the transformer (checkpoints every few min)
+    python training/train_sd3.py train --steps 2500      # the transformer (checkpoints every few min)
     python training/train_sd3.py export                  # diffusers folder -> src/diffguide/assets/tiny-sd3/
 
 ``python training/train_sd3.py all`` runs every stage in turn.  CPU only, one thread; per-step RNG is
@@ -136,7 +136,7 @@ def stage_prepare(args, run: Path, log: Logger):
     log(f"prepare: latents {tuple(mean.shape)} in {time.time() - t0:.0f}s; shift_factor {shift:.5f} "
         f"scaling_factor {scaling:.5f}")  # fmt: skip
     pipe = build_pipeline(make_transformer(), vae)
-    prompts = data.CAPTIONS + [""]  # index 20 = unconditional (CFG dropout)
+    prompts = [*data.CAPTIONS, ""]  # index 20 = unconditional (CFG dropout)
     with torch.no_grad():
         embeds, _, pooled, _ = pipe.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, device=torch.device("cpu"),
@@ -258,7 +258,7 @@ def stage_train(args, run: Path, log: Logger):
         step += 1
         d = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
-            for ps, pd in zip(model.parameters(), ema.parameters()):
+            for ps, pd in zip(model.parameters(), ema.parameters(), strict=True):
                 pd.lerp_(ps, 1 - d)
         acc.append([loss.item(), gn.item()])
         if step % 100 == 0 or step == args.steps:
@@ -332,9 +332,9 @@ def main():
     ap.add_argument("stage", choices=["prepare", "train", "export", "all", "bench"])
     ap.add_argument("--run", default=str(HERE / "runs" / "sd3"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=5000)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=6e-4)
+    ap.add_argument("--steps", type=int, default=2500)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--cfg-drop", type=float, default=0.1)
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--ckpt-minutes", type=float, default=3.0)
