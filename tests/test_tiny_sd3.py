@@ -86,18 +86,17 @@ def test_cfg_matches_diffusers_pipeline(gp):
 
 
 def test_prompts_are_recognizable_with_cfg(gp):
-    """All 20 class prompts, two seeds each, CFG 4, 20 steps, judged by independent classifiers:
-    ccexam's MNIST net, the project's Fashion-MNIST CNN."""
+    """All 20 class prompts, CFG 4, 20 steps, judged by independent classifiers: ccexam's MNIST
+    net, the project's Fashion-MNIST CNN (docs/tiny-sd3.md has the figures on more samples)."""
     pytest.importorskip("ccexam")
     from diffguide.bench.classifiers import PromptClassifiers
     from diffguide.bench.reference import captions, to_gray28
 
     names = captions()
-    result = gp.generate(names + names, guidance=[CFG(4.0)], steps=20, seed=0)
+    result = gp.generate(names, guidance=[CFG(4.0)], steps=20, seed=0)
     rgb = np.stack([np.asarray(im.convert("RGB")) for im in result.images])
-    labels = np.concatenate([np.arange(len(names))] * 2)
-    acc = PromptClassifiers().accuracy(to_gray28(rgb), labels)
-    print(f"tiny-sd3 CFG 4, 20 steps, 40 images: {acc}")
+    acc = PromptClassifiers().accuracy(to_gray28(rgb), np.arange(len(names)))
+    print(f"tiny-sd3 CFG 4, 20 steps, 20 images: {acc}")
     assert acc["digit_accuracy"] is not None and acc["digit_accuracy"] >= 0.9, acc
     assert acc["garment_accuracy"] is not None and acc["garment_accuracy"] >= 0.8, acc
 
