@@ -14,7 +14,7 @@ extra=()
 prev=""
 for arg in "$@"; do
   if [[ "$arg" == "--model=tiny-sd3" || ( "$arg" == "tiny-sd3" && ( "$prev" == "--model" || "$prev" == "-m" ) ) ]]; then
-    # its 4 joint blocks have no block 13 (SD3's PAG preset): PAG on joint block PAG_LAYER_SD3
+    # its 4 joint blocks have no block 13 (SD3's PAG preset): PAG on joint block b1
     out=outputs/quickstart-tiny-sd3
     extra=(--pag-layers b1)
   fi
