@@ -1,6 +1,8 @@
-"""Sanity check: sample the exported tiny-sd folder with diffusers' StableDiffusionPipeline.
+"""Sanity check: sample an exported folder with plain diffusers: tiny-sd with StableDiffusionPipeline
+(Euler), tiny-sd3 with StableDiffusion3Pipeline (its FlowMatchEulerDiscreteScheduler).
 
     python training/sample_grid.py out.png [--model src/diffguide/assets/tiny-sd] [--n 8] [--steps 20] [--cfg 4]
+    python training/sample_grid.py out.png --model src/diffguide/assets/tiny-sd3 --classify
 
 Writes a PNG grid with one row per prompt (10 digits, then 10 garments), n samples per row.
 """
@@ -20,6 +22,19 @@ sys.path.insert(0, str(HERE))
 from data import CAPTIONS  # noqa: E402
 
 
+def load(folder: str):
+    import json
+
+    from diffusers import EulerDiscreteScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
+
+    if json.loads((Path(folder) / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline":
+        absent = dict(text_encoder_3=None, tokenizer_3=None, image_encoder=None, feature_extractor=None)
+        return StableDiffusion3Pipeline.from_pretrained(folder, **absent)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    return pipe
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -33,13 +48,12 @@ def main():
                     help="also report prompt accuracy with diffguide.bench's digit / garment classifiers")
     args = ap.parse_args()
 
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
     from PIL import Image
 
-    pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe = load(args.model)
     pipe.set_progress_bar_config(disable=True)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    net = getattr(pipe, "transformer", None) or pipe.unet
+    size = net.config.sample_size * pipe.vae_scale_factor
     rows, all_imgs = [], []
     t0 = time.time()
     for i, prompt in enumerate(CAPTIONS):

@@ -45,6 +45,10 @@ COMFY_SCHEDULE_NAMES: tuple[str, ...] = (
 )
 
 DEFAULT_MODEL_NAME = "tiny-sd"  # src/diffguide/assets/tiny-sd, a diffusers folder shipped with the package
+#: Models shipped with the package (diffusers folders under src/diffguide/assets/), selectable by name
+#: (``--model tiny-sd3``, ``GuidedPipeline.from_pretrained("tiny-sd3")``): tiny-sd, a UNet (SD1.5
+#: architecture, epsilon prediction), and tiny-sd3, a flow-matching transformer (SD3 architecture).
+BUNDLED_MODELS: tuple[str, ...] = ("tiny-sd", "tiny-sd3")
 AUTO_DEVICE = "cuda if available, else cpu"
 
 
@@ -117,12 +121,27 @@ def default_model() -> Path:
     A tiny SD1.5-architecture model trained on digits and garments (docs/default-model.md);
     ``GuidedPipeline.from_pretrained()`` with no path loads it.
     """
+    return bundled_model(DEFAULT_MODEL_NAME)
+
+
+def bundled_model(name: str) -> Path:
+    """The folder of a model shipped with the package (one of :data:`BUNDLED_MODELS`)."""
     from importlib import resources
 
-    folder = Path(str(resources.files("diffguide") / "assets" / DEFAULT_MODEL_NAME))
+    if name not in BUNDLED_MODELS:
+        raise DiffguideError(f"no bundled model '{name}' (bundled: {', '.join(BUNDLED_MODELS)})")
+    folder = Path(str(resources.files("diffguide") / "assets" / name))
     if not (folder / "model_index.json").is_file():
         raise DiffguideError(f"this installation of diffguide has no bundled model ({folder} is missing)")
     return folder
+
+
+def model_path(model: str | Path) -> str | Path:
+    """``model`` itself, or the bundled model's folder when it is a bundled model's name
+    (:data:`BUNDLED_MODELS`) and no file or folder of that name exists here."""
+    if str(model) in BUNDLED_MODELS and not Path(model).exists():
+        return bundled_model(str(model))
+    return model
 
 
 def default_device() -> str:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .checks import check_prompt_arg, check_types, warn_long_prompts, warn_size
 from .conditioning import ConditioningFile
-from .defaults import DEFAULTS, NOISE_POLICIES, default_device, default_model
+from .defaults import DEFAULTS, NOISE_POLICIES, default_device, default_model, model_path
 from .engine import GuidedModel
 from .errors import ConfigError
 from .guidance.base import GuidanceTerm
@@ -229,7 +229,7 @@ class GuidedPipeline:
         """Load a diffusers folder or single-file checkpoint; no path: the bundled model
         (:func:`diffguide.default_model`); no device: cuda if available, else cpu. Quiet:
         diffusers' and transformers' logs and loading bars are off while loading (restored after)."""
-        path = default_model() if path is None else path
+        path = default_model() if path is None else model_path(path)
         device = default_device() if device is None else device
         with library_noise_off():
             pipe = load_pipeline(path, dtype=dtype, config=config)

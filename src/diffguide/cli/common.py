@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from ..defaults import default_device, default_model
+from ..defaults import default_device, default_model, model_path
 from ..errors import ConfigError, DiffguideError, LayerSpecError
 from ..quiet import library_noise_off as library_noise_off  # re-exported for the commands
 
@@ -20,7 +20,9 @@ MODEL_ENVVAR = "DIFFGUIDE_MODEL"
 
 
 def model_option(
-    help: str = "Diffusers model folder or single-file .safetensors checkpoint.", panel: str | None = None
+    help: str = "Diffusers model folder, single-file .safetensors checkpoint, or a bundled model's name "
+    "(tiny-sd, tiny-sd3).",
+    panel: str | None = None,
 ) -> Any:
     """The ``--model/-m`` option every model-loading command shares (env: DIFFGUIDE_MODEL)."""
     return typer.Option(
@@ -61,7 +63,7 @@ def default_model_path() -> Path | None:
 
 def resolve_model(model: Path | None) -> Path:
     if model is not None:
-        return model
+        return Path(model_path(model))
     default = default_model_path()
     if default is None:
         raise DiffguideError(
