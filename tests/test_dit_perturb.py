@@ -7,7 +7,7 @@ diffusers where diffusers has the same thing:
 * where no reference exists, properties that pin the semantics down (which token sees which).
 
 Every perturbation acts on its branch's rows only (other rows bit-identical to an unperturbed
-forward) and leaves the model exactly as it found it, also when the forward raises.
+forward; block skip's to the last bits, as it runs the skipped blocks on the other rows alone) and leaves the model exactly as it found it, also when the forward raises.
 """
 
 from __future__ import annotations

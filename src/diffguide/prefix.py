@@ -218,7 +218,7 @@ def _cut(unit: str, key: str, value: Any, plan: UnitRows, n: int) -> Any:
                 "run with --no-prefix-sharing"
             )
         return _rows(value, plan)
-    if key not in SHARED and _has_rows(value, n) or key in SHARED and isinstance(value, dict) and _has_rows(value, n):
+    if _has_rows(value, n) and (key not in SHARED or isinstance(value, dict)):  # kwargs dicts: rows?
         raise DiffguideError(
             f"prefix sharing: {unit} takes '{key}', which may hold per-row values it cannot cut; "
             "run with --no-prefix-sharing"
@@ -234,4 +234,6 @@ def _spread(unit: str, out: Any, plan: UnitRows) -> Any:
         return tuple(_spread(unit, o, plan) for o in out)
     if isinstance(out, Tensor) and out.ndim > 0 and out.shape[0] == plan.keep.shape[0]:
         return out.index_select(0, plan.gather)
-    raise DiffguideError(f"prefix sharing: cannot spread the output of {unit} ({type(out).__name__}) over rows")
+    raise DiffguideError(
+        f"prefix sharing: cannot spread the output of {unit} ({type(out).__name__}) over rows"
+    )
