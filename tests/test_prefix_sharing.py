@@ -37,8 +37,8 @@ SIZE = {"sd15": 64, "sdxl": 64, "sd3": 32, "flux": 32, "auraflow": 32, "qwen": 3
 LAYERS = {
     "sd15": ("mid", "u0", "m0"),
     "sdxl": ("mid", "d1", "u0"),
-    "sd3": ("b2", "b1", "b3"),
-    "flux": ("b1", "s0", "s1"),
+    "sd3": ("b3", "b1", "b2"),  # unit 1 shared by PAG and SLG around TPG; unit 2 by PAG around SLG
+    "flux": ("b1", "s1", "s0"),  # unit 2 (s0) skipped by SLG while TPG still shares it
     "auraflow": ("s0", "s0", "s0"),
     "qwen": ("b1", "b1", "b1"),
 }
