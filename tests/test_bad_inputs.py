@@ -321,7 +321,7 @@ TAMPERED: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "unknown guidance": (_set("parameters", guidance=[{"method": "xyz"}]), "unknown guidance method 'xyz'"),
     "guidance field": (
         _set("parameters", guidance=[{"method": "cfg", "bogus": 1}]),
-        "guidance[0]: is not a guidance",
+        "guidance[0]: cfg has no parameter 'bogus'; its parameters: scale, rescale, window, name, renorm",
     ),
     "negative fallback": (
         lambda m: m.update(engine={"out_of_memory_fallbacks": {"0": -1}}),

@@ -71,9 +71,12 @@ def a1111_parameters(manifest: Mapping[str, Any]) -> str:
     """The A1111 ``parameters`` text of one image's manifest.
 
     ``prompt``, then ``Negative prompt: ...`` (when not empty), then one line of
-    ``Key: value`` pairs: steps, sampler, CFG/PAG/TPG scales, seed, size, model hash
-    (diffguide's UNet hash), model name and version.
+    ``Key: value`` pairs: steps, sampler, CFG scale, each guidance term's own pairs (its class's
+    ``a1111``: "PAG scale: 3", ...), seed, size, model hash (diffguide's UNet hash), model name
+    and version.
     """
+    from .guidance.registry import REGISTRY
+
     image, params = manifest["image"], manifest["parameters"]
     lines = [str(image["prompt"])]
     if image.get("negative_prompt"):
@@ -85,11 +88,10 @@ def a1111_parameters(manifest: Mapping[str, Any]) -> str:
         ("Sampler", A1111_SAMPLERS.get(params["scheduler"], params["scheduler"])),
         ("CFG scale", _num(cfg["scale"] if cfg else 1.0)),
     ]
-    if cfg and cfg.get("rescale"):
-        fields.append(("CFG Rescale phi", _num(cfg["rescale"])))
     for term in terms:
-        if term.get("method") in ("pag", "tpg"):
-            fields.append((f"{term['method'].upper()} scale", _num(term["scale"])))
+        cls = REGISTRY.get(term.get("method"))
+        if cls is not None:
+            fields += cls.a1111(term)
     fields += [
         ("Seed", image["seed"]),
         ("Size", f"{params['width']}x{params['height']}"),

@@ -25,7 +25,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,74 +50,116 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Setting:
-    """One benchmark row. Scales: CFG w (1 = off), PAG / TPG s (0 = off)."""
+    """One benchmark row: conditional or not, and the scale of each guidance term that is on.
+
+    Any registered guidance method with a ``scale`` parameter can take part (``diffguide guides``):
+    ``Setting(True, cfg=3, apg=5)``. A scale equal to the method's "off" value (CFG 1, others 0)
+    is left out; ``scales`` lists the rest in registry order (cfg, pag, tpg, ...), which fixes
+    the setting's name (``cond/cfg3+tpg2``).
+    """
 
     conditional: bool
-    cfg: float = 1.0
-    pag: float = 0.0
-    tpg: float = 0.0
+    scales: tuple[tuple[str, float], ...]
+
+    def __init__(
+        self, conditional: bool, cfg: float = 1.0, pag: float = 0.0, tpg: float = 0.0, **others: float
+    ):
+        from ..guidance.registry import REGISTRY, term_class
+        from ..guidance.term import field_types
+
+        given = {"cfg": cfg, "pag": pag, "tpg": tpg, **others}
+        for method in given:
+            if "scale" not in field_types(term_class(method, " in a benchmark setting")):
+                raise ConfigError(
+                    f"guidance method '{method}' has no scale; it cannot be a benchmark setting"
+                )
+        on = tuple((m, float(given[m])) for m in REGISTRY if m in given and given[m] != REGISTRY[m].off)
+        object.__setattr__(self, "conditional", conditional)
+        object.__setattr__(self, "scales", on)
+
+    def scale(self, method: str) -> float:
+        """The scale of ``method`` in this setting (its "off" value when it is not on)."""
+        from ..guidance.registry import term_class
+
+        return dict(self.scales).get(method, term_class(method).off)
+
+    @property
+    def cfg(self) -> float:
+        return self.scale("cfg")
+
+    @property
+    def pag(self) -> float:
+        return self.scale("pag")
+
+    @property
+    def tpg(self) -> float:
+        return self.scale("tpg")
 
     @property
     def method(self) -> str:
-        parts = [
-            m
-            for m, s, off in (("cfg", self.cfg, 1.0), ("pag", self.pag, 0.0), ("tpg", self.tpg, 0.0))
-            if s != off
-        ]
-        return "+".join(parts) or "none"
+        return "+".join(m for m, _ in self.scales) or "none"
 
     @property
     def name(self) -> str:
-        parts = [
-            f"{m}{_fmt(s)}"
-            for m, s, off in (("cfg", self.cfg, 1.0), ("pag", self.pag, 0.0), ("tpg", self.tpg, 0.0))
-            if s != off
-        ]
+        parts = [f"{m}{_fmt(s)}" for m, s in self.scales]
         return ("cond/" if self.conditional else "uncond/") + ("+".join(parts) or "none")
 
     @property
     def file_stem(self) -> str:
         return self.name.replace("/", "_").replace("+", "_")
 
-    def terms(self, pag_layers: str | None = None, tpg_layers: str | None = None) -> list[Any]:
-        from ..guidance import CFG, PAG, TPG
+    def terms(self, layers: Mapping[str, str | None] | None = None) -> list[Any]:
+        """The guidance terms: each method at its scale, with ``layers[method]`` when given."""
+        from ..guidance.registry import term_class
 
+        layers = layers or {}
         terms: list[Any] = []
-        if self.cfg != 1.0:
-            terms.append(CFG(scale=self.cfg))
-        if self.pag != 0.0:
-            terms.append(PAG(scale=self.pag, layers=pag_layers))
-        if self.tpg != 0.0:
-            terms.append(TPG(scale=self.tpg, layers=tpg_layers))
+        for method, scale in self.scales:
+            cls: Any = term_class(method)
+            spec = layers.get(method)
+            terms.append(cls(scale=scale, **({} if spec is None else {"layers": spec})))
         return terms
 
     @staticmethod
     def parse(name: str) -> Setting:
-        """``cond/none``, ``cond/cfg3``, ``cond/cfg3+pag2``, ``uncond/tpg2``, ..."""
+        """``cond/none``, ``cond/cfg3``, ``cond/cfg3+pag2``, ``uncond/tpg2``: ``<method><scale>``
+        joined by ``+``, for any registered method with a scale."""
+        from ..guidance.registry import REGISTRY
+
         try:
             kind, spec = name.strip().split("/", 1)
         except ValueError:
             raise ConfigError(f"bad setting '{name}': expected cond/<spec> or uncond/<spec>") from None
         if kind not in ("cond", "uncond"):
             raise ConfigError(f"bad setting '{name}': it starts with cond/ or uncond/")
-        scales = {"cfg": 1.0, "pag": 0.0, "tpg": 0.0}
+        scales: dict[str, float] = {}
         if spec != "none":
             for part in spec.split("+"):
-                method = part[:3]
-                if method not in scales:
-                    raise ConfigError(f"bad setting '{name}': '{part}' is not cfg<w>, pag<s> or tpg<s>")
-                try:
-                    scales[method] = float(part[3:])
-                except ValueError:
-                    raise ConfigError(f"bad setting '{name}': '{part}' has no number") from None
-        if kind == "uncond" and scales["cfg"] != 1.0:
+                method, scale = _method_scale(part, REGISTRY)
+                if method is None:
+                    raise ConfigError(
+                        f"bad setting '{name}': '{part}' is not <method><scale> with a method of "
+                        f"{', '.join(REGISTRY)}"
+                    )
+                scales[method] = scale
+        if kind == "uncond" and scales.get("cfg", 1.0) != 1.0:
             raise ConfigError(
                 f"setting '{name}': CFG has no meaning with the empty prompt (its conditional and "
                 "unconditional predictions are the same), so unconditional settings take no cfg"
             )
-        return Setting(kind == "cond", scales["cfg"], scales["pag"], scales["tpg"])
+        return Setting(kind == "cond", **scales)
+
+
+def _method_scale(part: str, methods: Iterable[str]) -> tuple[str | None, float]:
+    """``"cfg3"`` -> ``("cfg", 3.0)``: the longest method name followed by a number."""
+    for method in sorted((m for m in methods if part.startswith(m)), key=len, reverse=True):
+        try:
+            return method, float(part[len(method) :])
+        except ValueError:
+            continue
+    return None, 0.0
 
 
 def default_settings(
@@ -245,7 +287,7 @@ def _generate(pipe: Any, opts: BenchOptions, setting: Setting, start: int, stop:
     order = np.asarray(CLASS_ORDER)
     labels = order[np.arange(start, stop) % len(order)] if setting.conditional else np.full(stop - start, -1)
     prompts = [captions[i] for i in labels] if setting.conditional else [""] * (stop - start)
-    terms = setting.terms(opts.pag_layers, opts.tpg_layers)
+    terms = setting.terms({"pag": opts.pag_layers, "tpg": opts.tpg_layers})
     cfg = GenerateConfig.create(
         prompts, "", guidance=terms, steps=opts.steps, scheduler=opts.scheduler, seed=opts.seed + start
     )
@@ -388,6 +430,7 @@ def _report(opts, state, n, ref, classifiers, hashes, t_start, extractor_id) -> 
                 "cfg_scale": s.cfg,
                 "pag_scale": s.pag,
                 "tpg_scale": s.tpg,
+                "scales": dict(s.scales),  # every term that is on (any registered method)
                 "n": n,
                 **m,
                 "seconds": per_image * n,

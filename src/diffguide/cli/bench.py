@@ -68,7 +68,8 @@ def quality(
         str | None,
         typer.Option(
             "--settings",
-            help="Comma-separated subset, e.g. 'cond/none,cond/cfg3,cond/cfg3+tpg2,uncond/pag2'.",
+            help="Comma-separated settings, e.g. 'cond/none,cond/cfg3,cond/cfg3+tpg2,uncond/pag2': "
+            "<method><scale> parts joined by '+', any method of 'diffguide guides' with a scale.",
             show_default="all default settings",
         ),
     ] = None,

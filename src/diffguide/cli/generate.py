@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -16,7 +16,6 @@ from rich.console import Console
 from ..defaults import AUTO_DEVICE, COMFY_SCHEDULE_NAMES, DEFAULTS, NOISE_POLICIES, SCHEDULER_NAMES
 from ..errors import ConfigError
 from .common import (
-    KINDS,
     WINDOW_SYNTAX,
     DType,
     check_spec,
@@ -32,7 +31,7 @@ from .guard import check_outputs, interruptible
 
 if TYPE_CHECKING:  # heavy (torch, diffusers): imported where used, so `--help` stays fast
     from ..conditioning import ConditioningFile
-    from ..guidance import GuidanceTerm, Window
+    from ..guidance import Term, Window
     from ..pipeline import GenerateConfig, GuidedPipeline
 
 Scheduler = enum.Enum("Scheduler", {name: name for name in SCHEDULER_NAMES}, type=str)  # type: ignore[misc]
@@ -64,14 +63,14 @@ def build_guidance(
     slg_start: float | None = None,
     slg_stop: float | None = None,
     embedded_guidance: float | None = None,
-) -> list[GuidanceTerm]:
+) -> list[Term]:
     """The guidance terms the options ask for; a term whose scale means "off" is left out."""
     from ..guidance import CFG, PAG, SLG, TPG, EmbeddedGuidance, Window
 
     def window(spec: str | None, option: str) -> Window:
         return Window() if spec is None else parse_window(spec, option)
 
-    terms: list[GuidanceTerm] = []
+    terms: list[Term] = []
     if cfg != 1.0:
         terms.append(CFG(cfg, cfg_rescale, window(cfg_window, "--cfg-window"), renorm=cfg_renorm))
     elif cfg_rescale or cfg_window or cfg_renorm:
@@ -317,6 +316,17 @@ def generate(
             rich_help_panel=P_GUIDE,
         ),
     ] = None,
+    guide: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--guide",
+            metavar="NAME[:KEY=VALUE,...]",
+            help="Any registered guidance term, e.g. 'pag:scale=2,layers=mid' or 'tpg:layers=[d2.2-9,d3]' "
+            "(a piece without '=' continues the previous value); repeatable. 'diffguide guides' lists "
+            "the terms and their parameters; see docs/cli.md.",
+            rich_help_panel=P_GUIDE,
+        ),
+    ] = None,
     embedded_guidance: Annotated[
         float | None,
         typer.Option(
@@ -508,21 +518,25 @@ def prepare(opts: dict[str, Any]) -> Run:
 
     from .. import app
     from ..conditioning import load_conditioning
-    from ..guidance import PAG, SLG
     from ..models.presets import default_layers
     from ..pipeline import GenerateConfig
+    from .guide import merge_terms, parse_guide
 
     o = SimpleNamespace(**opts)
     prompt, quiet, dtype = o.prompt, o.quiet, o.dtype
     # Everything that can be checked without the model is checked before loading it.
+    guides = [parse_guide(spec) for spec in o.guide or []]
+    default_cfg = o.cfg is None and not any(t.method == "cfg" for t in guides)  # --guide cfg:... is CFG
+    cfg = (DEFAULTS.cfg if default_cfg else 1.0) if o.cfg is None else o.cfg
     terms = build_guidance(
-        cfg=DEFAULTS.cfg if o.cfg is None else o.cfg, cfg_rescale=o.cfg_rescale, cfg_window=o.cfg_window,
+        cfg=cfg, cfg_rescale=o.cfg_rescale, cfg_window=o.cfg_window,
         cfg_renorm=o.cfg_renorm,
         pag=o.pag, pag_layers=o.pag_layers, pag_adaptive=o.pag_adaptive, pag_window=o.pag_window,
         tpg=o.tpg, tpg_layers=o.tpg_layers, tpg_window=o.tpg_window,
         slg=o.slg, slg_layers=o.slg_layers, slg_start=o.slg_start, slg_stop=o.slg_stop,
         embedded_guidance=o.embedded_guidance,
     )  # fmt: skip
+    terms = merge_terms(terms, guides)
     if not prompt and o.conditioning is None:
         raise ConfigError(
             "give a prompt: --prompt TEXT (repeat it for several prompts), or --conditioning FILE"
@@ -537,7 +551,7 @@ def prepare(opts: dict[str, Any]) -> Run:
         o.negative_prompt or "",
         num_images=o.batch,
         guidance=terms,
-        default_cfg=o.cfg is None,
+        default_cfg=default_cfg,
         steps=o.steps,
         width=o.width,
         height=o.height,
@@ -567,12 +581,10 @@ def prepare(opts: dict[str, Any]) -> Run:
     by_name = {t.name: t for t in terms}
     for choice in app.dry_run_layers(pipe, tuple(terms)):
         term = by_name[choice.term]
-        method: Literal["pag", "tpg", "slg"] = (
-            "pag" if isinstance(term, PAG) else "slg" if isinstance(term, SLG) else "tpg"
-        )
-        spec = choice.spec or f"preset {default_layers(pipe.model, method)}"
+        preset = term.preset  # the presets.Method whose layers the term's perturbation defaults to
+        spec = choice.spec or (f"preset {default_layers(pipe.model, preset)}" if preset else "default")  # type: ignore[arg-type]
         count = len(choice.modules)
-        console.print(f"{choice.term} layers: {spec} -> {count} {plural(count, KINDS[method])}")
+        console.print(f"{choice.term} layers: {spec} -> {count} {plural(count, term.layer_kind)}")
     size = pipe.default_size()
     noise_desc = f"{config_.noise} noise" + (f" ({config_.schedule} schedule)" if config_.schedule else "")
     console.print(

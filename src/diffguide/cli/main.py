@@ -28,7 +28,7 @@ import typer
 
 from .. import __version__
 from ..errors import DiffguideError
-from . import check, diff, generate, layers, replay
+from . import check, diff, generate, guides, layers, replay
 from .bench import bench_app
 from .flags import FlagCommand, FlagGroup
 from .guard import Interrupted, exit_now_if_abandoned, interrupted, one_line_warnings, signals_raise
@@ -138,6 +138,7 @@ def version() -> None:
 
 app.command("generate", cls=FlagCommand)(generate.generate)
 app.command("layers", cls=FlagCommand)(layers.layers)
+app.command("guides", cls=FlagCommand)(guides.guides)
 app.command("diff", cls=FlagCommand)(diff.diff)
 app.command("replay", cls=FlagCommand)(replay.replay_command)
 app.command("check-determinism", cls=FlagCommand)(check.check_determinism)

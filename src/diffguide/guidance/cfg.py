@@ -24,13 +24,15 @@ On a packed transformer prediction (B, tokens, channels) the last dim is each to
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
 from ..defaults import DEFAULTS
-from ..errors import ConfigError
-from .base import UNCOND, Branch, Predictions, StepInfo, Window, check_finite
+from .base import UNCOND, Branch, Predictions, StepInfo, Window
+from .term import Term, bounds, register
 
 
 def cfg_delta(c: Tensor, u: Tensor, w: float) -> Tensor:
@@ -51,8 +53,9 @@ def rescale(g: Tensor, c: Tensor, phi: float) -> Tensor:
     return phi * (g * (std_c / std_g)) + (1.0 - phi) * g
 
 
+@register("cfg")
 @dataclass(frozen=True)
-class CFG:
+class CFG(Term):
     """Classifier-free guidance. ``scale`` w >= 0 (1 = off); ``rescale`` phi in [0, 1];
     ``renorm``: keep the per-token norm of the conditional prediction (Qwen-Image's true CFG)."""
 
@@ -62,21 +65,13 @@ class CFG:
     name: str = "cfg"
     renorm: bool = False
 
-    def __post_init__(self) -> None:
-        check_finite("CFG scale", self.scale)
-        check_finite("CFG rescale", self.rescale)
-        if not 0.0 <= self.scale <= 100.0:
-            raise ConfigError(f"CFG scale must be in [0, 100], got {self.scale}")
-        if not 0.0 <= self.rescale <= 1.0:
-            raise ConfigError(f"CFG rescale must be in [0, 1], got {self.rescale}")
-        if not isinstance(self.renorm, bool):
-            raise ConfigError(f"CFG renorm must be true or false, got {self.renorm!r}")
+    off = 1.0
+    ranges = bounds(scale=(0.0, 100.0), rescale=(0.0, 1.0))
+    optional = frozenset({"renorm"})  # absent = off (manifests before it)
+    hidden = frozenset({"name"})  # manifests never recorded CFG's name
 
     def branches(self) -> tuple[Branch, ...]:
         return (UNCOND,)
-
-    def active(self, step: StepInfo) -> bool:
-        return self.scale != 1.0 and self.window.contains(step)
 
     def delta(self, preds: Predictions, step: StepInfo) -> Tensor:
         return cfg_delta(preds["cond"], preds["uncond"], self.scale)
@@ -86,11 +81,7 @@ class CFG:
             guided = rescale(guided, preds["cond"], self.rescale)
         return renorm(guided, preds["cond"]) if self.renorm else guided
 
-    def describe(self) -> dict[str, object]:
-        return {
-            "method": "cfg",
-            "scale": self.scale,
-            "rescale": self.rescale,
-            "window": self.window.describe(),
-            **({"renorm": True} if self.renorm else {}),  # absent = off (manifests before it)
-        }
+    @classmethod
+    def a1111(cls, d: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """The CFG scale has its fixed place in the A1111 text; the rescale follows it."""
+        return [("CFG Rescale phi", f"{float(d['rescale']):g}")] if d.get("rescale") else []

@@ -13,35 +13,32 @@ A family whose model has no guidance embedding (SD, SD3, schnell-like Flux) reje
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
 from ..errors import ConfigError
-from .base import Branch, Predictions, StepInfo, Window, check_finite
+from .base import Predictions, StepInfo, Window
+from .term import Term, bounds, register
 
 #: diffusers' FluxPipeline default ``guidance_scale``.
 DEFAULT_EMBEDDED_GUIDANCE = 3.5
 
 
+@register("embedded_guidance")
 @dataclass(frozen=True)
-class EmbeddedGuidance:
+class EmbeddedGuidance(Term):
     """The embedded guidance scale (>= 0) of a guidance-distilled model; adds no branch."""
 
     scale: float = DEFAULT_EMBEDDED_GUIDANCE
     name: str = "embedded_guidance"
+    window: Window = field(default_factory=Window, init=False, repr=False)  # a model input: no window
 
-    def __post_init__(self) -> None:
-        check_finite("embedded guidance scale", self.scale)
-        if not 0.0 <= self.scale <= 100.0:
-            raise ConfigError(f"embedded guidance scale must be in [0, 100], got {self.scale}")
-
-    @property
-    def window(self) -> Window:
-        return Window()  # a model input for the whole run: no window
-
-    def branches(self) -> tuple[Branch, ...]:
-        return ()
+    label = "embedded guidance"
+    hidden = frozenset({"name"})  # the manifest records the scale only
+    ranges = bounds(scale=(0.0, 100.0))
 
     def active(self, step: StepInfo) -> bool:
         return False  # never combines predictions
@@ -49,11 +46,10 @@ class EmbeddedGuidance:
     def delta(self, preds: Predictions, step: StepInfo) -> Tensor:
         return preds["cond"].new_zeros(())
 
-    def post(self, guided: Tensor, preds: Predictions, step: StepInfo) -> Tensor:
-        return guided
-
-    def describe(self) -> dict[str, object]:
-        return {"method": "embedded_guidance", "scale": self.scale}
+    @classmethod
+    def a1111(cls, d: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """Forge's key for Flux's embedded guidance."""
+        return [("Distilled CFG Scale", f"{float(d['scale']):g}")] if "scale" in d else []
 
 
 def embedded_scale(terms: tuple[object, ...]) -> float | None:

@@ -24,15 +24,16 @@ Paper defaults: mid-block self-attention on SD1.5 and SDXL; s = 3 with CFG 4, or
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from ..errors import ConfigError
 from ..perturb.identity_attention import IdentityAttention
-from ..perturb.joint_identity import SEMANTICS, Semantics
-from .base import Branch, Predictions, StepInfo, Window, check_finite
+from ..perturb.joint_identity import Semantics
+from .base import Branch, Predictions, StepInfo, Window
 from .perturbed import perturbation_delta
+from .term import Term, bounds, register
 
 
 def adaptive_scale(s: float, s_ad: float, t: float) -> float:
@@ -40,8 +41,9 @@ def adaptive_scale(s: float, s_ad: float, t: float) -> float:
     return max(0.0, s - s_ad * (1000.0 - t))
 
 
+@register("pag")
 @dataclass(frozen=True)
-class PAG:
+class PAG(Term):
     """Perturbed-Attention Guidance. ``layers``: a layer spec, or None for the paper's preset.
 
     ``semantics`` (joint attention of DiTs only; a UNet self-attention outputs V either way):
@@ -56,15 +58,9 @@ class PAG:
     name: str = "pag"
     semantics: Semantics = "diagonal"
 
-    def __post_init__(self) -> None:
-        check_finite("PAG scale", self.scale)
-        check_finite("PAG adaptive_scale", self.adaptive_scale)
-        if not 0.0 <= self.scale <= 100.0:
-            raise ConfigError(f"PAG scale must be in [0, 100], got {self.scale}")
-        if self.adaptive_scale < 0.0:
-            raise ConfigError(f"PAG adaptive_scale must be >= 0, got {self.adaptive_scale}")
-        if self.semantics not in SEMANTICS:
-            raise ConfigError(f"PAG semantics must be one of {', '.join(SEMANTICS)}, got {self.semantics!r}")
+    ranges = bounds(scale=(0.0, 100.0), adaptive_scale=(0.0, math.inf))
+    optional = frozenset({"semantics"})  # absent = diagonal (manifests before it)
+    preset, layer_kind = "pag", "self-attention modules"
 
     def branches(self) -> tuple[Branch, ...]:
         return (Branch(self.name, "cond", IdentityAttention(self.layers, self.semantics)),)
@@ -74,21 +70,5 @@ class PAG:
             return self.scale
         return adaptive_scale(self.scale, self.adaptive_scale, step.timestep)
 
-    def active(self, step: StepInfo) -> bool:
-        return self.window.contains(step) and self.scale_at(step) != 0.0
-
     def delta(self, preds: Predictions, step: StepInfo) -> Tensor:
         return perturbation_delta(preds["cond"], preds[self.name], self.scale_at(step))
-
-    def post(self, guided: Tensor, preds: Predictions, step: StepInfo) -> Tensor:
-        return guided
-
-    def describe(self) -> dict[str, object]:
-        return {
-            "method": "pag",
-            "name": self.name,
-            "scale": self.scale,
-            "adaptive_scale": self.adaptive_scale,
-            "layers": self.layers,
-            "window": self.window.describe(),
-        } | ({} if self.semantics == "diagonal" else {"semantics": self.semantics})

@@ -1,4 +1,8 @@
-"""Guidance terms by method name, and their reconstruction from a manifest."""
+"""Guidance terms by method name, and their reconstruction from a manifest.
+
+The registry itself lives in :mod:`.term` (``@register`` fills it); importing
+:mod:`diffguide.guidance` imports every method module, so it is complete here.
+"""
 
 from __future__ import annotations
 
@@ -6,29 +10,20 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConfigError
-from .base import GuidanceTerm, Window
-from .cfg import CFG
-from .embedded import EmbeddedGuidance
-from .pag import PAG
-from .slg import SLG
-from .tpg import TPG
+from .base import GuidanceTerm
+from .term import REGISTRY, Term
 
-METHODS: dict[str, type] = {
-    "cfg": CFG,
-    "pag": PAG,
-    "tpg": TPG,
-    "slg": SLG,
-    "embedded_guidance": EmbeddedGuidance,
-}
+#: method name -> term class (the registry; kept under its old name)
+METHODS = REGISTRY
+
+
+def term_class(method: object, where: str = "") -> type[Term]:
+    """The registered class of ``method``; a one-line ConfigError naming the known ones."""
+    if not isinstance(method, str) or method not in REGISTRY:
+        raise ConfigError(f"unknown guidance method '{method}'{where}; known: {', '.join(REGISTRY)}")
+    return REGISTRY[method]
 
 
 def term_from_dict(d: Mapping[str, Any]) -> GuidanceTerm:
     """Rebuild a term from its ``describe()`` dict (as stored in manifests)."""
-    method = d.get("method")
-    if method not in METHODS:
-        raise ConfigError(f"unknown guidance method '{method}' in manifest; known: {', '.join(METHODS)}")
-    kwargs = {k: v for k, v in d.items() if k != "method"}
-    if "window" in kwargs:
-        kwargs["window"] = Window.from_dict(kwargs["window"])
-    term: GuidanceTerm = METHODS[method](**kwargs)
-    return term
+    return term_class(d.get("method"), " in manifest").from_dict(d)

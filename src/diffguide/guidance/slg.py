@@ -24,10 +24,12 @@ from ..errors import ConfigError
 from ..perturb.block_skip import BlockSkip
 from .base import Branch, Predictions, StepInfo, Window
 from .perturbed import perturbation_delta
+from .term import Term, bounds, register
 
 
+@register("slg")
 @dataclass(frozen=True)
-class SLG:
+class SLG(Term):
     """Skip Layer Guidance. ``layers``: a layer spec of transformer blocks."""
 
     scale: float = 2.8
@@ -37,9 +39,10 @@ class SLG:
     window: Window = field(default_factory=Window)
     name: str = "slg"
 
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.scale <= 100.0:
-            raise ConfigError(f"SLG scale must be in [0, 100], got {self.scale}")
+    ranges = bounds(scale=(0.0, 100.0))
+    preset, layer_kind = "slg", "transformer blocks"
+
+    def validate(self) -> None:
         if not 0.0 <= self.start < self.stop <= 1.0:
             raise ConfigError(f"SLG needs 0 <= start < stop <= 1, got start={self.start}, stop={self.stop}")
 
@@ -51,21 +54,7 @@ class SLG:
         return step.count * self.start < step.index < step.count * self.stop
 
     def active(self, step: StepInfo) -> bool:
-        return self.scale != 0.0 and self.in_steps(step) and self.window.contains(step)
+        return super().active(step) and self.in_steps(step)
 
     def delta(self, preds: Predictions, step: StepInfo) -> Tensor:
         return perturbation_delta(preds["cond"], preds[self.name], self.scale)
-
-    def post(self, guided: Tensor, preds: Predictions, step: StepInfo) -> Tensor:
-        return guided
-
-    def describe(self) -> dict[str, object]:
-        return {
-            "method": "slg",
-            "name": self.name,
-            "scale": self.scale,
-            "layers": self.layers,
-            "start": self.start,
-            "stop": self.stop,
-            "window": self.window.describe(),
-        }

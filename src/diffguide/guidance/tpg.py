@@ -18,14 +18,15 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from ..errors import ConfigError
 from ..perturb.token_shuffle import TokenShuffle
-from .base import Branch, Predictions, StepInfo, Window, check_finite
+from .base import Branch, Predictions, StepInfo, Window
 from .perturbed import perturbation_delta
+from .term import Term, bounds, register
 
 
+@register("tpg")
 @dataclass(frozen=True)
-class TPG:
+class TPG(Term):
     """Token Perturbation Guidance. ``layers``: a layer spec, or None for the paper's preset."""
 
     scale: float = 3.0
@@ -33,28 +34,11 @@ class TPG:
     window: Window = field(default_factory=Window)
     name: str = "tpg"
 
-    def __post_init__(self) -> None:
-        check_finite("TPG scale", self.scale)
-        if not 0.0 <= self.scale <= 100.0:
-            raise ConfigError(f"TPG scale must be in [0, 100], got {self.scale}")
+    ranges = bounds(scale=(0.0, 100.0))
+    preset, layer_kind = "tpg", "transformer blocks"
 
     def branches(self) -> tuple[Branch, ...]:
         return (Branch(self.name, "cond", TokenShuffle(self.layers)),)
 
-    def active(self, step: StepInfo) -> bool:
-        return self.scale != 0.0 and self.window.contains(step)
-
     def delta(self, preds: Predictions, step: StepInfo) -> Tensor:
         return perturbation_delta(preds["cond"], preds[self.name], self.scale)
-
-    def post(self, guided: Tensor, preds: Predictions, step: StepInfo) -> Tensor:
-        return guided
-
-    def describe(self) -> dict[str, object]:
-        return {
-            "method": "tpg",
-            "name": self.name,
-            "scale": self.scale,
-            "layers": self.layers,
-            "window": self.window.describe(),
-        }
