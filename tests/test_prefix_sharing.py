@@ -270,3 +270,32 @@ def test_switch_recorded_and_old_manifests_replay_unshared(pipes):
     assert config_from_manifest(old).prefix_sharing is False  # made before sharing existed
     with pytest.raises(ConfigError, match=r"^prefix_sharing must be true or false, got 'yes'$"):
         GenerateConfig.create("a cat", prefix_sharing="yes")
+
+
+def test_cli_switch_and_replay(pipes, tmp_path):
+    """``--no-prefix-sharing`` reaches the manifest; replay follows the recorded switch either way
+    (and a manifest without it, made before sharing existed, replays unshared)."""
+    from typer.testing import CliRunner
+
+    from diffguide.cli.main import app
+    from diffguide.io import read_manifest
+    from diffguide.repro.replay import replay
+
+    model = tmp_path / "model"
+    testing.tiny_sd15(seed=0).save_pretrained(model)
+    args = ["generate", "--model", str(model), "-p", "a cat", "--steps", "2", "--cfg", "4", "--pag", "3"]
+    args += ["--threads", "1", "--quiet"]
+    manifests = {}
+    for flag in ([], ["--no-prefix-sharing"]):
+        out = tmp_path / ("plain" if flag else "shared")
+        res = CliRunner().invoke(app, [*args, *flag, "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        manifests[bool(flag)] = read_manifest(next(out.glob("*.png")))
+    assert manifests[False]["parameters"]["prefix_sharing"] is True
+    assert manifests[True]["parameters"]["prefix_sharing"] is False
+    assert manifests[True]["engine"]["prefix_sharing"] is False
+    gp = pipes["sd15"]
+    assert replay(manifests[False], gp).identical and replay(manifests[True], gp).identical
+    old = {k: v for k, v in manifests[True].items()}
+    old["parameters"] = {k: v for k, v in old["parameters"].items() if k != "prefix_sharing"}
+    assert replay(old, gp).identical
