@@ -299,3 +299,27 @@ def test_cli_switch_and_replay(pipes, tmp_path):
     old = {k: v for k, v in manifests[True].items()}
     old["parameters"] = {k: v for k, v in old["parameters"].items() if k != "prefix_sharing"}
     assert replay(old, gp).identical
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_pag_inside_a_block_slg_skips_keeps_its_rows(pipes, share):
+    """SLG skips block b1 on its rows and runs it on the others alone (a sub-batch); PAG's identity
+    attention in that block must still act on the PAG rows there: the PAG branch's prediction at
+    step 1 (SLG's window is strict, so step 0 is the same in both runs) equals the run without SLG."""
+    gp = pipes["sd3"]
+    preds: dict[bool, torch.Tensor] = {}
+    for with_slg in (False, True):
+        seen: list[torch.Tensor] = []
+        guidance = [CFG(4.0), PAG(3.0, layers="b1")]
+        if with_slg:  # before PAG: the SLG rows sit before the PAG rows, which the sub-batch renumbers
+            guidance.insert(1, SLG(2.0, layers="b1", start=0.0, stop=1.0))
+        generate(
+            gp,
+            "sd3",
+            2,
+            guidance,
+            prefix_sharing=share,
+            callback=lambda s, seen=seen: seen.append(s.preds["pag"]),
+        )
+        preds[with_slg] = seen[1]
+    assert close(preds[True], preds[False])

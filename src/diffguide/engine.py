@@ -19,14 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from .checks import check_rows_schedule
 from .errors import ConfigError, DiffguideError
-from .guidance.base import COND, UNCOND, Branch, GuidanceTerm, StepInfo
+from .guidance.base import COND, UNCOND, Branch, GuidanceTerm, RunState, StepInfo
 from .models.denoiser import Conditioning, Denoiser
 from .perturb.base import BranchRows, ForwardContext
 from .prefix import ChunkState, PrefixPlan, sharing
@@ -45,6 +45,11 @@ def _branch_table(terms: Sequence[GuidanceTerm]) -> dict[str, Branch]:
     for term in terms:
         for branch in term.branches():
             known = table.get(branch.name)
+            if branch.name == "uncond" and known is not None and _shares_uncond(known, branch):
+                table["uncond"] = branch if branch.perturbation is not None else known
+                continue
+            if branch.name == "uncond" and known is not None:
+                raise ConfigError("two guidance terms perturb the unconditional rows; keep one of them")
             # A perturbed branch belongs to one term: two equal ones (e.g. two PAG() terms, both
             # named "pag") would otherwise both be laid out, with only the last copy perturbed.
             if known is not None and (known != branch or branch.perturbation is not None):
@@ -53,6 +58,12 @@ def _branch_table(terms: Sequence[GuidanceTerm]) -> dict[str, Branch]:
                 )
             table[branch.name] = branch
     return table
+
+
+def _shares_uncond(a: Branch, b: Branch) -> bool:
+    """A term may perturb the unconditional rows in place (no extra branch): the plain and one
+    perturbed ``uncond`` branch are then the same rows, evaluated once, perturbed."""
+    return a.prompt == b.prompt == "uncond" and (a.perturbation is None or b.perturbation is None)
 
 
 class GuidedModel:
@@ -100,11 +111,13 @@ class GuidedModel:
         self.prefix_sharing = prefix_sharing
         self._prefix: PrefixPlan | None = None  # while installed, when some branch shares a prefix
         self._chunk = ChunkState()
+        self.run_state = RunState()  # stateful terms' memory (APG momentum); fresh for every run
 
     @contextmanager
     def installed(self) -> Iterator[GuidedModel]:
         """Install every perturbation of every branch for the run; all removed on exit."""
         self.ctx.generators.clear()  # every run draws from freshly seeded generators
+        self.run_state = RunState()  # and no term remembers a previous run
         with ExitStack() as stack:
             for branch in self.branches.values():
                 if branch.perturbation is not None:
@@ -121,7 +134,10 @@ class GuidedModel:
     def active_branches(self, step: StepInfo) -> tuple[list[GuidanceTerm], list[Branch]]:
         terms = [t for t in self.terms if t.active(step)]
         names = {b.name for t in terms for b in t.branches()}
-        order = [UNCOND] if "uncond" in names else []
+        perturbed = [
+            b for t in terms for b in t.branches() if b.name == "uncond" and b.perturbation is not None
+        ]
+        order = [perturbed[0] if perturbed else UNCOND] if "uncond" in names else []
         order.append(COND)
         order += [b for t in terms for b in t.branches() if b.name not in ("cond", "uncond")]
         return terms, order
@@ -184,6 +200,7 @@ class GuidedModel:
         rows_t = torch.cat([t] * len(branches)) if t.ndim > 0 else t
         out = self._forward(rows_x, rows_t, self._conditioning(branches), branches, batch, step.index)
         preds = {b.name: out[k * batch : (k + 1) * batch] for k, b in enumerate(branches)}
+        step = replace(step, state=self.run_state)
         guided = preds["cond"]
         for term in terms:
             guided = guided + term.delta(preds, step)

@@ -28,7 +28,7 @@ import typer
 
 from .. import __version__
 from ..errors import DiffguideError
-from . import check, diff, generate, guides, layers, replay
+from . import check, diff, generate, guides, layers, replay, serve
 from .bench import bench_app
 from .flags import FlagCommand, FlagGroup
 from .guard import Interrupted, exit_now_if_abandoned, interrupted, one_line_warnings, signals_raise
@@ -143,6 +143,7 @@ app.command("diff", cls=FlagCommand)(diff.diff)
 app.command("replay", cls=FlagCommand)(replay.replay_command)
 app.command("check-determinism", cls=FlagCommand)(check.check_determinism)
 app.add_typer(bench_app, name="bench")
+app.command("serve", cls=FlagCommand)(serve.serve)
 app.command("version", cls=FlagCommand)(version)
 
 

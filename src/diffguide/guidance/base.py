@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -57,6 +57,16 @@ COND = Branch("cond", "cond")
 UNCOND = Branch("uncond", "uncond")
 
 
+class RunState(dict[str, Any]):
+    """Per-run memory of stateful terms (APG's momentum), one entry per term name.
+
+    The engine owns it and makes a fresh one at the start of every run
+    (:meth:`GuidedModel.installed`) and hands it to the terms in :attr:`StepInfo.state`, so a
+    term's dataclass stays frozen and nothing leaks from one run into the next. Entries hold
+    (B, ...) tensors: each image keeps its own history, so a batch equals single-image runs.
+    """
+
+
 @dataclass(frozen=True)
 class StepInfo:
     """Where the sampler is: evaluation ``index`` of ``count``, at noise level ``sigma``.
@@ -69,6 +79,7 @@ class StepInfo:
     adaptive PAG scale is defined on it. ``x``: the model input of the B images at this step
     (None when a caller does not give it); ``prediction``: the model's output space. With
     both, :meth:`to_x0` turns any branch's prediction into x0 (for terms working in x0 space).
+    ``state``: the run's :class:`RunState` (set by the engine; None outside a run).
     """
 
     index: int
@@ -77,6 +88,7 @@ class StepInfo:
     timestep: float
     x: Tensor | None = field(default=None, compare=False, repr=False)
     prediction: str = "epsilon"
+    state: RunState | None = field(default=None, compare=False, repr=False)
 
     @property
     def fraction(self) -> float:

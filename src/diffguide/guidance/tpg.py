@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from ..perturb.token_shuffle import TokenShuffle
+from ..perturb.token_shuffle import Permutation, TokenShuffle
 from .base import Branch, Predictions, StepInfo, Window
 from .perturbed import perturbation_delta
 from .term import Term, bounds, register
@@ -27,18 +27,22 @@ from .term import Term, bounds, register
 @register("tpg")
 @dataclass(frozen=True)
 class TPG(Term):
-    """Token Perturbation Guidance. ``layers``: a layer spec, or None for the paper's preset."""
+    """Token Perturbation Guidance. ``layers``: a layer spec, or None for the paper's preset.
+    ``permutation``: ``"per_image"`` (diffguide's default, a batch reproduces its single runs) or
+    ``"shared"`` (the official code's one permutation for the batch; docs/methods.md)."""
 
     scale: float = 3.0
     layers: str | None = None
     window: Window = field(default_factory=Window)
     name: str = "tpg"
+    permutation: Permutation = "per_image"
 
     ranges = bounds(scale=(0.0, 100.0))
     preset, layer_kind = "tpg", "transformer blocks"
+    optional = frozenset({"permutation"})  # absent = per_image (manifests before it)
 
     def branches(self) -> tuple[Branch, ...]:
-        return (Branch(self.name, "cond", TokenShuffle(self.layers)),)
+        return (Branch(self.name, "cond", TokenShuffle(self.layers, self.permutation)),)
 
     def delta(self, preds: Predictions, step: StepInfo) -> Tensor:
         return perturbation_delta(preds["cond"], preds[self.name], self.scale)

@@ -3,6 +3,10 @@
 from .base import BranchRows, ForwardContext, Perturbation, branch_seed
 from .block_skip import BlockSkip
 from .identity_attention import IdentityAttention
+from .layer_skip import LayerSkipBlocks
+from .query_blur import QueryBlur
+from .query_shuffle import QueryShuffle
+from .text_shuffle import TextShuffle
 from .token_shuffle import TokenShuffle
 
 __all__ = [
@@ -10,7 +14,11 @@ __all__ = [
     "BranchRows",
     "ForwardContext",
     "IdentityAttention",
+    "LayerSkipBlocks",
     "Perturbation",
+    "QueryBlur",
+    "QueryShuffle",
+    "TextShuffle",
     "TokenShuffle",
     "branch_seed",
 ]

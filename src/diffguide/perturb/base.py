@@ -12,8 +12,8 @@ perturbation whose branch has no rows in the current call leaves the model untou
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -49,6 +49,19 @@ class ForwardContext:
 
     def rows_of(self, branch: str) -> BranchRows | None:
         return self.rows.get(branch)
+
+    @contextmanager
+    def sub_batch(self, rows: slice, n: int, inside: bool) -> Iterator[None]:
+        """While a perturbation runs a module on part of its n rows (the rows inside ``rows``, or the
+        rest), every branch's rows are given in that part's coordinates (so a second perturbation
+        on the same module edits the right rows); restored on exit."""
+        saved = self.rows
+        relabelled = {k: _relabel(v, rows, n, inside) for k, v in saved.items()}
+        self.rows = {k: v for k, v in relabelled.items() if v is not None}
+        try:
+            yield
+        finally:
+            self.rows = saved
 
     def generator(self, branch: str, image: int) -> torch.Generator:
         """Image ``image``'s CPU generator for ``branch``, seeded ``branch_seed(seed_i, branch)``."""
@@ -115,6 +128,25 @@ def select_targets(
 def first_target(model: nn.Module, targets: list[str]) -> str | None:
     """The first of a perturbation's ``targets`` in the model's forward order (its ``first_module``)."""
     return first_in_forward_order(model, targets)
+
+
+def _bounds(rows: slice, n: int) -> tuple[int, int]:
+    return rows.start or 0, rows.stop if rows.stop is not None else n
+
+
+def _relabel(sel: BranchRows, rows: slice, n: int, inside: bool) -> BranchRows | None:
+    """``sel`` in the coordinates of the rows inside ``rows`` (or of the others), None if it has none there."""
+    a, b = _bounds(rows, n)
+    s, e = _bounds(sel.rows, n)
+    if inside:
+        lo, hi = max(s, a), min(e, b)
+        return BranchRows(slice(lo - a, hi - a), sel.images[lo - s : hi - s]) if lo < hi else None
+    parts = [(lo, hi) for lo, hi in ((s, min(e, a)), (max(s, b), e)) if lo < hi]
+    if not parts:
+        return None
+    images = tuple(i for lo, hi in parts for i in sel.images[lo - s : hi - s])
+    start = parts[0][0] if parts[0][0] < a else parts[0][0] - (b - a)
+    return BranchRows(slice(start, start + len(images)), images)
 
 
 def branch_seed(seed: int, branch: str) -> int:

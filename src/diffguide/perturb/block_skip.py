@@ -162,7 +162,7 @@ def _row_wrapper(
                 def fn(hidden_states: Any, **kw: Any) -> Any:
                     return original(hidden_states, **kw)
 
-            return row_split_outside(fn, call, sel.rows, lambda c, out: inside(fn, c, out))
+            return row_split_outside(fn, call, sel.rows, lambda c, out: inside(fn, c, out), ctx)
 
         return forward
 

@@ -85,7 +85,8 @@ class _RowIdentityProcessor:
             sub["temb"] = _outside(temb, sel.rows, n)
         ehs = _outside(encoder_hidden_states, sel.rows, n)
         mask = _outside(attention_mask, sel.rows, n)
-        out_keep = self.original(attn, keep, ehs, mask, **sub)
+        with self.ctx.sub_batch(sel.rows, n, inside=False):
+            out_keep = self.original(attn, keep, ehs, mask, **sub)
         return put_rows(out_keep, out_p, sel.rows, n)
 
 

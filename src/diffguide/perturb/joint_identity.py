@@ -170,9 +170,13 @@ def install_joint_identity(
                 if sel is None:
                     return original(*args, **kwargs)
                 call = named(args, kwargs)
-                return row_split(
-                    original, call, sel.rows, lambda c, _: _perturbed(attn, original, c, tokens, semantics)
-                )
+                n = call["hidden_states"].shape[0]
+
+                def inside(c: dict[str, Any], _: Any) -> Any:
+                    with ctx.sub_batch(sel.rows, n, inside=True):  # other perturbations: these rows only
+                        return _perturbed(attn, original, c, tokens, semantics)
+
+                return row_split(original, call, sel.rows, inside)
 
             return forward
 

@@ -22,11 +22,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..models.layers import is_dit
 from .base import ForwardContext, first_target, put_rows, select_targets, take_rows
 from .dit import ImageTokens, is_dit_block
@@ -43,11 +44,28 @@ def shuffle_tokens(h: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
     return torch.gather(h, 1, perms.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
 
 
+Permutation = Literal["per_image", "shared"]
+PERMUTATIONS: tuple[str, ...] = ("per_image", "shared")
+
+
 @dataclass(frozen=True)
 class TokenShuffle:
-    """Shuffle the tokens entering the selected transformer blocks."""
+    """Shuffle the tokens entering the selected transformer blocks.
+
+    ``permutation="shared"``: the official code's convention, one permutation per block call for
+    every row of the branch, drawn with ``torch.randperm(N, generator=g)`` from one CPU generator
+    seeded with the run's seed (image 0's), the stream ``torch.manual_seed(seed)`` gives the
+    official pipeline's global ``torch.randperm(N)`` on CPU. When chunking splits the branch's rows,
+    later chunks reuse the block's permutation (drawn when image 0's rows pass)."""
 
     layers: str | None = None  # None: the model's preset (see models.presets)
+    permutation: Permutation = "per_image"
+
+    def __post_init__(self) -> None:
+        if self.permutation not in PERMUTATIONS:
+            raise ConfigError(
+                f"TPG permutation must be one of {', '.join(PERMUTATIONS)}, got {self.permutation!r}"
+            )
 
     def targets(self, model: nn.Module) -> list[str]:
         if is_dit(model):
@@ -61,6 +79,17 @@ class TokenShuffle:
     @contextmanager
     def install(self, model: nn.Module, branch: str, ctx: ForwardContext) -> Iterator[None]:
         tokens = ImageTokens()
+        last: dict[int, torch.Tensor] = {}  # shared mode: each block's permutation of this call
+
+        def draw(module: nn.Module, n: int, images: tuple[int, ...]) -> torch.Tensor:
+            if self.permutation == "per_image":
+                return torch.stack([torch.randperm(n, generator=ctx.generator(branch, i)) for i in images])
+            if images[0] == 0 or id(module) not in last:
+                key = (f"{branch}/shared", 0)
+                if key not in ctx.generators:
+                    ctx.generators[key] = torch.Generator().manual_seed(ctx.seeds[0])
+                last[id(module)] = torch.randperm(n, generator=ctx.generators[key])
+            return last[id(module)].expand(len(images), n)
 
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             sel = ctx.rows_of(branch)
@@ -70,9 +99,7 @@ class TokenShuffle:
             n = h.shape[0]
             keep, rows = take_rows(h, sel.rows, n)
             start, stop = tokens.image_span(h.shape[1])  # UNet / image stream: every token
-            perms = torch.stack(
-                [torch.randperm(stop - start, generator=ctx.generator(branch, i)) for i in sel.images]
-            )
+            perms = draw(module, stop - start, sel.images)
             shuffled = shuffle_tokens(rows[:, start:stop], perms.to(h.device))
             if stop - start < h.shape[1]:
                 shuffled = torch.cat([rows[:, :start], shuffled, rows[:, stop:]], dim=1)

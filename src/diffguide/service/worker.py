@@ -1,0 +1,261 @@
+"""The in-process worker: a bounded queue of job ids, worker threads running them in order
+(one thread by default; with Ray Serve, one per replica, each job run by a replica).
+
+Each job gets its own sampling state (config, generators, scheduler); the model's weights are
+shared through the :class:`~.models.ModelCache`, and :meth:`GuidedPipeline.generate` holds the
+pipeline's lock for a whole run, so jobs on one model never interleave their perturbations.
+Cancelling a running job makes its step callback raise: it stops within one step, the engine
+removes its perturbations in ``finally``, and the next job runs on a clean model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import secrets
+import shutil
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import app
+from ..errors import DiffguideError
+from ..io import replace_atomic, save_result
+from ..pipeline import GenerationResult
+from .config import ServiceConfig
+from .models import ModelCache
+from .previews import preview_png
+from .schema import JobRequest
+from .store import FINISHED, RESTART_ERROR, JobRow, JobStore
+
+KEEP_LIVE = 256  # finished jobs whose event history stays in memory
+
+
+#: Runs a job elsewhere (a Ray Serve replica) and returns its result.
+Runner = Callable[[JobRequest], GenerationResult]
+
+
+class QueueFull(Exception):
+    """The queue holds ``queue_size`` waiting jobs."""
+
+
+class JobCancelled(Exception):
+    """Raised from the step callback to stop a run."""
+
+
+class NotCancellable(Exception):
+    """The job already ended."""
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+@dataclass
+class LiveJob:
+    """A job's in-memory side: its cancel flag and its event history (for the event stream)."""
+
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def emit(self, event: dict[str, Any]) -> None:
+        with self.lock:
+            self.events.append(event)
+
+    def since(self, index: int) -> list[dict[str, Any]]:
+        with self.lock:
+            return self.events[index:]
+
+
+@dataclass
+class Metrics:
+    step_seconds_sum: float = 0.0
+    step_count: int = 0
+    callbacks_sent: int = 0
+    callbacks_failed: int = 0
+
+
+class Worker:
+    """Queue, live state and the worker thread of one service."""
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        store: JobStore,
+        cache: ModelCache,
+        runner: Runner | None = None,
+        concurrency: int = 1,
+    ) -> None:
+        self.config, self.store, self.cache = config, store, cache
+        self.runner, self.concurrency = runner, concurrency
+        self.queue: queue.Queue[str | None] = queue.Queue()
+        self.live: dict[str, LiveJob] = {}
+        self.metrics = Metrics()
+        self._submit = threading.Lock()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        for row in self.store.recover():  # queued before a restart: queued again, in order
+            self.live[row.id] = LiveJob()
+            self.queue.put(row.id)
+        for n in range(self.concurrency):
+            thread = threading.Thread(target=self._loop, name=f"diffguide-worker-{n}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the running job's current step (it is marked failed, as after a crash)."""
+        self._stopping.set()
+        for live in list(self.live.values()):
+            live.cancel.set()
+        for _ in self._threads:
+            self.queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout)
+
+    # -- requests -------------------------------------------------------------------------
+    def waiting(self) -> int:
+        return self.queue.qsize()
+
+    def submit(self, req: JobRequest) -> JobRow:
+        """Queue a job (ConfigError for a bad request, QueueFull when the queue is full)."""
+        cfg = req.to_config()
+        self.cache.path(req.model)
+        with self._submit:
+            if self.queue.qsize() >= self.config.queue_size:
+                raise QueueFull()
+            job_id = secrets.token_hex(8)
+            row = self.store.add(job_id, req.model, req.model_dump(mode="json"), cfg.steps)
+            live = self.live[job_id] = LiveJob()
+            live.emit({"event": "state", "state": "queued"})
+            self.queue.put(job_id)
+        return row
+
+    def cancel(self, job_id: str) -> JobRow:
+        """Cancel a queued job now, a running one within one step; NotCancellable when it ended."""
+        if self.store.finish_if(job_id, ("queued",), state="cancelled", finished=time.time()):
+            self._finished(job_id)
+        else:
+            row = self.store.get(job_id)
+            if row is None or row.state in FINISHED:
+                raise NotCancellable()
+            self.live.setdefault(job_id, LiveJob()).cancel.set()
+        row = self.store.get(job_id)
+        assert row is not None
+        return row
+
+    # -- the worker thread ----------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            job_id = self.queue.get()
+            if job_id is None or self._stopping.is_set():
+                return
+            if not self.store.finish_if(job_id, ("queued",), state="running", started=time.time()):
+                continue  # cancelled while queued
+            self.live.setdefault(job_id, LiveJob()).emit({"event": "state", "state": "running"})
+            self._run(job_id)
+
+    def _run(self, job_id: str) -> None:
+        row = self.store.get(job_id)
+        assert row is not None
+        live = self.live[job_id]
+        tmp = self.store.root / "jobs" / f".tmp-{job_id}"
+        try:
+            result = self._generate(row, live)
+            self._save(result, tmp)
+            os.replace(tmp, self.store.folder(job_id))
+            self.store.finish_if(
+                job_id, ("running",), state="succeeded", images=len(result.images), finished=time.time()
+            )
+        except JobCancelled:
+            error = RESTART_ERROR if self._stopping.is_set() else None
+            self.store.update(
+                job_id, state="failed" if error else "cancelled", error=error, finished=time.time()
+            )
+        except DiffguideError as err:
+            self.store.update(job_id, state="failed", error=one_line(str(err)), finished=time.time())
+        except Exception as err:  # a bug or a failing model: the job fails, the service goes on
+            message = one_line(f"{type(err).__name__}: {err}")
+            self.store.update(job_id, state="failed", error=message, finished=time.time())
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._finished(job_id)
+
+    def _generate(self, row: JobRow, live: LiveJob) -> GenerationResult:
+        req = JobRequest.model_validate(row.request)
+        if self.runner is not None:  # remote replicas (Ray Serve): no per-step progress or cancel
+            return self.runner(req)
+        cfg = req.to_config()
+        pipe = self.cache.get(req.model)
+        per_image = cfg.batch_invariant and cfg.num_images > 1
+        done = 0
+        last = time.perf_counter()
+
+        def on_step(state: Any) -> None:
+            nonlocal done, last
+            if live.cancel.is_set():
+                raise JobCancelled()
+            now = time.perf_counter()
+            self.metrics.step_seconds_sum += now - last
+            self.metrics.step_count += 1
+            last = now
+            done += 1
+            total = state.step.count * (cfg.num_images if per_image else 1)
+            self.store.update(row.id, step=done, steps=total)
+            event: dict[str, Any] = {"event": "step", "step": done, "steps": total}
+            every = self.config.preview_every
+            x = state.latents_out
+            if every and x.dim() == 4 and (done % every == 0 or done == total):
+                event["preview"] = preview_png(x[0])
+            live.emit(event)
+
+        request = app.GenerateRequest(
+            app.ModelRequest(str(self.cache.path(req.model))), cfg, None, self.config.threads
+        )
+        return app.generate(request, pipe, callback=on_step)
+
+    @staticmethod
+    def _save(result: GenerationResult, folder: Path) -> None:
+        """Images (PNG with manifest), manifests and the batch's latents, into a new folder."""
+        from safetensors.torch import save
+
+        shutil.rmtree(folder, ignore_errors=True)
+        save_result(result, folder, prefix="image")
+        replace_atomic(
+            folder / "manifest.json", json.dumps(result.manifests, indent=2, ensure_ascii=False) + "\n"
+        )
+        meta = {"diffguide": json.dumps(result.manifests, ensure_ascii=False)}
+        replace_atomic(
+            folder / "latents.safetensors", save({"latents": result.latents.cpu().contiguous()}, meta)
+        )
+
+    def _finished(self, job_id: str) -> None:
+        row = self.store.get(job_id)
+        assert row is not None
+        live = self.live.setdefault(job_id, LiveJob())
+        live.emit({"event": "end", "state": row.state, "error": row.error})
+        live.done.set()
+        url = row.request.get("callback_url")
+        if url:
+            threading.Thread(target=self._post, args=(url, row.public()), daemon=True).start()
+        finished = [k for k, v in self.live.items() if v.done.is_set()]
+        for k in finished[:-KEEP_LIVE]:
+            self.live.pop(k, None)
+
+    def _post(self, url: str, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        req = urllib.request.Request(url, data, {"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.config.callback_timeout_s):
+                self.metrics.callbacks_sent += 1
+        except Exception:
+            self.metrics.callbacks_failed += 1
