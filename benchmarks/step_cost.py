@@ -8,7 +8,13 @@ count), at each batch size B:
                         k=1 gives the bound for guiders that run one forward per branch;
 * diffguide CFG, CFG+PAG, CFG+PAG+TPG
                         ``GuidedModel`` + ``sampling.loop.sample`` with precomputed conditioning
-                        (what ``GuidedPipeline.generate(decode=False)`` runs after encoding);
+                        (what ``GuidedPipeline.generate(decode=False)`` runs after encoding), with
+                        prefix sharing (the default: a perturbed branch reuses the conditional rows'
+                        units before its first perturbed one; PAG on ``mid`` shares the down blocks);
+* diffguide CFG+PAG, CFG+TPG with and without prefix sharing (``prefix_sharing=False``), side
+                        by side, with the bound the unit time shares allow (measured before the
+                        rounds: each unit's share of a bare 3B-row forward; a branch that shares
+                        units worth a fraction f of a forward saves f/3 of a three-branch step);
 * diffusers SDXL CFG    ``StableDiffusionXLPipeline`` given the embeddings, output_type="latent";
 * diffusers PAG pipe    ``StableDiffusionXLPAGPipeline``, pag_applied_layers=["mid"], same inputs;
 * modular PAG guider    the modular SDXL denoise pipeline (``StableDiffusionXLCoreDenoiseStep``
@@ -38,6 +44,7 @@ OpenMP threads make multi-threaded timings swing by 10x (set it to ACTIVE to ove
     python benchmarks/step_cost.py                  # 2 threads, 5 steps, 4 rounds, B = 1, 4
     python benchmarks/step_cost.py --quick          # tiny model, seconds (CI smoke)
     python benchmarks/step_cost.py --json out.json  # every step time, for later analysis
+    python benchmarks/step_cost.py --prefix-only    # only the prefix-sharing rows (and their rivals)
 """
 
 from __future__ import annotations
@@ -70,6 +77,7 @@ from diffusers import StableDiffusionXLPAGPipeline, StableDiffusionXLPipeline  #
 from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
 
 from diffguide import CFG, PAG, TPG, Conditioning, GuidedModel, UNetDenoiser  # noqa: E402
+from diffguide.models.layers import forward_units, unit_index  # noqa: E402
 from diffguide.perturb import IdentityAttention, TokenShuffle  # noqa: E402
 from diffguide.sampling.loop import sample  # noqa: E402
 from diffguide.sampling.noise import generators  # noqa: E402
@@ -81,6 +89,8 @@ logging.getLogger("diffusers").setLevel(logging.ERROR)
 CFG_SCALE, PAG_SCALE, TPG_SCALE = 5.0, 3.0, 3.0
 VAE_SCALE = 8  # the pipelines are built without a VAE, so their vae_scale_factor is 8
 TARGET_IDEAL, TARGET_PIPE, TARGET_MODULAR = 1.02, 1.03, 0.70
+TARGET_SHARED_PAG = 0.90  # diffguide CFG+PAG(mid) with prefix sharing / diffusers' PAG pipeline
+PREFIX_KEYS = ("ideal3", "dg_pag", "dg_pag_ns", "hf_pag", "dg_tpg1", "dg_tpg1_ns")
 
 
 @dataclass(frozen=True)
@@ -235,14 +245,17 @@ class Runs:
 
         return run
 
-    def diffguide(self, c: dict[str, torch.Tensor], terms: list[Any]) -> Callable[[StepClock], Any]:
-        """GuidedModel + sampling.loop.sample, precomputed conditioning (as generate() after encode)."""
+    def diffguide(
+        self, c: dict[str, torch.Tensor], terms: list[Any], share: bool = True
+    ) -> Callable[[StepClock], Any]:
+        """GuidedModel + sampling.loop.sample, precomputed conditioning (as generate() after encode);
+        ``share``: prefix sharing (GuidedModel's default) or not."""
         cond = Conditioning(c["pe"], c["pp"], c["ids"])
         uncond = Conditioning(c["ne"], c["np"], c["ids"])
         seeds = list(range(c["pe"].shape[0]))
 
         def run(clock: StepClock) -> Any:
-            guided = GuidedModel(UNetDenoiser(self.unet), terms, cond, uncond, seeds)
+            guided = GuidedModel(UNetDenoiser(self.unet), terms, cond, uncond, seeds, prefix_sharing=share)
             sched = clock.attach(_scheduler())
             sched.set_timesteps(self.steps)
             return sample(guided, sched, c["noise"], generators(seeds))
@@ -290,7 +303,9 @@ class Runs:
         return run
 
 
-def build(cfg: ModelConfig, batches: list[int], steps: int) -> tuple[list[Contender], torch.nn.Module]:
+def build(
+    cfg: ModelConfig, batches: list[int], steps: int, prefix_only: bool = False
+) -> tuple[list[Contender], torch.nn.Module]:
     from diffusers.guiders import PerturbedAttentionGuidance
     from diffusers.hooks import LayerSkipConfig
     from diffusers.modular_pipelines.stable_diffusion_xl.modular_blocks_stable_diffusion_xl import (
@@ -342,12 +357,29 @@ def build(cfg: ModelConfig, batches: list[int], steps: int) -> tuple[list[Conten
             ("hf_cfg", "diffusers SDXL pipeline CFG", 2, "ideal2", runs.pipeline(c, sdxl)),
             ("ideal3", "ideal: bare forward, 3B rows", 3, None, runs.ideal(c, 3)),
             ("dg_pag", "diffguide CFG+PAG", 3, "ideal3", runs.diffguide(c, [cfg_t, pag_t])),
+            (
+                "dg_pag_ns",
+                "diffguide CFG+PAG, no sharing",
+                3,
+                "ideal3",
+                runs.diffguide(c, [cfg_t, pag_t], False),
+            ),
+            ("dg_tpg1", "diffguide CFG+TPG", 3, "ideal3", runs.diffguide(c, [cfg_t, tpg_t])),
+            (
+                "dg_tpg1_ns",
+                "diffguide CFG+TPG, no sharing",
+                3,
+                "ideal3",
+                runs.diffguide(c, [cfg_t, tpg_t], False),
+            ),
             ("hf_pag", "diffusers PAG pipeline", 3, "ideal3", runs.pipeline(c, pag, pag_scale=PAG_SCALE)),
             ("hf_mod", "diffusers modular PAG guider", 3, "ideal3", runs.modular(c, modular)),
             ("ideal4", "ideal: bare forward, 4B rows", 4, None, runs.ideal(c, 4)),
             ("dg_tpg", "diffguide CFG+PAG+TPG", 4, "ideal4", runs.diffguide(c, [cfg_t, pag_t, tpg_t])),
         ]
         for key, label, k, ideal, run in table:
+            if prefix_only and key not in PREFIX_KEYS:
+                continue
             contenders.append(
                 Contender(f"{key}_b{b}", label, b, k * b, f"{ideal}_b{b}" if ideal else None, run)
             )
@@ -436,6 +468,89 @@ def report(
     return out
 
 
+def unit_shares(unet: torch.nn.Module, c: dict[str, torch.Tensor], k: int, reps: int = 3) -> dict[str, float]:
+    """Each unit's share of a bare forward on k*B rows (median over ``reps`` forwards, wall clock)."""
+    units = forward_units(unet)
+    modules = dict(unet.named_modules())
+    times: dict[str, list[float]] = {u: [] for u in units}
+    totals: list[float] = []
+    started: dict[str, float] = {}
+    handles = []
+    for u in units:
+        handles.append(
+            modules[u].register_forward_pre_hook(
+                lambda m, a, u=u: started.__setitem__(u, time.perf_counter())
+            )
+        )
+        handles.append(
+            modules[u].register_forward_hook(
+                lambda m, a, o, u=u: times[u].append(time.perf_counter() - started[u])
+            )
+        )
+    x = torch.cat([c["noise"]] * k)
+    ehs = torch.cat([c["ne"]] + [c["pe"]] * (k - 1))
+    added = {"text_embeds": torch.cat([c["np"]] + [c["pp"]] * (k - 1)), "time_ids": c["ids"].repeat(k, 1)}
+    try:
+        with torch.inference_mode():
+            for _ in range(reps + 1):
+                t0 = time.perf_counter()
+                unet(
+                    x,
+                    torch.tensor(500.0),
+                    encoder_hidden_states=ehs,
+                    added_cond_kwargs=added,
+                    return_dict=False,
+                )
+                totals.append(time.perf_counter() - t0)
+    finally:
+        for h in handles:
+            h.remove()
+    total = statistics.median(totals[1:])
+    return {u: statistics.median(times[u][1:]) / total for u in units}
+
+
+def prefix_share(unet: torch.nn.Module, shares: dict[str, float], perturbation: Any) -> tuple[str, float]:
+    """(fan-out unit, the share of a forward before it) for ``perturbation``'s first module."""
+    units = forward_units(unet)
+    first = perturbation.first_module(unet)
+    index = unit_index(units, first) if first is not None else 0
+    return units[index or 0], sum(shares[u] for u in units[: index or 0])
+
+
+def report_prefix(
+    clock: str,
+    by_key: dict[str, Contender],
+    batches: list[int],
+    bounds: dict[int, dict[str, tuple[str, float]]],
+) -> dict[str, Any]:
+    """Prefix sharing: measured ratios next to the bound from the unit shares."""
+    print(
+        f"\nprefix sharing, {'wall' if clock == 'wall' else 'process CPU'} time (median over rounds of same-round ratios)"
+    )
+    out: dict[str, Any] = {}
+    for b in batches:
+        k = {n: by_key[f"{n}_b{b}"] for n in PREFIX_KEYS}
+        pag_unit, f_pag = bounds[b]["pag"]
+        tpg_unit, f_tpg = bounds[b]["tpg"]
+        rows = {
+            "pag_shared_vs_pipeline": (paired(k["dg_pag"], k["hf_pag"], clock), 1 - f_pag / 3),
+            "pag_shared_vs_unshared": (paired(k["dg_pag"], k["dg_pag_ns"], clock), 1 - f_pag / 3),
+            "pag_unshared_vs_pipeline": (paired(k["dg_pag_ns"], k["hf_pag"], clock), 1.0),
+            "tpg_shared_vs_unshared": (paired(k["dg_tpg1"], k["dg_tpg1_ns"], clock), 1 - f_tpg / 3),
+        }
+        print(
+            f"  B={b}: PAG fans out at {pag_unit} (units before it: {f_pag:.1%} of a forward); "
+            f"TPG at {tpg_unit} ({f_tpg:.1%})"
+        )
+        for name, (measured, bound) in rows.items():
+            verdict = ""
+            if name == "pag_shared_vs_pipeline":
+                verdict = f"  target <= {TARGET_SHARED_PAG}: {'met' if measured <= TARGET_SHARED_PAG else 'NOT met'}"
+            print(f"    {name:26s} measured {measured:.3f}x   bound {bound:.3f}x{verdict}")
+        out[f"b{b}"] = {n: {"measured": m, "bound": bd} for n, (m, bd) in rows.items()}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument(
@@ -446,6 +561,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--quick", action="store_true", help="tiny model, 3 steps, 1 round, batch 1 (CI smoke)")
     ap.add_argument("--json", help="write every step time and the summary to this file")
+    ap.add_argument(
+        "--prefix-only",
+        action="store_true",
+        help="time only the prefix-sharing rows: ideal 3B, CFG+PAG and CFG+TPG with and without sharing, "
+        "diffusers' PAG pipeline",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.rounds, args.batches = 3, 1, "1"
@@ -455,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     torch.set_num_threads(args.threads)
 
-    contenders, unet = build(cfg, batches, args.steps)
+    contenders, unet = build(cfg, batches, args.steps, args.prefix_only)
     by_key = {c.key: c for c in contenders}
     load_before = os.getloadavg()
     command = "python " + " ".join([os.path.relpath(sys.argv[0]), *(sys.argv[1:] if argv is None else argv)])
@@ -478,6 +599,18 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
+    bounds: dict[int, dict[str, tuple[str, float]]] = {}
+    for b in batches:
+        shares = unit_shares(unet, conditioning(cfg, b), 3)
+        bounds[b] = {
+            "pag": prefix_share(unet, shares, IdentityAttention()),
+            "tpg": prefix_share(unet, shares, TokenShuffle()),
+        }
+        print(
+            f"  B={b} unit shares of a bare 3B-row forward: "
+            + ", ".join(f"{u} {v:.1%}" for u, v in shares.items())
+        )
+
     outputs: dict[str, torch.Tensor] = {}
     t0 = time.perf_counter()
     for r in range(args.rounds + 1):
@@ -498,9 +631,16 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\nsanity (same initial latents and embeddings, after the warm-up round):")
     for b in batches:
-        for line in sanity(by_key, outputs, b):
+        for line in [] if args.prefix_only else sanity(by_key, outputs, b):
             print(line)
-    summary = {clock: report(clock, contenders, by_key, batches, args.rounds) for clock in ("wall", "cpu")}
+        for a, z in (("dg_pag", "dg_pag_ns"), ("dg_tpg1", "dg_tpg1_ns"), ("dg_pag", "hf_pag")):
+            diff = float((outputs[f"{a}_b{b}"] - outputs[f"{z}_b{b}"]).abs().max())
+            print(f"  B={b}: max |latents({a}) - latents({z})| = {diff:.2e}")
+    summary: dict[str, Any] = {}
+    for clock in ("wall", "cpu"):
+        if not args.prefix_only:
+            summary[clock] = report(clock, contenders, by_key, batches, args.rounds)
+        summary[f"prefix_{clock}"] = report_prefix(clock, by_key, batches, bounds)
     load_after = os.getloadavg()
     print(
         f"\ntotal {time.perf_counter() - t0:.0f} s; load avg (1 min) {load_before[0]:.2f} before, "

@@ -11,7 +11,12 @@ SD3 (CFG 5, SLG 2.8 on blocks 7-9, the SD3.5 preset, scaled to the block count):
 * diffguide CFG, CFG+SLG
                       ``GuidedModel`` + ``sampling.loop.run`` with the SD3 family adapter and
                       precomputed conditioning (what ``GuidedPipeline.generate(decode=False)`` runs
-                      after encoding); SLG is a row-scoped block skip inside the one forward;
+                      after encoding); SLG is a row-scoped block skip inside the one forward: the
+                      SLG rows share blocks 0..6 with the conditional rows (prefix sharing) and
+                      bypass the skipped blocks (which run on the other rows only);
+* diffguide CFG+SLG, no prefix sharing
+                      the same with ``prefix_sharing=False`` (the skipped blocks still run on the
+                      other rows only);
 * diffusers SD3 CFG / SLG
                       ``StableDiffusion3Pipeline`` given the embeddings, ``output_type="latent"``;
                       with ``skip_guidance_layers`` it runs the SLG branch as a second call on B rows.
@@ -330,9 +335,10 @@ class Runs:
 
     # -- diffguide ------------------------------------------------------------------------------
     def diffguide(
-        self, model: str, c: dict[str, torch.Tensor], terms: list[Any]
+        self, model: str, c: dict[str, torch.Tensor], terms: list[Any], share: bool = True
     ) -> Callable[[StepClock], Any]:
-        """GuidedModel + sampling.loop.run with the family adapter, precomputed conditioning."""
+        """GuidedModel + sampling.loop.run with the family adapter, precomputed conditioning;
+        ``share``: prefix sharing (GuidedModel's default) or not."""
         family, pipe = self.families[model]
         checked = family.guidance_terms(pipe, tuple(terms), has_negative=True)
         need_uncond = any(b.name == "uncond" for t in checked for b in t.branches())
@@ -349,7 +355,7 @@ class Runs:
 
         def run(clock: StepClock) -> Any:
             denoiser = FamilyDenoiser(family, pipe.transformer, family.prediction(pipe))
-            guided = GuidedModel(denoiser, checked, cond, uncond, seeds)
+            guided = GuidedModel(denoiser, checked, cond, uncond, seeds, prefix_sharing=share)
             stepper, sched = family.stepper(
                 pipe,
                 "euler",
@@ -450,6 +456,14 @@ def build(s: DiTSizes, models: list[str], batches: list[int], steps: int) -> tup
                     "ideal3",
                     "hf_slg",
                     runs.diffguide("sd3", c, [CFG(CFG_SCALE), slg]),
+                ),
+                (
+                    "dg_slg_ns",
+                    "diffguide CFG+SLG, no prefix sharing",
+                    3,
+                    "ideal3",
+                    "hf_slg",
+                    runs.diffguide("sd3", c, [CFG(CFG_SCALE), slg], share=False),
                 ),
                 (
                     "hf_slg",

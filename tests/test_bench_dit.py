@@ -35,21 +35,24 @@ def test_quick_run_times_every_contender_and_matches_diffusers(bench, tmp_path, 
     assert bench.main(["--quick", "--threads", str(threads), "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     keys = {
-        "sd3": ["ideal2", "dg_cfg", "hf_cfg", "ideal3", "dg_slg", "hf_slg"],
+        "sd3": ["ideal2", "dg_cfg", "hf_cfg", "ideal3", "dg_slg", "dg_slg_ns", "hf_slg"],
         "flux": ["ideal1", "dg_emb", "hf_emb", "ideal2", "dg_tcfg", "hf_tcfg"],
     }
     assert list(doc["contenders"]) == [f"{m}_{k}_b1" for m, ks in keys.items() for k in ks]
     rows = {k: c["rows"] for k, c in doc["contenders"].items()}
-    assert rows["sd3_dg_slg_b1"] == rows["sd3_hf_slg_b1"] == 3 and rows["flux_dg_tcfg_b1"] == 2
+    assert (
+        rows["sd3_dg_slg_b1"] == rows["sd3_dg_slg_ns_b1"] == rows["sd3_hf_slg_b1"] == 3
+        and rows["flux_dg_tcfg_b1"] == 2
+    )
     for key, c in doc["contenders"].items():
         assert len(c["step_s"]["wall"]) == len(c["step_s"]["cpu"]) == 2  # 3 steps, step 0 untimed
         assert all(t > 0 for t in c["step_s"]["cpu"])
         if "_dg_" in key:  # every diffguide contender: an ideal, a diffusers rival, two verdicts
-            assert c["ideal"] and c["rival"] == key.replace("_dg_", "_hf_")
+            assert c["ideal"] and c["rival"] == key.replace("_dg_", "_hf_").replace("_ns_", "_")
             assert set(doc["summary"]["targets"][key]["cpu"]) == {"vs_ideal", "vs_diffusers"}
     text = capsys.readouterr().out
     diffs = [float(d) for d in re.findall(r"latents\(diffusers\)\| = (\S+)", text)]
-    assert len(diffs) == 4 and max(diffs) <= 1e-4  # CFG, CFG+SLG, embedded, true CFG
+    assert len(diffs) == 5 and max(diffs) <= 1e-4  # CFG, CFG+SLG shared and not, embedded, true CFG
     slg = float(re.search(r"max \|CFG\+SLG - CFG\| = (\S+)", text).group(1))
     assert slg > 1e-2  # the SLG branch ran and changed the result
 

@@ -7,7 +7,7 @@ diffusers where diffusers has the same thing:
 * where no reference exists, properties that pin the semantics down (which token sees which).
 
 Every perturbation acts on its branch's rows only (other rows bit-identical to an unperturbed
-forward) and leaves the model exactly as it found it, also when the forward raises.
+forward; block skip's to the last bits, as it runs the skipped blocks on the other rows alone) and leaves the model exactly as it found it, also when the forward raises.
 """
 
 from __future__ import annotations
@@ -148,8 +148,9 @@ def test_value_matches_diffusers_layer_skip_config():
 
 def test_block_skip_matches_sd3_skip_layers(sd3):
     """Bit-identical to diffusers' ``skip_layers`` (the SD3 pipeline's SLG call) on the same rows,
-    whether every row is the branch's or rows 1..2 of 4 (the others untouched). diffusers' own
-    SLG call runs those rows as a separate batch: equal to rounding in float64."""
+    whether every row is the branch's or rows 1..2 of 4 (the others unperturbed: the skipped
+    blocks run on them alone, a sub-batch, so equal to an unperturbed forward up to the last bits).
+    diffusers' own SLG call runs those rows as a separate batch: equal to rounding in float64."""
     x = sd3.inputs(4)
     with torch.no_grad():
         ref = sd3.model(**x, skip_layers=[1, 3], return_dict=False)[
@@ -158,7 +159,8 @@ def test_block_skip_matches_sd3_skip_layers(sd3):
     assert torch.equal(run(sd3, BlockSkip("b1,b3"), x, slice(0, 4)), ref)
     mixed = run(sd3, BlockSkip("b1,b3"), x, slice(1, 3))
     assert torch.equal(mixed[1:3], ref[1:3])
-    assert torch.equal(mixed[[0, 3]], sd3(**x)[[0, 3]])
+    plain = sd3(**x)[[0, 3]]
+    assert ((mixed[[0, 3]] - plain).abs() <= 1e-5 * (1 + plain.abs())).all()
     d64 = ds.TinyDiT("sd3", copy.deepcopy(sd3.model).double(), sd3.make_inputs)
     x64 = _f64(x)
     mixed64 = run(d64, BlockSkip("b1,b3"), x64, slice(1, 3))
@@ -330,7 +332,9 @@ def test_attn_plus_ff_skip_equals_block_skip(family):
     with BlockSkip("b1", "attn").install(d.model, "p", ctx), BlockSkip("b1", "ff").install(d.model, "p", ctx):
         both = d(**x)
     block = run(d, BlockSkip("b1"), x, slice(0, 1))
-    assert (both - block).abs().max().item() <= 1e-6
+    assert (both[0] - block[0]).abs().max().item() <= 1e-6
+    # row 1 (unperturbed) ran block 1 on a sub-batch in one case, its sub-modules in the other
+    assert ((both[1] - block[1]).abs() <= 1e-5 * (1 + block[1].abs())).all()
     attn_only = run(d, BlockSkip("b1", "attn"), x, slice(0, 1))
     assert (attn_only[0] - block[0]).abs().max().item() > 1e-3
 
@@ -350,11 +354,16 @@ def test_attention_skip_zeroes_both_streams(sd3):
 
 
 def test_branch_rows_only_others_bit_identical(dit):
+    """Other rows bit-identical; block skip runs the skipped blocks on the other rows alone (a
+    sub-batch, so the branch's rows cost nothing there): equal up to the last bits."""
     x = dit.inputs(3)
     base = dit(**x)
     for pert in all_perturbations(SPECS[dit.family]):
         out = run(dit, pert, x, slice(1, 2))
-        assert torch.equal(out[[0, 2]], base[[0, 2]]), pert
+        if isinstance(pert, BlockSkip):
+            assert ((out[[0, 2]] - base[[0, 2]]).abs() <= 1e-5 * (1 + base[[0, 2]].abs())).all(), pert
+        else:
+            assert torch.equal(out[[0, 2]], base[[0, 2]]), pert
         assert (out[1] - base[1]).abs().max().item() > 1e-3, pert
         ctx = ForwardContext(seeds=(0, 1, 2))  # the branch has no rows in this call: nothing changes
         with pert.install(dit.model, "p", ctx):

@@ -8,7 +8,9 @@ installed perturbation which of the chunk's rows are its own. A forward that run
 memory is repeated with half the rows per chunk (and the perturbations' random state as it
 was before the failed try); the smaller size stays for the rest of the run and is recorded in
 :attr:`GuidedModel.fallbacks`, so a replay can chunk each step the same way. Terms outside their window
-add no rows. Predictions are then split per branch and combined::
+add no rows. With ``prefix_sharing`` (the default), the model units before a perturbed branch's
+first perturbed module run once for it and the conditional rows (:mod:`diffguide.prefix`).
+Predictions are then split per branch and combined::
 
     g = c + sum_i term_i.delta(preds)      g = term_i.post(g, preds)
 """
@@ -27,6 +29,7 @@ from .errors import ConfigError, DiffguideError
 from .guidance.base import COND, UNCOND, Branch, GuidanceTerm, RunState, StepInfo
 from .models.denoiser import Conditioning, Denoiser
 from .perturb.base import BranchRows, ForwardContext
+from .prefix import ChunkState, PrefixPlan, sharing
 
 
 @dataclass(frozen=True)
@@ -76,10 +79,13 @@ class GuidedModel:
         max_rows: int | None = None,
         rows_schedule: Mapping[int, int] | None = None,
         on_retry: Callable[[], None] | None = None,
+        prefix_sharing: bool = True,
     ) -> None:
         """``rows_schedule``: {step: max_rows from that step on}, e.g. a recorded run's
         :attr:`fallbacks`, to chunk every step exactly as that run did. ``on_retry``: called
-        when a step's forwards are abandoned and repeated (see :meth:`ForwardContext.rollback`)."""
+        when a step's forwards are abandoned and repeated (see :meth:`ForwardContext.rollback`).
+        ``prefix_sharing``: perturbed branches reuse the conditional rows' work before their first
+        perturbed unit (:mod:`diffguide.prefix`); False runs every row through every unit."""
         self.denoiser, self.terms = denoiser, tuple(terms)
         self.branches = _branch_table(self.terms)
         if "uncond" in self.branches and uncond is None:
@@ -102,6 +108,9 @@ class GuidedModel:
         self.forward_calls = 0
         self.rows_schedule = check_rows_schedule(rows_schedule)
         self.fallbacks: dict[int, int] = {}  # step -> max_rows from then on, after running out of memory
+        self.prefix_sharing = prefix_sharing
+        self._prefix: PrefixPlan | None = None  # while installed, when some branch shares a prefix
+        self._chunk = ChunkState()
         self.run_state = RunState()  # stateful terms' memory (APG momentum); fresh for every run
 
     @contextmanager
@@ -115,6 +124,11 @@ class GuidedModel:
                     stack.enter_context(
                         branch.perturbation.install(self.denoiser.model, branch.name, self.ctx)
                     )
+            plan = PrefixPlan(self.denoiser.model, self.branches.values()) if self.prefix_sharing else None
+            if plan is not None and plan.shared_units:  # after the perturbations: its wrappers are outermost
+                stack.enter_context(sharing(self.denoiser.model, plan, self.ctx, self._chunk))
+                self._prefix = plan
+                stack.callback(setattr, self, "_prefix", None)
             yield self
 
     def active_branches(self, step: StepInfo) -> tuple[list[GuidanceTerm], list[Branch]]:
@@ -167,12 +181,15 @@ class GuidedModel:
         for start in range(0, total, size):
             stop = min(start + size, total)
             self.ctx.rows = _rows_in(branches, batch, start, stop)
+            if self._prefix is not None:
+                self._chunk.units = self._prefix.chunk(branches, batch, start, stop, x.device)
             try:
                 tt = t[start:stop] if t.ndim > 0 else t
                 outs.append(self.denoiser(x[start:stop], tt, cond.rows(start, stop)))
                 self.forward_calls += 1
             finally:
                 self.ctx.rows = {}
+                self._chunk.units = None
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def __call__(self, x: Tensor, t: Tensor, step: StepInfo) -> StepResult:

@@ -79,6 +79,10 @@ class GenerateConfig:
     default_cfg: bool = False
     # comfy policy only: a ComfyUI ModelSampling* node's override of the family's model sampling
     comfy_sampling: ComfyShift | None = None
+    # Perturbed branches reuse the conditional rows' work up to their first perturbed unit
+    # (diffguide.prefix); equal to an unshared run within float rounding. Manifests written before
+    # this switch replay with it off (repro.schema), as they were made.
+    prefix_sharing: bool = True
 
     @staticmethod
     def create(
@@ -352,8 +356,10 @@ class GuidedPipeline:
         denoiser = self.denoiser()
         # a callback that records from module hooks (TraceRecorder) drops an abandoned attempt's records
         on_retry = getattr(callback, "on_retry", None)
+        # a trace of module outputs needs every row through every module: no sharing while tracing
+        share = cfg.prefix_sharing and not getattr(callback, "module_pattern", None)
         guided = GuidedModel(
-            denoiser, cfg.guidance, cond, uncond, seeds, cfg.max_rows, rows_schedule, on_retry
+            denoiser, cfg.guidance, cond, uncond, seeds, cfg.max_rows, rows_schedule, on_retry, share
         )
         shape = self.family.latent_shape(self.pipe, cfg.num_images, height, width)
         if cfg.noise == "comfy":
@@ -376,6 +382,7 @@ class GuidedPipeline:
             m["engine"] = {
                 "forward_calls": guided.forward_calls,
                 "out_of_memory_fallbacks": {str(k): v for k, v in sorted(guided.fallbacks.items())},
+                "prefix_sharing": guided.prefix_sharing,
             }
         if guided.fallbacks:
             warnings.warn(

@@ -346,6 +346,16 @@ def generate(
             rich_help_panel=P_GUIDE,
         ),
     ] = None,
+    no_prefix_sharing: Annotated[
+        bool,
+        typer.Option(
+            "--no-prefix-sharing",
+            help="Run every perturbed branch through every layer, instead of reusing the conditional "
+            "branch's layers before its first perturbed one (equal within float rounding; recorded "
+            "in the manifest; --trace-modules turns sharing off).",
+            rich_help_panel=P_GUIDE,
+        ),
+    ] = False,
     model: Annotated[Path | None, model_option(panel=P_MODEL)] = None,
     config: Annotated[
         str | None,
@@ -553,6 +563,8 @@ def prepare(opts: dict[str, Any]) -> Run:
         schedule=o.schedule,
         shift=o.shift,
         batch_invariant=o.batch_invariant,
+        # module traces need every row through every module
+        prefix_sharing=not getattr(o, "no_prefix_sharing", False) and not getattr(o, "trace_modules", None),
     )
     if "out" in opts:  # generate (check-determinism writes nothing): outputs checked before loading
         check_outputs(o, config_.num_images, config_.seed)

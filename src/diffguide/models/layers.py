@@ -224,3 +224,43 @@ def unit_table(model: nn.Module) -> list[AttentionUnit]:
     if stacks:
         return [AttentionUnit(s.alias, s.name, s.blocks) for s in stacks]
     return attention_units(model)
+
+
+def forward_units(model: nn.Module) -> list[str]:
+    """The model's top-level units in the order its forward runs them: a DiT's blocks
+    (joint stack, then single stack), or a UNet's ``down_blocks.i``, ``mid_block``, ``up_blocks.i``
+    (registration order puts ``up_blocks`` before ``mid_block``; execution order does not).
+    Everything outside the units (embeddings, ``conv_in``, ``norm_out``) is cheap and runs on
+    every row. Empty for a model of another shape."""
+    stacks = block_stacks(model)
+    if stacks:
+        return [f"{s.name}.{i}" for s in stacks for i in range(s.blocks)]
+    down, mid, up = (model._modules.get(n) for n in ("down_blocks", "mid_block", "up_blocks"))
+    if not isinstance(down, nn.ModuleList) or not isinstance(up, nn.ModuleList):
+        return []
+    return (
+        [f"down_blocks.{i}" for i in range(len(down))]
+        + (["mid_block"] if mid is not None else [])
+        + [f"up_blocks.{i}" for i in range(len(up))]
+    )
+
+
+def unit_index(units: list[str], name: str) -> int | None:
+    """The index of the unit that holds module ``name`` (the unit itself or a module inside), or None."""
+    for i, unit in enumerate(units):
+        if name == unit or name.startswith(unit + "."):
+            return i
+    return None
+
+
+def first_in_forward_order(model: nn.Module, names: list[str]) -> str | None:
+    """Of the module ``names``, the one the model's forward reaches first (by :func:`forward_units`).
+    A name outside every unit may run anywhere (e.g. at the input): it is returned as the first.
+    None for no names."""
+    units = forward_units(model)
+    ranked = [(unit_index(units, n), n) for n in names]
+    outside = [n for i, n in ranked if i is None]
+    if outside:
+        return outside[0]
+    inside = [(i, n) for i, n in ranked if i is not None]
+    return min(inside)[1] if inside else None

@@ -20,7 +20,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from ..models.layers import select
+from ..models.layers import first_in_forward_order, select
 from ..models.presets import Method, default_layers
 
 
@@ -100,12 +100,34 @@ class Perturbation(Protocol):
         """Install on ``model`` for rows of ``branch``; removed when the context exits."""
         ...
 
+    # Optional (read through :func:`first_perturbed_module`, so a perturbation without it still
+    # satisfies this protocol): ``first_module(model) -> str | None``, the module at which the
+    # branch first differs from the conditional branch. The engine computes everything the
+    # model's forward runs before that module's unit once for the branch and the conditional
+    # rows (prefix sharing). None, the default, means "differs from the input on": nothing shared.
+
+
+def first_perturbed_module(perturbation: object, model: nn.Module) -> str | None:
+    """``perturbation.first_module(model)``, or None (no prefix sharing) when it has no such method.
+
+    A perturbation that acts before the model's first unit (on the text tokens, the latents,
+    the time embedding) must return None or a module outside every unit
+    (:func:`~diffguide.models.layers.forward_units`); both mean "share nothing".
+    """
+    method = getattr(perturbation, "first_module", None)
+    return method(model) if callable(method) else None  # type: ignore[no-any-return]
+
 
 def select_targets(
     model: nn.Module, layers: str | None, method: Method, is_target: Callable[[str, nn.Module], bool]
 ) -> list[str]:
     """The modules a perturbation acts on: ``layers`` (a layer spec) or the method's preset."""
     return select(model, default_layers(model, method) if layers is None else layers, is_target)
+
+
+def first_target(model: nn.Module, targets: list[str]) -> str | None:
+    """The first of a perturbation's ``targets`` in the model's forward order (its ``first_module``)."""
+    return first_in_forward_order(model, targets)
 
 
 def _bounds(rows: slice, n: int) -> tuple[int, int]:

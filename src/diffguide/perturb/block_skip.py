@@ -16,7 +16,9 @@ through one ``proj_out`` whose bias stays. diffusers' ``LayerSkipConfig(skip_att
 skip_ff=False)`` instead makes the skipped sub-layer return its *input* (an identity sub-layer,
 which still adds the normalised input to the residual stream): a different perturbation.
 
-Other rows are computed on the full batch as without the perturbation (bit-identical).
+The selected blocks (or sub-modules) run only on the other rows (a sub-batch): the skipped rows
+cost nothing there. The other rows equal an unperturbed forward up to the last bits a smaller
+batch may change in a matrix product.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.layers import is_dit
-from .base import ForwardContext, select_targets
-from .dit import arg_namer, is_dit_block, row_split, scoped_forward, zeros_like_rows
+from .base import ForwardContext, first_target, select_targets
+from .dit import arg_namer, is_dit_block, row_split_outside, scoped_forward, zeros_like_rows
 from .token_shuffle import is_transformer_block
 
 SkipMode = Literal["block", "attn", "ff"]
@@ -70,7 +72,8 @@ def _children(block: nn.Module, mode: SkipMode) -> list[nn.Module]:
     return [m for n, m in block.named_children() if _is_ff(n, m)]
 
 
-Inside = Callable[[Callable[..., Any], dict[str, Any], Any], Any]  # (forward, call on the rows, output there)
+# (forward, call on the branch's rows, the other rows' output or None)
+Inside = Callable[[Callable[..., Any], dict[str, Any], Any], Any]
 
 
 def _passthrough(block: nn.Module) -> Inside:
@@ -84,6 +87,7 @@ def _passthrough(block: nn.Module) -> Inside:
 
 
 def _zeros(forward: Callable[..., Any], call: dict[str, Any], out: Any) -> Any:
+    """Zeros shaped like ``out`` (the other rows' output), one per row of the branch."""
     if out is None:  # every row is the branch's: compute once for the shapes
         out = forward(**call)
     return zeros_like_rows(out, call["hidden_states"].shape[0])
@@ -104,6 +108,10 @@ class BlockSkip:
         return select_targets(
             model, self.layers, "slg", is_dit_block if is_dit(model) else is_transformer_block
         )
+
+    def first_module(self, model: nn.Module) -> str | None:
+        """The first selected module in forward order: the branch equals the conditional one before it."""
+        return first_target(model, self.targets(model))
 
     def _check(self, model: nn.Module, names: list[str]) -> None:
         modules = dict(model.named_modules())
@@ -154,7 +162,7 @@ def _row_wrapper(
                 def fn(hidden_states: Any, **kw: Any) -> Any:
                     return original(hidden_states, **kw)
 
-            return row_split(fn, call, sel.rows, lambda c, out: inside(fn, c, out))
+            return row_split_outside(fn, call, sel.rows, lambda c, out: inside(fn, c, out), ctx)
 
         return forward
 

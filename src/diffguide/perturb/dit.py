@@ -4,7 +4,7 @@
   (``transformer_blocks.7``); a DiT *attention* is an attention module directly inside one
   (``transformer_blocks.7.attn``, and SD3.5's image-only ``attn2``).
 * Row splitting: :func:`row_split` runs a module on all rows and replaces the branch's rows by
-  something else, slicing only the per-row arguments it knows by name (the hidden
+  something else (:func:`row_split_outside`: on the other rows only, for block skip), slicing only the per-row arguments it knows by name (the hidden
   states of both streams, their masks, ``temb``), and reassembles outputs that are a tensor or a
   tuple of tensors (joint blocks and joint attention return two).
 * :func:`scoped_forward` replaces one module instance's ``forward`` for the ``with`` block and
@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import DiffguideError
 from ..models.layers import block_stacks
-from .base import put_rows, take_rows
+from .base import ForwardContext, put_rows, take_rows
 
 PER_ROW = ("hidden_states", "encoder_hidden_states", "attention_mask", "encoder_hidden_states_mask", "temb")
 _BLOCK = re.compile(r"^(transformer_blocks|joint_transformer_blocks|single_transformer_blocks)\.\d+$")
@@ -111,6 +111,29 @@ def row_split(
     out = forward(**call)
     out_inside = inside(rows_of_call(call, rows, n, inside=True), _rows(out, rows, n))
     return merge_rows(_rows(out, rows, n, outside=True), out_inside, rows, n)
+
+
+def row_split_outside(
+    forward: Callable[..., Any],
+    call: dict[str, Any],
+    rows: slice,
+    inside: Callable[[dict[str, Any], Any], Any],
+    ctx: ForwardContext,
+) -> Any:
+    """Like :func:`row_split`, but ``forward`` runs on the rows outside ``rows`` only (a sub-batch):
+    for perturbations whose rows never need the module's own output there (block skip).
+    ``inside`` gets the call cut to the branch's rows and the outside rows' output (for its
+    shapes; None when every row is inside). The outside rows equal an unperturbed forward up to
+    the last bits a smaller batch may change in a matrix product. While ``forward`` runs, ``ctx``
+    gives every branch's rows in the sub-batch's coordinates (another perturbation inside the
+    module edits its own rows)."""
+    n = call["hidden_states"].shape[0]
+    start, stop = rows.start or 0, rows.stop if rows.stop is not None else n
+    if start == 0 and stop >= n:
+        return inside(call, None)
+    with ctx.sub_batch(rows, n, inside=False):
+        keep = forward(**rows_of_call(call, rows, n, inside=False))
+    return merge_rows(keep, inside(rows_of_call(call, rows, n, inside=True), keep), rows, n)
 
 
 def _rows(out: Any, rows: slice, n: int, outside: bool = False) -> Any:

@@ -23,7 +23,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from ..models.layers import is_dit
-from .base import ForwardContext, put_rows, select_targets, take_rows
+from .base import ForwardContext, first_target, put_rows, select_targets, take_rows
 from .dit import is_dit_attention
 from .joint_identity import Semantics, check_semantics, install_joint_identity
 
@@ -111,6 +111,10 @@ class IdentityAttention:
         if is_dit(model):
             return select_targets(model, self.layers, "pag", is_dit_attention)
         return select_targets(model, self.layers, "pag", is_self_attention)
+
+    def first_module(self, model: nn.Module) -> str | None:
+        """The first selected module in forward order: the branch equals the conditional one before it."""
+        return first_target(model, self.targets(model))
 
     @contextmanager
     def install(self, model: nn.Module, branch: str, ctx: ForwardContext) -> Iterator[None]:

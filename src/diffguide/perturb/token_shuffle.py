@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.layers import is_dit
-from .base import ForwardContext, put_rows, select_targets, take_rows
+from .base import ForwardContext, first_target, put_rows, select_targets, take_rows
 from .dit import ImageTokens, is_dit_block
 
 
@@ -71,6 +71,10 @@ class TokenShuffle:
         if is_dit(model):
             return select_targets(model, self.layers, "tpg", is_dit_block)
         return select_targets(model, self.layers, "tpg", is_transformer_block)
+
+    def first_module(self, model: nn.Module) -> str | None:
+        """The first selected module in forward order: the branch equals the conditional one before it."""
+        return first_target(model, self.targets(model))
 
     @contextmanager
     def install(self, model: nn.Module, branch: str, ctx: ForwardContext) -> Iterator[None]:

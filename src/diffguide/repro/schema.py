@@ -55,7 +55,8 @@ class ReplaySpec:
 
 def config_from_manifest(manifest: Mapping[str, Any]) -> GenerateConfig:
     """The :class:`GenerateConfig` a manifest was made with: every recorded field of the config
-    (older manifests lack newer fields, which keep their defaults)."""
+    (older manifests lack newer fields, which keep their defaults, except ``prefix_sharing``: a
+    manifest without it was made before sharing existed, so it replays unshared)."""
     p = _section(manifest, "parameters")
     missing = [k for k in REQUIRED if k not in p]
     if missing:
@@ -64,6 +65,7 @@ def config_from_manifest(manifest: Mapping[str, Any]) -> GenerateConfig:
         if not isinstance(p[key], (list, tuple)):
             raise _bad(f"parameters.{key}", "must be a list", p[key])
     kwargs = {f.name: p[f.name] for f in fields(GenerateConfig) if f.name in p}
+    kwargs.setdefault("prefix_sharing", False)  # manifests before the switch were made without sharing
     kwargs.update(
         prompts=tuple(p["prompts"]),
         negative_prompts=tuple(p["negative_prompts"]),
