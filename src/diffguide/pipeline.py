@@ -34,10 +34,11 @@ from .sampling.comfy import (
     comfy_noise,
     comfy_sigmas,
 )
+from .sampling.knobs import check_config_knobs, churn_step_kwargs
 from .sampling.loop import Callback, run
 from .sampling.noise import generators, image_seeds, initial_noise
 from .sampling.schedulers import SCHEDULERS, SHIFTABLE
-from .sampling.steppers import ComfyStepper
+from .sampling.steppers import ComfyStepper, DiscreteStepper
 
 MAX_STEPS = 1000
 DEFAULT_DTYPE: torch.dtype = getattr(torch, DEFAULTS.dtype)
@@ -83,6 +84,14 @@ class GenerateConfig:
     # (diffguide.prefix); equal to an unshared run within float rounding. Manifests written before
     # this switch replay with it off (repro.schema), as they were made.
     prefix_sharing: bool = True
+    # Sampler knobs (diffguide.sampling.knobs; defaults = off). diffusers policy, euler: Karras churn
+    # (s_churn, s_tmin, s_tmax (None: no bound), s_noise). comfy policy, euler_a: KSampler's
+    # sample_euler_ancestral eta (ancestral_eta) and s_noise.
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float | None = None
+    s_noise: float = 1.0
+    ancestral_eta: float = 1.0
 
     @staticmethod
     def create(
@@ -116,6 +125,7 @@ class GenerateConfig:
 
     def validate(self) -> None:
         check_types(self)  # types, seeds and integer ranges (checks.py); then the consistency rules
+        check_config_knobs(self)
         if not 1 <= self.steps <= MAX_STEPS:
             raise ConfigError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
         for side, v in (("width", self.width), ("height", self.height)):
@@ -465,6 +475,10 @@ class GuidedPipeline:
             generators=gens,
             eta=cfg.eta,
         )
+        if isinstance(stepper, DiscreteStepper):
+            stepper.extra.update(churn_step_kwargs(cfg, scheduler))
+        elif cfg.s_churn:
+            raise ConfigError(f"s_churn applies to the SD family's euler, not to {type(scheduler).__name__}")
         noise = initial_noise(seeds, shape[1:], self.pipe.device, guided.cond.dtype, gens=gens)
         x = run(guided, stepper, self.family.pack(noise), callback=callback, progress=progress)
         latents = self.family.unpack(x, height, width)
@@ -473,6 +487,7 @@ class GuidedPipeline:
             "class": type(scheduler).__name__,
             "config": dict(scheduler.config),
             "shift": cfg.shift,
+            **({"churn": churn_step_kwargs(cfg, scheduler)} if cfg.s_churn else {}),
             "timesteps": list(stepper.timesteps),
             "sigmas": list(stepper.sigmas),
             "noise": {
@@ -503,7 +518,9 @@ class GuidedPipeline:
         dtype = guided.cond.dtype
         # ComfyUI samples in float32 whatever the model's dtype (only the model input is cast).
         noise = comfy_noise(cfg.seed, shape).to(self.pipe.device)
-        stepper = ComfyStepper(ms, sigmas, timesteps, sampler, cfg.seed, dtype, self.family.pack)
+        stepper = ComfyStepper(
+            ms, sigmas, timesteps, sampler, cfg.seed, dtype, self.family.pack, cfg.ancestral_eta, cfg.s_noise
+        )
         x = run(guided, stepper, noise, callback=callback, progress=progress)
         latents = self.family.unpack(x, height, width)
         noise_desc: dict[str, Any] = {
@@ -522,7 +539,9 @@ class GuidedPipeline:
             "class": type(ms).__name__,
             "sampler": {
                 "name": sampler,
-                **({"eta": 1.0, "s_noise": 1.0} if sampler == "euler_ancestral" else {}),
+                **(
+                    {"eta": cfg.ancestral_eta, "s_noise": cfg.s_noise} if sampler == "euler_ancestral" else {}
+                ),
             },
             "schedule": name,
             "config": comfy_config(ms),

@@ -173,6 +173,35 @@ def generate(
     eta: Annotated[
         float, typer.Option("--eta", help="DDIM eta (0 = deterministic).", rich_help_panel=P_PROMPT)
     ] = DEFAULTS.eta,
+    s_churn: Annotated[
+        float,
+        typer.Option(
+            "--s-churn", help="Karras churn (diffusers policy, euler; 0 = off).", rich_help_panel=P_PROMPT
+        ),
+    ] = 0.0,
+    s_tmin: Annotated[
+        float, typer.Option("--s-tmin", help="Churn only at sigma >= this.", rich_help_panel=P_PROMPT)
+    ] = 0.0,
+    s_tmax: Annotated[
+        float | None,
+        typer.Option(
+            "--s-tmax", help="Churn only at sigma <= this (default: no bound).", rich_help_panel=P_PROMPT
+        ),
+    ] = None,
+    s_noise: Annotated[
+        float,
+        typer.Option(
+            "--s-noise",
+            help="Noise scale of churn (euler) or comfy euler_a's ancestral noise.",
+            rich_help_panel=P_PROMPT,
+        ),
+    ] = 1.0,
+    ancestral_eta: Annotated[
+        float,
+        typer.Option(
+            "--ancestral-eta", help="Comfy policy euler_a's eta (KSampler: 1).", rich_help_panel=P_PROMPT
+        ),
+    ] = 1.0,
     noise: Annotated[
         Noise,
         typer.Option(
@@ -558,6 +587,11 @@ def prepare(opts: dict[str, Any]) -> Run:
         seed=o.seed,
         scheduler=o.scheduler.value,
         eta=o.eta,
+        **{
+            k: getattr(o, k)
+            for k in ("s_churn", "s_tmin", "s_tmax", "s_noise", "ancestral_eta")
+            if hasattr(o, k)
+        },
         max_rows=o.max_rows,
         noise=o.noise.value,
         schedule=o.schedule,

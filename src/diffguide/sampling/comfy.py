@@ -585,18 +585,22 @@ def make_comfy_step(
     seed: int | None = None,
     flow: bool = False,
     pack: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
 ) -> StepFn:
     """The per-step update of KSampler's ``sampler_name`` for a run starting at ``x`` (the noise-scaled
     initial latent; ancestral noise is drawn with its shape, dtype and device, from ``seed``).
     ``flow``: the model sampling is ComfyUI's ``CONST`` (rectified flow), where ``euler_ancestral``
     is ``sample_euler_ancestral_RF``. ``pack``: the sampling layout of a family that packs latents
-    (Flux, Qwen-Image): ancestral noise is drawn in ``x``'s (ComfyUI's, unpacked) shape, then packed."""
+    (Flux, Qwen-Image): ancestral noise is drawn in ``x``'s (ComfyUI's, unpacked) shape, then packed.
+    ``eta``, ``s_noise``: ``euler_ancestral``'s (KSampler passes 1, 1)."""
     if sampler_name == "euler":
         return euler_step
     if sampler_name == "euler_ancestral":
         drawn = comfy_noise_sampler(x, seed)
         noise = drawn if pack is None else (lambda: pack(drawn()))
-        return euler_ancestral_rf_step(noise) if flow else euler_ancestral_step(noise)
+        step = euler_ancestral_rf_step if flow else euler_ancestral_step
+        return step(noise, eta, s_noise)
     if sampler_name == "dpmpp_2m":
         return dpmpp_2m_step()
     raise ConfigError(

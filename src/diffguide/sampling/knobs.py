@@ -22,10 +22,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..checks import check_number
 from ..errors import ConfigError
 from ..models.denoiser import prediction_to_x0
 
@@ -124,3 +126,66 @@ def sample_euler(
         if up:
             x = x + noise(x) * knobs.s_noise * up
     return x
+
+
+# --- GenerateConfig's sampler knobs (s_churn, s_tmin, s_tmax, s_noise, ancestral_eta) ---------
+
+#: The config fields, their defaults (off) and what runs them.
+KNOB_DEFAULTS: dict[str, float | None] = {
+    "s_churn": 0.0,
+    "s_tmin": 0.0,
+    "s_tmax": None,
+    "s_noise": 1.0,
+    "ancestral_eta": 1.0,
+}
+
+
+def _knob(cfg: Any, name: str) -> float | None:
+    value = getattr(cfg, name)
+    if value is None and name == "s_tmax":
+        return None
+    v = check_number(value, name, finite=False)
+    if not (math.isfinite(v) and v >= 0):
+        raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+    return v
+
+
+def check_config_knobs(cfg: Any) -> None:
+    """Types, ranges and applicability of a GenerateConfig's sampler knobs (one-line ConfigErrors).
+
+    diffusers policy: churn (``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``) on ``euler``
+    (diffusers' EulerDiscreteScheduler). comfy policy: ``ancestral_eta`` and ``s_noise`` on
+    ``euler_a`` (KSampler's ``sample_euler_ancestral``)."""
+    v = {name: _knob(cfg, name) for name in KNOB_DEFAULTS}
+    tmax = v["s_tmax"]
+    if tmax is not None and tmax < (v["s_tmin"] or 0.0):
+        raise ConfigError(f"s_tmax ({tmax}) must be >= s_tmin ({v['s_tmin']})")
+    churn = [n for n in ("s_churn", "s_tmin", "s_tmax") if v[n] != KNOB_DEFAULTS[n]]
+    changed = churn + [n for n in ("s_noise", "ancestral_eta") if v[n] != KNOB_DEFAULTS[n]]
+    if not changed:
+        return
+    where = f"'{cfg.scheduler}' ({cfg.noise} noise policy)"
+    if cfg.noise == "comfy":
+        if churn:
+            raise ConfigError(
+                f"{', '.join(churn)}: churn is supported by the diffusers noise policy's euler only, not {where}"
+            )
+        if cfg.scheduler != "euler_a":
+            raise ConfigError(f"{', '.join(changed)} apply to the comfy policy's euler_a only, not {where}")
+        return
+    if "ancestral_eta" in changed:
+        raise ConfigError(f"ancestral_eta applies to the comfy policy's euler_a only, not {where}")
+    if cfg.scheduler != "euler":
+        raise ConfigError(f"{', '.join(changed)} apply to the diffusers policy's euler only, not {where}")
+    if v["s_churn"] == 0:
+        raise ConfigError(f"{', '.join(changed)} only take effect with s_churn > 0")
+
+
+def churn_step_kwargs(cfg: Any, scheduler: Any) -> dict[str, float]:
+    """The churn arguments of diffusers' ``EulerDiscreteScheduler.step`` ({} when churn is off)."""
+    if not cfg.s_churn:
+        return {}
+    if type(scheduler).__name__ != "EulerDiscreteScheduler":
+        raise ConfigError(f"s_churn needs diffusers' EulerDiscreteScheduler, not {type(scheduler).__name__}")
+    tmax = math.inf if cfg.s_tmax is None else cfg.s_tmax
+    return {"s_churn": cfg.s_churn, "s_tmin": cfg.s_tmin, "s_tmax": tmax, "s_noise": cfg.s_noise}

@@ -224,6 +224,8 @@ class ComfyStepper:
     seed: int | None = None
     model_dtype: torch.dtype | None = None
     pack: Callable[[Tensor], Tensor] | None = None
+    eta: float = 1.0  # euler_ancestral's eta and s_noise (KSampler's defaults: 1, 1)
+    s_noise: float = 1.0
 
     def __post_init__(self) -> None:
         self.prediction = self.model_sampling.prediction_type
@@ -259,7 +261,9 @@ class ComfyStepper:
         x = ms.noise_scaling(self._sig[0], noise, torch.zeros_like(noise), ms.is_max_denoise(self._sig))
         flow = self.prediction == "flow"
         if self.sampler != "heun":
-            self._update = make_comfy_step(self.sampler, x, self.seed, flow=flow, pack=self.pack)
+            self._update = make_comfy_step(
+                self.sampler, x, self.seed, flow=flow, pack=self.pack, eta=self.eta, s_noise=self.s_noise
+            )
         return x if self.pack is None else self.pack(x)
 
     def model_input(self, x: Tensor, k: int) -> Tensor:

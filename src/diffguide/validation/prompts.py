@@ -28,8 +28,10 @@ from .presets import FAMILY_DEFAULTS
 #: Keys a prompt entry (or ``defaults``) may have.
 PROMPT_KEYS = (
     "prompt", "negative", "seed", "seeds", "size", "width", "height", "steps", "cfg", "pag", "slg",
-    "embedded_guidance", "guidance", "scheduler", "shift", "eta",
+    "embedded_guidance", "guidance", "scheduler", "shift", "eta", *("s_churn", "s_tmin", "s_tmax", "s_noise"),
 )  # fmt: skip
+#: Sampler-knob keys (GenerateConfig fields of the same names; Karras churn on the euler scheduler).
+KNOB_KEYS = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 TOP_KEYS = ("prompts", "family", "seeds", "defaults")
 #: A ``prompts`` string with one of these endings is a prompt file's path, otherwise a prompt.
 PROMPT_FILES = (".yaml", ".yml", ".json", ".txt")
@@ -49,6 +51,7 @@ class ValidationPrompt:
     scheduler: str | None = None
     shift: float | None = None
     eta: float | None = None
+    knobs: tuple[tuple[str, float], ...] = ()  # (KNOB_KEYS name, value) given by the file
     where: str = ""  # "file:line" for errors
 
 
@@ -148,6 +151,7 @@ def _entry(entry: Any, where: str, defaults: Mapping[str, Any]) -> ValidationPro
         scheduler=scheduler,
         shift=_float(merged["shift"], "shift", where) if "shift" in merged else None,
         eta=_float(merged["eta"], "eta", where) if "eta" in merged else None,
+        knobs=tuple((k, _float(merged[k], k, where)) for k in KNOB_KEYS if k in merged),
         where=where,
     )
 

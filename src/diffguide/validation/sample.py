@@ -105,6 +105,7 @@ def _config(p: ValidationPrompt, seed: int, d: FamilyDefaults) -> GenerateConfig
             scheduler=p.scheduler or d.scheduler,
             shift=DEFAULTS.shift if p.shift is None else p.shift,
             eta=DEFAULTS.eta if p.eta is None else p.eta,
+            **dict(p.knobs),
         )
     except ConfigError as err:
         raise ConfigError(f"{p.where}: {err}" if p.where else str(err)) from None
