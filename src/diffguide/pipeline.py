@@ -34,7 +34,7 @@ from .sampling.comfy import (
     comfy_noise,
     comfy_sigmas,
 )
-from .sampling.knobs import check_config_knobs, churn_step_kwargs
+from .sampling.knobs import DynamicThreshold, apply_thresholding, check_config_knobs, churn_step_kwargs
 from .sampling.loop import Callback, run
 from .sampling.noise import generators, image_seeds, initial_noise
 from .sampling.schedulers import SCHEDULERS, SHIFTABLE
@@ -92,6 +92,8 @@ class GenerateConfig:
     s_tmax: float | None = None
     s_noise: float = 1.0
     ancestral_eta: float = 1.0
+    # Imagen dynamic thresholding of x0 (diffusers policy: ddim, dpmpp_2m, unipc, ddpm); None = off
+    dynamic_thresholding: DynamicThreshold | None = None
 
     @staticmethod
     def create(
@@ -477,8 +479,11 @@ class GuidedPipeline:
         )
         if isinstance(stepper, DiscreteStepper):
             stepper.extra.update(churn_step_kwargs(cfg, scheduler))
-        elif cfg.s_churn:
-            raise ConfigError(f"s_churn applies to the SD family's euler, not to {type(scheduler).__name__}")
+            apply_thresholding(cfg, scheduler)
+        elif cfg.s_churn or cfg.dynamic_thresholding is not None:
+            raise ConfigError(
+                f"s_churn and dynamic thresholding apply to the SD family's samplers, not to {type(scheduler).__name__}"
+            )
         noise = initial_noise(seeds, shape[1:], self.pipe.device, guided.cond.dtype, gens=gens)
         x = run(guided, stepper, self.family.pack(noise), callback=callback, progress=progress)
         latents = self.family.unpack(x, height, width)

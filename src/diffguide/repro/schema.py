@@ -80,6 +80,17 @@ def config_from_manifest(manifest: Mapping[str, Any]) -> GenerateConfig:
             raise _bad(
                 "parameters.comfy_sampling", "must be {kind, shift, multiplier}", p["comfy_sampling"]
             ) from err
+    if isinstance(p.get("dynamic_thresholding"), Mapping):
+        from ..sampling.knobs import DynamicThreshold
+
+        try:
+            kwargs["dynamic_thresholding"] = DynamicThreshold(**p["dynamic_thresholding"])
+        except TypeError as err:
+            raise _bad(
+                "parameters.dynamic_thresholding",
+                "must be {percentile, max_value}",
+                p["dynamic_thresholding"],
+            ) from err
     try:
         return GenerateConfig(**kwargs)
     except ConfigError as err:

@@ -38,6 +38,8 @@ class DynamicThreshold:
     max_value: float = 1.0  # diffusers' sample_max_value
 
     def __post_init__(self) -> None:
+        check_number(self.percentile, "dynamic threshold percentile", finite=False)
+        check_number(self.max_value, "dynamic threshold max value", finite=False)
         if not 0.0 < self.percentile <= 1.0:
             raise ConfigError(f"dynamic threshold percentile must be in (0, 1], got {self.percentile}")
         if not (math.isfinite(self.max_value) and self.max_value >= 1.0):
@@ -150,12 +152,43 @@ def _knob(cfg: Any, name: str) -> float | None:
     return v
 
 
+#: diffguide schedulers whose diffusers class thresholds x0 (its ``thresholding`` config).
+THRESHOLDING_SCHEDULERS = ("ddim", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "ddpm")
+
+
+def _check_thresholding(cfg: Any) -> None:
+    dt = cfg.dynamic_thresholding
+    if dt is None:
+        return
+    if not isinstance(dt, DynamicThreshold):
+        raise ConfigError(f"dynamic_thresholding must be a DynamicThreshold or None, got {dt!r}")
+    if cfg.noise != "diffusers" or cfg.scheduler not in THRESHOLDING_SCHEDULERS:
+        raise ConfigError(
+            f"dynamic thresholding needs the diffusers noise policy and a scheduler that thresholds "
+            f"({', '.join(THRESHOLDING_SCHEDULERS)}), not '{cfg.scheduler}' ({cfg.noise} noise policy)"
+        )
+
+
+def apply_thresholding(cfg: Any, scheduler: Any) -> None:
+    """Turn on the scheduler's own dynamic thresholding (diffusers' ``thresholding`` config:
+    ``_threshold_sample`` of x0 each step) when the config asks for it."""
+    dt = cfg.dynamic_thresholding
+    if dt is None:
+        return
+    if not hasattr(scheduler, "_threshold_sample") or "thresholding" not in scheduler.config:
+        raise ConfigError(f"dynamic thresholding is not supported by {type(scheduler).__name__}")
+    scheduler.register_to_config(
+        thresholding=True, dynamic_thresholding_ratio=dt.percentile, sample_max_value=dt.max_value
+    )
+
+
 def check_config_knobs(cfg: Any) -> None:
     """Types, ranges and applicability of a GenerateConfig's sampler knobs (one-line ConfigErrors).
 
     diffusers policy: churn (``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``) on ``euler``
     (diffusers' EulerDiscreteScheduler). comfy policy: ``ancestral_eta`` and ``s_noise`` on
     ``euler_a`` (KSampler's ``sample_euler_ancestral``)."""
+    _check_thresholding(cfg)
     v = {name: _knob(cfg, name) for name in KNOB_DEFAULTS}
     tmax = v["s_tmax"]
     if tmax is not None and tmax < (v["s_tmin"] or 0.0):
