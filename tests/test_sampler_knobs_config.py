@@ -198,7 +198,14 @@ def test_knob_config_errors(kwargs, message):
     assert "\n" not in str(err.value)
 
 
-def test_cli_churn_equals_python_api(sd15, tmp_path):
+@pytest.mark.parametrize(
+    ("flags", "knobs"),
+    [
+        (["--scheduler", "euler", "--s-churn", "40", "--s-tmin", "0.5", "--s-tmax", "10", "--s-noise", "1.003"], CHURN),
+        (["--scheduler", "ddim", "--dynamic-thresholding", "0.9:1.2"], {"scheduler": "ddim", "dynamic_thresholding": DynamicThreshold(0.9, 1.2)}),
+    ],
+)  # fmt: skip
+def test_cli_knobs_equal_python_api(sd15, tmp_path, flags, knobs):
     """``diffguide generate --s-churn ...`` writes the latents of the same GenerateConfig."""
     from typer.testing import CliRunner
 
@@ -223,23 +230,31 @@ def test_cli_churn_equals_python_api(sd15, tmp_path):
         "ugly",
     ]
     args += ["--cfg", "5"]
-    args += ["--steps", "6", "--seed", "3", "--width", "32", "--height", "32", "--scheduler", "euler"]
-    args += ["--s-churn", "40", "--s-tmin", "0.5", "--s-tmax", "10", "--s-noise", "1.003", "--threads", "1"]
+    args += ["--steps", "6", "--seed", "3", "--width", "32", "--height", "32", *flags, "--threads", "1"]
     res = CliRunner().invoke(app, [str(a) for a in [*args, "--out", out, "--save-latents", "--quiet"]])
     assert res.exit_code == 0, res.output
-    want = sd15.generate(_cfg(scheduler="euler", **CHURN), decode=False).latents
+    want = sd15.generate(_cfg(**{"scheduler": "euler", **knobs}), decode=False).latents
     got = torch.cat([load_latents(p)[0] for p in sorted(out.glob("*.safetensors"))])
     assert torch.equal(got.reshape(want.shape), want)
 
 
-def test_cli_bad_knob_one_line(tmp_path):
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--s-churn", "-2"], "s_churn must be a finite number >= 0, got -2.0"),
+        (["--scheduler", "ddim", "--dynamic-thresholding", "high"], "--dynamic-thresholding must be PERCENTILE or PERCENTILE:MAX, got 'high'"),
+        (["--scheduler", "ddim", "--dynamic-thresholding", "0.9:0.5"], "dynamic threshold max value must be >= 1, got 0.5"),
+        (["--scheduler", "euler_a", "--noise", "comfy", "--ancestral-eta", "-1"], "ancestral_eta must be a finite number >= 0, got -1.0"),
+    ],
+)  # fmt: skip
+def test_cli_bad_knob_one_line(tmp_path, flags, message):
     from typer.testing import CliRunner
 
     from diffguide.cli.main import app
 
-    res = CliRunner().invoke(app, ["generate", "-p", "a", "--s-churn", "-2", "--out", str(tmp_path / "o")])
+    res = CliRunner().invoke(app, ["generate", "-p", "a", *flags, "--out", str(tmp_path / "o")])
     assert res.exit_code == 2, res.output
-    assert res.stderr == "error: s_churn must be a finite number >= 0, got -2.0\n"
+    assert res.stderr == f"error: {message}\n"
     assert not (tmp_path / "o").exists()
 
 
@@ -263,6 +278,13 @@ def test_prompt_file_knob_keys(tmp_path):
         str(err.value)
         == f"{path}:3: s_churn apply to the diffusers policy's euler only, not 'ddim' (diffusers noise policy)"
     )
+    path.write_text("prompts:\n  - prompt: b\n    scheduler: ddim\n    dynamic_thresholding: [0.9, 1.5]\n")
+    (job,) = plan(load_prompts(path), family_defaults("sd15"))
+    assert job.config.dynamic_thresholding == DynamicThreshold(0.9, 1.5)
+    path.write_text("prompts:\n  - prompt: b\n    dynamic_thresholding: {percentile: 2}\n")
+    with pytest.raises(ConfigError) as err:
+        load_prompts(path)
+    assert str(err.value) == f"{path}:2: dynamic threshold percentile must be in (0, 1], got 2"
     path.write_text("prompts:\n  - prompt: b\n    s_noise: lots\n")
     with pytest.raises(ConfigError) as err:
         load_prompts(path)

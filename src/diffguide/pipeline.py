@@ -164,7 +164,7 @@ class GenerateConfig:
                 raise ConfigError("--shift is not supported with the comfy noise policy")
             if self.eta != 0.0:
                 raise ConfigError(
-                    "--eta is not used by the comfy noise policy (KSampler's euler_ancestral has eta 1)"
+                    "--eta (DDIM's) is not used by the comfy noise policy; euler_a's eta is --ancestral-eta"
                 )
             if self.batch_invariant:
                 raise ConfigError(

@@ -202,6 +202,15 @@ def generate(
             "--ancestral-eta", help="Comfy policy euler_a's eta (KSampler: 1).", rich_help_panel=P_PROMPT
         ),
     ] = 1.0,
+    dynamic_thresholding: Annotated[
+        str | None,
+        typer.Option(
+            "--dynamic-thresholding",
+            metavar="P[:MAX]",
+            help="Imagen dynamic thresholding of x0 at percentile P, s up to MAX (default 1; ddim, dpmpp_2m, unipc, ddpm).",
+            rich_help_panel=P_PROMPT,
+        ),
+    ] = None,
     noise: Annotated[
         Noise,
         typer.Option(
@@ -575,6 +584,13 @@ def prepare(opts: dict[str, Any]) -> Run:
     conditioning = load_conditioning(o.conditioning) if o.conditioning is not None else None
     if not prompt:
         prompt = [conditioning.metadata.get("prompt", "<conditioning file>")] if conditioning else []
+    knobs = {
+        k: getattr(o, k) for k in ("s_churn", "s_tmin", "s_tmax", "s_noise", "ancestral_eta") if hasattr(o, k)
+    }
+    if getattr(o, "dynamic_thresholding", None) is not None:
+        from ..sampling.knobs import parse_dynamic_threshold
+
+        knobs["dynamic_thresholding"] = parse_dynamic_threshold(o.dynamic_thresholding)
     config_ = GenerateConfig.create(
         prompt if len(prompt) > 1 else prompt[0],
         o.negative_prompt or "",
@@ -587,11 +603,7 @@ def prepare(opts: dict[str, Any]) -> Run:
         seed=o.seed,
         scheduler=o.scheduler.value,
         eta=o.eta,
-        **{
-            k: getattr(o, k)
-            for k in ("s_churn", "s_tmin", "s_tmax", "s_noise", "ancestral_eta")
-            if hasattr(o, k)
-        },
+        **knobs,
         max_rows=o.max_rows,
         noise=o.noise.value,
         schedule=o.schedule,

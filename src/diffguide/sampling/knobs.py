@@ -169,6 +169,26 @@ def _check_thresholding(cfg: Any) -> None:
         )
 
 
+def parse_dynamic_threshold(value: Any, what: str = "--dynamic-thresholding") -> DynamicThreshold:
+    """``"P"`` / ``"P:MAX"`` (the CLI), a number, ``[P, MAX]`` or ``{percentile, max_value}`` (prompt files)."""
+    if isinstance(value, str):
+        parts = value.split(":")
+        try:
+            nums = [float(v) for v in parts]
+        except ValueError:
+            raise ConfigError(f"{what} must be PERCENTILE or PERCENTILE:MAX, got {value!r}") from None
+        value = nums if len(nums) <= 2 else value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return DynamicThreshold(float(value))
+    if isinstance(value, list) and len(value) == 2:
+        return DynamicThreshold(*value)
+    if isinstance(value, list) and len(value) == 1:
+        return DynamicThreshold(value[0])
+    if isinstance(value, dict) and set(value) <= {"percentile", "max_value"}:
+        return DynamicThreshold(**value)
+    raise ConfigError(f"{what} must be PERCENTILE or PERCENTILE:MAX, got {value!r}")
+
+
 def apply_thresholding(cfg: Any, scheduler: Any) -> None:
     """Turn on the scheduler's own dynamic thresholding (diffusers' ``thresholding`` config:
     ``_threshold_sample`` of x0 each step) when the config asks for it."""

@@ -23,12 +23,13 @@ from ..guidance.embedded import EmbeddedGuidance
 from ..guidance.pag import PAG
 from ..guidance.registry import term_class
 from ..guidance.slg import SLG
+from ..sampling.knobs import DynamicThreshold, parse_dynamic_threshold
 from .presets import FAMILY_DEFAULTS
 
 #: Keys a prompt entry (or ``defaults``) may have.
 PROMPT_KEYS = (
     "prompt", "negative", "seed", "seeds", "size", "width", "height", "steps", "cfg", "pag", "slg",
-    "embedded_guidance", "guidance", "scheduler", "shift", "eta", *("s_churn", "s_tmin", "s_tmax", "s_noise"),
+    "embedded_guidance", "guidance", "scheduler", "shift", "eta", *("s_churn", "s_tmin", "s_tmax", "s_noise", "dynamic_thresholding"),
 )  # fmt: skip
 #: Sampler-knob keys (GenerateConfig fields of the same names; Karras churn on the euler scheduler).
 KNOB_KEYS = ("s_churn", "s_tmin", "s_tmax", "s_noise")
@@ -52,6 +53,7 @@ class ValidationPrompt:
     shift: float | None = None
     eta: float | None = None
     knobs: tuple[tuple[str, float], ...] = ()  # (KNOB_KEYS name, value) given by the file
+    dynamic_thresholding: DynamicThreshold | None = None
     where: str = ""  # "file:line" for errors
 
 
@@ -76,6 +78,15 @@ def _float(value: Any, key: str, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _fail(where, f"'{key}' must be a number, got {value!r}")
     return float(value)
+
+
+def _threshold(value: Any, where: str) -> DynamicThreshold | None:
+    if value is None:
+        return None
+    try:
+        return parse_dynamic_threshold(value, "'dynamic_thresholding'")
+    except ConfigError as err:
+        raise _fail(where, str(err)) from None
 
 
 def _seeds(value: Any, where: str) -> tuple[int, ...]:
@@ -152,6 +163,7 @@ def _entry(entry: Any, where: str, defaults: Mapping[str, Any]) -> ValidationPro
         shift=_float(merged["shift"], "shift", where) if "shift" in merged else None,
         eta=_float(merged["eta"], "eta", where) if "eta" in merged else None,
         knobs=tuple((k, _float(merged[k], k, where)) for k in KNOB_KEYS if k in merged),
+        dynamic_thresholding=_threshold(merged.get("dynamic_thresholding"), where),
         where=where,
     )
 

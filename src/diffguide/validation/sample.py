@@ -106,6 +106,7 @@ def _config(p: ValidationPrompt, seed: int, d: FamilyDefaults) -> GenerateConfig
             shift=DEFAULTS.shift if p.shift is None else p.shift,
             eta=DEFAULTS.eta if p.eta is None else p.eta,
             **dict(p.knobs),
+            dynamic_thresholding=p.dynamic_thresholding,
         )
     except ConfigError as err:
         raise ConfigError(f"{p.where}: {err}" if p.where else str(err)) from None
