@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load
-from service_support import PROMPT, client
+from service_support import PROMPT, Gate, client
 from starlette.websockets import WebSocketDisconnect
 
 from diffguide.comfy_workflow import load as load_workflow
@@ -205,3 +205,35 @@ def test_api_key_applies_to_prompt_history_view_and_ws(cache, tmp_path):
         auth = {"Authorization": "Bearer sekrit"}
         r = c.post("/prompt", json={"prompt": workflow(steps=1)}, headers=auth)
         assert r.status_code == 200 and r.json()["node_errors"] == {}
+
+
+def test_pag_patch_node_equals_the_v1_job_with_cfg_and_pag(cache, tmp_path):
+    wf = workflow(steps=2)
+    wf["2"] = {"class_type": "PerturbedAttentionGuidance", "inputs": {"model": ["4", 0], "scale": 1.5}}
+    wf["3"]["inputs"]["model"] = ["2", 0]
+    with client(cache, tmp_path) as c:
+        pid = c.post("/prompt", json={"prompt": wf}).json()["prompt_id"]
+        images = poll_history(c, pid)["outputs"]["9"]["images"]
+        terms = [{"method": "cfg", "scale": 4.0}, {"method": "pag", "scale": 1.5, "layers": "mid"}]
+        job = c.post("/v1/jobs?wait=true", json={**same_job_body(), "steps": 2, "guidance": terms}).json()
+        assert c.get(f"/v1/jobs/{pid}").json()["request"]["guidance"][1]["method"] == "pag"
+        pngs = [c.get("/view", params=i).content for i in images]
+        assert pngs == [c.get(f"/v1/jobs/{job['id']}/images/{i}").content for i in range(2)]
+
+
+def test_failed_prompt_sends_execution_error_and_history_error(cache, tmp_path):
+    gate = Gate(cache.get("tiny-sd").model, at=2, raise_error=True)
+    try:
+        with client(cache, tmp_path) as c, c.websocket_connect("/ws?clientId=me") as ws:
+            ws.receive_json()
+            pid = c.post("/prompt", json={"prompt": workflow(), "client_id": "me"}).json()["prompt_id"]
+            message = ws.receive_json()
+            while message["type"] != "execution_error":
+                message = ws.receive_json()
+            entry = poll_history(c, pid)
+    finally:
+        gate.remove()
+    assert message["data"]["exception_message"] == "RuntimeError: boom in the model"
+    assert message["data"]["node_id"] == "3" and message["data"]["node_type"] == "KSampler"
+    assert entry["outputs"] == {} and entry["status"]["status_str"] == "error"
+    assert entry["status"]["messages"][-1] == ["execution_error", message["data"]]
