@@ -179,8 +179,9 @@ class ComfyState:
         self.number += 1
         rec = ComfyPrompt(prompt, None if client is None else str(client), self.number, sampler, output)
         replace_atomic(self.root / f"{row.id}.json", json.dumps(rec.to_json()))
-        if rec.client_id is not None:
-            self.clients.setdefault(rec.client_id, []).append(row.id)
+        if rec.client_id is not None:  # kept while the worker keeps the job's events
+            ids = self.clients.setdefault(rec.client_id, [])
+            ids[:] = [i for i in ids if i in self.worker.live] + [row.id]
         return JSONResponse({"prompt_id": row.id, "number": rec.number, "node_errors": {}})
 
     def outputs(self, job_id: str, rec: ComfyPrompt) -> dict[str, Any]:
