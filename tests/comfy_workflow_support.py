@@ -106,8 +106,10 @@ def qwen_workflow(
     shift: float = 3.1,
     cfgnorm: float | None = 1.0,
     pre_cfg: bool = False,
+    rescale: float | None = None,
 ) -> dict[str, Any]:
-    """UNETLoader -> LoraLoaderModelOnly -> ModelSamplingAuraFlow -> CFGNorm -> KSampler (API format)."""
+    """UNETLoader -> LoraLoaderModelOnly -> ModelSamplingAuraFlow -> CFGNorm -> KSampler (API format);
+    ``rescale``: a RescaleCFG node (that multiplier) between ModelSamplingAuraFlow and CFGNorm."""
     wf: dict[str, Any] = {
         "1": {
             "class_type": "UNETLoader",
@@ -150,9 +152,12 @@ def qwen_workflow(
             },
         },
     }
+    if rescale is not None:
+        wf["9"] = {"class_type": "RescaleCFG", "inputs": {"model": ["3", 0], "multiplier": rescale}}
+        wf["4"]["inputs"]["model"] = ["9", 0]
     if cfgnorm is None:
         del wf["4"]
-        wf["8"]["inputs"]["model"] = ["3", 0]
+        wf["8"]["inputs"]["model"] = ["9" if rescale is not None else "3", 0]
     return wf
 
 
@@ -177,10 +182,16 @@ def make_aura_models_dir(root: Path) -> Path:
 
 
 def aura_workflow(
-    models: Path, *, sampler: str = "euler", scheduler: str = "simple", pre_cfg: bool = False
+    models: Path,
+    *,
+    sampler: str = "euler",
+    scheduler: str = "simple",
+    pre_cfg: bool = False,
+    rescale: float | None = None,
 ) -> dict[str, Any]:
-    """UNETLoader -> ModelSamplingAuraFlow(3.1) -> CFGNorm -> KSampler on EmptyLatentImage (API format)."""
-    wf = qwen_workflow(models, sampler=sampler, scheduler=scheduler, pre_cfg=pre_cfg)
+    """UNETLoader -> ModelSamplingAuraFlow(3.1) -> (RescaleCFG) -> CFGNorm -> KSampler on
+    EmptyLatentImage (API format)."""
+    wf = qwen_workflow(models, sampler=sampler, scheduler=scheduler, pre_cfg=pre_cfg, rescale=rescale)
     wf["1"]["inputs"]["unet_name"] = "tiny_aura.safetensors"
     del wf["2"]
     wf["3"]["inputs"]["model"] = ["1", 0]
@@ -304,6 +315,7 @@ def comfy_execute(
         "ModelSamplingAuraFlow": lambda i: cn.advanced.ModelSamplingAuraFlow().patch_aura(**i),
         "ModelSamplingSD3": lambda i: cn.advanced.ModelSamplingSD3().patch(**i),
         "CFGNorm": lambda i: _io_node(cn.cfg.CFGNorm, **i),
+        "RescaleCFG": lambda i: cn.advanced.RescaleCFG().patch(**i),
         "EmptyHunyuanLatentVideo": lambda i: _io_node(cn.hunyuan.EmptyHunyuanLatentVideo, **i),
         "KSampler": lambda i: nodes.KSampler().sample(**i),
         "UNETLoader": lambda i: (_patcher(models / "diffusion_models" / i["unet_name"]),),

@@ -2,7 +2,8 @@
 
 The service problem's workflow (docs/comfyui.md): UNETLoader -> LoraLoaderModelOnly(0.8) ->
 ModelSamplingAuraFlow(3.1) -> CFGNorm(1.0) -> KSampler(euler, simple, cfg 4, 8 steps, seed 12345)
-on a tiny random Qwen-Image transformer with a peft LoRA and ComfyUI-form conditioning. ComfyUI's
+on a tiny random Qwen-Image transformer with a peft LoRA and ComfyUI-form conditioning (also with
+a RescaleCFG node, ComfyUI's CFG function, before CFGNorm's post-CFG patch). ComfyUI's
 side runs its node classes (tests/comfy_workflow_support.py; only UNETLoader is replaced by the
 explicit-config build, since ComfyUI's detection builds a full-size Qwen-Image). The final
 ``[1, 16, 1, 8, 8]`` LATENT samples must agree to 1e-4; ``pytest -s`` prints the figures.
@@ -13,6 +14,7 @@ failed when it is installed but does not import, or its nodes do not import or r
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import comfy_support
 import pytest
@@ -26,6 +28,7 @@ from comfy_workflow_support import (
 )
 
 from diffguide.comfy_workflow import execute, load
+from diffguide.guidance import RescaleCFG
 
 TOL = 1e-4
 
@@ -46,6 +49,8 @@ CASES = {
     "euler/simple, CFGNorm pre_cfg": {"pre_cfg": True},
     "dpmpp_2m/simple": {"sampler": "dpmpp_2m"},
     "euler_ancestral/normal": {"sampler": "euler_ancestral", "scheduler": "normal"},
+    "RescaleCFG 0.7 then CFGNorm": {"rescale": 0.7},
+    "RescaleCFG 0.5, dpmpp_2m, no CFGNorm": {"rescale": 0.5, "cfgnorm": None, "sampler": "dpmpp_2m"},
 }
 
 
@@ -64,6 +69,16 @@ def test_qwen_workflow_matches_comfyui_nodes(models, tmp_path, case):
         for change in ({"cfgnorm": None}, {"lora": 1.0}, {"shift": 1.73}):
             other = execute(load(_write(tmp_path, qwen_workflow(models, **change)), models)).latents
             assert (other - theirs).abs().max() > 100 * TOL, change
+    if "rescale" in CASES[case]:  # the RescaleCFG node changes the result: the comparison sees it
+        plain = {**CASES[case], "rescale": None}
+        other = execute(load(_write(tmp_path, qwen_workflow(models, **plain)), models)).latents
+        assert (other - theirs).abs().max() > 100 * TOL
+        # ComfyUI's std over dims (1, 2, 3) of the 5-D latent is per column; one std per image is not it
+        run = load(path, models)
+        terms = tuple(replace(t, columns=0) if isinstance(t, RescaleCFG) else t for t in run.config.guidance)
+        assert [t.columns for t in run.config.guidance if isinstance(t, RescaleCFG)] == [8]
+        per_image = replace(run, config=replace(run.config, guidance=terms))
+        assert (execute(per_image).latents - theirs).abs().max() > 100 * TOL
 
 
 def _write(tmp_path, wf):
@@ -77,14 +92,24 @@ def aura_models(models, tmp_path_factory):
     return make_aura_models_dir(tmp_path_factory.mktemp("aura"))
 
 
-@pytest.mark.parametrize("case", ["euler/simple", "dpmpp_2m/simple, pre_cfg"])
+AURA_CASES = {
+    "euler/simple": {},
+    "dpmpp_2m/simple, pre_cfg": {"sampler": "dpmpp_2m", "pre_cfg": True},
+    "euler/simple, RescaleCFG 0.7": {"rescale": 0.7},
+}
+
+
+@pytest.mark.parametrize("case", list(AURA_CASES))
 def test_auraflow_workflow_matches_comfyui_nodes(aura_models, tmp_path, case):
-    """UNETLoader (a tiny AuraFlow) -> ModelSamplingAuraFlow(3.1) -> CFGNorm -> KSampler, 4-channel latent."""
-    kwargs = {"sampler": "dpmpp_2m", "pre_cfg": True} if "pre_cfg" in case else {}
-    wf = aura_workflow(aura_models, **kwargs)
+    """UNETLoader (a tiny AuraFlow) -> ModelSamplingAuraFlow(3.1) -> (RescaleCFG) -> CFGNorm ->
+    KSampler, 4-channel 4-D latent (RescaleCFG's std over the whole image)."""
+    wf = aura_workflow(aura_models, **AURA_CASES[case])
     ours = execute(load(_write(tmp_path, wf), aura_models))
     theirs = comfy_execute(wf, aura_models)
     assert theirs.shape == ours.latents.shape == (1, 4, 16, 16)
     diff = (ours.latents - theirs).abs().max().item()
     print(f"AuraFlow workflow [{case}]: max abs diff {diff:.3g} (|latent| max {theirs.abs().max():.3g})")
     assert diff <= TOL
+    if "rescale" in AURA_CASES[case]:
+        other = execute(load(_write(tmp_path, aura_workflow(aura_models)), aura_models)).latents
+        assert (other - theirs).abs().max() > 100 * TOL

@@ -7,7 +7,10 @@ How each node maps (docs/comfyui.md has the table):
 * ``ModelSamplingAuraFlow`` / ``ModelSamplingSD3`` / ``ModelSamplingFlux``: a
   :class:`~diffguide.sampling.comfy.ComfyShift` (the last one applied wins, as in ComfyUI);
 * ``CFGNorm``: a :class:`~diffguide.guidance.CFGNorm` term after CFG; ``PerturbedAttentionGuidance``
-  a ``PAG`` term on the UNet's middle block (SD UNets only);
+  a ``PAG`` term on the UNet's middle block (SD UNets only); ``RescaleCFG``: a
+  :class:`~diffguide.guidance.RescaleCFG` term right after CFG (it is ComfyUI's CFG function);
+* ``FluxGuidance``: the conditioning's ``guidance``, an :class:`~diffguide.guidance.EmbeddedGuidance`
+  term (guidance-distilled models);
 * ``KSampler`` / ``KSamplerAdvanced`` (full run only): CFG(cfg), sampler, schedule, steps, seed, the
   ``comfy`` noise policy; ``Empty*Latent*``: batch and size;
 * conditioning: ``CLIPTextEncode`` (a prompt for a model with its text encoder),
@@ -24,7 +27,7 @@ from typing import Any
 import torch
 
 from ..conditioning import ConditioningFile
-from ..guidance import CFG, PAG, CFGNorm, GuidanceTerm
+from ..guidance import CFG, PAG, CFGNorm, EmbeddedGuidance, GuidanceTerm, RescaleCFG
 from ..manifest import file_hash
 from ..pipeline import COMFY_SAMPLER_NAMES, GenerateConfig
 from ..sampling.comfy import COMFY_SCHEDULERS, ComfyShift, flux_node_shift
@@ -54,6 +57,7 @@ class _Model:
     sampling: ComfyShift | None = None
     terms: tuple[GuidanceTerm, ...] = ()
     notes: tuple[str, ...] = ()
+    cfg_function: RescaleCFG | None = None  # ComfyUI's sampler CFG function (the last one set wins)
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class _Cond:
     text: str | None = None
     entries: ComfyConditioning | None = None
     source: str = ""
+    guidance: float | None = None  # FluxGuidance's embedded guidance scale
 
 
 @dataclass(frozen=True)
@@ -229,9 +234,10 @@ class Translator:
         raise WorkflowError(f"{node.label}: {why}")
 
     def _RescaleCFG(self, node: Node) -> tuple[Any, ...]:
-        return self._unsupported(
-            node, "RescaleCFG is not mapped yet (ComfyUI rescales in v space; not exact here)"
-        )
+        model: _Model = self.value(node, "model")
+        phi = self.number(node, "multiplier", 0.0, 1.0)
+        note = f"{node.label}: RescaleCFG multiplier {phi:g} (ComfyUI's CFG function: rescaled in v space)"
+        return (replace(model, cfg_function=RescaleCFG(phi), notes=(*model.notes, note)),)
 
     def _SkipLayerGuidanceSD3(self, node: Node) -> tuple[Any, ...]:
         return self._unsupported(node, "SkipLayerGuidanceSD3 is not mapped yet")
@@ -240,9 +246,11 @@ class Translator:
         return self._unsupported(node, "SkipLayerGuidanceDiT is not mapped yet")
 
     def _FluxGuidance(self, node: Node) -> tuple[Any, ...]:
-        return self._unsupported(
-            node, "FluxGuidance is not mapped yet (use diffguide generate with EmbeddedGuidance)"
-        )
+        cond: _Cond = self.value(node, "conditioning")
+        scale = self.number(node, "guidance", 0.0, 100.0)
+        entries = None if cond.entries is None else [[t, {**m, "guidance": scale}] for t, m in cond.entries]
+        source = f"{cond.source}, embedded guidance {scale:g} via {node.label}"
+        return (replace(cond, node=node.id, entries=entries, source=source, guidance=scale),)
 
     # -- conditioning ---------------------------------------------------------------------------
     def _CLIPTextEncode(self, node: Node) -> tuple[Any, ...]:
@@ -344,7 +352,7 @@ class Translator:
                 f"{node.label}: scheduler '{schedule}' is not supported; one of {', '.join(COMFY_SCHEDULERS)}"
             )
         cfg_scale = self.number(node, "cfg", 0.0, 100.0)
-        terms: tuple[GuidanceTerm, ...] = (CFG(cfg_scale), *model.terms)
+        terms = _terms(node, model, cfg_scale, pos, neg, latent)
         batch = latent.shape[0]
         conditioning = None
         if (pos.entries is None) != (neg.entries is None):
@@ -389,6 +397,31 @@ class Translator:
     def _SaveImage(self, node: Node) -> tuple[Any, ...]:
         run: WorkflowRun = self.value(node, "images")
         return (replace(run, save_prefix=str(self.value(node, "filename_prefix"))),)
+
+
+def _terms(
+    node: Node, model: _Model, cfg: float, pos: _Cond, neg: _Cond, latent: _Latent
+) -> tuple[GuidanceTerm, ...]:
+    """CFG(cfg), RescaleCFG (ComfyUI's CFG function, so before every post-CFG patch; on a 5-D
+    latent its std is per column), the model's patches in order, and FluxGuidance's scale as
+    embedded guidance (one model input)."""
+    rescale = model.cfg_function
+    if rescale is not None and len(latent.shape) == 5:
+        rescale = replace(rescale, columns=latent.shape[-1])
+    if rescale is not None and any(isinstance(t, PAG) or getattr(t, "pre_cfg", False) for t in model.terms):
+        raise WorkflowError(
+            f"{node.label}: RescaleCFG with PerturbedAttentionGuidance or CFGNorm pre_cfg is not mapped "
+            "(ComfyUI rescales the plain CFG result before those patches)"
+        )
+    embedded: tuple[GuidanceTerm, ...] = ()
+    if pos.guidance is not None or neg.guidance is not None:
+        if cfg != 1.0 and pos.guidance != neg.guidance:
+            raise WorkflowError(
+                f"{node.label}: positive and negative carry different FluxGuidance scales "
+                f"({pos.guidance}, {neg.guidance}); diffguide feeds one embedded guidance scale"
+            )
+        embedded = (EmbeddedGuidance(float(pos.guidance if pos.guidance is not None else 0.0)),)
+    return (CFG(cfg), *(() if rescale is None else (rescale,)), *model.terms, *embedded)
 
 
 def _term_text(t: GuidanceTerm) -> str:
