@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from diffguide import CFG, CFGNorm, GenerateConfig, GuidedPipeline
+from diffguide.guidance import EmbeddedGuidance, RescaleCFG
 from diffguide.cli.main import app
 from diffguide.comfy_workflow import (
     WorkflowError,
@@ -285,7 +286,8 @@ def test_clip_text_encode_needs_conditioning_files_for_unet_workflows(models, tm
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{}, {"pre_cfg": True, "sampler": "dpmpp_2m"}, {"cfgnorm": None, "lora": 1.0}]
+    "kwargs",
+    [{}, {"pre_cfg": True, "sampler": "dpmpp_2m"}, {"cfgnorm": None, "lora": 1.0}, {"rescale": 0.7}],
 )
 def test_a_run_written_as_a_workflow_loads_back_to_the_same_run(models, tmp_path, kwargs):
     from diffguide.comfy_workflow import to_workflow
@@ -336,3 +338,67 @@ def test_auraflow_loader_reads_the_sizes_from_the_weights(tmp_path):
         DiffguideError, match=r"the attention heads of a width-32 AuraFlow are not in its weights"
     ):
         load_diffusion_model(tmp_path / "bare.safetensors", torch.float32)
+
+
+def test_rescale_cfg_is_comfyuis_cfg_function_right_after_cfg(models, tmp_path):
+    """RescaleCFG replaces ComfyUI's CFG function: it comes right after CFG, before post-CFG patches,
+    wherever the node sits; on the 5-D video latent its std is per column (columns = latent width)."""
+    wf = qwen_workflow(models, rescale=0.7)
+    run = load(write(tmp_path, wf), models)
+    assert run.config.guidance == (CFG(4.0), RescaleCFG(0.7, columns=8), CFGNorm(1.0))
+    assert "node 9 (RescaleCFG): RescaleCFG multiplier 0.7" in "\n".join(explain(run))
+    wf["9"]["inputs"]["model"] = ["4", 0]  # after CFGNorm in the graph: still ComfyUI's CFG function
+    wf["4"]["inputs"]["model"] = ["3", 0]
+    wf["8"]["inputs"]["model"] = ["9", 0]
+    assert load(write(tmp_path, wf), models).config.guidance == run.config.guidance
+    wf["7"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    assert load(write(tmp_path, wf), models).config.guidance[1] == RescaleCFG(0.7)  # 4-D: per image
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda wf: wf["9"]["inputs"].update(multiplier=1.5),
+         r"^node 9 \(RescaleCFG\): multiplier must be in \[0.0, 1.0\], got 1.5$"),
+        (lambda wf: wf["4"]["inputs"].update(pre_cfg=True),
+         r"^node 8 \(KSampler\): RescaleCFG with PerturbedAttentionGuidance or CFGNorm pre_cfg is not mapped "),
+    ],
+)  # fmt: skip
+def test_rescale_cfg_errors(models, tmp_path, edit, message):
+    wf = qwen_workflow(models, rescale=0.7)
+    edit(wf)
+    with pytest.raises(WorkflowError, match=message):
+        load(write(tmp_path, wf), models)
+
+
+def _flux_guidance(wf: dict, pos: float, neg: float | None) -> dict:
+    wf["10"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["5", 0], "guidance": pos}}
+    wf["8"]["inputs"]["positive"] = ["10", 0]
+    if neg is not None:
+        wf["11"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["6", 0], "guidance": neg}}
+        wf["8"]["inputs"]["negative"] = ["11", 0]
+    return wf
+
+
+def test_flux_guidance_is_the_embedded_guidance(models, tmp_path):
+    from diffguide.comfy_workflow import to_workflow
+
+    run = load(write(tmp_path, _flux_guidance(qwen_workflow(models), 3.5, 3.5)), models)
+    assert run.config.guidance == (CFG(4.0), CFGNorm(1.0), EmbeddedGuidance(3.5))
+    text = "\n".join(explain(run))
+    assert "embedded guidance 3.5 via node 10 (FluxGuidance)" in text
+    assert '"guidance": 3.5' in text  # the conditioning's dict carries it, as ComfyUI's node sets it
+    files = (str(models / "positive.safetensors"), str(models / "negative.safetensors"))
+    again = load(write(tmp_path, to_workflow(run, files)), models)
+    assert again.config.guidance == run.config.guidance
+    cfg1 = load(write(tmp_path, _flux_guidance(qwen_workflow(models, cfg=1.0), 2.0, None)), models)
+    assert cfg1.config.guidance[-1] == EmbeddedGuidance(2.0)  # cfg 1: the negative is never run
+    with pytest.raises(
+        WorkflowError,
+        match=r"^node 8 \(KSampler\): positive and negative carry different FluxGuidance scales \(3.5, 2.0\); ",
+    ):
+        load(write(tmp_path, _flux_guidance(qwen_workflow(models), 3.5, 2.0)), models)
+    with pytest.raises(DiffguideError) as info:  # Qwen-Image has no guidance embedding
+        execute(replace(run, config=replace(run.config, steps=1)))
+    assert "\n" not in str(info.value)
+    print(f"FluxGuidance on Qwen-Image: {info.value}")
