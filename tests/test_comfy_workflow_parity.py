@@ -19,16 +19,20 @@ from dataclasses import replace
 import comfy_support
 import pytest
 from comfy_workflow_support import (
+    as_dit_node,
     aura_workflow,
     comfy_execute,
     load_comfy_nodes,
     make_aura_models_dir,
     make_models_dir,
+    make_sd3_models_dir,
     qwen_workflow,
+    sd3_workflow,
 )
 
 from diffguide.comfy_workflow import execute, load
-from diffguide.guidance import RescaleCFG
+from diffguide.guidance import SLG, RescaleCFG
+from diffguide.guidance.slg_comfy import SLGComfy
 
 TOL = 1e-4
 
@@ -113,3 +117,41 @@ def test_auraflow_workflow_matches_comfyui_nodes(aura_models, tmp_path, case):
     if "rescale" in AURA_CASES[case]:
         other = execute(load(_write(tmp_path, aura_workflow(aura_models)), aura_models)).latents
         assert (other - theirs).abs().max() > 100 * TOL
+
+
+@pytest.fixture(scope="module")
+def sd3_models(models, tmp_path_factory):
+    return make_sd3_models_dir(tmp_path_factory.mktemp("sd3"))
+
+
+SD3_CASES = {
+    "SkipLayerGuidanceSD3 b1, 0.01..0.5, euler": ({}, None),
+    "SkipLayerGuidanceSD3 b1, 0..1, dpmpp_2m": ({"start": 0.0, "end": 1.0, "sampler": "dpmpp_2m"}, None),
+    "SkipLayerGuidanceSD3 b0, no ModelSamplingSD3 (shift 3)": ({"layers": "0", "shift": None}, None),
+    "SkipLayerGuidanceDiT b1, rescaling 0.5": ({"end": 0.8}, 0.5),
+}
+
+
+@pytest.mark.parametrize("case", list(SD3_CASES))
+def test_sd3_slg_workflow_matches_comfyui_nodes(sd3_models, tmp_path, case):
+    """UNETLoader (a tiny SD3, ComfyUI's MMDiT sizes) -> ModelSamplingSD3(3) -> SkipLayerGuidanceSD3 (or
+    SkipLayerGuidanceDiT) -> KSampler cfg 4 on EmptySD3LatentImage: the SLGComfy term."""
+    kwargs, rescaling = SD3_CASES[case]
+    wf = sd3_workflow(sd3_models, **kwargs)
+    if rescaling is not None:
+        wf = as_dit_node(wf, rescaling)
+    path = _write(tmp_path, wf)
+    run = load(path, sd3_models)
+    ours = execute(run).latents
+    theirs = comfy_execute(wf, sd3_models)
+    assert theirs.shape == ours.shape == (1, 16, 16, 16)
+    diff = (ours - theirs).abs().max().item()
+    print(f"SD3 workflow [{case}]: max abs diff {diff:.3g} (|latent| max {theirs.abs().max():.3g})")
+    assert diff <= TOL
+    plain = execute(load(_write(tmp_path, sd3_workflow(sd3_models, **{**kwargs, "slg": False})), sd3_models)).latents
+    assert (plain - theirs).abs().max() > 100 * TOL  # the node changed ComfyUI's result
+    if kwargs.get("start") == 0.0:  # diffguide's SLG (diffusers' strict step rule) drops step 0
+        (slg,) = (t for t in run.config.guidance if isinstance(t, SLGComfy))
+        terms = (run.config.guidance[0], SLG(slg.scale, slg.layers, start=0.0, stop=1.0, window=slg.window))
+        other = replace(run, config=replace(run.config, guidance=terms))
+        assert (execute(other).latents - theirs).abs().max() > 100 * TOL

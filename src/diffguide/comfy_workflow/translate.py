@@ -9,6 +9,8 @@ How each node maps (docs/comfyui.md has the table):
 * ``CFGNorm``: a :class:`~diffguide.guidance.CFGNorm` term after CFG; ``PerturbedAttentionGuidance``
   a ``PAG`` term on the UNet's middle block (SD UNets only); ``RescaleCFG``: a
   :class:`~diffguide.guidance.RescaleCFG` term right after CFG (it is ComfyUI's CFG function);
+* ``SkipLayerGuidanceSD3`` / ``SkipLayerGuidanceDiT``: an :class:`~diffguide.guidance.slg_comfy.SLGComfy`
+  term (the node's semantics: sigma window from the percents, optional rescaling);
 * ``FluxGuidance``: the conditioning's ``guidance``, an :class:`~diffguide.guidance.EmbeddedGuidance`
   term (guidance-distilled models);
 * ``KSampler`` / ``KSamplerAdvanced`` (full run only): CFG(cfg), sampler, schedule, steps, seed, the
@@ -19,6 +21,7 @@ How each node maps (docs/comfyui.md has the table):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,7 +30,8 @@ from typing import Any
 import torch
 
 from ..conditioning import ConditioningFile
-from ..guidance import CFG, PAG, CFGNorm, EmbeddedGuidance, GuidanceTerm, RescaleCFG
+from ..guidance import CFG, PAG, CFGNorm, EmbeddedGuidance, GuidanceTerm, RescaleCFG, Window
+from ..guidance.slg_comfy import SLGComfy
 from ..manifest import file_hash
 from ..pipeline import COMFY_SAMPLER_NAMES, GenerateConfig
 from ..sampling.comfy import COMFY_SCHEDULERS, ComfyShift, flux_node_shift
@@ -239,11 +243,37 @@ class Translator:
         note = f"{node.label}: RescaleCFG multiplier {phi:g} (ComfyUI's CFG function: rescaled in v space)"
         return (replace(model, cfg_function=RescaleCFG(phi), notes=(*model.notes, note)),)
 
+    def _slg(self, node: Node, double: str, single: str, rescaling: float) -> tuple[Any, ...]:
+        model: _Model = self.value(node, "model")
+        blocks = [f"b{i}" for i in re.findall(r"\d+", double)] + [f"s{i}" for i in re.findall(r"\d+", single)]
+        if not blocks:  # the node returns the model unchanged
+            return (replace(model, notes=(*model.notes, f"{node.label}: no layers, no effect")),)
+        scale = self.number(node, "scale", 0.0, 100.0)
+        start, end = (self.number(node, k, 0.0, 1.0) for k in ("start_percent", "end_percent"))
+        sampling = model.sampling or (ComfyShift("flow", 3.0, 1000.0) if node.class_type.endswith("SD3") else None)
+        if sampling is None or sampling.kind != "flow":
+            raise WorkflowError(
+                f"{node.label}: needs a ModelSamplingSD3 or ModelSamplingAuraFlow node before it "
+                "(its percents are sigmas of that model sampling)"
+            )
+        top, bottom = _percent_to_sigma(sampling.shift, start), _percent_to_sigma(sampling.shift, end)
+        if bottom > top:
+            raise WorkflowError(f"{node.label}: end_percent {end:g} is before start_percent {start:g}")
+        window = Window(sigma_min=bottom, sigma_max=top)
+        term = SLGComfy(scale, ",".join(blocks), rescaling, window=window)
+        what = (
+            f"SLG (ComfyUI) scale {scale:g} skipping {term.layers}, sigma {bottom:.6g}..{top:.6g}"
+            + (f", rescaling {rescaling:g}" if rescaling else "")
+        )
+        return self._term(node, term, what)
+
     def _SkipLayerGuidanceSD3(self, node: Node) -> tuple[Any, ...]:
-        return self._unsupported(node, "SkipLayerGuidanceSD3 is not mapped yet")
+        return self._slg(node, str(self.value(node, "layers")), "", 0.0)
 
     def _SkipLayerGuidanceDiT(self, node: Node) -> tuple[Any, ...]:
-        return self._unsupported(node, "SkipLayerGuidanceDiT is not mapped yet")
+        rescaling = self.number(node, "rescaling_scale", 0.0, 10.0) if "rescaling_scale" in node.inputs else 0.0
+        double, single = (str(self.value(node, k)) for k in ("double_layers", "single_layers"))
+        return self._slg(node, double, single, rescaling)
 
     def _FluxGuidance(self, node: Node) -> tuple[Any, ...]:
         cond: _Cond = self.value(node, "conditioning")
@@ -408,10 +438,18 @@ def _terms(
     rescale = model.cfg_function
     if rescale is not None and len(latent.shape) == 5:
         rescale = replace(rescale, columns=latent.shape[-1])
-    if rescale is not None and any(isinstance(t, PAG) or getattr(t, "pre_cfg", False) for t in model.terms):
+    if rescale is not None and any(
+        isinstance(t, (PAG, SLGComfy)) or getattr(t, "pre_cfg", False) for t in model.terms
+    ):
         raise WorkflowError(
-            f"{node.label}: RescaleCFG with PerturbedAttentionGuidance or CFGNorm pre_cfg is not mapped "
-            "(ComfyUI rescales the plain CFG result before those patches)"
+            f"{node.label}: RescaleCFG with PerturbedAttentionGuidance, SkipLayerGuidance or CFGNorm pre_cfg "
+            "is not mapped (ComfyUI rescales the plain CFG result before those patches)"
+        )
+    kinds = [type(t) for t in model.terms]
+    if CFGNorm in kinds and SLGComfy in kinds and kinds.index(CFGNorm) < len(kinds) - kinds[::-1].index(SLGComfy):
+        raise WorkflowError(
+            f"{node.label}: CFGNorm before SkipLayerGuidance is not mapped (ComfyUI's CFGNorm would not see "
+            "the SLG term); put CFGNorm after it"
         )
     embedded: tuple[GuidanceTerm, ...] = ()
     if pos.guidance is not None or neg.guidance is not None:
@@ -422,6 +460,16 @@ def _terms(
             )
         embedded = (EmbeddedGuidance(float(pos.guidance if pos.guidance is not None else 0.0)),)
     return (CFG(cfg), *(() if rescale is None else (rescale,)), *model.terms, *embedded)
+
+
+def _percent_to_sigma(shift: float, percent: float) -> float:
+    """ComfyUI's ``ModelSamplingDiscreteFlow.percent_to_sigma``."""
+    if percent <= 0.0:
+        return 1.0
+    if percent >= 1.0:
+        return 0.0
+    t = 1.0 - percent
+    return shift * t / (1.0 + (shift - 1.0) * t)
 
 
 def _term_text(t: GuidanceTerm) -> str:
