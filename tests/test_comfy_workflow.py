@@ -22,7 +22,6 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from diffguide import CFG, CFGNorm, GenerateConfig, GuidedPipeline
-from diffguide.guidance import EmbeddedGuidance, RescaleCFG
 from diffguide.cli.main import app
 from diffguide.comfy_workflow import (
     WorkflowError,
@@ -38,6 +37,7 @@ from diffguide.comfy_workflow.graph import parse_workflow
 from diffguide.comfy_workflow.models import load_diffusion_model
 from diffguide.conditioning import ConditioningFile
 from diffguide.errors import DiffguideError
+from diffguide.guidance import EmbeddedGuidance, RescaleCFG
 from diffguide.sampling.comfy import ComfyShift
 
 STEPS = 3
@@ -402,3 +402,86 @@ def test_flux_guidance_is_the_embedded_guidance(models, tmp_path):
         execute(replace(run, config=replace(run.config, steps=1)))
     assert "\n" not in str(info.value)
     print(f"FluxGuidance on Qwen-Image: {info.value}")
+
+
+@pytest.fixture(scope="module")
+def sd3_models(tmp_path_factory) -> Path:
+    from comfy_workflow_support import make_sd3_models_dir
+
+    return make_sd3_models_dir(tmp_path_factory.mktemp("sd3"))
+
+
+def test_skip_layer_guidance_maps_to_slg_comfy_with_the_nodes_sigma_window(sd3_models, tmp_path):
+    from comfy_workflow_support import as_dit_node, sd3_workflow
+
+    from diffguide.guidance import Window
+    from diffguide.guidance.slg_comfy import SLGComfy
+
+    run = load(write(tmp_path, sd3_workflow(sd3_models, layers="7, 8", start=0.0, end=0.5)), sd3_models)
+    # percent_to_sigma of ModelSamplingDiscreteFlow(shift 3): 0 -> 1, 0.5 -> 3 * 0.5 / (1 + 2 * 0.5)
+    assert run.config.guidance == (
+        CFG(4.0),
+        SLGComfy(3.0, "b7,b8", window=Window(sigma_min=0.75, sigma_max=1.0)),
+    )
+    wf = as_dit_node(sd3_workflow(sd3_models), 0.5)
+    wf["4"]["inputs"]["single_layers"] = "2"
+    (term,) = load(write(tmp_path, wf), sd3_models).config.guidance[1:]
+    assert (term.layers, term.rescaling_scale) == ("b1,s2", 0.5)
+    assert load(write(tmp_path, sd3_workflow(sd3_models, layers="")), sd3_models).config.guidance == (
+        CFG(4.0),
+    )
+
+
+def _cfgnorm_before_slg(wf: dict) -> dict:
+    wf["9"] = {"class_type": "CFGNorm", "inputs": {"model": wf["4"]["inputs"]["model"], "strength": 1.0}}
+    wf["4"]["inputs"]["model"] = ["9", 0]
+    return wf
+
+
+def _rescale_before_slg(wf: dict) -> dict:
+    wf["9"] = {"class_type": "RescaleCFG", "inputs": {"model": ["3", 0], "multiplier": 0.7}}
+    wf["4"]["inputs"]["model"] = ["9", 0]
+    return wf
+
+
+def _dit_without_sampling(wf: dict) -> dict:
+    from comfy_workflow_support import as_dit_node
+
+    wf = as_dit_node(wf, 0.0)
+    wf["4"]["inputs"]["model"] = ["1", 0]
+    return wf
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda wf: wf["4"]["inputs"].update(start_percent=0.6, end_percent=0.2),
+         r"^node 4 \(SkipLayerGuidanceSD3\): end_percent 0.2 is before start_percent 0.6$"),
+        (lambda wf: wf["4"]["inputs"].update(scale=-1.0),
+         r"^node 4 \(SkipLayerGuidanceSD3\): scale must be in \[0.0, 100.0\], got -1$"),
+        (_dit_without_sampling,
+         r"^node 4 \(SkipLayerGuidanceDiT\): needs a ModelSamplingSD3 or ModelSamplingAuraFlow node before it "),
+        (_cfgnorm_before_slg, r"^node 8 \(KSampler\): CFGNorm before SkipLayerGuidance is not mapped "),
+        (_rescale_before_slg, r"^node 8 \(KSampler\): RescaleCFG with PerturbedAttentionGuidance, SkipLayerGuidance"),
+    ],
+)  # fmt: skip
+def test_skip_layer_guidance_errors(sd3_models, tmp_path, edit, message):
+    from comfy_workflow_support import sd3_workflow
+
+    wf = sd3_workflow(sd3_models)
+    edit(wf)
+    with pytest.raises(WorkflowError, match=message) as info:
+        load(write(tmp_path, wf), sd3_models)
+    assert "\n" not in str(info.value)
+
+
+def test_sd3_loader_reads_the_sizes_from_the_weights(sd3_models):
+    pipe = load_diffusion_model(sd3_models / "diffusion_models" / "tiny_sd3.safetensors", torch.float32)
+    cfg = pipe.transformer.config
+    assert (cfg.num_layers, cfg.num_attention_heads, cfg.attention_head_dim, cfg.joint_attention_dim) == (
+        2,
+        2,
+        64,
+        32,
+    )
+    assert (cfg.pooled_projection_dim, cfg.pos_embed_max_size, cfg.patch_size) == (32, 8, 2)

@@ -148,7 +148,9 @@ def test_sd3_slg_workflow_matches_comfyui_nodes(sd3_models, tmp_path, case):
     diff = (ours - theirs).abs().max().item()
     print(f"SD3 workflow [{case}]: max abs diff {diff:.3g} (|latent| max {theirs.abs().max():.3g})")
     assert diff <= TOL
-    plain = execute(load(_write(tmp_path, sd3_workflow(sd3_models, **{**kwargs, "slg": False})), sd3_models)).latents
+    plain = execute(
+        load(_write(tmp_path, sd3_workflow(sd3_models, **{**kwargs, "slg": False})), sd3_models)
+    ).latents
     assert (plain - theirs).abs().max() > 100 * TOL  # the node changed ComfyUI's result
     if kwargs.get("start") == 0.0:  # diffguide's SLG (diffusers' strict step rule) drops step 0
         (slg,) = (t for t in run.config.guidance if isinstance(t, SLGComfy))

@@ -144,12 +144,18 @@ def sd3_config(sd: dict[str, torch.Tensor], metadata: dict[str, str], name: str)
         "caption_projection_dim": int(inner),
         "pooled_projection_dim": int(sd["time_text_embed.text_embedder.linear_1.weight"].shape[1]),
         "pos_embed_max_size": round(int(sd["pos_embed.pos_embed"].shape[1]) ** 0.5),
-        "dual_attention_layers": tuple(i for i in range(layers) if f"transformer_blocks.{i}.attn2.to_q.weight" in sd),
+        "dual_attention_layers": tuple(
+            i for i in range(layers) if f"transformer_blocks.{i}.attn2.to_q.weight" in sd
+        ),
         "qk_norm": "rms_norm" if "transformer_blocks.0.attn.norm_q.weight" in sd else None,
     }
     given = json.loads(metadata["config"]) if "config" in metadata else {}
     for key, value in cfg.items():
-        if key in given and given[key] != value and not (isinstance(value, tuple) and tuple(given[key]) == value):
+        if (
+            key in given
+            and given[key] != value
+            and not (isinstance(value, tuple) and tuple(given[key]) == value)
+        ):
             raise DiffguideError(f"'{name}': its config says {key}={given[key]}, its weights {value}")
     heads = int(given.get("num_attention_heads", int(inner) // 64))
     if heads <= 0 or int(inner) % heads:
@@ -187,7 +193,10 @@ def load_diffusion_model(path: Path, dtype: torch.dtype) -> Any:
             tokenizer=None, text_encoder=None, vae=None, transformer=aura,
             scheduler=FlowMatchEulerDiscreteScheduler(shift=1.73),
         )  # fmt: skip
-    if "transformer_blocks.0.attn.add_k_proj.weight" in sd and "time_text_embed.text_embedder.linear_1.weight" in sd:
+    if (
+        "transformer_blocks.0.attn.add_k_proj.weight" in sd
+        and "time_text_embed.text_embedder.linear_1.weight" in sd
+    ):
         from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
         sd3: Any = SD3Transformer2DModel(**sd3_config(sd, metadata, path.name))

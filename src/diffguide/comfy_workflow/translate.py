@@ -250,7 +250,9 @@ class Translator:
             return (replace(model, notes=(*model.notes, f"{node.label}: no layers, no effect")),)
         scale = self.number(node, "scale", 0.0, 100.0)
         start, end = (self.number(node, k, 0.0, 1.0) for k in ("start_percent", "end_percent"))
-        sampling = model.sampling or (ComfyShift("flow", 3.0, 1000.0) if node.class_type.endswith("SD3") else None)
+        sampling = model.sampling or (
+            ComfyShift("flow", 3.0, 1000.0) if node.class_type.endswith("SD3") else None
+        )
         if sampling is None or sampling.kind != "flow":
             raise WorkflowError(
                 f"{node.label}: needs a ModelSamplingSD3 or ModelSamplingAuraFlow node before it "
@@ -261,9 +263,8 @@ class Translator:
             raise WorkflowError(f"{node.label}: end_percent {end:g} is before start_percent {start:g}")
         window = Window(sigma_min=bottom, sigma_max=top)
         term = SLGComfy(scale, ",".join(blocks), rescaling, window=window)
-        what = (
-            f"SLG (ComfyUI) scale {scale:g} skipping {term.layers}, sigma {bottom:.6g}..{top:.6g}"
-            + (f", rescaling {rescaling:g}" if rescaling else "")
+        what = f"SLG (ComfyUI) scale {scale:g} skipping {term.layers}, sigma {bottom:.6g}..{top:.6g}" + (
+            f", rescaling {rescaling:g}" if rescaling else ""
         )
         return self._term(node, term, what)
 
@@ -271,7 +272,9 @@ class Translator:
         return self._slg(node, str(self.value(node, "layers")), "", 0.0)
 
     def _SkipLayerGuidanceDiT(self, node: Node) -> tuple[Any, ...]:
-        rescaling = self.number(node, "rescaling_scale", 0.0, 10.0) if "rescaling_scale" in node.inputs else 0.0
+        rescaling = (
+            self.number(node, "rescaling_scale", 0.0, 10.0) if "rescaling_scale" in node.inputs else 0.0
+        )
         double, single = (str(self.value(node, k)) for k in ("double_layers", "single_layers"))
         return self._slg(node, double, single, rescaling)
 
@@ -446,7 +449,11 @@ def _terms(
             "is not mapped (ComfyUI rescales the plain CFG result before those patches)"
         )
     kinds = [type(t) for t in model.terms]
-    if CFGNorm in kinds and SLGComfy in kinds and kinds.index(CFGNorm) < len(kinds) - kinds[::-1].index(SLGComfy):
+    if (
+        CFGNorm in kinds
+        and SLGComfy in kinds
+        and kinds.index(CFGNorm) < len(kinds) - kinds[::-1].index(SLGComfy)
+    ):
         raise WorkflowError(
             f"{node.label}: CFGNorm before SkipLayerGuidance is not mapped (ComfyUI's CFGNorm would not see "
             "the SLG term); put CFGNorm after it"

@@ -60,13 +60,15 @@ def to_workflow(run: WorkflowRun, conditioning_files: tuple[str, str] | None = N
     shape = run.latent_shape
     embedded = [t for t in terms if isinstance(t, EmbeddedGuidance)]
     terms = [t for t in terms if not isinstance(t, EmbeddedGuidance)]
-    if terms and isinstance(terms[0], RescaleCFG) and terms[0].window == Window():
+    rescale = terms[0] if terms else None
+    if isinstance(rescale, RescaleCFG) and rescale.window == Window():
         columns = shape[-1] if len(shape) == 5 else 0
-        if terms[0].columns != columns:
+        if rescale.columns != columns:
             raise WorkflowError(
-                f"rescale_cfg columns {terms[0].columns}: the RescaleCFG node on this latent takes {columns}"
+                f"rescale_cfg columns {rescale.columns}: the RescaleCFG node on this latent takes {columns}"
             )
-        model = add(_node("RescaleCFG", model=model, multiplier=terms.pop(0).multiplier))
+        model = add(_node("RescaleCFG", model=model, multiplier=rescale.multiplier))
+        terms.pop(0)
     for t in terms:
         if isinstance(t, CFGNorm) and t.window == Window():
             model = add(_node("CFGNorm", model=model, strength=t.strength, pre_cfg=t.pre_cfg))
