@@ -278,6 +278,37 @@ def as_dit_node(wf: dict[str, Any], rescaling: float) -> dict[str, Any]:
     return wf
 
 
+def make_sdxl_models_dir(root: Path, gp: Any) -> Path:
+    """ComfyUI-form SDXL conditioning of the tiny SDXL pipeline ``gp`` (with CLIPTextEncodeSDXL's
+    width/height keys) and a placeholder checkpoint file (the test passes the pipeline itself)."""
+    from diffguide import CFG, GenerateConfig
+
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "checkpoints" / "tiny_sdxl.safetensors").write_bytes(b"the test passes its pipeline")
+    cfg = GenerateConfig.create(["a cat"], [""], guidance=[CFG(4.0)], steps=1, noise="comfy")
+    cond, uncond = gp.encode(cfg, SD3_SIZE, SD3_SIZE)
+    for name, c in (("positive", cond), ("negative", uncond)):
+        meta = {"pooled_output": c.tensors["pooled"], "width": SD3_SIZE, "height": SD3_SIZE}
+        save_comfy_conditioning(root / f"{name}.safetensors", [[c.embeds, meta]])
+    return root
+
+
+def sdxl_pag_workflow(models: Path, *, scale: float | None = 2.0, sampler: str = "euler") -> dict[str, Any]:
+    """CheckpointLoaderSimple (tiny SDXL) -> PerturbedAttentionGuidance -> KSampler cfg 4, euler/normal."""
+    wf = qwen_workflow(models, cfgnorm=None, scheduler="normal", sampler=sampler)
+    wf["1"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sdxl.safetensors"}}
+    del wf["2"], wf["3"]
+    wf["7"] = {
+        "class_type": "EmptyLatentImage",
+        "inputs": {"width": SD3_SIZE, "height": SD3_SIZE, "batch_size": 1},
+    }
+    wf["8"]["inputs"]["model"] = ["1", 0]
+    if scale is not None:
+        wf["4"] = {"class_type": "PerturbedAttentionGuidance", "inputs": {"model": ["1", 0], "scale": scale}}
+        wf["8"]["inputs"]["model"] = ["4", 0]
+    return wf
+
+
 # --------------------------------------------------------------------------------------------------
 # ComfyUI's side
 # --------------------------------------------------------------------------------------------------
@@ -302,6 +333,7 @@ def load_comfy_nodes() -> Any:
         import comfy_extras.nodes_cfg as nodes_cfg
         import comfy_extras.nodes_hunyuan as nodes_hunyuan
         import comfy_extras.nodes_model_advanced as nodes_model_advanced
+        import comfy_extras.nodes_pag as nodes_pag
         import comfy_extras.nodes_sd3 as nodes_sd3
         import comfy_extras.nodes_slg as nodes_slg
         import folder_paths
@@ -318,7 +350,7 @@ def load_comfy_nodes() -> Any:
     return type("ComfyNodes", (), {
         "nodes": nodes, "cfg": nodes_cfg, "advanced": nodes_model_advanced, "hunyuan": nodes_hunyuan,
         "folder_paths": folder_paths, "sd3": nodes_sd3,
-        "slg": nodes_slg,
+        "slg": nodes_slg, "pag": nodes_pag,
     })  # fmt: skip
 
 
@@ -403,6 +435,11 @@ def _io_node(cls: Any, **kwargs: Any) -> Any:
     return getattr(clone, clone.FUNCTION)(**kwargs).result
 
 
+#: node class -> ComfyUI-side stand-in (inputs dict -> outputs tuple) added by a test, e.g. a
+#: CheckpointLoaderSimple returning the ComfyUI twin of a tiny diffusers SDXL.
+EXTRA_NODES: dict[str, Any] = {}
+
+
 def comfy_execute(
     workflow: dict[str, Any], models: Path, trace: dict[str, Any] | None = None
 ) -> torch.Tensor:
@@ -425,8 +462,10 @@ def comfy_execute(
         "EmptySD3LatentImage": lambda i: _io_node(cn.sd3.EmptySD3LatentImage, **i),
         "SkipLayerGuidanceSD3": lambda i: _io_node(cn.sd3.SkipLayerGuidanceSD3, **i),
         "SkipLayerGuidanceDiT": lambda i: _io_node(cn.slg.SkipLayerGuidanceDiT, **i),
+        "PerturbedAttentionGuidance": lambda i: _io_node(cn.pag.PerturbedAttentionGuidance, **i),
         "DiffguideLoadConditioning": lambda i: (load_comfy_conditioning(i["file"])[0],),
     }
+    classes.update(EXTRA_NODES)
     values: dict[str, tuple[Any, ...]] = {}
 
     def out(nid: str) -> tuple[Any, ...]:

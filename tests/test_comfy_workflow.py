@@ -485,3 +485,10 @@ def test_sd3_loader_reads_the_sizes_from_the_weights(sd3_models):
         32,
     )
     assert (cfg.pooled_projection_dim, cfg.pos_embed_max_size, cfg.patch_size) == (32, 8, 2)
+
+
+def test_sdxl_size_keys_become_time_ids_as_comfyui_builds_them():
+    pooled = torch.zeros(2, 32)
+    cond = to_diffguide([[torch.zeros(2, 7, 32), {"pooled_output": pooled, "width": 96, "crop_h": 8}]], "x")
+    assert cond.time_ids.tolist() == [[768.0, 96.0, 8.0, 0.0, 768.0, 96.0]] * 2  # ComfyUI's 768 default
+    assert to_diffguide([[torch.zeros(1, 7, 32), {"pooled_output": pooled[:1]}]], "x").time_ids is None

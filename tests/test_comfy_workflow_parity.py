@@ -7,6 +7,8 @@ a RescaleCFG node, ComfyUI's CFG function, before CFGNorm's post-CFG patch). Com
 side runs its node classes (tests/comfy_workflow_support.py; only UNETLoader is replaced by the
 explicit-config build, since ComfyUI's detection builds a full-size Qwen-Image). The final
 ``[1, 16, 1, 8, 8]`` LATENT samples must agree to 1e-4; ``pytest -s`` prints the figures.
+Also SDXL + PerturbedAttentionGuidance (the pipeline passed in, ComfyUI's twin of the same UNet) and
+SD3 + SkipLayerGuidanceSD3/DiT (both sides load the same tiny SD3 file).
 Skipped only when ComfyUI core is not installed (and then failed when DIFFGUIDE_REQUIRE_COMFY=1);
 failed when it is installed but does not import, or its nodes do not import or run.
 """
@@ -26,8 +28,10 @@ from comfy_workflow_support import (
     make_aura_models_dir,
     make_models_dir,
     make_sd3_models_dir,
+    make_sdxl_models_dir,
     qwen_workflow,
     sd3_workflow,
+    sdxl_pag_workflow,
 )
 
 from diffguide.comfy_workflow import execute, load
@@ -157,3 +161,47 @@ def test_sd3_slg_workflow_matches_comfyui_nodes(sd3_models, tmp_path, case):
         terms = (run.config.guidance[0], SLG(slg.scale, slg.layers, start=0.0, stop=1.0, window=slg.window))
         other = replace(run, config=replace(run.config, guidance=terms))
         assert (execute(other).latents - theirs).abs().max() > 100 * TOL
+
+
+@pytest.fixture(scope="module")
+def sdxl(models, tmp_path_factory):
+    """The tiny SDXL pipeline (its VAE factor set to ComfyUI's 8, so both sample one 16x16 latent),
+    its ComfyUI twin (comfy_nodes_support.sdxl_twin) and a models folder with its conditioning."""
+    import comfy_workflow_support
+    from comfy_nodes_support import sdxl_twin
+
+    from diffguide import GuidedPipeline
+    from diffguide.testing import tiny_sdxl
+
+    gp = GuidedPipeline(tiny_sdxl())
+    gp.pipe.vae_scale_factor = 8
+    twin = sdxl_twin(gp.unet)
+    comfy_workflow_support.EXTRA_NODES["CheckpointLoaderSimple"] = lambda i: (twin, None, None)
+    yield gp, make_sdxl_models_dir(tmp_path_factory.mktemp("sdxl"), gp)
+    del comfy_workflow_support.EXTRA_NODES["CheckpointLoaderSimple"]
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_sdxl_pag_workflow_matches_comfyui_nodes(sdxl, tmp_path, sampler):
+    """CheckpointLoaderSimple -> PerturbedAttentionGuidance(2) -> KSampler cfg 4 on a tiny SDXL: the
+    workflow's PAG(2, layers="mid") (every transformer block of the middle block, ComfyUI's
+    ("middle", 0) attn1 patch; a post-CFG x0 term = diffguide's prediction-space delta at one sigma).
+    Compared in model space (LATENT x 0.13025), as tests/test_comfy_pag_parity.py."""
+    from diffguide.sampling.comfy import SDXL_SCALE_FACTOR
+
+    gp, models = sdxl
+    wf = sdxl_pag_workflow(models, sampler=sampler)
+    ours = execute(load(_write(tmp_path, wf), models), gp).latents
+    theirs = comfy_execute(wf, models)
+    assert theirs.shape == ours.shape == (1, 4, 16, 16)
+    latent_diff = (ours - theirs).abs().max().item()
+    diff = latent_diff * SDXL_SCALE_FACTOR
+    print(
+        f"SDXL PAG workflow [{sampler}]: max abs diff {diff:.3g} in model space (|x| max "
+        f"{theirs.abs().max() * SDXL_SCALE_FACTOR:.3g}); {latent_diff:.3g} on ComfyUI's LATENT"
+    )
+    assert diff <= TOL
+    plain = execute(
+        load(_write(tmp_path, sdxl_pag_workflow(models, scale=None, sampler=sampler)), models), gp
+    )
+    assert (plain.latents - theirs).abs().max().item() * SDXL_SCALE_FACTOR > 100 * TOL
