@@ -361,7 +361,7 @@ def test_rescale_cfg_is_comfyuis_cfg_function_right_after_cfg(models, tmp_path):
         (lambda wf: wf["9"]["inputs"].update(multiplier=1.5),
          r"^node 9 \(RescaleCFG\): multiplier must be in \[0.0, 1.0\], got 1.5$"),
         (lambda wf: wf["4"]["inputs"].update(pre_cfg=True),
-         r"^node 8 \(KSampler\): RescaleCFG with PerturbedAttentionGuidance or CFGNorm pre_cfg is not mapped "),
+         r"^node 8 \(KSampler\): RescaleCFG with PerturbedAttentionGuidance, SkipLayerGuidance or CFGNorm pre_cfg is not mapped "),
     ],
 )  # fmt: skip
 def test_rescale_cfg_errors(models, tmp_path, edit, message):
@@ -492,3 +492,44 @@ def test_sdxl_size_keys_become_time_ids_as_comfyui_builds_them():
     cond = to_diffguide([[torch.zeros(2, 7, 32), {"pooled_output": pooled, "width": 96, "crop_h": 8}]], "x")
     assert cond.time_ids.tolist() == [[768.0, 96.0, 8.0, 0.0, 768.0, 96.0]] * 2  # ComfyUI's 768 default
     assert to_diffguide([[torch.zeros(1, 7, 32), {"pooled_output": pooled[:1]}]], "x").time_ids is None
+
+
+def test_tiny_sd_checkpoint_workflow_runs_with_the_models_own_latent_size(tmp_path):
+    """The bundled tiny-sd's VAE downsamples by 4, not ComfyUI's 8: `execute` used to fail with a raw
+    reshape error; the run keeps the workflow's pixel size and the model's latent (4 x 8 x 8)."""
+    from diffguide import GuidedPipeline
+    from diffguide.comfy_workflow import execute
+    from diffguide.comfy_workflow import load as load_workflow
+
+    wf = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd.safetensors"}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a handwritten digit 3", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 2}},
+        "3": {
+            "class_type": "KSampler",
+            "inputs": {
+                "seed": 7,
+                "steps": 2,
+                "cfg": 4.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+                "model": ["4", 0],
+                "positive": ["6", 0],
+                "negative": ["7", 0],
+                "latent_image": ["5", 0],
+            },
+        },
+    }
+    (tmp_path / "models" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "models" / "checkpoints" / "tiny-sd.safetensors").touch()
+    (tmp_path / "wf.json").write_text(json.dumps({"prompt": wf}))
+    run = load_workflow(tmp_path / "wf.json", tmp_path / "models")
+    gp = GuidedPipeline.from_pretrained("tiny-sd")
+    out = execute(run, gp)
+    assert out.latents.shape == (2, 4, 8, 8)
+    ref = gp.generate(run.config, decode=False)
+    from diffguide.sampling.comfy import SD_SCALE_FACTOR
+
+    assert torch.equal(out.latents, ref.latents.float() / SD_SCALE_FACTOR)
