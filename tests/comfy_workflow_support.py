@@ -106,8 +106,10 @@ def qwen_workflow(
     shift: float = 3.1,
     cfgnorm: float | None = 1.0,
     pre_cfg: bool = False,
+    rescale: float | None = None,
 ) -> dict[str, Any]:
-    """UNETLoader -> LoraLoaderModelOnly -> ModelSamplingAuraFlow -> CFGNorm -> KSampler (API format)."""
+    """UNETLoader -> LoraLoaderModelOnly -> ModelSamplingAuraFlow -> CFGNorm -> KSampler (API format);
+    ``rescale``: a RescaleCFG node (that multiplier) between ModelSamplingAuraFlow and CFGNorm."""
     wf: dict[str, Any] = {
         "1": {
             "class_type": "UNETLoader",
@@ -150,9 +152,12 @@ def qwen_workflow(
             },
         },
     }
+    if rescale is not None:
+        wf["9"] = {"class_type": "RescaleCFG", "inputs": {"model": ["3", 0], "multiplier": rescale}}
+        wf["4"]["inputs"]["model"] = ["9", 0]
     if cfgnorm is None:
         del wf["4"]
-        wf["8"]["inputs"]["model"] = ["3", 0]
+        wf["8"]["inputs"]["model"] = ["9" if rescale is not None else "3", 0]
     return wf
 
 
@@ -177,10 +182,16 @@ def make_aura_models_dir(root: Path) -> Path:
 
 
 def aura_workflow(
-    models: Path, *, sampler: str = "euler", scheduler: str = "simple", pre_cfg: bool = False
+    models: Path,
+    *,
+    sampler: str = "euler",
+    scheduler: str = "simple",
+    pre_cfg: bool = False,
+    rescale: float | None = None,
 ) -> dict[str, Any]:
-    """UNETLoader -> ModelSamplingAuraFlow(3.1) -> CFGNorm -> KSampler on EmptyLatentImage (API format)."""
-    wf = qwen_workflow(models, sampler=sampler, scheduler=scheduler, pre_cfg=pre_cfg)
+    """UNETLoader -> ModelSamplingAuraFlow(3.1) -> (RescaleCFG) -> CFGNorm -> KSampler on
+    EmptyLatentImage (API format)."""
+    wf = qwen_workflow(models, sampler=sampler, scheduler=scheduler, pre_cfg=pre_cfg, rescale=rescale)
     wf["1"]["inputs"]["unet_name"] = "tiny_aura.safetensors"
     del wf["2"]
     wf["3"]["inputs"]["model"] = ["1", 0]
@@ -188,6 +199,113 @@ def aura_workflow(
         "class_type": "EmptyLatentImage",
         "inputs": {"width": AURA_SIZE, "height": AURA_SIZE, "batch_size": 1},
     }
+    return wf
+
+
+SD3_SIZE = 128  # pixels: a 16x16 latent, the 8x8 patch grid of the tiny model's positional table
+
+
+def tiny_sd3_transformer(seed: int = 0) -> Any:
+    """A tiny diffusers SD3 transformer ComfyUI's MMDiT can hold: 2 blocks, width 64 x depth, 2 heads of 64."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    model = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=64,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=128,
+        pooled_projection_dim=32, out_channels=16, pos_embed_max_size=8,
+    )  # fmt: skip
+    return _liven(model, seed + 3).eval().requires_grad_(False)
+
+
+def make_sd3_models_dir(root: Path) -> Path:
+    """A tiny SD3 transformer (diffusers keys; its sizes all in the weights) and SD3-form conditioning."""
+    (root / "diffusion_models").mkdir(parents=True)
+    sd = {k: v.contiguous() for k, v in tiny_sd3_transformer().state_dict().items()}
+    save_file(sd, str(root / "diffusion_models" / "tiny_sd3.safetensors"))
+    for name, seed in (("positive", 1), ("negative", 2)):
+        g = torch.Generator().manual_seed(seed)
+        embeds, pooled = torch.randn(1, TOKENS, 32, generator=g), torch.randn(1, 32, generator=g)
+        save_comfy_conditioning(root / f"{name}.safetensors", [[embeds, {"pooled_output": pooled}]])
+    return root
+
+
+def sd3_workflow(
+    models: Path,
+    *,
+    layers: str = "1",
+    scale: float = 3.0,
+    start: float = 0.01,
+    end: float = 0.5,
+    sampler: str = "euler",
+    shift: float | None = 3.0,
+    steps: int = 8,
+    slg: bool = True,
+) -> dict[str, Any]:
+    """UNETLoader (tiny SD3) -> ModelSamplingSD3 -> SkipLayerGuidanceSD3 -> KSampler on EmptySD3LatentImage."""
+    wf = qwen_workflow(models, sampler=sampler, steps=steps, cfg=4.0, cfgnorm=None)
+    wf["1"]["inputs"]["unet_name"] = "tiny_sd3.safetensors"
+    del wf["2"]
+    wf["3"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": shift}}
+    wf["7"] = {
+        "class_type": "EmptySD3LatentImage",
+        "inputs": {"width": SD3_SIZE, "height": SD3_SIZE, "batch_size": 1},
+    }
+    upstream = ["3", 0]
+    if shift is None:
+        del wf["3"]
+        upstream = ["1", 0]
+    if slg:
+        wf["4"] = {
+            "class_type": "SkipLayerGuidanceSD3",
+            "inputs": {"model": upstream, "layers": layers, "scale": scale, "start_percent": start,
+                       "end_percent": end},
+        }  # fmt: skip
+        upstream = ["4", 0]
+    wf["8"]["inputs"]["model"] = upstream
+    return wf
+
+
+def as_dit_node(wf: dict[str, Any], rescaling: float) -> dict[str, Any]:
+    """``sd3_workflow``'s SkipLayerGuidanceSD3 as the SkipLayerGuidanceDiT node, with rescaling."""
+    i = wf["4"]["inputs"]
+    wf["4"] = {
+        "class_type": "SkipLayerGuidanceDiT",
+        "inputs": {"model": i["model"], "double_layers": i["layers"], "single_layers": "", "scale": i["scale"],
+                   "start_percent": i["start_percent"], "end_percent": i["end_percent"],
+                   "rescaling_scale": rescaling},
+    }  # fmt: skip
+    return wf
+
+
+def make_sdxl_models_dir(root: Path, gp: Any) -> Path:
+    """ComfyUI-form SDXL conditioning of the tiny SDXL pipeline ``gp`` (with CLIPTextEncodeSDXL's
+    width/height keys) and a placeholder checkpoint file (the test passes the pipeline itself)."""
+    from diffguide import CFG, GenerateConfig
+
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "checkpoints" / "tiny_sdxl.safetensors").write_bytes(b"the test passes its pipeline")
+    cfg = GenerateConfig.create(["a cat"], [""], guidance=[CFG(4.0)], steps=1, noise="comfy")
+    cond, uncond = gp.encode(cfg, SD3_SIZE, SD3_SIZE)
+    for name, c in (("positive", cond), ("negative", uncond)):
+        meta = {"pooled_output": c.tensors["pooled"], "width": SD3_SIZE, "height": SD3_SIZE}
+        save_comfy_conditioning(root / f"{name}.safetensors", [[c.embeds, meta]])
+    return root
+
+
+def sdxl_pag_workflow(models: Path, *, scale: float | None = 2.0, sampler: str = "euler") -> dict[str, Any]:
+    """CheckpointLoaderSimple (tiny SDXL) -> PerturbedAttentionGuidance -> KSampler cfg 4, euler/normal."""
+    wf = qwen_workflow(models, cfgnorm=None, scheduler="normal", sampler=sampler)
+    wf["1"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sdxl.safetensors"}}
+    del wf["2"], wf["3"]
+    wf["7"] = {
+        "class_type": "EmptyLatentImage",
+        "inputs": {"width": SD3_SIZE, "height": SD3_SIZE, "batch_size": 1},
+    }
+    wf["8"]["inputs"]["model"] = ["1", 0]
+    if scale is not None:
+        wf["4"] = {"class_type": "PerturbedAttentionGuidance", "inputs": {"model": ["1", 0], "scale": scale}}
+        wf["8"]["inputs"]["model"] = ["4", 0]
     return wf
 
 
@@ -215,6 +333,9 @@ def load_comfy_nodes() -> Any:
         import comfy_extras.nodes_cfg as nodes_cfg
         import comfy_extras.nodes_hunyuan as nodes_hunyuan
         import comfy_extras.nodes_model_advanced as nodes_model_advanced
+        import comfy_extras.nodes_pag as nodes_pag
+        import comfy_extras.nodes_sd3 as nodes_sd3
+        import comfy_extras.nodes_slg as nodes_slg
         import folder_paths
         import nodes
     except Exception as exc:
@@ -228,7 +349,8 @@ def load_comfy_nodes() -> Any:
         shutil.rmtree(standin_dir, ignore_errors=True)
     return type("ComfyNodes", (), {
         "nodes": nodes, "cfg": nodes_cfg, "advanced": nodes_model_advanced, "hunyuan": nodes_hunyuan,
-        "folder_paths": folder_paths,
+        "folder_paths": folder_paths, "sd3": nodes_sd3,
+        "slg": nodes_slg, "pag": nodes_pag,
     })  # fmt: skip
 
 
@@ -280,7 +402,30 @@ def comfy_aura_patcher(path: Path) -> Any:
     return c.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
+def comfy_sd3_patcher(path: Path) -> Any:
+    """ComfyUI's SD3 (MMDiT: width 64 x depth, depth heads) for a tiny diffusers SD3 state dict,
+    converted by ``convert_diffusers_mmdit`` (on a copy) and detected as ComfyUI detects SD3 files."""
+    from safetensors.torch import load_file
+
+    c = comfy_support.load_comfy()
+    import comfy.model_detection as md
+    import comfy.supported_models as sm
+
+    sd = md.convert_diffusers_mmdit({k: v.clone() for k, v in load_file(str(path)).items()}, "")
+    model_config = sm.SD3(md.detect_unet_config(sd, ""))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model(sd, "")
+    missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"ComfyUI SD3 state dict mismatch: {missing[:3]} {unexpected[:3]}")
+    model.eval()
+    cpu = torch.device("cpu")
+    return c.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
 def _patcher(path: Path) -> Any:
+    if "sd3" in path.name:
+        return comfy_sd3_patcher(path)
     return comfy_aura_patcher(path) if "aura" in path.name else comfy_qwen_patcher(path)
 
 
@@ -288,6 +433,11 @@ def _io_node(cls: Any, **kwargs: Any) -> Any:
     """An io-style (V3) node executed as ComfyUI's executor does."""
     clone = cls.PREPARE_CLASS_CLONE(None)
     return getattr(clone, clone.FUNCTION)(**kwargs).result
+
+
+#: node class -> ComfyUI-side stand-in (inputs dict -> outputs tuple) added by a test, e.g. a
+#: CheckpointLoaderSimple returning the ComfyUI twin of a tiny diffusers SDXL.
+EXTRA_NODES: dict[str, Any] = {}
 
 
 def comfy_execute(
@@ -304,12 +454,18 @@ def comfy_execute(
         "ModelSamplingAuraFlow": lambda i: cn.advanced.ModelSamplingAuraFlow().patch_aura(**i),
         "ModelSamplingSD3": lambda i: cn.advanced.ModelSamplingSD3().patch(**i),
         "CFGNorm": lambda i: _io_node(cn.cfg.CFGNorm, **i),
+        "RescaleCFG": lambda i: cn.advanced.RescaleCFG().patch(**i),
         "EmptyHunyuanLatentVideo": lambda i: _io_node(cn.hunyuan.EmptyHunyuanLatentVideo, **i),
         "KSampler": lambda i: nodes.KSampler().sample(**i),
         "UNETLoader": lambda i: (_patcher(models / "diffusion_models" / i["unet_name"]),),
         "EmptyLatentImage": lambda i: nodes.EmptyLatentImage().generate(**i),
+        "EmptySD3LatentImage": lambda i: _io_node(cn.sd3.EmptySD3LatentImage, **i),
+        "SkipLayerGuidanceSD3": lambda i: _io_node(cn.sd3.SkipLayerGuidanceSD3, **i),
+        "SkipLayerGuidanceDiT": lambda i: _io_node(cn.slg.SkipLayerGuidanceDiT, **i),
+        "PerturbedAttentionGuidance": lambda i: _io_node(cn.pag.PerturbedAttentionGuidance, **i),
         "DiffguideLoadConditioning": lambda i: (load_comfy_conditioning(i["file"])[0],),
     }
+    classes.update(EXTRA_NODES)
     values: dict[str, tuple[Any, ...]] = {}
 
     def out(nid: str) -> tuple[Any, ...]:

@@ -37,6 +37,7 @@ from diffguide.comfy_workflow.graph import parse_workflow
 from diffguide.comfy_workflow.models import load_diffusion_model
 from diffguide.conditioning import ConditioningFile
 from diffguide.errors import DiffguideError
+from diffguide.guidance import EmbeddedGuidance, RescaleCFG
 from diffguide.sampling.comfy import ComfyShift
 
 STEPS = 3
@@ -285,7 +286,8 @@ def test_clip_text_encode_needs_conditioning_files_for_unet_workflows(models, tm
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{}, {"pre_cfg": True, "sampler": "dpmpp_2m"}, {"cfgnorm": None, "lora": 1.0}]
+    "kwargs",
+    [{}, {"pre_cfg": True, "sampler": "dpmpp_2m"}, {"cfgnorm": None, "lora": 1.0}, {"rescale": 0.7}],
 )
 def test_a_run_written_as_a_workflow_loads_back_to_the_same_run(models, tmp_path, kwargs):
     from diffguide.comfy_workflow import to_workflow
@@ -336,6 +338,160 @@ def test_auraflow_loader_reads_the_sizes_from_the_weights(tmp_path):
         DiffguideError, match=r"the attention heads of a width-32 AuraFlow are not in its weights"
     ):
         load_diffusion_model(tmp_path / "bare.safetensors", torch.float32)
+
+
+def test_rescale_cfg_is_comfyuis_cfg_function_right_after_cfg(models, tmp_path):
+    """RescaleCFG replaces ComfyUI's CFG function: it comes right after CFG, before post-CFG patches,
+    wherever the node sits; on the 5-D video latent its std is per column (columns = latent width)."""
+    wf = qwen_workflow(models, rescale=0.7)
+    run = load(write(tmp_path, wf), models)
+    assert run.config.guidance == (CFG(4.0), RescaleCFG(0.7, columns=8), CFGNorm(1.0))
+    assert "node 9 (RescaleCFG): RescaleCFG multiplier 0.7" in "\n".join(explain(run))
+    wf["9"]["inputs"]["model"] = ["4", 0]  # after CFGNorm in the graph: still ComfyUI's CFG function
+    wf["4"]["inputs"]["model"] = ["3", 0]
+    wf["8"]["inputs"]["model"] = ["9", 0]
+    assert load(write(tmp_path, wf), models).config.guidance == run.config.guidance
+    wf["7"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    assert load(write(tmp_path, wf), models).config.guidance[1] == RescaleCFG(0.7)  # 4-D: per image
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda wf: wf["9"]["inputs"].update(multiplier=1.5),
+         r"^node 9 \(RescaleCFG\): multiplier must be in \[0.0, 1.0\], got 1.5$"),
+        (lambda wf: wf["4"]["inputs"].update(pre_cfg=True),
+         r"^node 8 \(KSampler\): RescaleCFG with PerturbedAttentionGuidance, SkipLayerGuidance or CFGNorm pre_cfg is not mapped "),
+    ],
+)  # fmt: skip
+def test_rescale_cfg_errors(models, tmp_path, edit, message):
+    wf = qwen_workflow(models, rescale=0.7)
+    edit(wf)
+    with pytest.raises(WorkflowError, match=message):
+        load(write(tmp_path, wf), models)
+
+
+def _flux_guidance(wf: dict, pos: float, neg: float | None) -> dict:
+    wf["10"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["5", 0], "guidance": pos}}
+    wf["8"]["inputs"]["positive"] = ["10", 0]
+    if neg is not None:
+        wf["11"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["6", 0], "guidance": neg}}
+        wf["8"]["inputs"]["negative"] = ["11", 0]
+    return wf
+
+
+def test_flux_guidance_is_the_embedded_guidance(models, tmp_path):
+    from diffguide.comfy_workflow import to_workflow
+
+    run = load(write(tmp_path, _flux_guidance(qwen_workflow(models), 3.5, 3.5)), models)
+    assert run.config.guidance == (CFG(4.0), CFGNorm(1.0), EmbeddedGuidance(3.5))
+    text = "\n".join(explain(run))
+    assert "embedded guidance 3.5 via node 10 (FluxGuidance)" in text
+    assert '"guidance": 3.5' in text  # the conditioning's dict carries it, as ComfyUI's node sets it
+    files = (str(models / "positive.safetensors"), str(models / "negative.safetensors"))
+    again = load(write(tmp_path, to_workflow(run, files)), models)
+    assert again.config.guidance == run.config.guidance
+    cfg1 = load(write(tmp_path, _flux_guidance(qwen_workflow(models, cfg=1.0), 2.0, None)), models)
+    assert cfg1.config.guidance[-1] == EmbeddedGuidance(2.0)  # cfg 1: the negative is never run
+    with pytest.raises(
+        WorkflowError,
+        match=r"^node 8 \(KSampler\): positive and negative carry different FluxGuidance scales \(3.5, 2.0\); ",
+    ):
+        load(write(tmp_path, _flux_guidance(qwen_workflow(models), 3.5, 2.0)), models)
+    with pytest.raises(DiffguideError) as info:  # Qwen-Image has no guidance embedding
+        execute(replace(run, config=replace(run.config, steps=1)))
+    assert "\n" not in str(info.value)
+    print(f"FluxGuidance on Qwen-Image: {info.value}")
+
+
+@pytest.fixture(scope="module")
+def sd3_models(tmp_path_factory) -> Path:
+    from comfy_workflow_support import make_sd3_models_dir
+
+    return make_sd3_models_dir(tmp_path_factory.mktemp("sd3"))
+
+
+def test_skip_layer_guidance_maps_to_slg_comfy_with_the_nodes_sigma_window(sd3_models, tmp_path):
+    from comfy_workflow_support import as_dit_node, sd3_workflow
+
+    from diffguide.guidance import Window
+    from diffguide.guidance.slg_comfy import SLGComfy
+
+    run = load(write(tmp_path, sd3_workflow(sd3_models, layers="7, 8", start=0.0, end=0.5)), sd3_models)
+    # percent_to_sigma of ModelSamplingDiscreteFlow(shift 3): 0 -> 1, 0.5 -> 3 * 0.5 / (1 + 2 * 0.5)
+    assert run.config.guidance == (
+        CFG(4.0),
+        SLGComfy(3.0, "b7,b8", window=Window(sigma_min=0.75, sigma_max=1.0)),
+    )
+    wf = as_dit_node(sd3_workflow(sd3_models), 0.5)
+    wf["4"]["inputs"]["single_layers"] = "2"
+    (term,) = load(write(tmp_path, wf), sd3_models).config.guidance[1:]
+    assert (term.layers, term.rescaling_scale) == ("b1,s2", 0.5)
+    assert load(write(tmp_path, sd3_workflow(sd3_models, layers="")), sd3_models).config.guidance == (
+        CFG(4.0),
+    )
+
+
+def _cfgnorm_before_slg(wf: dict) -> dict:
+    wf["9"] = {"class_type": "CFGNorm", "inputs": {"model": wf["4"]["inputs"]["model"], "strength": 1.0}}
+    wf["4"]["inputs"]["model"] = ["9", 0]
+    return wf
+
+
+def _rescale_before_slg(wf: dict) -> dict:
+    wf["9"] = {"class_type": "RescaleCFG", "inputs": {"model": ["3", 0], "multiplier": 0.7}}
+    wf["4"]["inputs"]["model"] = ["9", 0]
+    return wf
+
+
+def _dit_without_sampling(wf: dict) -> dict:
+    from comfy_workflow_support import as_dit_node
+
+    wf = as_dit_node(wf, 0.0)
+    wf["4"]["inputs"]["model"] = ["1", 0]
+    return wf
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda wf: wf["4"]["inputs"].update(start_percent=0.6, end_percent=0.2),
+         r"^node 4 \(SkipLayerGuidanceSD3\): end_percent 0.2 is before start_percent 0.6$"),
+        (lambda wf: wf["4"]["inputs"].update(scale=-1.0),
+         r"^node 4 \(SkipLayerGuidanceSD3\): scale must be in \[0.0, 100.0\], got -1$"),
+        (_dit_without_sampling,
+         r"^node 4 \(SkipLayerGuidanceDiT\): needs a ModelSamplingSD3 or ModelSamplingAuraFlow node before it "),
+        (_cfgnorm_before_slg, r"^node 8 \(KSampler\): CFGNorm before SkipLayerGuidance is not mapped "),
+        (_rescale_before_slg, r"^node 8 \(KSampler\): RescaleCFG with PerturbedAttentionGuidance, SkipLayerGuidance"),
+    ],
+)  # fmt: skip
+def test_skip_layer_guidance_errors(sd3_models, tmp_path, edit, message):
+    from comfy_workflow_support import sd3_workflow
+
+    wf = sd3_workflow(sd3_models)
+    edit(wf)
+    with pytest.raises(WorkflowError, match=message) as info:
+        load(write(tmp_path, wf), sd3_models)
+    assert "\n" not in str(info.value)
+
+
+def test_sd3_loader_reads_the_sizes_from_the_weights(sd3_models):
+    pipe = load_diffusion_model(sd3_models / "diffusion_models" / "tiny_sd3.safetensors", torch.float32)
+    cfg = pipe.transformer.config
+    assert (cfg.num_layers, cfg.num_attention_heads, cfg.attention_head_dim, cfg.joint_attention_dim) == (
+        2,
+        2,
+        64,
+        32,
+    )
+    assert (cfg.pooled_projection_dim, cfg.pos_embed_max_size, cfg.patch_size) == (32, 8, 2)
+
+
+def test_sdxl_size_keys_become_time_ids_as_comfyui_builds_them():
+    pooled = torch.zeros(2, 32)
+    cond = to_diffguide([[torch.zeros(2, 7, 32), {"pooled_output": pooled, "width": 96, "crop_h": 8}]], "x")
+    assert cond.time_ids.tolist() == [[768.0, 96.0, 8.0, 0.0, 768.0, 96.0]] * 2  # ComfyUI's 768 default
+    assert to_diffguide([[torch.zeros(1, 7, 32), {"pooled_output": pooled[:1]}]], "x").time_ids is None
 
 
 def test_tiny_sd_checkpoint_workflow_runs_with_the_models_own_latent_size(tmp_path):

@@ -2,10 +2,13 @@
 
 The service problem's workflow (docs/comfyui.md): UNETLoader -> LoraLoaderModelOnly(0.8) ->
 ModelSamplingAuraFlow(3.1) -> CFGNorm(1.0) -> KSampler(euler, simple, cfg 4, 8 steps, seed 12345)
-on a tiny random Qwen-Image transformer with a peft LoRA and ComfyUI-form conditioning. ComfyUI's
+on a tiny random Qwen-Image transformer with a peft LoRA and ComfyUI-form conditioning (also with
+a RescaleCFG node, ComfyUI's CFG function, before CFGNorm's post-CFG patch). ComfyUI's
 side runs its node classes (tests/comfy_workflow_support.py; only UNETLoader is replaced by the
 explicit-config build, since ComfyUI's detection builds a full-size Qwen-Image). The final
 ``[1, 16, 1, 8, 8]`` LATENT samples must agree to 1e-4; ``pytest -s`` prints the figures.
+Also SDXL + PerturbedAttentionGuidance (the pipeline passed in, ComfyUI's twin of the same UNet) and
+SD3 + SkipLayerGuidanceSD3/DiT (both sides load the same tiny SD3 file).
 Skipped only when ComfyUI core is not installed (and then failed when DIFFGUIDE_REQUIRE_COMFY=1);
 failed when it is installed but does not import, or its nodes do not import or run.
 """
@@ -13,19 +16,27 @@ failed when it is installed but does not import, or its nodes do not import or r
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import comfy_support
 import pytest
 from comfy_workflow_support import (
+    as_dit_node,
     aura_workflow,
     comfy_execute,
     load_comfy_nodes,
     make_aura_models_dir,
     make_models_dir,
+    make_sd3_models_dir,
+    make_sdxl_models_dir,
     qwen_workflow,
+    sd3_workflow,
+    sdxl_pag_workflow,
 )
 
 from diffguide.comfy_workflow import execute, load
+from diffguide.guidance import SLG, RescaleCFG
+from diffguide.guidance.slg_comfy import SLGComfy
 
 TOL = 1e-4
 
@@ -46,6 +57,8 @@ CASES = {
     "euler/simple, CFGNorm pre_cfg": {"pre_cfg": True},
     "dpmpp_2m/simple": {"sampler": "dpmpp_2m"},
     "euler_ancestral/normal": {"sampler": "euler_ancestral", "scheduler": "normal"},
+    "RescaleCFG 0.7 then CFGNorm": {"rescale": 0.7},
+    "RescaleCFG 0.5, dpmpp_2m, no CFGNorm": {"rescale": 0.5, "cfgnorm": None, "sampler": "dpmpp_2m"},
 }
 
 
@@ -64,6 +77,16 @@ def test_qwen_workflow_matches_comfyui_nodes(models, tmp_path, case):
         for change in ({"cfgnorm": None}, {"lora": 1.0}, {"shift": 1.73}):
             other = execute(load(_write(tmp_path, qwen_workflow(models, **change)), models)).latents
             assert (other - theirs).abs().max() > 100 * TOL, change
+    if "rescale" in CASES[case]:  # the RescaleCFG node changes the result: the comparison sees it
+        plain = {**CASES[case], "rescale": None}
+        other = execute(load(_write(tmp_path, qwen_workflow(models, **plain)), models)).latents
+        assert (other - theirs).abs().max() > 100 * TOL
+        # ComfyUI's std over dims (1, 2, 3) of the 5-D latent is per column; one std per image is not it
+        run = load(path, models)
+        terms = tuple(replace(t, columns=0) if isinstance(t, RescaleCFG) else t for t in run.config.guidance)
+        assert [t.columns for t in run.config.guidance if isinstance(t, RescaleCFG)] == [8]
+        per_image = replace(run, config=replace(run.config, guidance=terms))
+        assert (execute(per_image).latents - theirs).abs().max() > 100 * TOL
 
 
 def _write(tmp_path, wf):
@@ -77,14 +100,108 @@ def aura_models(models, tmp_path_factory):
     return make_aura_models_dir(tmp_path_factory.mktemp("aura"))
 
 
-@pytest.mark.parametrize("case", ["euler/simple", "dpmpp_2m/simple, pre_cfg"])
+AURA_CASES = {
+    "euler/simple": {},
+    "dpmpp_2m/simple, pre_cfg": {"sampler": "dpmpp_2m", "pre_cfg": True},
+    "euler/simple, RescaleCFG 0.7": {"rescale": 0.7},
+}
+
+
+@pytest.mark.parametrize("case", list(AURA_CASES))
 def test_auraflow_workflow_matches_comfyui_nodes(aura_models, tmp_path, case):
-    """UNETLoader (a tiny AuraFlow) -> ModelSamplingAuraFlow(3.1) -> CFGNorm -> KSampler, 4-channel latent."""
-    kwargs = {"sampler": "dpmpp_2m", "pre_cfg": True} if "pre_cfg" in case else {}
-    wf = aura_workflow(aura_models, **kwargs)
+    """UNETLoader (a tiny AuraFlow) -> ModelSamplingAuraFlow(3.1) -> (RescaleCFG) -> CFGNorm ->
+    KSampler, 4-channel 4-D latent (RescaleCFG's std over the whole image)."""
+    wf = aura_workflow(aura_models, **AURA_CASES[case])
     ours = execute(load(_write(tmp_path, wf), aura_models))
     theirs = comfy_execute(wf, aura_models)
     assert theirs.shape == ours.latents.shape == (1, 4, 16, 16)
     diff = (ours.latents - theirs).abs().max().item()
     print(f"AuraFlow workflow [{case}]: max abs diff {diff:.3g} (|latent| max {theirs.abs().max():.3g})")
     assert diff <= TOL
+    if "rescale" in AURA_CASES[case]:
+        other = execute(load(_write(tmp_path, aura_workflow(aura_models)), aura_models)).latents
+        assert (other - theirs).abs().max() > 100 * TOL
+
+
+@pytest.fixture(scope="module")
+def sd3_models(models, tmp_path_factory):
+    return make_sd3_models_dir(tmp_path_factory.mktemp("sd3"))
+
+
+SD3_CASES = {
+    "SkipLayerGuidanceSD3 b1, 0.01..0.5, euler": ({}, None),
+    "SkipLayerGuidanceSD3 b1, 0..1, dpmpp_2m": ({"start": 0.0, "end": 1.0, "sampler": "dpmpp_2m"}, None),
+    "SkipLayerGuidanceSD3 b0, no ModelSamplingSD3 (shift 3)": ({"layers": "0", "shift": None}, None),
+    "SkipLayerGuidanceDiT b1, rescaling 0.5": ({"end": 0.8}, 0.5),
+}
+
+
+@pytest.mark.parametrize("case", list(SD3_CASES))
+def test_sd3_slg_workflow_matches_comfyui_nodes(sd3_models, tmp_path, case):
+    """UNETLoader (a tiny SD3, ComfyUI's MMDiT sizes) -> ModelSamplingSD3(3) -> SkipLayerGuidanceSD3 (or
+    SkipLayerGuidanceDiT) -> KSampler cfg 4 on EmptySD3LatentImage: the SLGComfy term."""
+    kwargs, rescaling = SD3_CASES[case]
+    wf = sd3_workflow(sd3_models, **kwargs)
+    if rescaling is not None:
+        wf = as_dit_node(wf, rescaling)
+    path = _write(tmp_path, wf)
+    run = load(path, sd3_models)
+    ours = execute(run).latents
+    theirs = comfy_execute(wf, sd3_models)
+    assert theirs.shape == ours.shape == (1, 16, 16, 16)
+    diff = (ours - theirs).abs().max().item()
+    print(f"SD3 workflow [{case}]: max abs diff {diff:.3g} (|latent| max {theirs.abs().max():.3g})")
+    assert diff <= TOL
+    plain = execute(
+        load(_write(tmp_path, sd3_workflow(sd3_models, **{**kwargs, "slg": False})), sd3_models)
+    ).latents
+    assert (plain - theirs).abs().max() > 100 * TOL  # the node changed ComfyUI's result
+    if kwargs.get("start") == 0.0:  # diffguide's SLG (diffusers' strict step rule) drops step 0
+        (slg,) = (t for t in run.config.guidance if isinstance(t, SLGComfy))
+        terms = (run.config.guidance[0], SLG(slg.scale, slg.layers, start=0.0, stop=1.0, window=slg.window))
+        other = replace(run, config=replace(run.config, guidance=terms))
+        assert (execute(other).latents - theirs).abs().max() > 100 * TOL
+
+
+@pytest.fixture(scope="module")
+def sdxl(models, tmp_path_factory):
+    """The tiny SDXL pipeline (its VAE factor set to ComfyUI's 8, so both sample one 16x16 latent),
+    its ComfyUI twin (comfy_nodes_support.sdxl_twin) and a models folder with its conditioning."""
+    import comfy_workflow_support
+    from comfy_nodes_support import sdxl_twin
+
+    from diffguide import GuidedPipeline
+    from diffguide.testing import tiny_sdxl
+
+    gp = GuidedPipeline(tiny_sdxl())
+    gp.pipe.vae_scale_factor = 8
+    twin = sdxl_twin(gp.unet)
+    comfy_workflow_support.EXTRA_NODES["CheckpointLoaderSimple"] = lambda i: (twin, None, None)
+    yield gp, make_sdxl_models_dir(tmp_path_factory.mktemp("sdxl"), gp)
+    del comfy_workflow_support.EXTRA_NODES["CheckpointLoaderSimple"]
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_sdxl_pag_workflow_matches_comfyui_nodes(sdxl, tmp_path, sampler):
+    """CheckpointLoaderSimple -> PerturbedAttentionGuidance(2) -> KSampler cfg 4 on a tiny SDXL: the
+    workflow's PAG(2, layers="mid") (every transformer block of the middle block, ComfyUI's
+    ("middle", 0) attn1 patch; a post-CFG x0 term = diffguide's prediction-space delta at one sigma).
+    Compared in model space (LATENT x 0.13025), as tests/test_comfy_pag_parity.py."""
+    from diffguide.sampling.comfy import SDXL_SCALE_FACTOR
+
+    gp, models = sdxl
+    wf = sdxl_pag_workflow(models, sampler=sampler)
+    ours = execute(load(_write(tmp_path, wf), models), gp).latents
+    theirs = comfy_execute(wf, models)
+    assert theirs.shape == ours.shape == (1, 4, 16, 16)
+    latent_diff = (ours - theirs).abs().max().item()
+    diff = latent_diff * SDXL_SCALE_FACTOR
+    print(
+        f"SDXL PAG workflow [{sampler}]: max abs diff {diff:.3g} in model space (|x| max "
+        f"{theirs.abs().max() * SDXL_SCALE_FACTOR:.3g}); {latent_diff:.3g} on ComfyUI's LATENT"
+    )
+    assert diff <= TOL
+    plain = execute(
+        load(_write(tmp_path, sdxl_pag_workflow(models, scale=None, sampler=sampler)), models), gp
+    )
+    assert (plain.latents - theirs).abs().max().item() * SDXL_SCALE_FACTOR > 100 * TOL

@@ -48,6 +48,8 @@ WAN21_STD = (
     2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
 )  # fmt: skip
+#: ComfyUI's SD3 latent format (the SD3 VAE's scaling and shift factors).
+SD3_SCALE, SD3_SHIFT = 1.5305, 0.0609
 
 
 def load(
@@ -144,6 +146,8 @@ def comfy_latent_out(gp: Any, latents: torch.Tensor, shape: tuple[int, ...]) -> 
         from ..sampling.comfy import SD_SCALE_FACTOR, SDXL_SCALE_FACTOR
 
         x = x / (SDXL_SCALE_FACTOR if gp.is_xl else SD_SCALE_FACTOR)
+    elif family == "sd3":  # ComfyUI's SD3 latent format: x / scale + shift
+        x = x / SD3_SCALE + SD3_SHIFT
     else:
         raise DiffguideError(f"ComfyUI's latent format for {family} models is not mapped yet")
     # ComfyUI's empty-latent nodes make ``size // 8`` latents whatever the VAE; diffguide sizes runs

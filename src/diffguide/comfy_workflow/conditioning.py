@@ -127,7 +127,8 @@ def load_comfy_conditioning(path: str | Path) -> tuple[ComfyConditioning, dict[s
 
 def to_diffguide(entries: ComfyConditioning, what: str) -> Conditioning:
     """diffguide's Conditioning for one ComfyUI conditioning (one entry): ``embeds`` the tensor,
-    ``mask`` its ``attention_mask``, ``pooled`` its ``pooled_output``."""
+    ``mask`` its ``attention_mask``, ``pooled`` its ``pooled_output``; with SDXL's ``width`` /
+    ``height`` keys, ``time_ids`` as ComfyUI builds them."""
     if len(entries) != 1:
         raise DiffguideError(
             f"{what}: {len(entries)} conditioning entries (combined/area conditioning) are not supported"
@@ -138,7 +139,18 @@ def to_diffguide(entries: ComfyConditioning, what: str) -> Conditioning:
         tensors["mask"] = meta["attention_mask"]
     if isinstance(meta.get("pooled_output"), Tensor):
         tensors["pooled"] = meta["pooled_output"]
+        if "width" in meta or "height" in meta:  # SDXL's size conditioning (CLIPTextEncodeSDXL's keys)
+            tensors["time_ids"] = sdxl_time_ids(meta, tensor.shape[0])
     return Conditioning(tensors=tensors)
+
+
+def sdxl_time_ids(meta: dict[str, Any], batch: int) -> Tensor:
+    """SDXL's ``time_ids`` (B, 6) from a conditioning dict, with ComfyUI's ``SDXL.encode_adm``
+    defaults: ``[height, width, crop_h, crop_w, target_height, target_width]``, 768 when absent."""
+    h, w = float(meta.get("height", 768)), float(meta.get("width", 768))
+    values = [h, w, meta.get("crop_h", 0), meta.get("crop_w", 0), meta.get("target_height", h)]
+    values.append(meta.get("target_width", w))
+    return torch.tensor([[float(v) for v in values]]).expand(batch, 6).clone()
 
 
 def describe_metadata(entries: ComfyConditioning) -> str:

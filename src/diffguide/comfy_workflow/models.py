@@ -131,6 +131,40 @@ def auraflow_config(sd: dict[str, torch.Tensor], metadata: dict[str, str], name:
     return cfg
 
 
+def sd3_config(sd: dict[str, torch.Tensor], metadata: dict[str, str], name: str) -> dict[str, Any]:
+    """``SD3Transformer2DModel`` kwargs from the shapes (heads: the config, else width / 64 as SD3)."""
+    inner, in_channels, patch, _ = sd["pos_embed.proj.weight"].shape
+    layers = _count(sd, "transformer_blocks")
+    cfg: dict[str, Any] = {
+        "patch_size": int(patch),
+        "in_channels": int(in_channels),
+        "out_channels": int(sd["proj_out.weight"].shape[0]) // int(patch * patch),
+        "num_layers": layers,
+        "joint_attention_dim": int(sd["context_embedder.weight"].shape[1]),
+        "caption_projection_dim": int(inner),
+        "pooled_projection_dim": int(sd["time_text_embed.text_embedder.linear_1.weight"].shape[1]),
+        "pos_embed_max_size": round(int(sd["pos_embed.pos_embed"].shape[1]) ** 0.5),
+        "dual_attention_layers": tuple(
+            i for i in range(layers) if f"transformer_blocks.{i}.attn2.to_q.weight" in sd
+        ),
+        "qk_norm": "rms_norm" if "transformer_blocks.0.attn.norm_q.weight" in sd else None,
+    }
+    given = json.loads(metadata["config"]) if "config" in metadata else {}
+    for key, value in cfg.items():
+        if (
+            key in given
+            and given[key] != value
+            and not (isinstance(value, tuple) and tuple(given[key]) == value)
+        ):
+            raise DiffguideError(f"'{name}': its config says {key}={given[key]}, its weights {value}")
+    heads = int(given.get("num_attention_heads", int(inner) // 64))
+    if heads <= 0 or int(inner) % heads:
+        raise DiffguideError(f"'{name}': {heads} attention heads do not divide the width {inner}")
+    cfg.update(num_attention_heads=heads, attention_head_dim=int(inner) // heads)
+    cfg["sample_size"] = int(given.get("sample_size", 128))
+    return cfg
+
+
 def load_diffusion_model(path: Path, dtype: torch.dtype) -> Any:
     """A diffusers pipeline (no text encoder, no VAE) around the transformer in ``path``."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
@@ -159,9 +193,23 @@ def load_diffusion_model(path: Path, dtype: torch.dtype) -> Any:
             tokenizer=None, text_encoder=None, vae=None, transformer=aura,
             scheduler=FlowMatchEulerDiscreteScheduler(shift=1.73),
         )  # fmt: skip
+    if (
+        "transformer_blocks.0.attn.add_k_proj.weight" in sd
+        and "time_text_embed.text_embedder.linear_1.weight" in sd
+    ):
+        from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+        sd3: Any = SD3Transformer2DModel(**sd3_config(sd, metadata, path.name))
+        _load(sd3, sd, path)
+        sd3 = (sd3 if dtype == torch.float32 else sd3.to(dtype)).eval().requires_grad_(False)
+        return StableDiffusion3Pipeline(
+            transformer=sd3, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None,
+            text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+            text_encoder_3=None, tokenizer_3=None,
+        )  # fmt: skip
     raise DiffguideError(
-        f"'{path}': not a diffusion model diffguide can read from its weights (supported: Qwen-Image and "
-        "AuraFlow transformers in diffusers' key names)"
+        f"'{path}': not a diffusion model diffguide can read from its weights (supported: Qwen-Image, "
+        "AuraFlow and SD3 transformers in diffusers' key names)"
     )
 
 

@@ -7,7 +7,12 @@ How each node maps (docs/comfyui.md has the table):
 * ``ModelSamplingAuraFlow`` / ``ModelSamplingSD3`` / ``ModelSamplingFlux``: a
   :class:`~diffguide.sampling.comfy.ComfyShift` (the last one applied wins, as in ComfyUI);
 * ``CFGNorm``: a :class:`~diffguide.guidance.CFGNorm` term after CFG; ``PerturbedAttentionGuidance``
-  a ``PAG`` term on the UNet's middle block (SD UNets only);
+  a ``PAG`` term on the UNet's middle block (SD UNets only); ``RescaleCFG``: a
+  :class:`~diffguide.guidance.RescaleCFG` term right after CFG (it is ComfyUI's CFG function);
+* ``SkipLayerGuidanceSD3`` / ``SkipLayerGuidanceDiT``: an :class:`~diffguide.guidance.slg_comfy.SLGComfy`
+  term (the node's semantics: sigma window from the percents, optional rescaling);
+* ``FluxGuidance``: the conditioning's ``guidance``, an :class:`~diffguide.guidance.EmbeddedGuidance`
+  term (guidance-distilled models);
 * ``KSampler`` / ``KSamplerAdvanced`` (full run only): CFG(cfg), sampler, schedule, steps, seed, the
   ``comfy`` noise policy; ``Empty*Latent*``: batch and size;
 * conditioning: ``CLIPTextEncode`` (a prompt for a model with its text encoder),
@@ -16,6 +21,7 @@ How each node maps (docs/comfyui.md has the table):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,7 +30,8 @@ from typing import Any
 import torch
 
 from ..conditioning import ConditioningFile
-from ..guidance import CFG, PAG, CFGNorm, GuidanceTerm
+from ..guidance import CFG, PAG, CFGNorm, EmbeddedGuidance, GuidanceTerm, RescaleCFG, Window
+from ..guidance.slg_comfy import SLGComfy
 from ..manifest import file_hash
 from ..pipeline import COMFY_SAMPLER_NAMES, GenerateConfig
 from ..sampling.comfy import COMFY_SCHEDULERS, ComfyShift, flux_node_shift
@@ -54,6 +61,7 @@ class _Model:
     sampling: ComfyShift | None = None
     terms: tuple[GuidanceTerm, ...] = ()
     notes: tuple[str, ...] = ()
+    cfg_function: RescaleCFG | None = None  # ComfyUI's sampler CFG function (the last one set wins)
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,7 @@ class _Cond:
     text: str | None = None
     entries: ComfyConditioning | None = None
     source: str = ""
+    guidance: float | None = None  # FluxGuidance's embedded guidance scale
 
 
 @dataclass(frozen=True)
@@ -229,20 +238,52 @@ class Translator:
         raise WorkflowError(f"{node.label}: {why}")
 
     def _RescaleCFG(self, node: Node) -> tuple[Any, ...]:
-        return self._unsupported(
-            node, "RescaleCFG is not mapped yet (ComfyUI rescales in v space; not exact here)"
+        model: _Model = self.value(node, "model")
+        phi = self.number(node, "multiplier", 0.0, 1.0)
+        note = f"{node.label}: RescaleCFG multiplier {phi:g} (ComfyUI's CFG function: rescaled in v space)"
+        return (replace(model, cfg_function=RescaleCFG(phi), notes=(*model.notes, note)),)
+
+    def _slg(self, node: Node, double: str, single: str, rescaling: float) -> tuple[Any, ...]:
+        model: _Model = self.value(node, "model")
+        blocks = [f"b{i}" for i in re.findall(r"\d+", double)] + [f"s{i}" for i in re.findall(r"\d+", single)]
+        if not blocks:  # the node returns the model unchanged
+            return (replace(model, notes=(*model.notes, f"{node.label}: no layers, no effect")),)
+        scale = self.number(node, "scale", 0.0, 100.0)
+        start, end = (self.number(node, k, 0.0, 1.0) for k in ("start_percent", "end_percent"))
+        sampling = model.sampling or (
+            ComfyShift("flow", 3.0, 1000.0) if node.class_type.endswith("SD3") else None
         )
+        if sampling is None or sampling.kind != "flow":
+            raise WorkflowError(
+                f"{node.label}: needs a ModelSamplingSD3 or ModelSamplingAuraFlow node before it "
+                "(its percents are sigmas of that model sampling)"
+            )
+        top, bottom = _percent_to_sigma(sampling.shift, start), _percent_to_sigma(sampling.shift, end)
+        if bottom > top:
+            raise WorkflowError(f"{node.label}: end_percent {end:g} is before start_percent {start:g}")
+        window = Window(sigma_min=bottom, sigma_max=top)
+        term = SLGComfy(scale, ",".join(blocks), rescaling, window=window)
+        what = f"SLG (ComfyUI) scale {scale:g} skipping {term.layers}, sigma {bottom:.6g}..{top:.6g}" + (
+            f", rescaling {rescaling:g}" if rescaling else ""
+        )
+        return self._term(node, term, what)
 
     def _SkipLayerGuidanceSD3(self, node: Node) -> tuple[Any, ...]:
-        return self._unsupported(node, "SkipLayerGuidanceSD3 is not mapped yet")
+        return self._slg(node, str(self.value(node, "layers")), "", 0.0)
 
     def _SkipLayerGuidanceDiT(self, node: Node) -> tuple[Any, ...]:
-        return self._unsupported(node, "SkipLayerGuidanceDiT is not mapped yet")
+        rescaling = (
+            self.number(node, "rescaling_scale", 0.0, 10.0) if "rescaling_scale" in node.inputs else 0.0
+        )
+        double, single = (str(self.value(node, k)) for k in ("double_layers", "single_layers"))
+        return self._slg(node, double, single, rescaling)
 
     def _FluxGuidance(self, node: Node) -> tuple[Any, ...]:
-        return self._unsupported(
-            node, "FluxGuidance is not mapped yet (use diffguide generate with EmbeddedGuidance)"
-        )
+        cond: _Cond = self.value(node, "conditioning")
+        scale = self.number(node, "guidance", 0.0, 100.0)
+        entries = None if cond.entries is None else [[t, {**m, "guidance": scale}] for t, m in cond.entries]
+        source = f"{cond.source}, embedded guidance {scale:g} via {node.label}"
+        return (replace(cond, node=node.id, entries=entries, source=source, guidance=scale),)
 
     # -- conditioning ---------------------------------------------------------------------------
     def _CLIPTextEncode(self, node: Node) -> tuple[Any, ...]:
@@ -344,7 +385,7 @@ class Translator:
                 f"{node.label}: scheduler '{schedule}' is not supported; one of {', '.join(COMFY_SCHEDULERS)}"
             )
         cfg_scale = self.number(node, "cfg", 0.0, 100.0)
-        terms: tuple[GuidanceTerm, ...] = (CFG(cfg_scale), *model.terms)
+        terms = _terms(node, model, cfg_scale, pos, neg, latent)
         batch = latent.shape[0]
         conditioning = None
         if (pos.entries is None) != (neg.entries is None):
@@ -389,6 +430,53 @@ class Translator:
     def _SaveImage(self, node: Node) -> tuple[Any, ...]:
         run: WorkflowRun = self.value(node, "images")
         return (replace(run, save_prefix=str(self.value(node, "filename_prefix"))),)
+
+
+def _terms(
+    node: Node, model: _Model, cfg: float, pos: _Cond, neg: _Cond, latent: _Latent
+) -> tuple[GuidanceTerm, ...]:
+    """CFG(cfg), RescaleCFG (ComfyUI's CFG function, so before every post-CFG patch; on a 5-D
+    latent its std is per column), the model's patches in order, and FluxGuidance's scale as
+    embedded guidance (one model input)."""
+    rescale = model.cfg_function
+    if rescale is not None and len(latent.shape) == 5:
+        rescale = replace(rescale, columns=latent.shape[-1])
+    if rescale is not None and any(
+        isinstance(t, (PAG, SLGComfy)) or getattr(t, "pre_cfg", False) for t in model.terms
+    ):
+        raise WorkflowError(
+            f"{node.label}: RescaleCFG with PerturbedAttentionGuidance, SkipLayerGuidance or CFGNorm pre_cfg "
+            "is not mapped (ComfyUI rescales the plain CFG result before those patches)"
+        )
+    kinds = [type(t) for t in model.terms]
+    if (
+        CFGNorm in kinds
+        and SLGComfy in kinds
+        and kinds.index(CFGNorm) < len(kinds) - kinds[::-1].index(SLGComfy)
+    ):
+        raise WorkflowError(
+            f"{node.label}: CFGNorm before SkipLayerGuidance is not mapped (ComfyUI's CFGNorm would not see "
+            "the SLG term); put CFGNorm after it"
+        )
+    embedded: tuple[GuidanceTerm, ...] = ()
+    if pos.guidance is not None or neg.guidance is not None:
+        if cfg != 1.0 and pos.guidance != neg.guidance:
+            raise WorkflowError(
+                f"{node.label}: positive and negative carry different FluxGuidance scales "
+                f"({pos.guidance}, {neg.guidance}); diffguide feeds one embedded guidance scale"
+            )
+        embedded = (EmbeddedGuidance(float(pos.guidance if pos.guidance is not None else 0.0)),)
+    return (CFG(cfg), *(() if rescale is None else (rescale,)), *model.terms, *embedded)
+
+
+def _percent_to_sigma(shift: float, percent: float) -> float:
+    """ComfyUI's ``ModelSamplingDiscreteFlow.percent_to_sigma``."""
+    if percent <= 0.0:
+        return 1.0
+    if percent >= 1.0:
+        return 0.0
+    t = 1.0 - percent
+    return shift * t / (1.0 + (shift - 1.0) * t)
 
 
 def _term_text(t: GuidanceTerm) -> str:

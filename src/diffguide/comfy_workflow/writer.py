@@ -1,7 +1,8 @@
 """A diffguide run -> a ComfyUI workflow (API format) that runs it: the inverse of :mod:`.translate`.
 
 Only runs ComfyUI can express are written: the comfy noise policy, CFG first (no rescale, renorm
-or window), then CFGNorm / PAG terms with the default window; anything else is a one-line
+or window), then RescaleCFG right after it, CFGNorm / PAG terms with the default window, and
+embedded guidance (a FluxGuidance node on both conditionings); anything else is a one-line
 :class:`WorkflowError` saying what cannot be expressed. Conditioning is referenced as
 ``DiffguideLoadConditioning`` files (written with :func:`save_comfy_conditioning`), or as
 ``CLIPTextEncode`` of the prompts for a checkpoint with its own text encoder.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..guidance import CFG, PAG, CFGNorm, Window
+from ..guidance import CFG, PAG, CFGNorm, EmbeddedGuidance, RescaleCFG, Window
 from ..pipeline import COMFY_SAMPLER_NAMES
 from .graph import WorkflowError
 from .translate import WorkflowRun
@@ -56,6 +57,18 @@ def to_workflow(run: WorkflowRun, conditioning_files: tuple[str, str] | None = N
             )
         cls = "ModelSamplingAuraFlow" if s.multiplier == 1.0 else "ModelSamplingSD3"
         model = add(_node(cls, model=model, shift=s.shift))
+    shape = run.latent_shape
+    embedded = [t for t in terms if isinstance(t, EmbeddedGuidance)]
+    terms = [t for t in terms if not isinstance(t, EmbeddedGuidance)]
+    rescale = terms[0] if terms else None
+    if isinstance(rescale, RescaleCFG) and rescale.window == Window():
+        columns = shape[-1] if len(shape) == 5 else 0
+        if rescale.columns != columns:
+            raise WorkflowError(
+                f"rescale_cfg columns {rescale.columns}: the RescaleCFG node on this latent takes {columns}"
+            )
+        model = add(_node("RescaleCFG", model=model, multiplier=rescale.multiplier))
+        terms.pop(0)
     for t in terms:
         if isinstance(t, CFGNorm) and t.window == Window():
             model = add(_node("CFGNorm", model=model, strength=t.strength, pre_cfg=t.pre_cfg))
@@ -73,7 +86,9 @@ def to_workflow(run: WorkflowRun, conditioning_files: tuple[str, str] | None = N
         neg = add(_node("CLIPTextEncode", text=cfg.negative_prompts[0], clip=clip))
     else:
         raise WorkflowError("a ComfyUI workflow needs one prompt for the whole batch, or conditioning files")
-    shape = run.latent_shape
+    for t in embedded:
+        pos = add(_node("FluxGuidance", conditioning=pos, guidance=t.scale))
+        neg = add(_node("FluxGuidance", conditioning=neg, guidance=t.scale))
     size = {"width": cfg.width, "height": cfg.height, "batch_size": shape[0]}
     if len(shape) == 5:
         latent = add(_node("EmptyHunyuanLatentVideo", length=1, **size))
