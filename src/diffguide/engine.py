@@ -28,7 +28,7 @@ from .checks import check_rows_schedule
 from .errors import ConfigError, DiffguideError
 from .guidance.base import COND, UNCOND, Branch, GuidanceTerm, RunState, StepInfo
 from .models.denoiser import Conditioning, Denoiser
-from .perturb.base import BranchRows, ForwardContext
+from .perturb.base import BranchRows, ForwardContext, in_scope
 from .prefix import ChunkState, PrefixPlan, sharing
 
 
@@ -114,6 +114,7 @@ class GuidedModel:
                 check(c)
         self.cond, self.uncond, self.max_rows = cond, uncond, max_rows
         self.ctx = ForwardContext(tuple(seeds), retry_listeners=[on_retry] if on_retry else [])
+        self.ctx.negative = None if uncond is None else uncond.tensors.get("embeds")
         self._rows_cache: dict[tuple[str, ...], Conditioning] = {}
         self.forward_calls = 0
         self.rows_schedule = check_rows_schedule(rows_schedule)
@@ -240,15 +241,15 @@ def free_cached_memory(device: torch.device) -> None:
 
 
 def _rows_in(branches: list[Branch], batch: int, start: int, stop: int) -> dict[str, BranchRows]:
-    """For each perturbed branch, its rows within the chunk [start, stop), chunk-relative."""
+    """For each perturbed branch, its rows within the chunk [start, stop), chunk-relative
+    (with its perturbation's ``scope``, the rows of other branches too: :func:`in_scope`)."""
     rows = {}
     for k, branch in enumerate(branches):
-        lo, hi = max(k * batch, start), min((k + 1) * batch, stop)
-        if getattr(branch.perturbation, "model_wide", False):  # acts on every row (PLADIS)
+        if branch.perturbation is None:
+            continue
+        mine = [r for r in range(start, stop) if in_scope(branches, k, r // batch)]
+        if mine:
             rows[branch.name] = BranchRows(
-                slice(0, stop - start), tuple((start + r) % batch for r in range(stop - start))
+                slice(mine[0] - start, mine[-1] - start + 1), tuple(r % batch for r in mine)
             )
-        elif branch.perturbation is not None and lo < hi:
-            images = tuple(range(lo - k * batch, hi - k * batch))
-            rows[branch.name] = BranchRows(slice(lo - start, hi - start), images)
     return rows

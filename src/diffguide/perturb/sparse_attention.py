@@ -11,7 +11,7 @@ with ``A_sparse = entmax15(QK^T / sqrt(d))`` (alpha = 1.5, the paper's default) 
 The change is *model-wide*, as in the paper and its ComfyUI node (an ``attn2`` patch on every
 row): while installed on the conditional branch (:class:`~diffguide.guidance.PLADIS`, an
 in-place branch), it acts on every row of every forward call in which the engine lists that
-branch (the engine lists it on every chunk while the term is active: ``model_wide``), so the
+branch (its ``scope`` is ``"all"``: the engine lists every row of every chunk as its rows), so the
 conditional, unconditional and any perturbed rows all see sparse cross-attention. Outside the
 term's window the layers run their own processor. Nothing extra is evaluated.
 """
@@ -128,7 +128,7 @@ class SparseAttention:
     sparse: Sparse = "entmax15"
     layers: str | None = None  # None: every cross-attention layer
 
-    model_wide = True  # the engine lists the branch on every row of every chunk (see module doc)
+    scope = "all"  # the engine lists every row of every chunk as the branch's (see module doc)
 
     def __post_init__(self) -> None:
         if self.sparse not in get_args(Sparse):
