@@ -654,7 +654,7 @@ where, sig = sys.argv[1], getattr(signal, sys.argv[2])
 if where == "sampling":  # the signal arrives inside a (simulated) minutes-long tensor operation
     forward = FamilyDenoiser.__call__
     def slow(self, *args, **kwargs):
-        deadline, sent = time.monotonic() + 60, False
+        deadline, sent = time.monotonic() + 240, False
         while time.monotonic() < deadline:  # like one long torch op: Python cannot interrupt it
             try:
                 if not sent:
@@ -699,4 +699,6 @@ def test_signal_stops_the_run_and_leaves_no_file(model_dir, work, where, sig):
     assert proc.stdout == ""
     assert not out.exists()  # no image, no .tmp-* file, not even the folder
     if where == "sampling":
-        assert elapsed < 55  # did not wait for the 60 s "operation" to finish
+        # did not wait for the 240 s "operation" to finish (the margin absorbs a slow start-up on a
+        # loaded machine: imports alone took 75 s once, under a load average of 15 on 2 cores)
+        assert elapsed < 200

@@ -336,3 +336,44 @@ def test_auraflow_loader_reads_the_sizes_from_the_weights(tmp_path):
         DiffguideError, match=r"the attention heads of a width-32 AuraFlow are not in its weights"
     ):
         load_diffusion_model(tmp_path / "bare.safetensors", torch.float32)
+
+
+def test_tiny_sd_checkpoint_workflow_runs_with_the_models_own_latent_size(tmp_path):
+    """The bundled tiny-sd's VAE downsamples by 4, not ComfyUI's 8: `execute` used to fail with a raw
+    reshape error; the run keeps the workflow's pixel size and the model's latent (4 x 8 x 8)."""
+    from diffguide import GuidedPipeline
+    from diffguide.comfy_workflow import execute
+    from diffguide.comfy_workflow import load as load_workflow
+
+    wf = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd.safetensors"}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a handwritten digit 3", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 32, "height": 32, "batch_size": 2}},
+        "3": {
+            "class_type": "KSampler",
+            "inputs": {
+                "seed": 7,
+                "steps": 2,
+                "cfg": 4.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+                "model": ["4", 0],
+                "positive": ["6", 0],
+                "negative": ["7", 0],
+                "latent_image": ["5", 0],
+            },
+        },
+    }
+    (tmp_path / "models" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "models" / "checkpoints" / "tiny-sd.safetensors").touch()
+    (tmp_path / "wf.json").write_text(json.dumps({"prompt": wf}))
+    run = load_workflow(tmp_path / "wf.json", tmp_path / "models")
+    gp = GuidedPipeline.from_pretrained("tiny-sd")
+    out = execute(run, gp)
+    assert out.latents.shape == (2, 4, 8, 8)
+    ref = gp.generate(run.config, decode=False)
+    from diffguide.sampling.comfy import SD_SCALE_FACTOR
+
+    assert torch.equal(out.latents, ref.latents.float() / SD_SCALE_FACTOR)

@@ -146,4 +146,8 @@ def comfy_latent_out(gp: Any, latents: torch.Tensor, shape: tuple[int, ...]) -> 
         x = x / (SDXL_SCALE_FACTOR if gp.is_xl else SD_SCALE_FACTOR)
     else:
         raise DiffguideError(f"ComfyUI's latent format for {family} models is not mapped yet")
-    return x.reshape(shape)
+    # ComfyUI's empty-latent nodes make ``size // 8`` latents whatever the VAE; diffguide sizes runs
+    # in pixels. They agree on every released model (VAE factor 8); on another factor (the bundled
+    # tiny models: 4) the latent keeps the model's own spatial size at the workflow's pixel size,
+    # the same run `diffguide serve`'s /prompt makes (docs/comfyui.md).
+    return x.reshape(*shape[:-2], *latents.shape[-2:])

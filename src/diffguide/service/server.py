@@ -152,6 +152,9 @@ def create_app(
     _handlers(api)
     _job_routes(api, worker, config)
     _other_routes(api, worker, cache)
+    from .comfy import add_routes
+
+    add_routes(api, worker, config.api_key)
     return api
 
 
