@@ -28,7 +28,7 @@ from .checks import check_rows_schedule
 from .errors import ConfigError, DiffguideError
 from .guidance.base import COND, UNCOND, Branch, GuidanceTerm, RunState, StepInfo
 from .models.denoiser import Conditioning, Denoiser
-from .perturb.base import BranchRows, ForwardContext
+from .perturb.base import BranchRows, ForwardContext, in_scope
 from .prefix import ChunkState, PrefixPlan, sharing
 
 
@@ -48,6 +48,9 @@ def _branch_table(terms: Sequence[GuidanceTerm]) -> dict[str, Branch]:
             if branch.name == "uncond" and known is not None and _shares_uncond(known, branch):
                 table["uncond"] = branch if branch.perturbation is not None else known
                 continue
+            if branch.name == "cond" and branch.prompt == "cond" and known is not None:
+                table["cond"] = _in_place_cond(known, branch)
+                continue
             if branch.name == "uncond" and known is not None:
                 raise ConfigError("two guidance terms perturb the unconditional rows; keep one of them")
             # A perturbed branch belongs to one term: two equal ones (e.g. two PAG() terms, both
@@ -64,6 +67,13 @@ def _shares_uncond(a: Branch, b: Branch) -> bool:
     """A term may perturb the unconditional rows in place (no extra branch): the plain and one
     perturbed ``uncond`` branch are then the same rows, evaluated once, perturbed."""
     return a.prompt == b.prompt == "uncond" and (a.perturbation is None or b.perturbation is None)
+
+
+def _in_place_cond(known: Branch, branch: Branch) -> Branch:
+    """A term may perturb the conditional rows in place (PLADIS: a model-wide change, no extra rows)."""
+    if known.perturbation is not None and branch.perturbation is not None:
+        raise ConfigError("two guidance terms perturb the conditional rows; keep one of them")
+    return branch if branch.perturbation is not None else known
 
 
 class GuidedModel:
@@ -104,6 +114,7 @@ class GuidedModel:
                 check(c)
         self.cond, self.uncond, self.max_rows = cond, uncond, max_rows
         self.ctx = ForwardContext(tuple(seeds), retry_listeners=[on_retry] if on_retry else [])
+        self.ctx.negative = None if uncond is None else uncond.tensors.get("embeds")
         self._rows_cache: dict[tuple[str, ...], Conditioning] = {}
         self.forward_calls = 0
         self.rows_schedule = check_rows_schedule(rows_schedule)
@@ -138,7 +149,8 @@ class GuidedModel:
             b for t in terms for b in t.branches() if b.name == "uncond" and b.perturbation is not None
         ]
         order = [perturbed[0] if perturbed else UNCOND] if "uncond" in names else []
-        order.append(COND)
+        in_place = [b for t in terms for b in t.branches() if b.name == "cond" and b.perturbation is not None]
+        order.append(in_place[0] if in_place else COND)
         order += [b for t in terms for b in t.branches() if b.name not in ("cond", "uncond")]
         return terms, order
 
@@ -229,11 +241,15 @@ def free_cached_memory(device: torch.device) -> None:
 
 
 def _rows_in(branches: list[Branch], batch: int, start: int, stop: int) -> dict[str, BranchRows]:
-    """For each perturbed branch, its rows within the chunk [start, stop), chunk-relative."""
+    """For each perturbed branch, its rows within the chunk [start, stop), chunk-relative
+    (with its perturbation's ``scope``, the rows of other branches too: :func:`in_scope`)."""
     rows = {}
     for k, branch in enumerate(branches):
-        lo, hi = max(k * batch, start), min((k + 1) * batch, stop)
-        if branch.perturbation is not None and lo < hi:
-            images = tuple(range(lo - k * batch, hi - k * batch))
-            rows[branch.name] = BranchRows(slice(lo - start, hi - start), images)
+        if branch.perturbation is None:
+            continue
+        mine = [r for r in range(start, stop) if in_scope(branches, k, r // batch)]
+        if mine:
+            rows[branch.name] = BranchRows(
+                slice(mine[0] - start, mine[-1] - start + 1), tuple(r % batch for r in mine)
+            )
     return rows

@@ -287,7 +287,9 @@ class GuidedPipeline:
     def encode(
         self, cfg: GenerateConfig, height: int, width: int
     ) -> tuple[Conditioning, Conditioning | None]:
-        need_uncond = any(b.name == "uncond" for t in cfg.guidance for b in t.branches())
+        need_uncond = any(b.name == "uncond" for t in cfg.guidance for b in t.branches()) or any(
+            getattr(t, "needs_negative", False) for t in cfg.guidance
+        )
         # library_noise_off: diffusers' own truncation log would repeat our PromptTruncatedWarning
         with library_noise_off():
             return self.family.encode(

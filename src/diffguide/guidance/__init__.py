@@ -29,6 +29,8 @@ from .fdg import FDG  # noqa: E402
 from .interval import INTERVALS, guidance_interval, interval_window  # noqa: E402
 from .layer_skip import LayerSkip  # noqa: E402
 from .mag import MagnitudeAware  # noqa: E402
+from .nag import NAG  # noqa: E402
+from .pladis import PLADIS  # noqa: E402
 from .prompt_shuffle import PromptShuffle  # noqa: E402
 from .rescale_cfg import RescaleCFG  # noqa: E402
 from .seg import SEG  # noqa: E402
@@ -41,7 +43,9 @@ __all__ = [
     "COND",
     "FDG",
     "INTERVALS",
+    "NAG",
     "PAG",
+    "PLADIS",
     "REGISTRY",
     "SEG",
     "SLG",

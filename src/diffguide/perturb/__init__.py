@@ -6,6 +6,7 @@ from .identity_attention import IdentityAttention
 from .layer_skip import LayerSkipBlocks
 from .query_blur import QueryBlur
 from .query_shuffle import QueryShuffle
+from .sparse_attention import SparseAttention
 from .text_shuffle import TextShuffle
 from .token_shuffle import TokenShuffle
 
@@ -18,6 +19,7 @@ __all__ = [
     "Perturbation",
     "QueryBlur",
     "QueryShuffle",
+    "SparseAttention",
     "TextShuffle",
     "TokenShuffle",
     "branch_seed",

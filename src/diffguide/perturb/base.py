@@ -12,10 +12,10 @@ perturbation whose branch has no rows in the current call leaves the model untou
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -46,6 +46,7 @@ class ForwardContext:
     rows: dict[str, BranchRows] = field(default_factory=dict)
     generators: dict[tuple[str, int], torch.Generator] = field(default_factory=dict)
     retry_listeners: list[Callable[[], None]] = field(default_factory=list)
+    negative: torch.Tensor | None = None  # (B, L, D) the negative prompt's text embeddings (NAG)
 
     def rows_of(self, branch: str) -> BranchRows | None:
         return self.rows.get(branch)
@@ -105,6 +106,21 @@ class Perturbation(Protocol):
     # branch first differs from the conditional branch. The engine computes everything the
     # model's forward runs before that module's unit once for the branch and the conditional
     # rows (prefix sharing). None, the default, means "differs from the input on": nothing shared.
+
+
+def in_scope(branches: Sequence[Any], k: int, j: int) -> bool:
+    """Whether branch ``k``'s perturbation acts on the rows of branch ``j``.
+
+    A perturbation's optional ``scope``: ``"rows"`` (the default) its own branch's rows;
+    ``"prompt"`` every branch's rows with its branch's prompt (NAG on the conditional branch also
+    acts on PAG's, SEG's, ... rows); ``"all"`` every row (PLADIS, a model-wide change). The
+    engine lays the unconditional rows first, so the rows in scope are contiguous."""
+    scope = getattr(branches[k].perturbation, "scope", "rows")
+    if scope == "all":
+        return True
+    if scope == "prompt":
+        return bool(branches[j].prompt == branches[k].prompt)
+    return j == k
 
 
 def first_perturbed_module(perturbation: object, model: nn.Module) -> str | None:
