@@ -641,43 +641,53 @@ def main(argv: list[str] | None = None) -> int:
         if not args.prefix_only:
             summary[clock] = report(clock, contenders, by_key, batches, args.rounds)
         summary[f"prefix_{clock}"] = report_prefix(clock, by_key, batches, bounds)
+    finish(args, command, {"model": cfg.describe()}, batches, t0, load_before, summary, contenders)
+    return 0
+
+
+def finish(
+    args: Any,
+    command: str,
+    model: dict[str, Any],
+    batches: list[int],
+    t0: float,
+    load_before: tuple[float, float, float],
+    summary: dict[str, Any],
+    contenders: list[Any],
+) -> None:
+    """Print the run's total time and load; with ``--json`` write the results file (both
+    step-cost benchmarks)."""
     load_after = os.getloadavg()
     print(
         f"\ntotal {time.perf_counter() - t0:.0f} s; load avg (1 min) {load_before[0]:.2f} before, "
         f"{load_after[0]:.2f} after, on {os.cpu_count()} cpus shared with other jobs"
     )
-
-    if args.json:
-        doc = {
-            "command": command,
-            "model": cfg.describe(),
-            "threads": args.threads,
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "steps": args.steps,
-            "rounds": args.rounds,
-            "batches": batches,
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "cpu_count": os.cpu_count(),
-            "load_avg_before": load_before,
-            "load_avg_after": load_after,
-            "summary": summary,
-            "contenders": {
-                c.key: {
-                    "label": c.label,
-                    "batch": c.batch,
-                    "rows": c.rows,
-                    "ideal": c.ideal,
-                    "step_s": c.steps,
-                    "run_mean_s": c.runs,
-                }
-                for c in contenders
-            },
-        }
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
-        print(f"wrote {args.json}")
-    return 0
+    if not args.json:
+        return
+    keys = ("label", "model", "batch", "rows", "ideal", "rival")
+    doc = {
+        "command": command,
+        **model,
+        "threads": args.threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "batches": batches,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "cpu_count": os.cpu_count(),
+        "load_avg_before": load_before,
+        "load_avg_after": load_after,
+        "summary": summary,
+        "contenders": {
+            c.key: {k: getattr(c, k) for k in keys if hasattr(c, k)}
+            | {"step_s": c.steps, "run_mean_s": c.runs}
+            for c in contenders
+        },
+    }
+    with open(args.json, "w") as f:
+        json.dump(doc, f, indent=1)
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before the OpenMP runtime
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -76,7 +75,7 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from step_cost import Contender, StepClock, paired
+from step_cost import Contender, StepClock, finish, paired
 
 from diffguide import CFG, SLG, Conditioning, EmbeddedGuidance, GuidedModel
 from diffguide.models.denoiser import FamilyDenoiser
@@ -714,44 +713,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     print("  models unchanged after every run (processors, hooks, forwards, parameters; checksum per round)")
     summary = report(contenders, by_key, args.rounds)
-    load_after = os.getloadavg()
-    print(
-        f"\ntotal {time.perf_counter() - t0:.0f} s; load avg (1 min) {load_before[0]:.2f} before, "
-        f"{load_after[0]:.2f} after, on {os.cpu_count()} cpus shared with other jobs"
-    )
-
-    if args.json:
-        doc = {
-            "command": command,
-            "models": sizes.describe(),
-            "threads": args.threads,
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "steps": args.steps,
-            "rounds": args.rounds,
-            "batches": batches,
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "cpu_count": os.cpu_count(),
-            "load_avg_before": load_before,
-            "load_avg_after": load_after,
-            "summary": summary,
-            "contenders": {
-                c.key: {
-                    "label": c.label,
-                    "model": c.model,
-                    "batch": c.batch,
-                    "rows": c.rows,
-                    "ideal": c.ideal,
-                    "rival": c.rival,
-                    "step_s": c.steps,
-                    "run_mean_s": c.runs,
-                }
-                for c in contenders
-            },
-        }
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
-        print(f"wrote {args.json}")
+    finish(args, command, {"models": sizes.describe()}, batches, t0, load_before, summary, contenders)
     return 0
 
 

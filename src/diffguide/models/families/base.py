@@ -147,6 +147,12 @@ class Family(ABC):
         """Image sides must be multiples of this (VAE downsampling x patch size)."""
         return int(pipe.vae_scale_factor)
 
+    def image_tokens(self, pipe: Any, height: int, width: int) -> int:
+        """Image tokens of a transformer that patchifies the latent itself (``patch_size``): the
+        sequence length diffusers' dynamic shift (``calculate_shift``) reads."""
+        f, patch = pipe.vae_scale_factor, pipe.transformer.config.patch_size
+        return int((height // f // patch) * (width // f // patch))
+
     def check_size(self, pipe: Any, height: int, width: int) -> None:
         m = self.size_multiple(pipe)
         for side, v in (("height", height), ("width", width)):

@@ -110,8 +110,7 @@ class SD3Family(Family):
         generators: list[torch.Generator],
         eta: float,
     ) -> tuple[Any, Any]:
-        f, patch = pipe.vae_scale_factor, pipe.transformer.config.patch_size
-        seq_len = (height // f // patch) * (width // f // patch)
+        seq_len = self.image_tokens(pipe, height, width)
         return flow_stepper(
             self.name, pipe, steps, shift=shift, seq_len=seq_len, generators=generators, eta=eta,
             max_shift_default=1.16,
