@@ -579,6 +579,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         for r in rows:
             if r["conditional"] != conditional or r["method"] != method or r[key] is None:
                 continue
+            if ":" in r["setting"]:  # a term in --guide syntax (a window, other parameters): table only
+                continue
             scale = {
                 "cfg": r["cfg_scale"],
                 "pag": r["pag_scale"],
