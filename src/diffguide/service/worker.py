@@ -10,6 +10,7 @@ removes its perturbations in ``finally``, and the next job runs on a clean model
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -27,11 +28,13 @@ from .. import app
 from ..errors import DiffguideError
 from ..io import replace_atomic, save_result
 from ..pipeline import GenerationResult
+from ..repro.trace import TraceRecorder
 from .config import ServiceConfig
 from .models import ModelCache
-from .previews import preview_png
+from .previews import preview_png, vae_preview_png
 from .schema import JobRequest
 from .store import FINISHED, RESTART_ERROR, JobRow, JobStore
+from .uploads import Staged, resolve
 
 KEEP_LIVE = 256  # finished jobs whose event history stays in memory
 
@@ -64,6 +67,7 @@ class LiveJob:
     done: threading.Event = field(default_factory=threading.Event)
     events: list[dict[str, Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    trace: TraceRecorder | None = None  # the finished run's trace, until it is saved
 
     def emit(self, event: dict[str, Any]) -> None:
         with self.lock:
@@ -126,13 +130,20 @@ class Worker:
     def waiting(self) -> int:
         return self.queue.qsize()
 
-    def submit(self, req: JobRequest) -> JobRow:
-        """Queue a job (ConfigError for a bad request, QueueFull when the queue is full)."""
+    @property
+    def uploads(self) -> Path:
+        return self.store.root / "uploads"
+
+    def submit(self, req: JobRequest, staged: Staged | None = None) -> JobRow:
+        """Queue a job (ConfigError for a bad request, QueueFull when the queue is full); its
+        ``staged`` files get their final names only once it is accepted."""
         cfg = req.to_config()
         self.cache.path(req.model)
         with self._submit:
             if self.queue.qsize() >= self.config.queue_size:
                 raise QueueFull()
+            if staged is not None:
+                staged.commit()
             job_id = secrets.token_hex(8)
             row = self.store.add(job_id, req.model, req.model_dump(mode="json"), cfg.steps)
             live = self.live[job_id] = LiveJob()
@@ -172,6 +183,9 @@ class Worker:
         try:
             result = self._generate(row, live)
             self._save(result, tmp)
+            if live.trace is not None:
+                live.trace.save(tmp / "trace.safetensors", result.manifests[0])
+                live.trace = None
             os.replace(tmp, self.store.folder(job_id))
             self.store.finish_if(
                 job_id, ("running",), state="succeeded", images=len(result.images), finished=time.time()
@@ -187,6 +201,7 @@ class Worker:
             message = one_line(f"{type(err).__name__}: {err}")
             self.store.update(job_id, state="failed", error=message, finished=time.time())
         finally:
+            live.trace = None
             shutil.rmtree(tmp, ignore_errors=True)
         self._finished(job_id)
 
@@ -194,8 +209,12 @@ class Worker:
         req = JobRequest.model_validate(row.request)
         if self.runner is not None:  # remote replicas (Ray Serve): no per-step progress or cancel
             return self.runner(req)
-        cfg = req.to_config()
-        pipe = self.cache.get(req.model)
+        files = resolve(req, self.uploads)
+        cfg = req.to_config(files.prompt)
+        pipe = self.cache.get(req.model, files.loras)
+        recorder = TraceRecorder(req.trace_modules) if req.trace else None
+        vae_every = req.vae_preview_every
+        size = (cfg.height or pipe.default_size(), cfg.width or pipe.default_size())
         per_image = cfg.batch_invariant and cfg.num_images > 1
         done = 0
         last = time.perf_counter()
@@ -216,12 +235,20 @@ class Worker:
             x = state.latents_out
             if every and x.dim() == 4 and (done % every == 0 or done == total):
                 event["preview"] = preview_png(x[0])
+            if vae_every and (done % vae_every == 0 or done == total):
+                tiny = self.cache.tiny_vae(req.model)
+                event["vae_preview"] = vae_preview_png(pipe, pipe.family.unpack(x[:1], *size), tiny)
+            if recorder is not None:
+                recorder(state)
             live.emit(event)
 
-        request = app.GenerateRequest(
-            app.ModelRequest(str(self.cache.path(req.model))), cfg, None, self.config.threads
-        )
-        return app.generate(request, pipe, callback=on_step)
+        model = app.ModelRequest(str(self.cache.path(req.model)), device=self.cache.device, loras=files.loras)
+        request = app.GenerateRequest(model, cfg, files.conditioning, self.config.threads)
+        with recorder.hooks(pipe.unet) if recorder is not None else contextlib.nullcontext():
+            result = app.generate(request, pipe, callback=on_step)
+        if recorder is not None:
+            live.trace = recorder
+        return result
 
     @staticmethod
     def _save(result: GenerationResult, folder: Path) -> None:
