@@ -198,6 +198,24 @@ class JobFiles:
         return None if self.conditioning is None else self.conditioning.metadata.get("prompt")
 
 
+def job_files(req: JobRequest, folder: Path) -> list[Path]:
+    """The stored files a job names (to send them to a Ray Serve replica)."""
+    refs = [req.conditioning, req.negative_conditioning, *(lo.file for lo in req.loras)]
+    return [folder / f"{r.upload}.safetensors" for r in refs if r is not None]
+
+
+def keep_files(files: dict[str, bytes], folder: Path) -> None:
+    """Store files received by id (a replica's copy of the front's uploads), each atomically."""
+    from ..io import replace_atomic
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for sha, data in files.items():
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise DiffguideError(f"upload '{sha[:16]}' arrived damaged (its sha256 differs)")
+        if not (folder / f"{sha}.safetensors").is_file():
+            replace_atomic(folder / f"{sha}.safetensors", data)
+
+
 def resolve(req: JobRequest, folder: Path) -> JobFiles:
     """The files of a queued job (their ids checked when it was submitted)."""
     from ..comfy_workflow.conditioning import describe_metadata, load_comfy_conditioning, to_diffguide

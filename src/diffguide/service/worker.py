@@ -10,7 +10,6 @@ removes its perturbations in ``finally``, and the next job runs on a clean model
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import queue
@@ -24,31 +23,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import app
 from ..errors import DiffguideError
 from ..io import replace_atomic, save_result
 from ..pipeline import GenerationResult
-from ..repro.trace import TraceRecorder
 from .config import ServiceConfig
+from .jobrun import Emit, JobCancelled, JobRun, run_job
 from .models import ModelCache
-from .previews import preview_png, vae_preview_png
 from .schema import JobRequest
 from .store import FINISHED, RESTART_ERROR, JobRow, JobStore
-from .uploads import Staged, resolve
+from .uploads import Staged, job_files
 
 KEEP_LIVE = 256  # finished jobs whose event history stays in memory
 
 
-#: Runs a job elsewhere (a Ray Serve replica) and returns its result.
-Runner = Callable[[JobRequest], GenerationResult]
+#: Runs a job elsewhere (a Ray Serve replica): (request, its files by id, preview interval, emit,
+#: cancelled) -> run.
+Runner = Callable[[JobRequest, dict[str, bytes], int, Emit, Callable[[], bool]], JobRun]
 
 
 class QueueFull(Exception):
     """The queue holds ``queue_size`` waiting jobs."""
-
-
-class JobCancelled(Exception):
-    """Raised from the step callback to stop a run."""
 
 
 class NotCancellable(Exception):
@@ -67,7 +61,6 @@ class LiveJob:
     done: threading.Event = field(default_factory=threading.Event)
     events: list[dict[str, Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    trace: TraceRecorder | None = None  # the finished run's trace, until it is saved
 
     def emit(self, event: dict[str, Any]) -> None:
         with self.lock:
@@ -181,11 +174,11 @@ class Worker:
         live = self.live[job_id]
         tmp = self.store.root / "jobs" / f".tmp-{job_id}"
         try:
-            result = self._generate(row, live)
+            run = self._generate(row, live)
+            result = run.result
             self._save(result, tmp)
-            if live.trace is not None:
-                live.trace.save(tmp / "trace.safetensors", result.manifests[0])
-                live.trace = None
+            if run.trace is not None:
+                run.trace.save(tmp / "trace.safetensors", result.manifests[0])
             os.replace(tmp, self.store.folder(job_id))
             self.store.finish_if(
                 job_id, ("running",), state="succeeded", images=len(result.images), finished=time.time()
@@ -201,54 +194,39 @@ class Worker:
             message = one_line(f"{type(err).__name__}: {err}")
             self.store.update(job_id, state="failed", error=message, finished=time.time())
         finally:
-            live.trace = None
             shutil.rmtree(tmp, ignore_errors=True)
         self._finished(job_id)
 
-    def _generate(self, row: JobRow, live: LiveJob) -> GenerationResult:
+    def _generate(self, row: JobRow, live: LiveJob) -> JobRun:
         req = JobRequest.model_validate(row.request)
-        if self.runner is not None:  # remote replicas (Ray Serve): no per-step progress or cancel
-            return self.runner(req)
-        files = resolve(req, self.uploads)
-        cfg = req.to_config(files.prompt)
-        pipe = self.cache.get(req.model, files.loras)
-        recorder = TraceRecorder(req.trace_modules) if req.trace else None
-        vae_every = req.vae_preview_every
-        size = (cfg.height or pipe.default_size(), cfg.width or pipe.default_size())
-        per_image = cfg.batch_invariant and cfg.num_images > 1
-        done = 0
+        emit = self._emitter(row.id, live)
+        if self.runner is not None:  # remote replicas (Ray Serve)
+            files = {p.stem: p.read_bytes() for p in job_files(req, self.uploads)}
+            return self.runner(req, files, self.config.preview_every, emit, live.cancel.is_set)
+        return run_job(
+            req,
+            self.cache,
+            self.uploads,
+            self.config.threads,
+            self.config.preview_every,
+            emit,
+            live.cancel.is_set,
+        )
+
+    def _emitter(self, job_id: str, live: LiveJob) -> Emit:
+        """A step event's side effects: step time, the job's progress in the store, the event."""
         last = time.perf_counter()
 
-        def on_step(state: Any) -> None:
-            nonlocal done, last
-            if live.cancel.is_set():
-                raise JobCancelled()
+        def emit(event: dict[str, Any]) -> None:
+            nonlocal last
             now = time.perf_counter()
             self.metrics.step_seconds_sum += now - last
             self.metrics.step_count += 1
             last = now
-            done += 1
-            total = state.step.count * (cfg.num_images if per_image else 1)
-            self.store.update(row.id, step=done, steps=total)
-            event: dict[str, Any] = {"event": "step", "step": done, "steps": total}
-            every = self.config.preview_every
-            x = state.latents_out
-            if every and x.dim() == 4 and (done % every == 0 or done == total):
-                event["preview"] = preview_png(x[0])
-            if vae_every and (done % vae_every == 0 or done == total):
-                tiny = self.cache.tiny_vae(req.model)
-                event["vae_preview"] = vae_preview_png(pipe, pipe.family.unpack(x[:1], *size), tiny)
-            if recorder is not None:
-                recorder(state)
+            self.store.update(job_id, step=event["step"], steps=event["steps"])
             live.emit(event)
 
-        model = app.ModelRequest(str(self.cache.path(req.model)), device=self.cache.device, loras=files.loras)
-        request = app.GenerateRequest(model, cfg, files.conditioning, self.config.threads)
-        with recorder.hooks(pipe.unet) if recorder is not None else contextlib.nullcontext():
-            result = app.generate(request, pipe, callback=on_step)
-        if recorder is not None:
-            live.trace = recorder
-        return result
+        return emit
 
     @staticmethod
     def _save(result: GenerationResult, folder: Path) -> None:
