@@ -237,3 +237,15 @@ def test_size_limits_are_413(cache, files, tmp_path):
             {"error": f"conditioning is {size} bytes, more than the upload limit (2048 bytes)"},
         )
         assert c.get("/v1/jobs").json() == [] and list(tmp_path.rglob("*.safetensors")) == []
+
+
+def test_openapi_documents_the_job_body_with_its_file_fields(cache, tmp_path):
+    with client(cache, tmp_path) as c:
+        spec = c.get("/openapi.json").json()
+    body = spec["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]
+    assert body["application/json"]["schema"] == {"$ref": "#/components/schemas/JobRequest"}
+    assert "request" in body["multipart/form-data"]["schema"]["properties"]
+    job = spec["components"]["schemas"]["JobRequest"]["properties"]
+    assert {"conditioning", "negative_conditioning", "loras", "trace", "vae_preview_every"} <= set(job)
+    assert set(spec["components"]["schemas"]["FileRef"]["properties"]) == {"upload", "base64", "part"}
+    assert "/v1/uploads" in spec["paths"] and "/v1/jobs/{job_id}/trace" in spec["paths"]
