@@ -533,3 +533,84 @@ def test_tiny_sd_checkpoint_workflow_runs_with_the_models_own_latent_size(tmp_pa
     from diffguide.sampling.comfy import SD_SCALE_FACTOR
 
     assert torch.equal(out.latents, ref.latents.float() / SD_SCALE_FACTOR)
+
+
+@pytest.fixture(scope="module")
+def flux_models(tmp_path_factory) -> Path:
+    from comfy_workflow_support import make_flux_models_dir
+
+    return make_flux_models_dir(tmp_path_factory.mktemp("flux"))
+
+
+@pytest.mark.parametrize("layout", ["comfy", "diffusers"])
+def test_flux_loader_reads_comfyuis_key_layout_and_the_sizes_from_the_weights(tmp_path, layout):
+    """A FLUX.1 file in BFL/ComfyUI's names (``.scale`` norms, stacked q/k/v, (shift, scale) final
+    modulation) or diffusers' names loads into the same diffusers model (not misread as SD3)."""
+    from comfy_workflow_support import FLUX_CONFIG, diffusers_flux_to_bfl, tiny_flux_transformer
+
+    ref = tiny_flux_transformer()
+    sd = ref.state_dict()
+    if layout == "comfy":
+        sd = diffusers_flux_to_bfl(sd, "model.diffusion_model.")
+        assert "double_blocks.0.img_attn.norm.query_norm.scale" in "".join(sd)
+    path = tmp_path / "flux.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in sd.items()}, str(path), metadata={"config": json.dumps(FLUX_CONFIG)}
+    )
+    pipe = load_diffusion_model(path, torch.float32)
+    assert type(pipe).__name__ == "FluxPipeline" and pipe.vae_scale_factor == 8
+    config = dict(pipe.transformer.config)
+    assert {k: config[k] for k in ("in_channels", "num_layers", "num_single_layers", "num_attention_heads",
+                                   "attention_head_dim", "joint_attention_dim", "guidance_embeds")} == {
+        "in_channels": 64, "num_layers": 2, "num_single_layers": 2, "num_attention_heads": 2,
+        "attention_head_dim": 16, "joint_attention_dim": 32, "guidance_embeds": True}  # fmt: skip
+    ours = pipe.transformer.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in ref.state_dict().items())
+
+
+def test_flux_loader_errors(tmp_path):
+    from comfy_workflow_support import diffusers_flux_to_bfl, tiny_flux_transformer
+
+    sd = diffusers_flux_to_bfl(tiny_flux_transformer().state_dict())
+    path = tmp_path / "flux.safetensors"
+    save_file(sd, str(path))  # head size 16 and no config: the rotary axes are unknown
+    with pytest.raises(DiffguideError, match=r"attention head size 16 has no known rotary axes"):
+        load_diffusion_model(path, torch.float32)
+    save_file({**sd, "img_in_extra.weight": torch.zeros(1)}, str(path))
+    with pytest.raises(
+        DiffguideError,
+        match=r"^'flux.safetensors': keys a FLUX.1 transformer does not have: \['img_in_extra.weight'\]$",
+    ):
+        load_diffusion_model(path, torch.float32)
+    del sd["single_blocks.1.linear2.bias"]
+    save_file(sd, str(path))
+    with pytest.raises(
+        DiffguideError,
+        match=r"^'flux.safetensors': not a FLUX.1 transformer: it lacks single_blocks.1.linear2.bias$",
+    ):
+        load_diffusion_model(path, torch.float32)
+
+
+def test_flux_workflow_explain_and_comfy_latent_format(flux_models, tmp_path):
+    """ModelSamplingFlux's mu from its width x height; FluxGuidance as the embedded guidance; the
+    CLIPTextEncode outputs from --conditioning files; ComfyUI's Flux LATENT is x / 0.3611 + 0.1159;
+    without a ModelSamplingFlux node the run samples with ComfyUI's Flux default shift 1.15."""
+    from comfy_workflow_support import flux_conditioning_files, flux_workflow
+
+    files = flux_conditioning_files(flux_models)
+    run = load(write(tmp_path, flux_workflow(flux_models, steps=2)), flux_models, files)
+    assert run.config.comfy_sampling == ComfyShift("flux", 0.5 + 0.65 * (64 * 64 / 256 - 256) / 3840)
+    assert run.config.guidance == (CFG(1.0), EmbeddedGuidance(3.5))
+    text = "\n".join(explain(run))
+    assert "node 3 (ModelSamplingFlux): ModelSamplingFlux, flux time shift mu 0.459375" in text
+    result = execute(run)
+    assert result.latents.shape == (1, 16, 8, 8)
+    assert torch.allclose(result.latents, result.result.latents / 0.3611 + 0.1159)
+    plain = load(write(tmp_path, flux_workflow(flux_models, steps=2, node_shift=False)), flux_models, files)
+    assert plain.config.comfy_sampling is None
+    sampled = execute(plain).result.manifests[0]["parameters"]["comfy_sampling"]
+    assert sampled == {"kind": "flux", "shift": 1.15, "multiplier": 1.0}
+    with pytest.raises(
+        WorkflowError, match=r"^node 5 \(CLIPTextEncode\): diffguide cannot run this text encoder \(node 9\)"
+    ):
+        load(write(tmp_path, flux_workflow(flux_models)), flux_models)

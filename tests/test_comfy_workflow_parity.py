@@ -24,8 +24,11 @@ from comfy_workflow_support import (
     as_dit_node,
     aura_workflow,
     comfy_execute,
+    flux_conditioning_files,
+    flux_workflow,
     load_comfy_nodes,
     make_aura_models_dir,
+    make_flux_models_dir,
     make_models_dir,
     make_sd3_models_dir,
     make_sdxl_models_dir,
@@ -205,3 +208,50 @@ def test_sdxl_pag_workflow_matches_comfyui_nodes(sdxl, tmp_path, sampler):
         load(_write(tmp_path, sdxl_pag_workflow(models, scale=None, sampler=sampler)), models), gp
     )
     assert (plain.latents - theirs).abs().max().item() * SDXL_SCALE_FACTOR > 100 * TOL
+
+
+@pytest.fixture(scope="module")
+def flux_models(models, tmp_path_factory):
+    """A tiny FLUX.1 dev file in ComfyUI's key layout; ComfyUI's CLIPTextEncode stands in by
+    returning the conditioning file of its text (diffguide gets the same files by node id)."""
+    import comfy_workflow_support
+
+    from diffguide.comfy_workflow import load_comfy_conditioning
+
+    root = make_flux_models_dir(tmp_path_factory.mktemp("flux"))
+    files = {"a cat": root / "positive.safetensors", "": root / "negative.safetensors"}
+    comfy_workflow_support.EXTRA_NODES["CLIPTextEncode"] = lambda i: (
+        load_comfy_conditioning(files[i["text"]])[0],
+    )
+    yield root
+    del comfy_workflow_support.EXTRA_NODES["CLIPTextEncode"]
+
+
+FLUX_CASES = {
+    "FluxGuidance 3.5, cfg 1, euler/simple": {},
+    "FluxGuidance 2 on both, cfg 2.5, dpmpp_2m/simple": {"cfg": 2.5, "guidance": 2.0, "sampler": "dpmpp_2m"},
+    "no FluxGuidance (3.5), no ModelSamplingFlux (1.15), euler/normal": {
+        "guidance": None, "node_shift": False, "scheduler": "normal"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(FLUX_CASES))
+def test_flux_workflow_matches_comfyui_nodes(flux_models, tmp_path, case):
+    """UNETLoader (a tiny FLUX.1 dev in ComfyUI's key layout) -> ModelSamplingFlux -> KSampler,
+    DualCLIPLoader -> CLIPTextEncode (conditioning files) -> FluxGuidance, EmptySD3LatentImage."""
+    wf = flux_workflow(flux_models, **FLUX_CASES[case])
+    run = load(_write(tmp_path, wf), flux_models, flux_conditioning_files(flux_models))
+    ours = execute(run).latents
+    theirs = comfy_execute(wf, flux_models)
+    assert theirs.shape == ours.shape == (1, 16, 8, 8)
+    diff = (ours - theirs).abs().max().item()
+    print(f"Flux workflow [{case}]: max abs diff {diff:.3g} (|latent| max {theirs.abs().max():.3g})")
+    assert diff <= TOL
+    if not FLUX_CASES[case]:  # the comparison sees the embedded guidance and the node's shift
+        for change in ({"guidance": 1.0}, {"node_shift": False}):
+            other = load(
+                _write(tmp_path, flux_workflow(flux_models, **change)),
+                flux_models,
+                flux_conditioning_files(flux_models),
+            )
+            assert (execute(other).latents - theirs).abs().max() > 100 * TOL, change
