@@ -439,6 +439,52 @@ def flux_conditioning_files(models: Path) -> dict[str, Path]:
     return {"5": models / "positive.safetensors", "6": models / "negative.safetensors"}
 
 
+def tiny_sdxl_file_pipeline(seed: int = 0) -> Any:
+    """A tiny SDXL that round-trips through an A1111/ComfyUI single file: text encoders of different
+    widths (32, 48; diffusers tells them apart by width) and a 4-level VAE (factor 8, as SDXL's), so
+    a 128 px workflow samples the same 16x16 latent as ComfyUI's EmptyLatentImage."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+    from diffguide import testing
+
+    base = testing.tiny_sdxl(seed)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16), in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=8, sample_size=64, scaling_factor=0.13025,
+    )  # fmt: skip
+    return StableDiffusionXLPipeline(
+        vae=vae.eval(), text_encoder=base.text_encoder,
+        text_encoder_2=testing._text(seed + 3, 48, projection=True), tokenizer=base.tokenizer,
+        tokenizer_2=base.tokenizer_2, unet=testing.sdxl_unet(seed, cross_dim=32 + 48, pooled_dim=48),
+        scheduler=base.scheduler,
+    )  # fmt: skip
+
+
+def make_sdxl_checkpoint_dir(root: Path, pipe: Any) -> tuple[Path, Path]:
+    """(models folder with ``checkpoints/tiny_sdxl_file.safetensors``, the LDM/A1111-layout single
+    file of ``pipe``; the diffusers folder of the same pipeline for ``--config``)."""
+    import ldm_export
+
+    (root / "checkpoints").mkdir(parents=True)
+    save_file(ldm_export.sdxl_to_ldm(pipe), str(root / "checkpoints" / "tiny_sdxl_file.safetensors"))
+    pipe.save_pretrained(root / "tiny_sdxl_config")
+    return root, root / "tiny_sdxl_config"
+
+
+def sdxl_checkpoint_workflow(*, sampler: str = "euler", cfg: float = 4.0) -> dict[str, Any]:
+    """CheckpointLoaderSimple (the tiny SDXL file) -> CLIPTextEncode x2 (its own text encoders) ->
+    KSampler on a 128 px EmptyLatentImage."""
+    models = Path(".")
+    wf = sdxl_pag_workflow(models, scale=None, sampler=sampler)
+    wf["1"]["inputs"]["ckpt_name"] = "tiny_sdxl_file.safetensors"
+    wf["8"]["inputs"]["cfg"] = cfg
+    for nid, text in (("5", "a red cat"), ("6", "blurry")):
+        wf[nid] = {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["1", 1]}}
+    return wf
+
+
 # --------------------------------------------------------------------------------------------------
 # ComfyUI's side
 # --------------------------------------------------------------------------------------------------
@@ -587,6 +633,31 @@ def comfy_flux_patcher(path: Path) -> Any:
     return c.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
+def comfy_sdxl_from_checkpoint(path: Path, unet: Any) -> Any:
+    """ComfyUI's SDXL UNet holding the ``model.diffusion_model.`` weights of the single file
+    ``path`` (ComfyUI's own key layout, loaded strictly, no conversion); sizes from the diffusers
+    config of the same UNet (ComfyUI's detection only matches full-size SDXL); the size embedder at
+    the tiny UNet's width, as ``comfy_nodes_support.sdxl_twin``."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Timestep
+    from safetensors.torch import load_file
+
+    c = comfy_support.load_comfy()
+    unet_config = comfy_support.comfy_unet_config(unet)
+    model_config = c.supported_models.SDXL(unet_config)
+    model_config.unet_config.update({k: unet_config[k] for k in ("num_heads", "num_head_channels")})
+    model_config.set_inference_dtype(torch.float32, None)
+    prefix = "model.diffusion_model."
+    sd = {k[len(prefix) :]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
+    model = model_config.get_model(sd, "")
+    missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"ComfyUI SDXL UNet state dict mismatch: {missing[:3]} {unexpected[:3]}")
+    model.embedder = Timestep(unet.config.addition_time_embed_dim)
+    model.eval()
+    cpu = torch.device("cpu")
+    return c.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
 def _patcher(path: Path) -> Any:
     if "flux" in path.name:
         return comfy_flux_patcher(path)
@@ -604,6 +675,9 @@ def _io_node(cls: Any, **kwargs: Any) -> Any:
 #: node class -> ComfyUI-side stand-in (inputs dict -> outputs tuple) added by a test, e.g. a
 #: CheckpointLoaderSimple returning the ComfyUI twin of a tiny diffusers SDXL.
 EXTRA_NODES: dict[str, Any] = {}
+#: ckpt_name -> ComfyUI-side (MODEL, CLIP, VAE) for CheckpointLoaderSimple, registered by a test;
+#: a CLIP is a callable text -> CONDITIONING (ComfyUI cannot build tiny text encoders).
+CHECKPOINTS: dict[str, Any] = {}
 
 
 def comfy_execute(
@@ -621,7 +695,8 @@ def comfy_execute(
         "ModelSamplingSD3": lambda i: cn.advanced.ModelSamplingSD3().patch(**i),
         "ModelSamplingFlux": lambda i: cn.advanced.ModelSamplingFlux().patch(**i),
         "FluxGuidance": lambda i: _io_node(cn.flux.FluxGuidance, **i),
-        "DualCLIPLoader": lambda i: (None,),
+        "CLIPTextEncode": lambda i: (i["clip"](i["text"]),),
+        "CheckpointLoaderSimple": lambda i: CHECKPOINTS[i["ckpt_name"]],
         "CFGNorm": lambda i: _io_node(cn.cfg.CFGNorm, **i),
         "RescaleCFG": lambda i: cn.advanced.RescaleCFG().patch(**i),
         "EmptyHunyuanLatentVideo": lambda i: _io_node(cn.hunyuan.EmptyHunyuanLatentVideo, **i),
