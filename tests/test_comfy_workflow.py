@@ -355,13 +355,28 @@ def test_rescale_cfg_is_comfyuis_cfg_function_right_after_cfg(models, tmp_path):
     assert load(write(tmp_path, wf), models).config.guidance[1] == RescaleCFG(0.7)  # 4-D: per image
 
 
+def test_the_last_cfg_function_wins_as_in_comfyui(models, tmp_path):
+    """RescaleCFG and CFGNorm pre_cfg both set ComfyUI's sampler CFG function: the node applied last
+    replaces the other (explain says so), and it comes right after CFG wherever the node sits."""
+    wf = qwen_workflow(models, rescale=0.7, pre_cfg=True)  # RescaleCFG (9) -> CFGNorm pre_cfg (4)
+    run = load(write(tmp_path, wf), models)
+    assert run.config.guidance == (CFG(4.0), CFGNorm(1.0, pre_cfg=True))
+    assert "(replaces the CFG function rescale_cfg(multiplier=0.7, columns=0) set before it" in "\n".join(
+        explain(run)
+    )
+    wf["9"]["inputs"]["model"], wf["4"]["inputs"]["model"], wf["8"]["inputs"]["model"] = (
+        ["4", 0],
+        ["3", 0],
+        ["9", 0],
+    )
+    assert load(write(tmp_path, wf), models).config.guidance == (CFG(4.0), RescaleCFG(0.7, columns=8))
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
         (lambda wf: wf["9"]["inputs"].update(multiplier=1.5),
          r"^node 9 \(RescaleCFG\): multiplier must be in \[0.0, 1.0\], got 1.5$"),
-        (lambda wf: wf["4"]["inputs"].update(pre_cfg=True),
-         r"^node 8 \(KSampler\): RescaleCFG with PerturbedAttentionGuidance, SkipLayerGuidance or CFGNorm pre_cfg is not mapped "),
     ],
 )  # fmt: skip
 def test_rescale_cfg_errors(models, tmp_path, edit, message):
@@ -452,6 +467,41 @@ def _dit_without_sampling(wf: dict) -> dict:
     return wf
 
 
+def test_patches_after_a_correction_are_post_cfg_as_in_comfyui(sd3_models, tmp_path):
+    """ComfyUI runs post-CFG functions in node order on the running result: an SLG after CFGNorm or
+    RescaleCFG (or after an SLG with rescaling) adds its term after their correction (post_cfg);
+    an SLG before CFGNorm stays an additive delta that CFGNorm then sees."""
+    from comfy_workflow_support import as_dit_node, sd3_workflow
+
+    from diffguide.guidance.slg_comfy import SLGComfy
+
+    def terms(wf):
+        return load(write(tmp_path, wf), sd3_models).config.guidance
+
+    window = terms(sd3_workflow(sd3_models))[1].window
+    slg = SLGComfy(3.0, "b1", window=window)
+    assert terms(_cfgnorm_before_slg(sd3_workflow(sd3_models))) == (
+        CFG(4.0), CFGNorm(1.0), replace(slg, post_cfg=True))  # fmt: skip
+    assert terms(_rescale_before_slg(sd3_workflow(sd3_models))) == (
+        CFG(4.0), RescaleCFG(0.7), replace(slg, post_cfg=True))  # fmt: skip
+    wf = sd3_workflow(sd3_models)
+    wf["9"] = {"class_type": "CFGNorm", "inputs": {"model": ["4", 0], "strength": 1.0}}
+    wf["8"]["inputs"]["model"] = ["9", 0]
+    assert terms(wf) == (CFG(4.0), slg, CFGNorm(1.0))  # SLG first: a delta CFGNorm corrects
+    wf = as_dit_node(sd3_workflow(sd3_models), 0.5)
+    wf["9"] = {"class_type": "SkipLayerGuidanceSD3", "inputs": {**wf["4"]["inputs"], "layers": "0"}}
+    del (
+        wf["9"]["inputs"]["double_layers"],
+        wf["9"]["inputs"]["single_layers"],
+        wf["9"]["inputs"]["rescaling_scale"],
+    )
+    wf["9"]["inputs"]["model"] = ["4", 0]
+    wf["8"]["inputs"]["model"] = ["9", 0]
+    first, second = terms(wf)[1:]
+    assert (first.rescaling_scale, first.post_cfg, second.layers, second.post_cfg) == (0.5, False, "b0", True)
+    assert "post_cfg" not in first.describe() and second.describe()["post_cfg"] is True
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -461,8 +511,6 @@ def _dit_without_sampling(wf: dict) -> dict:
          r"^node 4 \(SkipLayerGuidanceSD3\): scale must be in \[0.0, 100.0\], got -1$"),
         (_dit_without_sampling,
          r"^node 4 \(SkipLayerGuidanceDiT\): needs a ModelSamplingSD3 or ModelSamplingAuraFlow node before it "),
-        (_cfgnorm_before_slg, r"^node 8 \(KSampler\): CFGNorm before SkipLayerGuidance is not mapped "),
-        (_rescale_before_slg, r"^node 8 \(KSampler\): RescaleCFG with PerturbedAttentionGuidance, SkipLayerGuidance"),
     ],
 )  # fmt: skip
 def test_skip_layer_guidance_errors(sd3_models, tmp_path, edit, message):

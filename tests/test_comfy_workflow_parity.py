@@ -346,3 +346,75 @@ def test_sdxl_checkpoint_workflow_matches_comfyui_nodes(sdxl_checkpoint, tmp_pat
         load(_write(tmp_path, sdxl_checkpoint_workflow(sampler=sampler, cfg=3.0)), models), config=str(folder)
     )
     assert (other.latents - theirs).abs().max() > 100 * TOL
+
+
+def _before(wf, nid, node, target="4"):
+    """Insert ``node`` (id ``nid``) between node ``target`` and what feeds its model."""
+    wf[nid] = {
+        "class_type": node["class_type"],
+        "inputs": {**node["inputs"], "model": wf[target]["inputs"]["model"]},
+    }
+    wf[target]["inputs"]["model"] = [nid, 0]
+    return wf
+
+
+def _delta_form(run):
+    """The run with every PAG / SLG term as a plain delta (the mapping before post_cfg)."""
+    terms = tuple(replace(t, post_cfg=False) if hasattr(t, "post_cfg") else t for t in run.config.guidance)
+    return replace(run, config=replace(run.config, guidance=terms))
+
+
+CFGNORM = {"class_type": "CFGNorm", "inputs": {"strength": 1.0}}
+RESCALE = {"class_type": "RescaleCFG", "inputs": {"multiplier": 0.7}}
+CHAIN_CASES = {
+    "CFGNorm -> SkipLayerGuidanceSD3": lambda m: _before(sd3_workflow(m, start=0.0, end=1.0), "9", CFGNORM),
+    "RescaleCFG -> SkipLayerGuidanceSD3": lambda m: _before(sd3_workflow(m, start=0.0, end=1.0), "9", RESCALE),
+    "RescaleCFG -> SkipLayerGuidanceDiT rescaling 0.5 -> CFGNorm, dpmpp_2m": lambda m: _before(
+        _before(as_dit_node(sd3_workflow(m, start=0.0, end=1.0, sampler="dpmpp_2m"), 0.5), "9", RESCALE),
+        "10", CFGNORM, target="8"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CHAIN_CASES))
+def test_sd3_post_cfg_chains_match_comfyui_nodes(sd3_models, tmp_path, case):
+    """ComfyUI's order of the model's CFG function (RescaleCFG) and post-CFG functions (CFGNorm,
+    SLG, in node order, each on the running result): diffguide's terms with SLG ``post_cfg``.
+    The old delta-form mapping (SLG's term added before the corrections) is visibly off."""
+    wf = CHAIN_CASES[case](sd3_models)
+    run = load(_write(tmp_path, wf), sd3_models)
+    assert any(getattr(t, "post_cfg", False) for t in run.config.guidance)
+    ours = execute(run).latents
+    theirs = comfy_execute(wf, sd3_models)
+    diff = (ours - theirs).abs().max().item()
+    print(f"SD3 chain [{case}]: max abs diff {diff:.3g} (|latent| max {theirs.abs().max():.3g})")
+    assert diff <= TOL
+    off = (execute(_delta_form(run)).latents - theirs).abs().max().item()
+    print(f"  delta form instead: {off:.3g}")
+    assert off > 100 * TOL
+
+
+def test_sdxl_rescale_cfg_then_pag_matches_comfyui_nodes(sdxl, tmp_path):
+    """CheckpointLoaderSimple -> RescaleCFG(0.7) -> PerturbedAttentionGuidance(2) -> KSampler: ComfyUI
+    rescales the plain CFG result (its CFG function), then adds PAG's term (post-CFG)."""
+    gp, models = sdxl
+    wf = _before(sdxl_pag_workflow(models), "9", RESCALE)
+    run = load(_write(tmp_path, wf), models)
+    assert [t.method for t in run.config.guidance] == ["cfg", "rescale_cfg", "pag"]
+    assert run.config.guidance[2].post_cfg
+    ours = execute(run, gp).latents
+    theirs = comfy_execute(wf, models)
+    _sdxl_check("SDXL RescaleCFG -> PAG workflow", ours, theirs)
+    off = (execute(_delta_form(run), gp).latents - theirs).abs().max().item()
+    print(f"  delta form instead: {off:.3g}")
+    assert off > 100 * TOL
+
+
+def test_qwen_rescale_cfg_then_cfgnorm_pre_cfg_last_wins(models, tmp_path):
+    """RescaleCFG then CFGNorm pre_cfg: both are ComfyUI's sampler CFG function; the later node
+    replaces the earlier (ComfyUI computes no RescaleCFG at all)."""
+    wf = qwen_workflow(models, rescale=0.7, pre_cfg=True)
+    ours = execute(load(_write(tmp_path, wf), models)).latents
+    theirs = comfy_execute(wf, models)
+    diff = (ours - theirs).abs().max().item()
+    print(f"Qwen-Image RescaleCFG -> CFGNorm pre_cfg: max abs diff {diff:.3g}")
+    assert diff <= TOL
