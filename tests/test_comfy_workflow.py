@@ -662,3 +662,112 @@ def test_flux_workflow_explain_and_comfy_latent_format(flux_models, tmp_path):
         WorkflowError, match=r"^node 5 \(CLIPTextEncode\): diffguide cannot run this text encoder \(node 9\)"
     ):
         load(write(tmp_path, flux_workflow(flux_models)), flux_models)
+
+
+@pytest.fixture(scope="module")
+def sd15_checkpoint(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(models folder, its checkpoints/tiny_sd15.safetensors in the A1111 layout, the diffusers
+    folder of the same tiny SD1.5 for --config)."""
+    import ldm_export
+
+    from diffguide import testing
+
+    root = tmp_path_factory.mktemp("sd15-file")
+    pipe = testing.tiny_sd15(seed=0)
+    (root / "checkpoints").mkdir()
+    path = root / "checkpoints" / "tiny_sd15.safetensors"
+    save_file(ldm_export.sd15_to_ldm(pipe), str(path))
+    pipe.save_pretrained(root / "config")
+    return root, path, root / "config"
+
+
+GENERATE = ["--prompt", "a red cat", "--negative-prompt", "blurry", "--steps", "3", "--width", "64",
+            "--height", "64", "--noise", "comfy", "--seed", "9"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--cfg", "4", "--pag", "2", "--pag-layers", "mid", "--scheduler", "euler_a", "--batch", "2"],
+        ["--cfg", "3", "--guide", "rescale_cfg:multiplier=0.5", "--guide", "cfg_norm:strength=0.9",
+         "--scheduler", "dpmpp_2m", "--schedule", "karras"],
+    ],
+    ids=["pag-euler_a-batch2", "rescale-cfgnorm-dpmpp_2m"],
+)  # fmt: skip
+def test_generate_save_workflow_runs_back_bit_for_bit(sd15_checkpoint, tmp_path, extra):
+    """``generate --save-workflow`` writes the comfy-policy run as a workflow; ``comfy run`` on it
+    gives the same latents bit for bit (ComfyUI's LATENT = generate's latents / 0.18215)."""
+    from diffguide.io import load_latents
+    from diffguide.sampling.comfy import SD_SCALE_FACTOR
+
+    models, path, config = sd15_checkpoint
+    wf_path, out = tmp_path / "wf.json", tmp_path / "out"
+    args = ["generate", "--model", str(path), "--config", str(config), *GENERATE, *extra]
+    res = CliRunner().invoke(app, [*args, "-o", str(out), "--save-latents", "--save-workflow", str(wf_path)])
+    assert res.exit_code == 0, res.output
+    assert str(wf_path) in res.output.splitlines()
+    wf = json.loads(wf_path.read_text())
+    assert wf["1"] == {
+        "class_type": "CheckpointLoaderSimple",
+        "inputs": {"ckpt_name": "tiny_sd15.safetensors"},
+    }
+    patches = {"--pag": "PerturbedAttentionGuidance", "rescale_cfg:multiplier=0.5": "RescaleCFG"}
+    classes = {n["class_type"] for n in wf.values()}
+    assert {c for flag, c in patches.items() if flag in extra} <= classes and "CLIPTextEncode" in classes
+    ours = torch.cat([load_latents(p)[0] for p in sorted(out.glob("*.safetensors"))])
+    lat = tmp_path / "comfy.safetensors"
+    res = CliRunner().invoke(
+        app, ["comfy", "run", str(wf_path), "--models", str(models), "--config", str(config), "-o", str(lat)]
+    )
+    assert res.exit_code == 0, res.output
+    from safetensors.torch import load_file
+
+    samples = load_file(str(lat))["samples"]
+    assert samples.shape == ours.shape
+    assert torch.equal(samples, ours.float() / SD_SCALE_FACTOR)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--noise", "diffusers"], "only comfy-noise-policy runs can be written as a ComfyUI workflow"),
+        (["--ancestral-eta", "0.5", "--scheduler", "euler_a"], "ancestral_eta=0.5 has no ComfyUI KSampler input"),
+        (["--pag", "2", "--pag-layers", "m0.0"], "has no ComfyUI node equivalent at this place"),
+        (["--prompt", "a dog"], "needs one prompt and one negative prompt for the whole batch"),
+        (["--no-prefix-sharing", "--pag", "2"], "prefix_sharing=False has no ComfyUI KSampler input"),
+    ],
+)  # fmt: skip
+def test_generate_save_workflow_refuses_what_a_workflow_cannot_express(
+    sd15_checkpoint, tmp_path, extra, message
+):
+    _, path, config = sd15_checkpoint
+    wf_path, out = tmp_path / "wf.json", tmp_path / "out"
+    args = ["generate", "--model", str(path), "--config", str(config), *GENERATE, *extra, "-o", str(out)]
+    res = CliRunner().invoke(app, [*args, "--save-workflow", str(wf_path)])
+    assert res.exit_code == 2, res.output
+    (error,) = (line for line in res.output.splitlines() if line.startswith("error:"))
+    assert message in error, res.output
+    assert not wf_path.exists() and not out.exists()  # refused before sampling: nothing written
+
+
+def test_generate_save_workflow_needs_a_single_file(sd15_checkpoint, tmp_path):
+    _, _, config = sd15_checkpoint
+    wf_path = tmp_path / "wf.json"
+    args = [
+        "generate",
+        "--model",
+        str(config),
+        *GENERATE,
+        "-o",
+        str(tmp_path / "out"),
+        "--save-workflow",
+        str(wf_path),
+    ]
+    res = CliRunner().invoke(app, args)
+    assert (
+        res.exit_code == 2
+        and "is a diffusers folder; a ComfyUI workflow loads a single-file checkpoint" in res.output
+    )
+    assert not wf_path.exists()
+    res = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "wf.txt")])
+    assert res.exit_code == 2 and "--save-workflow must end in .json" in res.output
