@@ -7,8 +7,10 @@ a RescaleCFG node, ComfyUI's CFG function, before CFGNorm's post-CFG patch). Com
 side runs its node classes (tests/comfy_workflow_support.py; only UNETLoader is replaced by the
 explicit-config build, since ComfyUI's detection builds a full-size Qwen-Image). The final
 ``[1, 16, 1, 8, 8]`` LATENT samples must agree to 1e-4; ``pytest -s`` prints the figures.
-Also SDXL + PerturbedAttentionGuidance (the pipeline passed in, ComfyUI's twin of the same UNet) and
-SD3 + SkipLayerGuidanceSD3/DiT (both sides load the same tiny SD3 file).
+Also SDXL + PerturbedAttentionGuidance (the pipeline passed in, ComfyUI's twin of the same UNet),
+a single-file SDXL checkpoint (both sides read the file), SD3 + SkipLayerGuidanceSD3/DiT (both sides
+load the same tiny SD3 file), FLUX.1 dev from a ComfyUI-layout file, and ComfyUI's order of CFG
+function and post-CFG patches (CFGNorm / RescaleCFG before SLG or PAG).
 Skipped only when ComfyUI core is not installed (and then failed when DIFFGUIDE_REQUIRE_COMFY=1);
 failed when it is installed but does not import, or its nodes do not import or run.
 """

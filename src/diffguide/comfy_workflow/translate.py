@@ -2,13 +2,15 @@
 
 How each node maps (docs/comfyui.md has the table):
 
-* ``UNETLoader`` / ``CheckpointLoaderSimple``: the model file (``weight_dtype`` default = float32);
+* ``UNETLoader`` / ``CheckpointLoaderSimple``: the model file (Qwen-Image, AuraFlow, SD3, FLUX.1
+  transformers; SD1.5/SDXL single files) (``weight_dtype`` default = float32);
   ``LoraLoaderModelOnly`` / ``LoraLoader``: LoRAs in order, with their model strength;
 * ``ModelSamplingAuraFlow`` / ``ModelSamplingSD3`` / ``ModelSamplingFlux``: a
   :class:`~diffguide.sampling.comfy.ComfyShift` (the last one applied wins, as in ComfyUI);
 * ``CFGNorm``: a :class:`~diffguide.guidance.CFGNorm` term after CFG; ``PerturbedAttentionGuidance``
-  a ``PAG`` term on the UNet's middle block (SD UNets only); ``RescaleCFG``: a
-  :class:`~diffguide.guidance.RescaleCFG` term right after CFG (it is ComfyUI's CFG function);
+  a ``PAG`` term on the UNet's middle block (SD UNets only); ``RescaleCFG`` and ``CFGNorm``
+  ``pre_cfg``: a term right after CFG (ComfyUI's CFG function; the last node wins); post-CFG
+  patches in node order, a PAG / SLG after a correction ``post_cfg`` (:func:`_terms`);
 * ``SkipLayerGuidanceSD3`` / ``SkipLayerGuidanceDiT``: an :class:`~diffguide.guidance.slg_comfy.SLGComfy`
   term (the node's semantics: sigma window from the percents, optional rescaling);
 * ``FluxGuidance``: the conditioning's ``guidance``, an :class:`~diffguide.guidance.EmbeddedGuidance`
