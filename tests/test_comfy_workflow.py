@@ -655,7 +655,11 @@ def test_flux_workflow_explain_and_comfy_latent_format(flux_models, tmp_path):
     assert result.latents.shape == (1, 16, 8, 8)
     assert torch.allclose(result.latents, result.result.latents / 0.3611 + 0.1159)
     plain = load(write(tmp_path, flux_workflow(flux_models, steps=2, node_shift=False)), flux_models, files)
-    assert plain.config.comfy_sampling is None
+    assert plain.config.comfy_sampling == ComfyShift("flux", 1.15)
+    assert (
+        "node 1 (UNETLoader): FLUX.1 dev: ComfyUI's default model sampling, flux time shift mu 1.15"
+        in "\n".join(explain(plain))
+    )
     sampled = execute(plain).result.manifests[0]["parameters"]["comfy_sampling"]
     assert sampled == {"kind": "flux", "shift": 1.15, "multiplier": 1.0}
     with pytest.raises(

@@ -147,7 +147,11 @@ class Translator:
                 f"{node.label}: weight_dtype '{dtype}' is not supported (one of {', '.join(DTYPES)})"
             )
         path = resolve(self.models_dir, "diffusion_models", str(self.value(node, "unet_name")), node.label)
-        return (_Model(ModelSpec("UNETLoader", path, DTYPES[dtype], node=node.id)),)
+        model = _Model(ModelSpec("UNETLoader", path, DTYPES[dtype], node=node.id))
+        if _is_flux_dev(path):  # ComfyUI's supported_models.Flux: ModelSamplingFlux, shift 1.15
+            note = f"{node.label}: FLUX.1 dev: ComfyUI's default model sampling, flux time shift mu 1.15"
+            model = replace(model, sampling=ComfyShift("flux", 1.15), notes=(note,))
+        return (model,)
 
     def _CheckpointLoaderSimple(self, node: Node) -> tuple[Any, ...]:
         path = resolve(self.models_dir, "checkpoints", str(self.value(node, "ckpt_name")), node.label)
@@ -470,6 +474,21 @@ def _terms(
             )
         embedded = (EmbeddedGuidance(float(pos.guidance if pos.guidance is not None else 0.0)),)
     return (CFG(cfg), *chain, *embedded)
+
+
+def _is_flux_dev(path: Path) -> bool:
+    """Whether ``path`` holds a guidance-distilled FLUX.1 transformer (read from its key names only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = set(f.keys())
+    except Exception:  # unreadable: the loader says so when the run executes
+        return False
+    names = ("guidance_in.in_layer.weight", "time_text_embed.guidance_embedder.linear_1.weight")
+    return any(k.endswith(n) for k in keys for n in names) and any(
+        "double_blocks." in k or "x_embedder" in k for k in keys
+    )
 
 
 def _percent_to_sigma(shift: float, percent: float) -> float:
