@@ -500,6 +500,7 @@ def test_patches_after_a_correction_are_post_cfg_as_in_comfyui(sd3_models, tmp_p
     first, second = terms(wf)[1:]
     assert (first.rescaling_scale, first.post_cfg, second.layers, second.post_cfg) == (0.5, False, "b0", True)
     assert "post_cfg" not in first.describe() and second.describe()["post_cfg"] is True
+    assert SLGComfy.from_dict(second.describe()) == second  # manifests rebuild the term
 
 
 @pytest.mark.parametrize(
