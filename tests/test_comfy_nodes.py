@@ -276,7 +276,16 @@ def test_node_errors_are_one_line(sdxl, comfy):
     with pytest.raises(LayerSpecError, match=r"^layer 'd7': no attention unit d7\. Valid: down, mid, up"):
         run_node(node("PAG"), twin, layers="d7")
     with pytest.raises(
-        ConfigError, match=r"^PAG on ComfyUI's MMDiT: the nodes perturb DiTs by block skip only so far$"
+        ConfigError,
+        match=r"^the ComfyUI nodes draw TPG permutations per image only \(permutation=per_image\)$",
+    ):
+        run_node(
+            NODE_CLASS_MAPPINGS["DiffguideGuidanceStack"],
+            tiny_sd3_comfy(depth=1),
+            guides="tpg:permutation=shared,layers=b0",
+        )
+    with pytest.raises(
+        LayerSpecError, match=r"^the SD3 PAG preset 'b13' needs block b13, but this model has 1 joint"
     ):
         run_node(node("PAG"), tiny_sd3_comfy(depth=1))
     with pytest.raises(ConfigError, match=r"^PAG scale must be in \[0, 100\], got -1.0$"):

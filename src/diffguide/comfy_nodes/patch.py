@@ -10,10 +10,12 @@ How one sampling step runs (ComfyUI's ``sampling_function``) with the pack's pat
 2. The rows are labelled by ComfyUI itself: ``transformer_options["cond_or_uncond"]`` lists the
    index of each chunk of the batch; the pack puts ``{index: branch}`` in
    ``transformer_options["diffguide_rows"]``. Each perturbation acts on its own chunk only:
-   identity self-attention (PAG) and token shuffle (TPG) as forward hooks on the UNet's
+   on a UNet, identity self-attention (PAG) and token shuffle (TPG) as forward hooks on the
    ``attn1`` / transformer-block modules, installed on the model for this call and removed in
-   ``finally``; block skip (SLG) as ComfyUI ``"dit"`` block replacements, set on a copy of the
-   model options for this call, calling any replacement another pack set for the same block.
+   ``finally``; on a DiT (SD3's MMDiT, Flux, Qwen-Image) PAG, TPG and block skip (SLG) as
+   ComfyUI ``"dit"`` block replacements (PAG through an ``optimized_attention_override`` for the
+   block, see :mod:`.dit`), set on a copy of the model options for this call, calling any
+   replacement another pack set for the same block.
 3. A memory-driven split runs chunks in several calls; each call carries its own
    ``cond_or_uncond``, so a perturbation finds its rows (or none) in every call.
 4. The wrapper returns ``[cond, uncond]`` to ComfyUI and keeps the perturbed predictions for this
@@ -50,6 +52,7 @@ from ..perturb.block_skip import BlockSkip
 from ..perturb.identity_attention import IdentityAttention
 from ..perturb.token_shuffle import TokenShuffle, shuffle_tokens
 from ..sampling.noise import image_seeds
+from .dit import identity_block, is_block_key, shuffle_block
 from .layers import DIT_STACKS, Resolved, resolve_dit, resolve_unet
 
 KEY = "diffguide"  # transformer_options: the chain of Entry; also the wrappers' key
@@ -66,6 +69,7 @@ class Plan:
     prompt: str  # "cond" | "uncond"
     kind: str  # "identity" | "shuffle" | "skip"
     targets: Resolved
+    semantics: str = "diagonal"  # identity attention on a DiT's joint attention
 
 
 @dataclass(frozen=True)
@@ -125,10 +129,6 @@ def plan_branches(patcher: Any, term: Term) -> tuple[Plan, ...]:
         kind, layers = _kind(branch.perturbation)
         method: Any = _METHOD[kind]
         if cls in DIT_STACKS:
-            if kind != "skip":
-                raise ConfigError(
-                    f"{term.title()} on ComfyUI's {cls}: the nodes perturb DiTs by block skip only so far"
-                )
             _, joint, single = DIT_STACKS[cls]
             n_single = len(getattr(dm, single)) if single else 0
             targets = resolve_dit(layers, method, cls, len(getattr(dm, joint)), n_single)
@@ -148,7 +148,8 @@ def plan_branches(patcher: Any, term: Term) -> tuple[Plan, ...]:
             targets = resolve_unet(layers, method, key_map, is_target)
         else:
             raise ConfigError(f"the diffguide nodes do not support ComfyUI's {cls} model yet")
-        plans.append(Plan(branch.name, branch.prompt, kind, targets))
+        semantics = getattr(branch.perturbation, "semantics", "diagonal")
+        plans.append(Plan(branch.name, branch.prompt, kind, targets, semantics))
     return tuple(plans)
 
 
@@ -268,21 +269,34 @@ def _skip_block(branch: str, previous: Callable[..., Any] | None) -> Callable[..
     """A ``"dit"`` block replacement: the branch's rows leave the block as they entered it."""
 
     def replace(args: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+        rows = branch_rows(args.get("transformer_options") or {}, branch, args["img"].shape[0])
+        # the rows as they enter, copied first: Flux's blocks add to their inputs in place
+        old: dict[str, Tensor] = {}
+        for key in ("img", "txt") if rows is not None else ():
+            value = args.get(key)
+            if isinstance(value, Tensor):
+                old[key] = value[rows].clone()
         out = previous(args, extra) if previous is not None else extra["original_block"](args)
-        img = args["img"]
-        rows = branch_rows(args.get("transformer_options") or {}, branch, img.shape[0])
         if rows is None:
             return out
         out = dict(out)
-        for key in ("img", "txt"):
-            new, old = out.get(key), args.get(key)
-            if isinstance(new, Tensor) and isinstance(old, Tensor) and new.shape == old.shape:
+        for key, before in old.items():
+            new = out.get(key)
+            if isinstance(new, Tensor) and new.shape[1:] == before.shape[1:]:
                 new = new.clone()
-                new[rows] = old[rows]
+                new[rows] = before
                 out[key] = new
         return out
 
     return replace
+
+
+def _dit_replacement(plan: Plan, single: bool, ctx: ForwardContext, previous: Any) -> Callable[..., Any]:
+    if plan.kind == "skip":
+        return _skip_block(plan.branch, previous)
+    if plan.kind == "identity":
+        return identity_block(plan.branch, plan.semantics, single, branch_rows, previous)
+    return shuffle_block(plan.branch, ctx, single, branch_rows, previous)
 
 
 @contextmanager
@@ -299,9 +313,10 @@ def perturbed(model: Any, model_options: dict[str, Any], rows: dict[int, Plan]) 
     with ExitStack() as stack:
         for plan in rows.values():
             for name in plan.targets.comfy:
-                if plan.kind == "skip":
+                if is_block_key(name):
                     block, index = name.split(".")
-                    dit[(block, int(index))] = _skip_block(plan.branch, dit.get((block, int(index))))
+                    key = (block, int(index))
+                    dit[key] = _dit_replacement(plan, block == "single_block", ctx, dit.get(key))
                 elif plan.kind == "identity":
                     handle = modules[name].register_forward_hook(
                         _identity_hook(plan.branch), with_kwargs=True
