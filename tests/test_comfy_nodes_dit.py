@@ -27,6 +27,7 @@ from comfy_nodes_support import counting, import_comfy_extra, ksample, run_io_no
 from diffguide import PAG, TPG
 from diffguide.comfy_nodes import NODE_CLASS_MAPPINGS
 from diffguide.comfy_workflow import execute, load
+from diffguide.guidance import LayerSkip, PromptShuffle
 from diffguide.repro.determinism import BATCH_TOLERANCE
 
 TOL = 1e-4
@@ -152,14 +153,20 @@ def qwen(tmp_path_factory):
     return models, wf
 
 
-QWEN_CASES = {
-    "PAG diagonal b1": ("PAG", PAG(2.0, layers="b1"), {}),
-    "PAG value b0": ("PAG", PAG(2.0, layers="b0", semantics="value"), {"semantics": "value"}),
-    "TPG b0-1": ("TPG", TPG(2.0, layers="b0-1"), {}),
+QWEN_CASES = {  # node, the diffguide term, the node's inputs
+    "PAG diagonal b1": ("PAG", PAG(2.0, layers="b1"), {"scale": 2.0, "layers": "b1"}),
+    "PAG value b0": (
+        "PAG",
+        PAG(2.0, layers="b0", semantics="value"),
+        {"scale": 2.0, "layers": "b0", "semantics": "value"},
+    ),
+    "TPG b0-1": ("TPG", TPG(2.0, layers="b0-1"), {"scale": 2.0, "layers": "b0-1"}),
+    "PromptShuffle": ("PromptShuffle", PromptShuffle(2.0), {"scale": 2.0}),
+    "LayerSkip b1": ("LayerSkip", LayerSkip(2.0, layers="b1"), {"scale": 2.0, "layers": "b1"}),
 }
 
 
-def node_vs_engine(models, wf, name, term, extra, tmp_path):
+def node_vs_engine(models, wf, name, term, inputs, tmp_path):
     """The workflow ``wf`` + the pack's node before KSampler, in ComfyUI, vs diffguide's engine
     running the same workflow with ``term`` added; also ComfyUI's model-call rows per step."""
     path = tmp_path / "wf.json"
@@ -170,10 +177,10 @@ def node_vs_engine(models, wf, name, term, extra, tmp_path):
     assert ours.result.forward_calls == STEPS
     calls: list[int] = []
 
-    def apply(inputs):
-        patcher = inputs["model"]
+    def apply(linked):
+        patcher = linked["model"]
         patcher.model.diffusion_model.register_forward_hook(lambda m, a, o: calls.append(o.shape[0]))
-        return run_node(node(name), patcher, scale=2.0, layers=term.layers, **extra)[:1]
+        return run_node(node(name), patcher, **inputs)[:1]
 
     with_node = json.loads(json.dumps(wf))
     with_node["10"] = {"class_type": f"Diffguide{name}", "inputs": {"model": wf["8"]["inputs"]["model"]}}
@@ -191,8 +198,8 @@ def node_vs_engine(models, wf, name, term, extra, tmp_path):
 @pytest.mark.parametrize("case", list(QWEN_CASES))
 def test_qwen_image_node_equals_diffguide_engine(qwen, tmp_path, case):
     models, wf = qwen
-    name, term, extra = QWEN_CASES[case]
-    d, theirs, calls = node_vs_engine(models, wf, name, term, extra, tmp_path)
+    name, term, inputs = QWEN_CASES[case]
+    d, theirs, calls = node_vs_engine(models, wf, name, term, inputs, tmp_path)
     print(f"Qwen-Image {case}: node in ComfyUI vs diffguide engine {d:.3g} (|latent| up to "
           f"{theirs.abs().max():.3g}); ComfyUI calls {calls}")  # fmt: skip
     assert theirs.shape == (2, 16, 1, 8, 8)
@@ -209,9 +216,13 @@ def sd3(qwen, tmp_path_factory):
 
 
 SD3_CASES = {
-    "PAG diagonal b0": ("PAG", PAG(2.0, layers="b0"), {}),
-    "PAG value b1": ("PAG", PAG(2.0, layers="b1", semantics="value"), {"semantics": "value"}),
-    "TPG b0-1": ("TPG", TPG(2.0, layers="b0-1"), {}),
+    "PAG diagonal b0": ("PAG", PAG(2.0, layers="b0"), {"scale": 2.0, "layers": "b0"}),
+    "PAG value b1": (
+        "PAG",
+        PAG(2.0, layers="b1", semantics="value"),
+        {"scale": 2.0, "layers": "b1", "semantics": "value"},
+    ),
+    "TPG b0-1": ("TPG", TPG(2.0, layers="b0-1"), {"scale": 2.0, "layers": "b0-1"}),
 }
 
 
@@ -220,8 +231,8 @@ def test_sd3_node_equals_diffguide_engine(sd3, tmp_path, case):
     """SD3's MMDiT orders its joint sequence [text, image] in ComfyUI, [image, text] in diffusers:
     the identity attention finds the image tokens on each side."""
     models, wf = sd3
-    name, term, extra = SD3_CASES[case]
-    d, theirs, calls = node_vs_engine(models, wf, name, term, extra, tmp_path)
+    name, term, inputs = SD3_CASES[case]
+    d, theirs, calls = node_vs_engine(models, wf, name, term, inputs, tmp_path)
     print(f"SD3 {case}: node in ComfyUI vs diffguide engine {d:.3g} (|latent| up to "
           f"{theirs.abs().max():.3g}); ComfyUI calls {calls}")  # fmt: skip
     assert theirs.shape == (2, 16, 16, 16)
