@@ -1,7 +1,7 @@
 """The pack through ComfyUI's newer extension API: ``comfy_entrypoint()`` -> a ``ComfyExtension``
 whose nodes are ``comfy_api.latest.io.ComfyNode`` classes.
 
-The V3 nodes are built from the same legacy classes (:func:`~.nodes.mappings`): each widget of a
+The V3 nodes are built from the same legacy classes (``NODE_CLASS_MAPPINGS``): each widget of a
 legacy ``INPUT_TYPES`` becomes the matching ``io`` input (FLOAT -> ``io.Float``, a list ->
 ``io.Combo``, ...), and ``execute`` calls the legacy ``apply``, so both APIs run the same code with
 the same node ids and display names. ComfyUI loads ``NODE_CLASS_MAPPINGS`` when a module has both;
@@ -53,10 +53,11 @@ def extension() -> Any:
     """The pack as a ``ComfyExtension`` (imports ``comfy_api``: call from ComfyUI only)."""
     from comfy_api.latest import ComfyExtension, io
 
-    from .nodes import mappings
+    from . import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # the legacy API's very nodes
 
-    classes, names = mappings()
-    nodes = [v3_node(io, key, cls, names[key]) for key, cls in classes.items()]
+    nodes = [
+        v3_node(io, key, cls, NODE_DISPLAY_NAME_MAPPINGS[key]) for key, cls in NODE_CLASS_MAPPINGS.items()
+    ]
 
     class DiffguideExtension(ComfyExtension):  # type: ignore[misc]
         async def get_node_list(self) -> list[type]:
