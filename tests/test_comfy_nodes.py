@@ -377,3 +377,26 @@ def test_more_nodes_equal_diffguide_engine_sdxl(sdxl, case):
         assert effect < 1e-3  # no position to text tokens: no effect (tests/test_tpg_variants.py);
     else:  # tests/test_comfy_nodes_dit.py shows it acting on Qwen-Image (rotary text positions)
         assert effect > 1e-2
+
+
+def test_pag_node_with_a_combined_prompt_vs_comfyui_pag(sdxl):
+    """A positive with two entries (ConditioningCombine): ComfyUI evaluates each entry as its own
+    chunk of the batch, so the PAG branch has two chunks; both are perturbed (ComfyUI's PAG node
+    is the reference) in one call of 10 rows per step."""
+    _, twin, (pos, neg) = sdxl
+    embeds, meta = pos[0]
+    combined = ([*pos, [embeds.flip(0), {**meta, "pooled_output": meta["pooled_output"].flip(0)}]], neg)
+    theirs = sample(
+        run_io_node(import_comfy_extra("nodes_pag").PerturbedAttentionGuidance, model=twin, scale=2.0),
+        combined,
+    )
+    model, _ = run_node(node("PAG"), twin, scale=2.0)
+    with counting(twin) as calls:
+        ours = sample(model, combined)
+    d = err(ours, theirs)
+    print(f"SDXL PAG node vs ComfyUI PAG, two-entry positive: {d:.3g}; calls {calls}")
+    assert d <= TOL
+    assert calls == [10] * STEPS  # cond x2 entries, uncond, pag x2 entries; 2 images each
+    assert err(ours, sample(model, (pos, neg))) > 0.1  # the second entry matters
+    tpg, _ = run_node(node("TPG"), twin, scale=2.0)  # a random perturbation: one draw per image
+    assert err(sample(tpg, combined), sample(twin, combined)) > 0.1

@@ -19,7 +19,7 @@ any replacement another node set for the same block:
   concatenated sequence), one permutation per image and block call from diffguide's per-image
   generator, as diffguide's TPG on a DiT.
 
-Rows come from ComfyUI's ``cond_or_uncond`` labels (:func:`~.patch.branch_rows`), so a
+Rows come from ComfyUI's ``cond_or_uncond`` labels (:func:`~.rows.branch_rows`), so a
 memory-driven sub-batch split stays correct.
 """
 
@@ -35,9 +35,9 @@ from ..errors import DiffguideError
 from ..perturb.base import ForwardContext, put_rows, take_rows
 from ..perturb.joint_identity import _combine, diagonal_mask
 from ..perturb.token_shuffle import shuffle_tokens
+from .rows import branch_rows, per_image, row_images
 
 Replace = Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
-RowsOf = Callable[[dict[str, Any], str, int], "slice | None"]
 OVERRIDE = "optimized_attention_override"
 
 
@@ -129,14 +129,12 @@ def identity_override(
     return override
 
 
-def identity_block(
-    branch: str, semantics: str, single: bool, rows_of: RowsOf, previous: Replace | None
-) -> Replace:
+def identity_block(branch: str, semantics: str, single: bool, previous: Replace | None) -> Replace:
     """A ``"dit"`` replacement: identity attention in this block on ``branch``'s rows."""
 
     def replace(args: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         options = args.get("transformer_options") or {}
-        rows = rows_of(options, branch, args["img"].shape[0])
+        rows = branch_rows(options, branch, args["img"].shape[0])
         if rows is None:
             return _call(previous, args, extra)
         override = identity_override(rows, semantics, image_span(args, single), options.get(OVERRIDE))
@@ -145,22 +143,18 @@ def identity_block(
     return replace
 
 
-def shuffle_block(
-    branch: str, ctx: ForwardContext, single: bool, rows_of: RowsOf, previous: Replace | None
-) -> Replace:
+def shuffle_block(branch: str, ctx: ForwardContext, single: bool, previous: Replace | None) -> Replace:
     """A ``"dit"`` replacement: the image tokens entering this block shuffled on ``branch``'s rows."""
 
     def replace(args: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         options = args.get("transformer_options") or {}
         img = args["img"]
-        rows = rows_of(options, branch, img.shape[0])
+        rows = branch_rows(options, branch, img.shape[0])
         if rows is None:
             return _call(previous, args, extra)
         start, stop = image_span(args, single)(img.shape[1]) if single else (0, img.shape[1])
-        images = range(rows.stop - rows.start)
-        perms = torch.stack(
-            [torch.randperm(stop - start, generator=ctx.generator(branch, i)) for i in images]
-        )
+        images = row_images(options, rows, img.shape[0])
+        perms = per_image(images, lambda i: torch.randperm(stop - start, generator=ctx.generator(branch, i)))
         img = img.clone()
         img[rows, start:stop] = shuffle_tokens(img[rows, start:stop], perms.to(img.device))
         return _call(previous, {**args, "img": img}, extra)

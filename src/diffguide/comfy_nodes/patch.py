@@ -60,6 +60,7 @@ from ..perturb.token_shuffle import TokenShuffle, shuffle_tokens
 from ..sampling.noise import image_seeds
 from .dit import identity_block, is_block_key, shuffle_block
 from .layers import DIT_STACKS, Resolved, resolve_dit, resolve_unet
+from .rows import ROWS, branch_rows, per_image, row_images
 from .unet import (
     blur_edit,
     install_clock,
@@ -70,7 +71,6 @@ from .unet import (
 )
 
 KEY = "diffguide"  # transformer_options: the chain of Entry; also the wrappers' key
-ROWS = "diffguide_rows"  # transformer_options of one call: {cond index: Plan}
 RUN = "diffguide_run"  # transformer_options of one sampling run: its ForwardContext (seeds)
 STASH = "diffguide_step"  # model_options: this step's perturbed predictions (a Stash)
 
@@ -196,19 +196,6 @@ def plan_branches(patcher: Any, term: Term) -> tuple[Plan, ...]:
 # ------------------------------------------------------------------------------------------------
 
 
-def branch_rows(options: dict[str, Any], branch: str, n: int) -> slice | None:
-    """The rows of ``branch`` in a model call of ``n`` rows, from ComfyUI's ``cond_or_uncond``."""
-    rows, chunks = options.get(ROWS), options.get("cond_or_uncond")
-    if not rows or not chunks:
-        return None
-    size = n // len(chunks)
-    for j, index in enumerate(chunks):
-        plan = rows.get(index)
-        if plan is not None and plan.branch == branch:
-            return slice(j * size, (j + 1) * size)
-    return None
-
-
 def _prediction(model_sampling: Any) -> str:
     names = {c.__name__ for c in type(model_sampling).__mro__}
     if "CONST" in names:
@@ -287,13 +274,12 @@ def _shuffle_hook(branch: str, ctx: ForwardContext) -> Callable[..., Any]:
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         h = args[0] if args else kwargs["x"]
-        rows = branch_rows(kwargs.get("transformer_options") or {}, branch, h.shape[0])
+        options = kwargs.get("transformer_options") or {}
+        rows = branch_rows(options, branch, h.shape[0])
         if rows is None:
             return None
-        n_img = rows.stop - rows.start
-        perms = torch.stack(
-            [torch.randperm(h.shape[1], generator=ctx.generator(branch, i)) for i in range(n_img)]
-        )
+        images = row_images(options, rows, h.shape[0])
+        perms = per_image(images, lambda i: torch.randperm(h.shape[1], generator=ctx.generator(branch, i)))
         h = h.clone()
         h[rows] = shuffle_tokens(h[rows], perms.to(h.device))
         if args:
@@ -333,8 +319,8 @@ def _dit_replacement(plan: Plan, single: bool, ctx: ForwardContext, previous: An
     if plan.kind == "skip":
         return _skip_block(plan.branch, previous)
     if plan.kind == "identity":
-        return identity_block(plan.branch, plan.semantics, single, branch_rows, previous)
-    return shuffle_block(plan.branch, ctx, single, branch_rows, previous)
+        return identity_block(plan.branch, plan.semantics, single, previous)
+    return shuffle_block(plan.branch, ctx, single, previous)
 
 
 @contextmanager
@@ -355,7 +341,7 @@ def perturbed(model: Any, model_options: dict[str, Any], rows: dict[int, Plan]) 
             install_clock(stack, dm, clock)
         for plan in rows.values():
             if plan.kind == "text":
-                install_text_shuffle(stack, dm, plan.branch, branch_rows, ctx)
+                install_text_shuffle(stack, dm, plan.branch, ctx)
             names = zip(plan.targets.comfy, plan.targets.diffusers, strict=True)
             for name, diffusers_name in names:
                 if is_block_key(name):
@@ -368,14 +354,14 @@ def perturbed(model: Any, model_options: dict[str, Any], rows: dict[int, Plan]) 
                     )
                     stack.callback(handle.remove)
                 elif plan.kind == "skip":
-                    install_skip(stack, modules[name], plan.branch, branch_rows)
+                    install_skip(stack, modules[name], plan.branch)
                 elif plan.kind == "blur":
                     edit = blur_edit(plan.perturbation.sigma)
-                    install_query_edit(stack, modules[name], plan.branch, branch_rows, edit)
+                    install_query_edit(stack, modules[name], plan.branch, edit)
                 elif plan.kind == "query_shuffle":
                     strength = plan.perturbation.strength
                     edit = query_shuffle_edit(plan.branch, diffusers_name, strength, ctx, clock)
-                    install_query_edit(stack, modules[name], plan.branch, branch_rows, edit)
+                    install_query_edit(stack, modules[name], plan.branch, edit)
                 else:
                     hook = _shuffle_hook(plan.branch, ctx)
                     handle = modules[name].register_forward_pre_hook(hook, with_kwargs=True)
