@@ -33,7 +33,7 @@ sd3-sweep)
   ;;
 methods)
   bench --n "${N:-1000}" --layers slg=mid --out "$OUT/quality-methods" \
-    --settings cond/none,cond/cfg2,cond/cfg3,cond/cfg5,cond/cfg7,cond/seg3,cond/cfg3+seg3,cond/cfg3+slg3,cond/cfg_zero_star3,cond/tcfg3,cond/cfg3+prompt_shuffle3 \
+    --settings cond/none,cond/cfg2,cond/cfg3,cond/cfg5,cond/cfg3+seg3,cond/cfg3+slg3,cond/cfg_zero_star3,cond/cfg3+prompt_shuffle3 \
     --setting "cond/apg:scale=5,eta=0,norm_threshold=2.5,momentum=-0.75" \
     --setting "cond/cfg:scale=5,window=sigma:0.28:5.42" \
     --setting "cond/cfg3+uncond_query_shuffle:strength=1"
