@@ -185,16 +185,29 @@ class GuidanceStack:
 
 def supported(cls: type[Term]) -> bool:
     """Whether the nodes can run the term: its default instance's perturbations are ones the pack
-    implements on ComfyUI's models (identity attention, token shuffle, whole-block skip)."""
+    implements on ComfyUI's models (identity attention, token shuffle, whole-block skip, query
+    blur and shuffle, text-token shuffle)."""
     from ..perturb.block_skip import BlockSkip
     from ..perturb.identity_attention import IdentityAttention
+    from ..perturb.layer_skip import LayerSkipBlocks
+    from ..perturb.query_blur import QueryBlur
+    from ..perturb.query_shuffle import QueryShuffle
+    from ..perturb.text_shuffle import TextShuffle
     from ..perturb.token_shuffle import TokenShuffle
 
     try:
         branches = cls().branches()  # type: ignore[call-arg]
     except Exception:  # a term without defaults: no node
         return False
-    known = (IdentityAttention, TokenShuffle, BlockSkip)
+    known = (
+        IdentityAttention,
+        TokenShuffle,
+        BlockSkip,
+        LayerSkipBlocks,
+        QueryBlur,
+        QueryShuffle,
+        TextShuffle,
+    )
     return all(b.perturbation is None or type(b.perturbation) in known for b in branches)
 
 
