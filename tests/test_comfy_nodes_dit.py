@@ -4,6 +4,10 @@
   (both identity readings) and TPG nodes vs an independent reference that makes one extra model
   call per step with the perturbation installed on all its rows (tests/comfy_dit_nodes_support.py);
   the SLG node vs ComfyUI's SkipLayerGuidanceDiT. One model call per step for the nodes.
+* Tiny FLUX.1 dev file in ComfyUI's key layout (UNETLoader -> ModelSamplingFlux -> KSampler, batch
+  2, FluxGuidance at cfg 1 and on both prompts at cfg 2.5): the PAG (both readings) and TPG nodes
+  in ComfyUI vs diffguide's engine on the same weights (converted to diffusers' Flux), comfy noise
+  policy, the same explicit blocks ``b1,s0`` on both sides.
 * Tiny Qwen-Image (5-D latents [2, 16, 1, 8, 8], with a LoRA): the PAG and TPG nodes in ComfyUI
   vs diffguide's own engine on the diffusers twin (the same weights), comfy noise policy.
 
