@@ -115,6 +115,7 @@ class GuidedModel:
         self.cond, self.uncond, self.max_rows = cond, uncond, max_rows
         self.ctx = ForwardContext(tuple(seeds), retry_listeners=[on_retry] if on_retry else [])
         self.ctx.negative = None if uncond is None else uncond.tensors.get("embeds")
+        self.ctx.negative_pooled = None if uncond is None else uncond.tensors.get("pooled")
         self._rows_cache: dict[tuple[str, ...], Conditioning] = {}
         self.forward_calls = 0
         self.rows_schedule = check_rows_schedule(rows_schedule)

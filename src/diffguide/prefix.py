@@ -92,6 +92,8 @@ class PrefixPlan:
             index = unit_index(self.units, first) if first is not None else None
             if index:  # None or 0: differs from the first unit on
                 self.fan[b.name] = index
+        if any(not _allows_sharing(b.perturbation, model) for b in branches):
+            self.fan = {}  # e.g. NAG on a DiT: the conditional rows differ from the perturbed ones from unit 0
         self._cache: dict[tuple[Any, ...], list[UnitRows | None]] = {}
 
     @property
@@ -114,6 +116,13 @@ class PrefixPlan:
                 plans.append(by_shared[shared])
             self._cache[key] = plans
         return self._cache[key]
+
+
+def _allows_sharing(perturbation: object, model: nn.Module) -> bool:
+    """A perturbation's optional ``allows_prefix_sharing(model)`` (default True): False when it
+    changes the conditional rows but not the rows of the branches that would copy them."""
+    method = getattr(perturbation, "allows_prefix_sharing", None)
+    return bool(method(model)) if callable(method) else True
 
 
 def _unit_rows(

@@ -47,6 +47,10 @@ class ForwardContext:
     generators: dict[tuple[str, int], torch.Generator] = field(default_factory=dict)
     retry_listeners: list[Callable[[], None]] = field(default_factory=list)
     negative: torch.Tensor | None = None  # (B, L, D) the negative prompt's text embeddings (NAG)
+    negative_pooled: torch.Tensor | None = None  # (B, D) its pooled embedding, where the model takes one
+    #: ``(rows of a call that holds them, count)``: rows an in-model perturbation appended after the
+    #: engine's rows for the current forward (NAG on a DiT: the negative text stream); None: none.
+    appended: tuple[int, int] | None = None
 
     def rows_of(self, branch: str) -> BranchRows | None:
         return self.rows.get(branch)
@@ -56,13 +60,16 @@ class ForwardContext:
         """While a perturbation runs a module on part of its n rows (the rows inside ``rows``, or the
         rest), every branch's rows are given in that part's coordinates (so a second perturbation
         on the same module edits the right rows); restored on exit."""
-        saved = self.rows
+        saved, appended = self.rows, self.appended
         relabelled = {k: _relabel(v, rows, n, inside) for k, v in saved.items()}
         self.rows = {k: v for k, v in relabelled.items() if v is not None}
+        if appended is not None:  # appended rows lie after every branch's rows: in the outside part
+            a, b = _bounds(rows, n)
+            self.appended = None if inside or n != appended[0] else (n - (b - a), appended[1])
         try:
             yield
         finally:
-            self.rows = saved
+            self.rows, self.appended = saved, appended
 
     def generator(self, branch: str, image: int) -> torch.Generator:
         """Image ``image``'s CPU generator for ``branch``, seeded ``branch_seed(seed_i, branch)``."""

@@ -15,7 +15,7 @@ as the official implementation's ``NAGAttnProcessor2_0`` does (its ``nag_scale``
 ``nag_alpha``). The negative prompt's text embeddings come from the engine
 (:attr:`ForwardContext.negative`, image i's row for the row of image i); the other rows run the
 layer's own processor. Cost: no extra model rows, one more cross-attention per selected layer
-on the conditional rows.
+on the conditional rows. On SD3/Flux (joint attention) see :mod:`.nag_dit`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from ..errors import ConfigError
 from ..models.layers import is_dit, select
 from .base import ForwardContext, put_rows, take_rows
 from .identity_attention import _outside
+from .nag_dit import NagDiT, nag_targets
 from .sparse_attention import is_cross_attention
 
 
@@ -114,9 +115,13 @@ class NagAttention:
 
     scope = "prompt"  # every row with the prompt: the conditional rows and PAG's, SEG's, ... rows
 
+    def allows_prefix_sharing(self, model: nn.Module) -> bool:
+        """On a DiT NAG changes the conditional rows only (not PAG's, ...): nothing is shared."""
+        return not is_dit(model)
+
     def targets(self, model: nn.Module) -> list[str]:
         if is_dit(model):
-            raise ConfigError("NAG is implemented for UNet cross-attention (SD1.5/SDXL) only")
+            return nag_targets(model, self.layers)
         if self.layers is None:
             return [name for name, m in model.named_modules() if is_cross_attention(name, m)]
         return select(model, self.layers, is_cross_attention)
@@ -125,6 +130,10 @@ class NagAttention:
     def install(self, model: nn.Module, branch: str, ctx: ForwardContext) -> Iterator[None]:
         if ctx.negative is None:
             raise ConfigError("NAG needs a negative prompt's conditioning; none was given")
+        if is_dit(model):
+            with NagDiT(model, self.targets(model), branch, ctx, self).installed():
+                yield
+            return
         modules = dict(model.named_modules())
         saved: list[tuple[Attention, Any]] = []
         try:
