@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .comfy import AnyModelSampling, StepFn, make_comfy_step
+from .comfy_churn import ComfyChurn
 from .schedulers import sigmas_at
 
 
@@ -225,10 +226,15 @@ class ComfyStepper:
     model_dtype: torch.dtype | None = None
     pack: Callable[[Tensor], Tensor] | None = None
     eta: float = 1.0  # euler_ancestral's eta and s_noise (KSampler's defaults: 1, 1)
-    s_noise: float = 1.0
+    s_noise: float = 1.0  # also the churn noise's scale
+    churn: ComfyChurn | None = None  # sample_euler's s_churn, s_tmin, s_tmax (None: off)
 
     def __post_init__(self) -> None:
         self.prediction = self.model_sampling.prediction_type
+        self._hats_t: Tensor | None = None  # churn: the sigma_hat each step evaluates the model at
+        if self.churn is not None:
+            self._hats_t = self.churn.sigma_hats(self.sigmas_t, self.sampler)
+            self.timesteps_t = self.model_sampling.model_timestep(self._hats_t)
         levels, steps_t = self.sigmas_t.tolist(), self.timesteps_t.tolist()
         # The model evaluations: (sigma index, heun stage). Heun (ComfyUI's sample_heun) evaluates
         # twice per step, at sigma_i and at its Euler guess's sigma_{i+1}, except for a last step
@@ -239,6 +245,8 @@ class ComfyStepper:
             if self.sampler == "heun" and levels[i + 1] != 0:
                 self._plan.append((i + 1, 1))
         self._all_levels = levels  # every sigma as a Python float: no device sync in step()
+        if self._hats_t is not None:
+            levels = [*self._hats_t.tolist(), levels[-1]]
         self._levels = [levels[j] for j, _ in self._plan]  # Python floats for StepInfo: no per-step sync
         self._steps_t = [steps_t[j] for j, _ in self._plan]
         self._update: StepFn | None = None
@@ -260,6 +268,9 @@ class ComfyStepper:
         ms = self.model_sampling
         x = ms.noise_scaling(self._sig[0], noise, torch.zeros_like(noise), ms.is_max_denoise(self._sig))
         flow = self.prediction == "flow"
+        if self.churn is not None and self._hats_t is not None:
+            self._hat = self._hats_t.to(noise.device)
+            self.churn.start(noise, self.seed, self.pack, self.s_noise)
         if self.sampler != "heun":
             self._update = make_comfy_step(
                 self.sampler, x, self.seed, flow=flow, pack=self.pack, eta=self.eta, s_noise=self.s_noise
@@ -267,6 +278,12 @@ class ComfyStepper:
         return x if self.pack is None else self.pack(x)
 
     def model_input(self, x: Tensor, k: int) -> Tensor:
+        if self.churn is not None:  # x moved to sigma_hat by churn noise (kept for step())
+            j = self._plan[k][0]
+            x = self.churn.perturb(x, j, self._sig[j], self._hat[j])
+            return self.model_sampling.calculate_input(self._hat[j].expand(x.shape[0]), x).to(
+                self.model_dtype
+            )
         sigma = self._sig[self._plan[k][0]].expand(x.shape[0])
         return self.model_sampling.calculate_input(sigma, x).to(self.model_dtype)
 
@@ -276,6 +293,10 @@ class ComfyStepper:
     def step(self, guided: Tensor, x: Tensor, k: int) -> Tensor:
         """Model evaluation ``k`` done: the next x (for heun's first stage, its Euler guess)."""
         j, stage = self._plan[k]
+        if self.churn is not None:  # sample_euler with churn: from sigma_hat to the next sigma
+            x, hat = self.churn.x_hat(), self._hat[j]
+            denoised = self.model_sampling.calculate_denoised(hat.expand(x.shape[0]), guided.float(), x)
+            return x + (x - denoised) / hat * (self._sig[j + 1] - hat)
         sigma = self._sig[j]
         denoised = self.model_sampling.calculate_denoised(sigma.expand(x.shape[0]), guided.float(), x)
         if self.sampler != "heun":
