@@ -539,7 +539,6 @@ class GuidedPipeline:
             cfg.s_noise,
             churn,
         )
-        timesteps = stepper.timesteps_t  # churn: the model's timesteps at sigma_hat
         x = run(guided, stepper, noise, callback=callback, progress=progress)
         latents = self.family.unpack(x, height, width)
         noise_desc: dict[str, Any] = {
@@ -564,7 +563,7 @@ class GuidedPipeline:
                 **(
                     {"eta": cfg.ancestral_eta, "s_noise": cfg.s_noise} if sampler == "euler_ancestral" else {}
                 ),
-                **(churn_description(cfg) if churn is not None else {}),
+                **(churn_description(cfg, stepper.sigma_hats) if churn is not None else {}),
             },
             "schedule": name,
             "config": comfy_config(ms),

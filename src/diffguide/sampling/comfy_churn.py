@@ -1,6 +1,7 @@
-"""Karras churn in the ``comfy`` noise policy: ComfyUI's ``sample_euler(s_churn, s_tmin, s_tmax, s_noise)``.
+"""Karras churn in the ``comfy`` noise policy: ComfyUI's ``sample_euler`` / ``sample_heun`` with
+``s_churn, s_tmin, s_tmax, s_noise``.
 
-ComfyUI's ``sample_euler`` draws its churn noise with ``torch.randn_like(x)``, from the *global*
+ComfyUI's ``sample_euler`` (and ``sample_heun``, the same code) draws its churn noise with ``torch.randn_like(x)``, from the *global*
 generator. That stream is still fixed by the seed: ``comfy.sample.prepare_noise`` seeds the global
 generator (``torch.manual_seed(seed)``) and draws the initial noise from it, and the sampler runs
 right after, so on the CPU the churn noise is the continuation of the seed's stream past the
@@ -13,8 +14,8 @@ draw, float32), then one ``randn`` of the latent's shape per churned step; on an
 generator there seeded with ``seed``. Families that pack latents (Flux, Qwen-Image) draw in
 ComfyUI's unpacked shape, then pack. Per step i of N: ``gamma = min(s_churn / N, sqrt(2) - 1)`` if
 ``s_tmin <= sigma_i <= s_tmax`` else 0, ``sigma_hat = sigma_i (gamma + 1)``; when gamma > 0,
-``x += randn * s_noise * sqrt(sigma_hat^2 - sigma_i^2)``; the model runs at sigma_hat and the Euler
-step goes from sigma_hat to sigma_{i+1}.
+``x += randn * s_noise * sqrt(sigma_hat^2 - sigma_i^2)``; the model runs at sigma_hat and the step
+(Euler, or Heun's two evaluations) goes from sigma_hat to sigma_{i+1}.
 """
 
 from __future__ import annotations
@@ -44,10 +45,8 @@ class ComfyChurn:
 
     def sigma_hats(self, sigmas: Tensor, sampler: str) -> Tensor:
         """(steps,) sigma_hat per step (sigma itself where gamma is 0), float32 as ComfyUI computes it."""
-        if sampler != "euler":
-            raise ConfigError(
-                f"churn (s_churn) in the comfy noise policy is implemented for euler, not {sampler}"
-            )
+        if sampler not in ("euler", "heun"):
+            raise ConfigError(f"churn in the comfy noise policy is for euler and heun, not {sampler}")
         levels = sigmas.tolist()
         steps = len(levels) - 1
         gammas = [churn_gamma(levels[i], steps, self.s_churn, self.s_tmin, self.s_tmax) for i in range(steps)]
@@ -103,7 +102,10 @@ def comfy_churn(cfg: object) -> ComfyChurn | None:
     return ComfyChurn(s_churn, float(getattr(cfg, "s_tmin", 0.0)), math.inf if tmax is None else float(tmax))
 
 
-def churn_description(cfg: object) -> dict[str, float | None]:
-    """The manifest's sampler entry for churn (KSampler-style names)."""
+def churn_description(cfg: object, sigma_hats: Tensor | None) -> dict[str, object]:
+    """The manifest's sampler entry for churn (KSampler-style names, and each step's sigma_hat)."""
     keys = ("s_churn", "s_tmin", "s_tmax", "s_noise")
-    return {k: getattr(cfg, k) for k in keys}
+    out: dict[str, object] = {k: getattr(cfg, k) for k in keys}
+    if sigma_hats is not None:
+        out["sigma_hats"] = sigma_hats.tolist()
+    return out

@@ -207,7 +207,8 @@ def check_config_knobs(cfg: Any) -> None:
 
     diffusers policy: churn (``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``) on ``euler``
     (diffusers' EulerDiscreteScheduler). comfy policy: ``ancestral_eta`` and ``s_noise`` on
-    ``euler_a`` (KSampler's ``sample_euler_ancestral``); churn on ``euler`` (``sample_euler``)."""
+    ``euler_a`` (KSampler's ``sample_euler_ancestral``); churn on ``euler`` / ``heun``
+    (``sample_euler`` / ``sample_heun``)."""
     _check_thresholding(cfg)
     v = {name: _knob(cfg, name) for name in KNOB_DEFAULTS}
     tmax = v["s_tmax"]
@@ -219,7 +220,7 @@ def check_config_knobs(cfg: Any) -> None:
         return
     where = f"'{cfg.scheduler}' ({cfg.noise} noise policy)"
     if cfg.noise == "comfy":
-        if churn or (cfg.scheduler == "euler" and "s_noise" in changed):
+        if churn or (cfg.scheduler in ("euler", "heun") and "s_noise" in changed):
             _check_comfy_churn(cfg, v, changed, churn, where)
             return
         if cfg.scheduler != "euler_a":
@@ -234,10 +235,10 @@ def check_config_knobs(cfg: Any) -> None:
 
 
 def _check_comfy_churn(cfg: Any, v: dict[str, Any], changed: list[str], churn: list[str], where: str) -> None:
-    """Churn in the comfy policy: ComfyUI's ``sample_euler`` (the ``euler`` scheduler) only."""
-    if cfg.scheduler != "euler":
+    """Churn in the comfy policy: ComfyUI's ``sample_euler`` / ``sample_heun`` (``euler``, ``heun``)."""
+    if cfg.scheduler not in ("euler", "heun"):
         raise ConfigError(
-            f"{', '.join(churn)}: churn in the comfy noise policy is for euler only, not {where}"
+            f"{', '.join(churn)}: churn in the comfy noise policy is for euler and heun only, not {where}"
         )
     if "ancestral_eta" in changed:
         raise ConfigError(f"ancestral_eta applies to the comfy policy's euler_a only, not {where}")
