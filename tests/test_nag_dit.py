@@ -338,3 +338,38 @@ def test_nag_dit_errors(sd3_pipe):
         match="NAG is implemented for UNet cross-attention and SD3/Flux joint attention, not AuraFlowTransformer2DModel",
     ):
         aura.generate("a cat", "ugly", guidance=[NAG()], steps=1, seed=0, decode=False)
+
+
+def test_nag_on_schnell_from_the_cli_replays_bit_identical(schnell_pipe, tmp_path):
+    """The main use: a negative prompt on guidance-distilled Flux without CFG, from the CLI."""
+    from typer.testing import CliRunner
+
+    from diffguide.cli.main import app
+    from diffguide.io import load_latents, read_manifest
+
+    schnell_pipe.save_pretrained(tmp_path / "m")
+    runner = CliRunner()
+    base = ["generate", "-m", str(tmp_path / "m"), "-p", "a cat", "--negative-prompt", "ugly", "--cfg", "1"]
+    base += [
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--threads",
+        "1",
+        "--save-latents",
+        "-q",
+    ]
+    res = runner.invoke(app, [*base, "--guide", "nag:scale=4", "-o", str(tmp_path / "nag")])
+    assert res.exit_code == 0, res.output
+    png = tmp_path / "nag" / "diffguide-000-3.png"
+    assert read_manifest(png)["parameters"]["guidance"][-1]["method"] == "nag"
+    res = runner.invoke(app, ["replay", str(png)])
+    assert res.exit_code == 0 and "bit-identical" in res.output and "NOT" not in res.output, res.output
+    assert runner.invoke(app, [*base, "-o", str(tmp_path / "plain")]).exit_code == 0
+    plain = load_latents(tmp_path / "plain" / "diffguide-000-3.png")[0]
+    assert maxdiff(load_latents(png)[0], plain) > 1e-3
