@@ -327,6 +327,10 @@ def test_nag_dit_leaves_the_model_clean(flux_pipe):
 
 def test_nag_dit_errors(sd3_pipe):
     with pytest.raises(ConfigError, match="two guidance terms perturb the conditional rows"):
+        ours(sd3_pipe, [NAG(), NAG(name="nag2")])
+    with pytest.raises(
+        ConfigError, match="PLADIS needs a UNet's cross-attention; this model has joint attention"
+    ):
         ours(sd3_pipe, [NAG(), PLADIS()])
     with pytest.raises(
         ConfigError, match="PLADIS needs a UNet's cross-attention; this model has joint attention"

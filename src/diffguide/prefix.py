@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from .errors import DiffguideError
 from .guidance.base import Branch
 from .models.layers import forward_units, unit_index
-from .perturb.base import BranchRows, ForwardContext, first_perturbed_module, in_scope
+from .perturb.base import BranchRows, ForwardContext, first_perturbed_module, in_scope, row_parts
 from .perturb.dit import arg_namer, scoped_forward
 
 #: Unit arguments holding one entry per row (cut to the computed rows at a shared unit).
@@ -144,11 +144,14 @@ def _unit_rows(
     for k, b in enumerate(branches):
         if b.perturbation is None:
             continue
-        mine = [
-            (position[r], (start + r) % batch) for r in keep if in_scope(branches, k, (start + r) // batch)
-        ]
-        if mine:
-            rows[b.name] = BranchRows(slice(mine[0][0], mine[-1][0] + 1), tuple(i for _, i in mine))
+        for key, part in row_parts(b):
+            mine = [
+                (position[r], (start + r) % batch)
+                for r in keep
+                if in_scope(branches, k, (start + r) // batch, part)
+            ]
+            if mine:
+                rows[key] = BranchRows(slice(mine[0][0], mine[-1][0] + 1), tuple(i for _, i in mine))
     return UnitRows(
         keep=torch.tensor(keep, dtype=torch.long, device=device),
         gather=torch.tensor([position[source[r]] for r in range(n)], dtype=torch.long, device=device),

@@ -115,14 +115,22 @@ class Perturbation(Protocol):
     # rows (prefix sharing). None, the default, means "differs from the input on": nothing shared.
 
 
-def in_scope(branches: Sequence[Any], k: int, j: int) -> bool:
+def row_parts(branch: Any) -> list[tuple[str, object]]:
+    """``(row key, perturbation)`` pairs the engine lists rows for: the branch's own, or each part
+    of a stacked perturbation (:class:`~diffguide.perturb.stacked.Stacked`) under its own key."""
+    method = getattr(branch.perturbation, "row_parts", None)
+    return method(branch.name) if callable(method) else [(branch.name, branch.perturbation)]  # type: ignore[no-any-return]
+
+
+def in_scope(branches: Sequence[Any], k: int, j: int, perturbation: object = None) -> bool:
     """Whether branch ``k``'s perturbation acts on the rows of branch ``j``.
 
     A perturbation's optional ``scope``: ``"rows"`` (the default) its own branch's rows;
     ``"prompt"`` every branch's rows with its branch's prompt (NAG on the conditional branch also
     acts on PAG's, SEG's, ... rows); ``"all"`` every row (PLADIS, a model-wide change). The
-    engine lays the unconditional rows first, so the rows in scope are contiguous."""
-    scope = getattr(branches[k].perturbation, "scope", "rows")
+    engine lays the unconditional rows first, so the rows in scope are contiguous. ``perturbation``:
+    one part of branch ``k``'s stacked perturbation instead of the branch's own."""
+    scope = getattr(perturbation if perturbation is not None else branches[k].perturbation, "scope", "rows")
     if scope == "all":
         return True
     if scope == "prompt":
