@@ -43,7 +43,8 @@ methods-b)
     --settings cond/cfg3+slg3,cond/cfg_zero_star3,cond/cfg3+prompt_shuffle3 \
     --setting "cond/apg:scale=5,eta=0,norm_threshold=2.5,momentum=-0.75" \
     --setting "cond/cfg:scale=5,window=sigma:0.28:5.42" \
-    --setting "cond/cfg3+uncond_query_shuffle:strength=1"
+    --setting "cond/cfg3+uncond_query_shuffle:strength=1" \
+    --setting "cond/cfg_zero_star:scale=3,zero_init_steps=0"
   ;;
 report)
   rep() { "$PY" -m diffguide.cli.main bench report "$@"; }
