@@ -10,11 +10,13 @@ count), at each batch size B:
                         ``GuidedModel`` + ``sampling.loop.sample`` with precomputed conditioning
                         (what ``GuidedPipeline.generate(decode=False)`` runs after encoding), with
                         prefix sharing (the default: a perturbed branch reuses the conditional rows'
-                        units before its first perturbed one; PAG on ``mid`` shares the down blocks);
+                        modules before its first perturbed one; PAG on ``mid`` shares the down
+                        blocks, ``mid_block.resnets.0`` and the attention's ``proj_in``);
 * diffguide CFG+PAG, CFG+TPG with and without prefix sharing (``prefix_sharing=False``), side
-                        by side, with the bound the unit time shares allow (measured before the
-                        rounds: each unit's share of a bare 3B-row forward; a branch that shares
-                        units worth a fraction f of a forward saves f/3 of a three-branch step);
+                        by side, with the bound the modules' time shares allow (measured before
+                        the rounds: each unit's and each shared sub-unit's share of a bare 3B-row
+                        forward; a branch that shares modules worth a fraction f of a forward
+                        saves f/3 of a three-branch step);
 * diffusers SDXL CFG    ``StableDiffusionXLPipeline`` given the embeddings, output_type="latent";
 * diffusers PAG pipe    ``StableDiffusionXLPAGPipeline``, pag_applied_layers=["mid"], same inputs;
 * modular PAG guider    the modular SDXL denoise pipeline (``StableDiffusionXLCoreDenoiseStep``
@@ -77,7 +79,7 @@ from diffusers import StableDiffusionXLPAGPipeline, StableDiffusionXLPipeline  #
 from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
 
 from diffguide import CFG, PAG, TPG, Conditioning, GuidedModel, UNetDenoiser  # noqa: E402
-from diffguide.models.layers import forward_units, unit_index  # noqa: E402
+from diffguide.models.layers import forward_path, forward_units, runs_before  # noqa: E402
 from diffguide.perturb import IdentityAttention, TokenShuffle  # noqa: E402
 from diffguide.sampling.loop import sample  # noqa: E402
 from diffguide.sampling.noise import generators  # noqa: E402
@@ -468,15 +470,17 @@ def report(
     return out
 
 
-def unit_shares(unet: torch.nn.Module, c: dict[str, torch.Tensor], k: int, reps: int = 3) -> dict[str, float]:
-    """Each unit's share of a bare forward on k*B rows (median over ``reps`` forwards, wall clock)."""
-    units = forward_units(unet)
+def unit_shares(
+    unet: torch.nn.Module, c: dict[str, torch.Tensor], k: int, names: list[str], reps: int = 3
+) -> dict[str, float]:
+    """Each module's share of a bare forward on k*B rows (median over ``reps`` forwards, wall clock):
+    the units, and the modules inside a unit that a branch shares (``names``)."""
     modules = dict(unet.named_modules())
-    times: dict[str, list[float]] = {u: [] for u in units}
+    times: dict[str, list[float]] = {u: [] for u in names}
     totals: list[float] = []
     started: dict[str, float] = {}
     handles = []
-    for u in units:
+    for u in names:
         handles.append(
             modules[u].register_forward_pre_hook(
                 lambda m, a, u=u: started.__setitem__(u, time.perf_counter())
@@ -506,15 +510,25 @@ def unit_shares(unet: torch.nn.Module, c: dict[str, torch.Tensor], k: int, reps:
         for h in handles:
             h.remove()
     total = statistics.median(totals[1:])
-    return {u: statistics.median(times[u][1:]) / total for u in units}
+    return {u: statistics.median(times[u][1:]) / total for u in names}
 
 
 def prefix_share(unet: torch.nn.Module, shares: dict[str, float], perturbation: Any) -> tuple[str, float]:
-    """(fan-out unit, the share of a forward before it) for ``perturbation``'s first module."""
-    units = forward_units(unet)
+    """(fan-out module, the share of a forward the branch shares) for ``perturbation``'s first
+    module: the units before its unit, and the steps before it inside (``runs_before``)."""
     first = perturbation.first_module(unet)
-    index = unit_index(units, first) if first is not None else 0
-    return units[index or 0], sum(shares[u] for u in units[: index or 0])
+    path = forward_path(unet, first) if first is not None else []
+    before = runs_before(unet, first) if first is not None else []
+    return (path[-1][0] if path else "-"), sum(shares[u] for u in before)
+
+
+def shared_modules(unet: torch.nn.Module, perturbations: list[Any]) -> list[str]:
+    """The units, then the modules inside units that the perturbations' branches share."""
+    units = forward_units(unet)
+    inner = {
+        n: None for p in perturbations for n in runs_before(unet, p.first_module(unet)) if n not in units
+    }
+    return units + list(inner)
 
 
 def report_prefix(
@@ -539,7 +553,7 @@ def report_prefix(
             "tpg_shared_vs_unshared": (paired(k["dg_tpg1"], k["dg_tpg1_ns"], clock), 1 - f_tpg / 3),
         }
         print(
-            f"  B={b}: PAG fans out at {pag_unit} (units before it: {f_pag:.1%} of a forward); "
+            f"  B={b}: PAG fans out at {pag_unit} (modules before it: {f_pag:.1%} of a forward); "
             f"TPG at {tpg_unit} ({f_tpg:.1%})"
         )
         for name, (measured, bound) in rows.items():
@@ -601,13 +615,14 @@ def main(argv: list[str] | None = None) -> int:
 
     bounds: dict[int, dict[str, tuple[str, float]]] = {}
     for b in batches:
-        shares = unit_shares(unet, conditioning(cfg, b), 3)
+        probes = [IdentityAttention(), TokenShuffle()]
+        shares = unit_shares(unet, conditioning(cfg, b), 3, shared_modules(unet, probes))
         bounds[b] = {
             "pag": prefix_share(unet, shares, IdentityAttention()),
             "tpg": prefix_share(unet, shares, TokenShuffle()),
         }
         print(
-            f"  B={b} unit shares of a bare 3B-row forward: "
+            f"  B={b} unit (and shared sub-unit) shares of a bare 3B-row forward: "
             + ", ".join(f"{u} {v:.1%}" for u, v in shares.items())
         )
 
