@@ -3,7 +3,7 @@ model forward with the perturbations installed (CPU, a tiny SDXL-shaped UNet).
 
 For each case the engine's first forward of a sampling run is explained (its rows, chunk plan and
 ``ctx.rows`` as the engine sets them), then the run goes on uncompiled. Cases: CFG alone (the
-bare UNet), CFG+PAG(mid) with and without prefix sharing, CFG+TPG. Printed per case: graphs,
+bare UNet), CFG+PAG(mid) and CFG+TPG(d1), each with and without prefix sharing. Printed per case: graphs,
 graph breaks, and each distinct break reason (first line, with the count).
 
     python benchmarks/dynamo_explain.py            # about a minute per case on a loaded CPU
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         "CFG+PAG(mid), prefix sharing": ([CFG(5.0), PAG(3.0, layers="mid")], True),
         "CFG+PAG(mid), no prefix sharing": ([CFG(5.0), PAG(3.0, layers="mid")], False),
         "CFG+TPG(d1), prefix sharing": ([CFG(5.0), TPG(3.0, layers="d1")], True),
+        "CFG+TPG(d1), no prefix sharing": ([CFG(5.0), TPG(3.0, layers="d1")], False),
     }
     print(f"torch {torch.__version__}; tiny SDXL-shaped UNet, batch {args.batch}, CPU")
     for label, (terms, share) in cases.items():

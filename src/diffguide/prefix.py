@@ -84,7 +84,7 @@ class UnitRows:
     gather: Tensor
     computed: tuple[int, ...]
     rows: dict[str, BranchRows]
-    contiguous: bool  # keep is one range: cut by slicing (no copy)
+    span: tuple[int, int] | None  # keep as one range [a, b): cut by slicing (no copy, no .item())
 
 
 @dataclass
@@ -198,7 +198,7 @@ def _unit_rows(chunk: ChunkRows, given: tuple[int, ...], shared: frozenset[str])
         ),
         computed=computed,
         rows=rows,
-        contiguous=keep == list(range(keep[0], keep[-1] + 1)),
+        span=(keep[0], keep[-1] + 1) if keep == list(range(keep[0], keep[-1] + 1)) else None,
     )
 
 
@@ -255,9 +255,8 @@ def _wrapper(
 
 
 def _rows(x: Tensor, plan: UnitRows) -> Tensor:
-    if plan.contiguous:
-        first = int(plan.keep[0])
-        return x[first : first + plan.keep.shape[0]]
+    if plan.span is not None:
+        return x[plan.span[0] : plan.span[1]]
     return x.index_select(0, plan.keep)
 
 
