@@ -513,6 +513,34 @@ def unit_shares(
     return {u: statistics.median(times[u][1:]) / total for u in names}
 
 
+def flop_shares(
+    unet: torch.nn.Module, c: dict[str, torch.Tensor], k: int, names: list[str]
+) -> dict[str, float]:
+    """Each module's share of the floating-point operations of a bare forward on k*B rows (torch's
+    FlopCounterMode; the CPU attention kernel counted as attention): the same on every run, unlike
+    the time shares on a loaded machine."""
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    attention = {
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k_, v, *a, out_shape=None, **kw: (
+            flop_counter.sdpa_flop_count(q, k_, v)
+        )
+    }
+    x = torch.cat([c["noise"]] * k)
+    ehs = torch.cat([c["ne"]] + [c["pe"]] * (k - 1))
+    added = {"text_embeds": torch.cat([c["np"]] + [c["pp"]] * (k - 1)), "time_ids": c["ids"].repeat(k, 1)}
+    with (
+        torch.inference_mode(),
+        flop_counter.FlopCounterMode(display=False, custom_mapping=attention) as count,
+    ):
+        unet(x, torch.tensor(500.0), encoder_hidden_states=ehs, added_cond_kwargs=added, return_dict=False)
+    flops = count.get_flop_counts()
+    root = type(unet).__name__
+    total = sum(flops["Global"].values())
+    return {u: sum(flops.get(f"{root}.{u}", {}).values()) / total for u in names}
+
+
 def prefix_share(unet: torch.nn.Module, shares: dict[str, float], perturbation: Any) -> tuple[str, float]:
     """(fan-out module, the share of a forward the branch shares) for ``perturbation``'s first
     module: the units before its unit, and the steps before it inside (``runs_before``)."""
@@ -535,7 +563,7 @@ def report_prefix(
     clock: str,
     by_key: dict[str, Contender],
     batches: list[int],
-    bounds: dict[int, dict[str, tuple[str, float]]],
+    bounds: dict[int, dict[str, tuple[str, float, float]]],
 ) -> dict[str, Any]:
     """Prefix sharing: measured ratios next to the bound from the unit shares."""
     print(
@@ -544,24 +572,34 @@ def report_prefix(
     out: dict[str, Any] = {}
     for b in batches:
         k = {n: by_key[f"{n}_b{b}"] for n in PREFIX_KEYS}
-        pag_unit, f_pag = bounds[b]["pag"]
-        tpg_unit, f_tpg = bounds[b]["tpg"]
-        rows = {
-            "pag_shared_vs_pipeline": (paired(k["dg_pag"], k["hf_pag"], clock), 1 - f_pag / 3),
-            "pag_shared_vs_unshared": (paired(k["dg_pag"], k["dg_pag_ns"], clock), 1 - f_pag / 3),
-            "pag_unshared_vs_pipeline": (paired(k["dg_pag_ns"], k["hf_pag"], clock), 1.0),
-            "tpg_shared_vs_unshared": (paired(k["dg_tpg1"], k["dg_tpg1_ns"], clock), 1 - f_tpg / 3),
+        pag_unit, f_pag, g_pag = bounds[b]["pag"]
+        tpg_unit, f_tpg, g_tpg = bounds[b]["tpg"]
+        rows = {  # (measured, bound from the time shares, bound from the FLOP shares)
+            "pag_shared_vs_pipeline": (paired(k["dg_pag"], k["hf_pag"], clock), 1 - f_pag / 3, 1 - g_pag / 3),
+            "pag_shared_vs_unshared": (
+                paired(k["dg_pag"], k["dg_pag_ns"], clock),
+                1 - f_pag / 3,
+                1 - g_pag / 3,
+            ),
+            "pag_unshared_vs_pipeline": (paired(k["dg_pag_ns"], k["hf_pag"], clock), 1.0, 1.0),
+            "tpg_shared_vs_unshared": (
+                paired(k["dg_tpg1"], k["dg_tpg1_ns"], clock),
+                1 - f_tpg / 3,
+                1 - g_tpg / 3,
+            ),
         }
         print(
-            f"  B={b}: PAG fans out at {pag_unit} (modules before it: {f_pag:.1%} of a forward); "
-            f"TPG at {tpg_unit} ({f_tpg:.1%})"
+            f"  B={b}: PAG fans out at {pag_unit} (modules before it: {f_pag:.1%} of a forward's time, "
+            f"{g_pag:.1%} of its FLOPs); TPG at {tpg_unit} ({f_tpg:.1%}, {g_tpg:.1%})"
         )
-        for name, (measured, bound) in rows.items():
+        for name, (measured, bound, flop_bound) in rows.items():
             verdict = ""
             if name == "pag_shared_vs_pipeline":
                 verdict = f"  target <= {TARGET_SHARED_PAG}: {'met' if measured <= TARGET_SHARED_PAG else 'NOT met'}"
-            print(f"    {name:26s} measured {measured:.3f}x   bound {bound:.3f}x{verdict}")
-        out[f"b{b}"] = {n: {"measured": m, "bound": bd} for n, (m, bd) in rows.items()}
+            print(
+                f"    {name:26s} measured {measured:.3f}x   bound {bound:.3f}x (FLOPs {flop_bound:.3f}x){verdict}"
+            )
+        out[f"b{b}"] = {n: {"measured": m, "bound": bd, "flop_bound": fb} for n, (m, bd, fb) in rows.items()}
     return out
 
 
@@ -613,18 +651,21 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
-    bounds: dict[int, dict[str, tuple[str, float]]] = {}
+    bounds: dict[int, dict[str, tuple[str, float, float]]] = {}
     for b in batches:
         probes = [IdentityAttention(), TokenShuffle()]
-        shares = unit_shares(unet, conditioning(cfg, b), 3, shared_modules(unet, probes))
+        names = shared_modules(unet, probes)
+        shares = unit_shares(unet, conditioning(cfg, b), 3, names)
+        flops = flop_shares(unet, conditioning(cfg, b), 3, names)
         bounds[b] = {
-            "pag": prefix_share(unet, shares, IdentityAttention()),
-            "tpg": prefix_share(unet, shares, TokenShuffle()),
+            "pag": (*prefix_share(unet, shares, probes[0]), prefix_share(unet, flops, probes[0])[1]),
+            "tpg": (*prefix_share(unet, shares, probes[1]), prefix_share(unet, flops, probes[1])[1]),
         }
-        print(
-            f"  B={b} unit (and shared sub-unit) shares of a bare 3B-row forward: "
-            + ", ".join(f"{u} {v:.1%}" for u, v in shares.items())
-        )
+        for what, values in (("time", shares), ("FLOP", flops)):
+            print(
+                f"  B={b} unit (and shared sub-unit) {what} shares of a bare 3B-row forward: "
+                + ", ".join(f"{u} {v:.1%}" for u, v in values.items())
+            )
 
     outputs: dict[str, torch.Tensor] = {}
     t0 = time.perf_counter()
