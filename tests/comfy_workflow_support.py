@@ -309,6 +309,182 @@ def sdxl_pag_workflow(models: Path, *, scale: float | None = 2.0, sampler: str =
     return wf
 
 
+FLUX_SIZE = 64  # pixels: an 8x8 latent of 16 channels, 16 packed tokens
+FLUX_CONFIG = {"axes_dims_rope": [4, 4, 8]}  # the rotary axes of head size 16 (not in the weights)
+
+
+def tiny_flux_transformer(seed: int = 0, guidance: bool = True) -> Any:
+    """A tiny diffusers FLUX.1 transformer with real Flux's channel layout (16 latent channels,
+    packed 2x2 into 64), 2 double and 2 single blocks of width 32 (2 heads of 16)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        guidance_embeds=guidance, axes_dims_rope=(4, 4, 8),
+    )  # fmt: skip
+    return _liven(model, seed + 3).eval().requires_grad_(False)
+
+
+def diffusers_flux_to_bfl(sd: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """The BFL/ComfyUI key layout of a diffusers Flux state dict (``.scale`` norm names, q/k/v and
+    the single blocks' MLP input stacked, the final modulation as (shift, scale)); the inverse of
+    diffguide's reader, checked by ComfyUI loading the result strictly in the parity test."""
+    from diffguide.comfy_workflow import flux_file as ff
+
+    sd, out = dict(sd), {}
+    for a, b in ff._BASIC.items():
+        for end in ("weight", "bias"):
+            if f"{b}.{end}" in sd:
+                out[f"{a}.{end}"] = sd.pop(f"{b}.{end}")
+    for end in ("weight", "bias"):
+        scale, shift = sd.pop(f"norm_out.linear.{end}").chunk(2, dim=0)
+        out[f"final_layer.adaLN_modulation.1.{end}"] = torch.cat([shift, scale], dim=0)
+    for stack, src, table, norms in (
+        ("transformer_blocks", "double_blocks", ff._DOUBLE, ff._DOUBLE_NORMS),
+        ("single_transformer_blocks", "single_blocks", ff._SINGLE, ff._SINGLE_NORMS),
+    ):
+        for i in range(ff._blocks(sd, stack)):
+            d, c = f"{stack}.{i}.", f"{src}.{i}."
+            for a, b in table.items():
+                for end in ("weight", "bias"):
+                    out[f"{c}{a}.{end}"] = sd.pop(f"{d}{b}.{end}")
+            for a, b in norms.items():
+                out[f"{c}{a}.scale"] = sd.pop(f"{d}{b}.weight")
+            for end in ("weight", "bias"):
+                if src == "double_blocks":
+                    for stream, names in (
+                        ("img", ("to_q", "to_k", "to_v")),
+                        ("txt", ("add_q_proj", "add_k_proj", "add_v_proj")),
+                    ):
+                        out[f"{c}{stream}_attn.qkv.{end}"] = torch.cat(
+                            [sd.pop(f"{d}attn.{n}.{end}") for n in names]
+                        )
+                else:
+                    parts = [sd.pop(f"{d}attn.to_{n}.{end}") for n in "qkv"] + [sd.pop(f"{d}proj_mlp.{end}")]
+                    out[f"{c}linear1.{end}"] = torch.cat(parts)
+    assert not sd, sorted(sd)[:3]
+    return {f"{prefix}{k}": v.contiguous() for k, v in out.items()}
+
+
+def make_flux_models_dir(root: Path, guidance: bool = True) -> Path:
+    """A tiny FLUX.1 transformer in ComfyUI's key layout (``model.diffusion_model.`` prefix, its
+    rotary axes in the metadata), placeholder text-encoder files for DualCLIPLoader, and Flux-form
+    conditioning ([[T5 states (1, 7, 32), {"pooled_output": CLIP pooled (1, 32)}]])."""
+    (root / "diffusion_models").mkdir(parents=True)
+    (root / "text_encoders").mkdir()
+    sd = diffusers_flux_to_bfl(
+        tiny_flux_transformer(guidance=guidance).state_dict(), "model.diffusion_model."
+    )
+    save_file(
+        sd,
+        str(root / "diffusion_models" / "tiny_flux.safetensors"),
+        metadata={"config": json.dumps(FLUX_CONFIG)},
+    )
+    for name in ("clip_l.safetensors", "t5xxl.safetensors"):
+        (root / "text_encoders" / name).write_bytes(b"not loaded: the prompts come as conditioning files")
+    for name, seed in (("positive", 1), ("negative", 2)):
+        g = torch.Generator().manual_seed(seed)
+        embeds, pooled = torch.randn(1, TOKENS, 32, generator=g), torch.randn(1, 32, generator=g)
+        save_comfy_conditioning(root / f"{name}.safetensors", [[embeds, {"pooled_output": pooled}]])
+    return root
+
+
+def flux_workflow(
+    models: Path,
+    *,
+    cfg: float = 1.0,
+    guidance: float | None = 3.5,
+    sampler: str = "euler",
+    scheduler: str = "simple",
+    node_shift: bool = True,
+    steps: int = 8,
+) -> dict[str, Any]:
+    """A FLUX.1 dev workflow as ComfyUI's template: UNETLoader -> ModelSamplingFlux(1.15, 0.5, size)
+    -> KSampler(cfg 1); DualCLIPLoader -> CLIPTextEncode x2 (their outputs given as conditioning
+    files: node 5 positive, 6 negative) -> FluxGuidance on the positive (both when cfg > 1)."""
+    wf = qwen_workflow(models, sampler=sampler, scheduler=scheduler, cfg=cfg, steps=steps, cfgnorm=None)
+    wf["1"]["inputs"]["unet_name"] = "tiny_flux.safetensors"
+    del wf["2"]
+    wf["3"] = {
+        "class_type": "ModelSamplingFlux",
+        "inputs": {"model": ["1", 0], "max_shift": 1.15, "base_shift": 0.5, "width": FLUX_SIZE, "height": FLUX_SIZE},
+    }  # fmt: skip
+    wf["9"] = {
+        "class_type": "DualCLIPLoader",
+        "inputs": {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl.safetensors", "type": "flux"},
+    }
+    for nid, text in (("5", "a cat"), ("6", "")):
+        wf[nid] = {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["9", 0]}}
+    wf["7"] = {
+        "class_type": "EmptySD3LatentImage",
+        "inputs": {"width": FLUX_SIZE, "height": FLUX_SIZE, "batch_size": 1},
+    }
+    wf["8"]["inputs"]["model"] = ["3", 0] if node_shift else ["1", 0]
+    if not node_shift:
+        del wf["3"]
+    if guidance is not None:
+        for nid, src in (("10", "5"), ("11", "6")) if cfg != 1.0 else (("10", "5"),):
+            wf[nid] = {
+                "class_type": "FluxGuidance",
+                "inputs": {"conditioning": [src, 0], "guidance": guidance},
+            }
+            wf["8"]["inputs"]["positive" if src == "5" else "negative"] = [nid, 0]
+    return wf
+
+
+def flux_conditioning_files(models: Path) -> dict[str, Path]:
+    """The conditioning files standing for the workflow's CLIPTextEncode nodes (5, 6)."""
+    return {"5": models / "positive.safetensors", "6": models / "negative.safetensors"}
+
+
+def tiny_sdxl_file_pipeline(seed: int = 0) -> Any:
+    """A tiny SDXL that round-trips through an A1111/ComfyUI single file: text encoders of different
+    widths (32, 48; diffusers tells them apart by width) and a 4-level VAE (factor 8, as SDXL's), so
+    a 128 px workflow samples the same 16x16 latent as ComfyUI's EmptyLatentImage."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+    from diffguide import testing
+
+    base = testing.tiny_sdxl(seed)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16), in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=8, sample_size=64, scaling_factor=0.13025,
+    )  # fmt: skip
+    return StableDiffusionXLPipeline(
+        vae=vae.eval(), text_encoder=base.text_encoder,
+        text_encoder_2=testing._text(seed + 3, 48, projection=True), tokenizer=base.tokenizer,
+        tokenizer_2=base.tokenizer_2, unet=testing.sdxl_unet(seed, cross_dim=32 + 48, pooled_dim=48),
+        scheduler=base.scheduler,
+    )  # fmt: skip
+
+
+def make_sdxl_checkpoint_dir(root: Path, pipe: Any) -> tuple[Path, Path]:
+    """(models folder with ``checkpoints/tiny_sdxl_file.safetensors``, the LDM/A1111-layout single
+    file of ``pipe``; the diffusers folder of the same pipeline for ``--config``)."""
+    import ldm_export
+
+    (root / "checkpoints").mkdir(parents=True)
+    save_file(ldm_export.sdxl_to_ldm(pipe), str(root / "checkpoints" / "tiny_sdxl_file.safetensors"))
+    pipe.save_pretrained(root / "tiny_sdxl_config")
+    return root, root / "tiny_sdxl_config"
+
+
+def sdxl_checkpoint_workflow(*, sampler: str = "euler", cfg: float = 4.0) -> dict[str, Any]:
+    """CheckpointLoaderSimple (the tiny SDXL file) -> CLIPTextEncode x2 (its own text encoders) ->
+    KSampler on a 128 px EmptyLatentImage."""
+    models = Path(".")
+    wf = sdxl_pag_workflow(models, scale=None, sampler=sampler)
+    wf["1"]["inputs"]["ckpt_name"] = "tiny_sdxl_file.safetensors"
+    wf["8"]["inputs"]["cfg"] = cfg
+    for nid, text in (("5", "a red cat"), ("6", "blurry")):
+        wf[nid] = {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["1", 1]}}
+    return wf
+
+
 # --------------------------------------------------------------------------------------------------
 # ComfyUI's side
 # --------------------------------------------------------------------------------------------------
@@ -331,6 +507,7 @@ def load_comfy_nodes() -> Any:
     sys.path.insert(0, str(standin_dir))
     try:
         import comfy_extras.nodes_cfg as nodes_cfg
+        import comfy_extras.nodes_flux as nodes_flux
         import comfy_extras.nodes_hunyuan as nodes_hunyuan
         import comfy_extras.nodes_model_advanced as nodes_model_advanced
         import comfy_extras.nodes_pag as nodes_pag
@@ -350,7 +527,7 @@ def load_comfy_nodes() -> Any:
     return type("ComfyNodes", (), {
         "nodes": nodes, "cfg": nodes_cfg, "advanced": nodes_model_advanced, "hunyuan": nodes_hunyuan,
         "folder_paths": folder_paths, "sd3": nodes_sd3,
-        "slg": nodes_slg, "pag": nodes_pag,
+        "slg": nodes_slg, "pag": nodes_pag, "flux": nodes_flux,
     })  # fmt: skip
 
 
@@ -423,7 +600,67 @@ def comfy_sd3_patcher(path: Path) -> Any:
     return c.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
+FLUX_UNET = {
+    "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 32,
+    "hidden_size": 32, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2,
+    "axes_dim": [4, 4, 8], "theta": 10000, "patch_size": 2, "qkv_bias": True, "txt_ids_dims": [],
+}  # fmt: skip
+
+
+def comfy_flux_patcher(path: Path) -> Any:
+    """ComfyUI's Flux (``supported_models.Flux``, or ``FluxSchnell`` without ``guidance_in``) with the
+    tiny sizes given (its detection fixes the rotary axes at 16/56/56 and the heads at width / 128),
+    the file's state dict through the model config's own ``process_unet_state_dict`` (``.scale`` ->
+    ``.weight``), loaded strictly."""
+    from safetensors.torch import load_file
+
+    c = comfy_support.load_comfy()
+    import comfy.supported_models as sm
+
+    sd = load_file(str(path))
+    sd = {k.removeprefix("model.diffusion_model."): v for k, v in sd.items()}
+    guidance = "guidance_in.in_layer.weight" in sd
+    model_config = (sm.Flux if guidance else sm.FluxSchnell)({**FLUX_UNET, "guidance_embed": guidance})
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model(sd, "")
+    missing, unexpected = model.diffusion_model.load_state_dict(
+        model_config.process_unet_state_dict(sd), strict=False
+    )
+    if missing or unexpected:
+        raise RuntimeError(f"ComfyUI Flux state dict mismatch: {missing[:3]} {unexpected[:3]}")
+    model.eval()
+    cpu = torch.device("cpu")
+    return c.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def comfy_sdxl_from_checkpoint(path: Path, unet: Any) -> Any:
+    """ComfyUI's SDXL UNet holding the ``model.diffusion_model.`` weights of the single file
+    ``path`` (ComfyUI's own key layout, loaded strictly, no conversion); sizes from the diffusers
+    config of the same UNet (ComfyUI's detection only matches full-size SDXL); the size embedder at
+    the tiny UNet's width, as ``comfy_nodes_support.sdxl_twin``."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Timestep
+    from safetensors.torch import load_file
+
+    c = comfy_support.load_comfy()
+    unet_config = comfy_support.comfy_unet_config(unet)
+    model_config = c.supported_models.SDXL(unet_config)
+    model_config.unet_config.update({k: unet_config[k] for k in ("num_heads", "num_head_channels")})
+    model_config.set_inference_dtype(torch.float32, None)
+    prefix = "model.diffusion_model."
+    sd = {k[len(prefix) :]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
+    model = model_config.get_model(sd, "")
+    missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"ComfyUI SDXL UNet state dict mismatch: {missing[:3]} {unexpected[:3]}")
+    model.embedder = Timestep(unet.config.addition_time_embed_dim)
+    model.eval()
+    cpu = torch.device("cpu")
+    return c.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
 def _patcher(path: Path) -> Any:
+    if "flux" in path.name:
+        return comfy_flux_patcher(path)
     if "sd3" in path.name:
         return comfy_sd3_patcher(path)
     return comfy_aura_patcher(path) if "aura" in path.name else comfy_qwen_patcher(path)
@@ -438,6 +675,9 @@ def _io_node(cls: Any, **kwargs: Any) -> Any:
 #: node class -> ComfyUI-side stand-in (inputs dict -> outputs tuple) added by a test, e.g. a
 #: CheckpointLoaderSimple returning the ComfyUI twin of a tiny diffusers SDXL.
 EXTRA_NODES: dict[str, Any] = {}
+#: ckpt_name -> ComfyUI-side (MODEL, CLIP, VAE) for CheckpointLoaderSimple, registered by a test;
+#: a CLIP is a callable text -> CONDITIONING (ComfyUI cannot build tiny text encoders).
+CHECKPOINTS: dict[str, Any] = {}
 
 
 def comfy_execute(
@@ -453,6 +693,10 @@ def comfy_execute(
         "LoraLoaderModelOnly": lambda i: nodes.LoraLoaderModelOnly().load_lora_model_only(**i),
         "ModelSamplingAuraFlow": lambda i: cn.advanced.ModelSamplingAuraFlow().patch_aura(**i),
         "ModelSamplingSD3": lambda i: cn.advanced.ModelSamplingSD3().patch(**i),
+        "ModelSamplingFlux": lambda i: cn.advanced.ModelSamplingFlux().patch(**i),
+        "FluxGuidance": lambda i: _io_node(cn.flux.FluxGuidance, **i),
+        "CLIPTextEncode": lambda i: (i["clip"](i["text"]),),
+        "CheckpointLoaderSimple": lambda i: CHECKPOINTS[i["ckpt_name"]],
         "CFGNorm": lambda i: _io_node(cn.cfg.CFGNorm, **i),
         "RescaleCFG": lambda i: cn.advanced.RescaleCFG().patch(**i),
         "EmptyHunyuanLatentVideo": lambda i: _io_node(cn.hunyuan.EmptyHunyuanLatentVideo, **i),

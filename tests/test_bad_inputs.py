@@ -702,3 +702,48 @@ def test_signal_stops_the_run_and_leaves_no_file(model_dir, work, where, sig):
         # did not wait for the 240 s "operation" to finish (the margin absorbs a slow start-up on a
         # loaded machine: imports alone took 75 s once, under a load average of 15 on 2 cores)
         assert elapsed < 200
+
+
+class _Words:
+    """A stand-in tokenizer: one token per word, plus start and end tokens."""
+
+    def __init__(self, limit: int):
+        self.model_max_length = limit
+
+    def __call__(self, text: str, **kwargs: Any) -> Any:
+        return type("Enc", (), {"input_ids": [0] * (len(text.split()) + 2)})()
+
+
+def test_long_prompt_warning_names_the_encoders_that_cut_it():
+    """SD3: the CLIP encoders read 77 tokens, T5 reads 256 (diffusers' max_sequence_length), so a
+    100-token prompt is cut for CLIP only, and the warning says T5 sees all of it."""
+    from diffguide.checks import warn_long_prompts
+    from diffguide.models.families.sd3 import SD3Family
+
+    pipe = type(
+        "Pipe", (), {"tokenizer": _Words(77), "tokenizer_2": _Words(77), "tokenizer_3": _Words(10**30)}
+    )()
+    windows = SD3Family().text_windows(pipe)
+    assert [(n, lim) for n, _, lim in windows] == [
+        ("tokenizer", 77),
+        ("tokenizer_2", 77),
+        ("tokenizer_3", 256),
+    ]
+    prompt = "w " * 98  # 100 tokens with start and end
+    with pytest.warns(PromptTruncatedWarning) as record:
+        warn_long_prompts(windows, [prompt])
+    (message,) = [str(w.message) for w in record]
+    assert message == (
+        f"prompt 0 ('{prompt[:37]}...') is cut: tokenizer reads 77 of its 100 tokens, "
+        "tokenizer_2 reads 77 of its 100 tokens; all of it reaches tokenizer_3 (up to 256)"
+    )
+    # beyond every window: one plain message when the windows agree, as on SDXL's two CLIPs
+    sdxl = [("tokenizer", _Words(77), 77), ("tokenizer_2", _Words(77), 77)]
+    with pytest.warns(PromptTruncatedWarning) as record:
+        warn_long_prompts(sdxl, [prompt])
+    assert str(record[0].message).endswith(
+        "has 100 tokens; the text encoders read 77: the last 23 are dropped"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_long_prompts(windows, ["short prompt"])  # nothing to say

@@ -152,6 +152,47 @@ def test_settings_parse_and_defaults():
     assert {s.method for s in default_settings() if not s.conditional} == {"none", "pag", "tpg"}
 
 
+def test_settings_with_guide_syntax_terms():
+    """A part with ':' is a term in --guide syntax: its parameters and layers go with it."""
+    from diffguide.guidance import CFG, SLG
+
+    s = Setting.parse("cond/cfg3+slg:scale=2.5,layers=b1")
+    assert s.extras == ("slg:scale=2.5,layers=b1",) and s.method == "cfg+slg"
+    assert s.name == "cond/cfg3+slg:scale=2.5,layers=b1"
+    cfg, slg = s.terms()
+    assert isinstance(cfg, CFG) and cfg.scale == 3.0
+    assert isinstance(slg, SLG) and (slg.scale, slg.layers) == (2.5, "b1")
+    stem = s.file_stem
+    assert stem.startswith("cond_cfg3_slg_scale=2.5_layers=b1-") and "/" not in stem and ":" not in stem
+    assert Setting.parse("cond/cfg3+slg:scale=2.5,layers=b2").file_stem != stem
+    # a guidance interval: CFG with a sigma window is a setting of its own, not plain CFG
+    g = Setting.parse("cond/cfg:scale=3,window=sigma:0.28:5.42")
+    (term,) = g.terms()
+    assert (term.scale, term.window.sigma_min, term.window.sigma_max) == (3.0, 0.28, 5.42)
+    with pytest.raises(ConfigError, match="no meaning with the empty prompt"):
+        Setting.parse("uncond/cfg:scale=3")
+    with pytest.raises(ConfigError, match="has no parameter 'bogus'"):
+        Setting.parse("cond/apg:bogus=1")
+    # the --layers option gives the layers of <method><scale> parts
+    layered = Setting.parse("cond/slg3").terms({"slg": "b2"})
+    assert layered[0].layers == "b2"
+
+
+def test_layers_option_is_checked(tmp_path):
+    from diffguide.bench.quality import BenchOptions, check_options
+
+    def opts(layers):
+        return BenchOptions(
+            model="m", out=tmp_path / "o", layers=layers, settings=[Setting.parse("cond/slg3")]
+        )
+
+    check_options(opts({"slg": "b1"}))
+    with pytest.raises(ConfigError, match="use --pag-layers"):
+        check_options(opts({"pag": "mid"}))
+    with pytest.raises(ConfigError, match="'apg' takes no layers"):
+        check_options(opts({"apg": "mid"}))
+
+
 def test_check_ranges_and_table():
     row = dict(
         setting="cond/none",

@@ -64,6 +64,7 @@ def test_merge_answers_the_questions(runs, tmp_path):
     got = {(c["a"], c["b"]): c for c in merged["comparisons"]}
     assert set(got) == {
         ("cond/tpg3", "cond/none"),
+        ("cond/tpg3", "cond/cfg3"),  # every conditional setting vs the best CFG alone
         ("cond/cfg3+tpg3", "cond/cfg3"),
         ("cond/cfg3", "cond/none"),  # best CFG alone vs no guidance
     }
@@ -144,6 +145,36 @@ def test_comparisons_only_for_present_settings():
         {"setting": "cond/pag3", "conditional": True, "method": "pag", "fid": 4.0},
     ]
     assert [(c.a, c.b) for c in comparisons(rows)] == [("uncond/pag3", "uncond/none")]
+
+
+def test_comparisons_against_best_cfg_and_matched_accuracy():
+    """Every guided conditional setting is compared with the best CFG (lowest FID) and with the
+    CFG row of the nearest mean prompt accuracy; extra-syntax terms are labelled as written."""
+
+    def row(name, fid, acc=None):
+        s = Setting.parse(name)
+        return {"setting": name, "conditional": s.conditional, "method": s.method, "fid": fid,
+                "digit_accuracy": acc, "garment_accuracy": acc}  # fmt: skip
+
+    rows = [
+        row("cond/none", 50, 0.7),
+        row("cond/cfg2", 40, 0.9),  # best FID
+        row("cond/cfg5", 45, 0.99),
+        row("cond/apg:scale=5,eta=0", 41, 0.98),
+        row("cond/cfg3+slg2", 39, 0.95),
+    ]
+    got = [(c.question, c.a, c.b) for c in comparisons(rows)]
+    assert got == [
+        ("conditional: apg:scale=5,eta=0 alone vs no guidance", "cond/apg:scale=5,eta=0", "cond/none"),
+        ("conditional: apg:scale=5,eta=0 vs best CFG alone (cond/cfg2)", "cond/apg:scale=5,eta=0", "cond/cfg2"),
+        ("conditional: apg:scale=5,eta=0 vs CFG at the nearest prompt accuracy (cond/cfg5)",
+         "cond/apg:scale=5,eta=0", "cond/cfg5"),
+        # CFG 3 alone is not in the run: only the best CFG and the matched-accuracy one remain
+        ("conditional: CFG 3 + SLG 2 vs best CFG alone (cond/cfg2)", "cond/cfg3+slg2", "cond/cfg2"),
+        ("conditional: CFG 3 + SLG 2 vs CFG at the nearest prompt accuracy (cond/cfg5)",
+         "cond/cfg3+slg2", "cond/cfg5"),
+        ("conditional: best CFG alone (cond/cfg2) vs no guidance", "cond/cfg2", "cond/none"),
+    ]  # fmt: skip
 
 
 def test_cli_report(runs, tmp_path):

@@ -276,7 +276,20 @@ def test_node_errors_are_one_line(sdxl, comfy):
     with pytest.raises(LayerSpecError, match=r"^layer 'd7': no attention unit d7\. Valid: down, mid, up"):
         run_node(node("PAG"), twin, layers="d7")
     with pytest.raises(
-        ConfigError, match=r"^PAG on ComfyUI's MMDiT: the nodes perturb DiTs by block skip only so far$"
+        ConfigError,
+        match=r"^the ComfyUI nodes draw TPG permutations per image only \(permutation=per_image\)$",
+    ):
+        run_node(
+            NODE_CLASS_MAPPINGS["DiffguideGuidanceStack"],
+            tiny_sd3_comfy(depth=1),
+            guides="tpg:permutation=shared,layers=b0",
+        )
+    with pytest.raises(
+        ConfigError, match=r"^SEG on ComfyUI's MMDiT: the nodes edit attention queries on UNets only so far$"
+    ):
+        run_node(node("SEG"), tiny_sd3_comfy(depth=1), layers="b0")
+    with pytest.raises(
+        LayerSpecError, match=r"^the SD3 PAG preset 'b13' needs block b13, but this model has 1 joint"
     ):
         run_node(node("PAG"), tiny_sd3_comfy(depth=1))
     with pytest.raises(ConfigError, match=r"^PAG scale must be in \[0, 100\], got -1.0$"):
@@ -327,3 +340,63 @@ def test_cfg_node_at_ksampler_cfg1_equals_comfyui_cfg(sdxl):
     assert calls == [4] * STEPS and listing == "# no perturbed branch"
     assert err(ours, theirs) <= TOL
     assert err(sample(twin, conds, cfg=1.0), theirs) > 0.1
+
+
+MORE_CASES = {  # node inputs, the diffguide term; every one on its preset layers (SDXL)
+    "SEG (blur sigma inf, mid)": ("SEG", {"scale": 2.0}, "seg:scale=2"),
+    "SEG (blur sigma 1)": ("SEG", {"scale": 2.0, "blur_sigma": 1.0}, "seg:scale=2,blur_sigma=1"),
+    "LayerSkip (mid blocks)": ("LayerSkip", {"scale": 2.0}, "layer_skip:scale=2"),
+    "PromptShuffle": ("PromptShuffle", {"scale": 2.0}, "prompt_shuffle:scale=2"),
+    "UncondQueryShuffle (down, 0.7)": (
+        "UncondQueryShuffle",
+        {"strength": 0.7},
+        "uncond_query_shuffle:strength=0.7",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MORE_CASES))
+def test_more_nodes_equal_diffguide_engine_sdxl(sdxl, case):
+    """SEG, LayerSkip and the two TPG variants in ComfyUI's KSampler equal diffguide's engine
+    (comfy policy) on the same tiny SDXL; one model call per step (the uncond query shuffle adds
+    no rows: it perturbs ComfyUI's own uncond rows)."""
+    from diffguide.cli.guide import parse_guide
+
+    gp, twin, conds = sdxl
+    name, inputs, guide = MORE_CASES[case]
+    model, _ = run_node(node(name), twin, **inputs)
+    with counting(twin) as calls:
+        ours = sample(model, conds)
+    ref = diffguide_run(gp, parse_guide(guide))
+    d = err(ours, ref.latents)
+    print(f"SDXL {case} node vs diffguide comfy policy: {d:.3g}; calls {calls}")
+    assert d <= TOL
+    assert calls == [4 if name == "UncondQueryShuffle" else 6] * STEPS
+    effect = err(ours, sample(twin, conds))
+    if name == "PromptShuffle":  # cross-attention is equivariant in its keys/values and a UNet adds
+        assert effect < 1e-3  # no position to text tokens: no effect (tests/test_tpg_variants.py);
+    else:  # tests/test_comfy_nodes_dit.py shows it acting on Qwen-Image (rotary text positions)
+        assert effect > 1e-2
+
+
+def test_pag_node_with_a_combined_prompt_vs_comfyui_pag(sdxl):
+    """A positive with two entries (ConditioningCombine): ComfyUI evaluates each entry as its own
+    chunk of the batch, so the PAG branch has two chunks; both are perturbed (ComfyUI's PAG node
+    is the reference) in one call of 10 rows per step."""
+    _, twin, (pos, neg) = sdxl
+    embeds, meta = pos[0]
+    combined = ([*pos, [embeds.flip(0), {**meta, "pooled_output": meta["pooled_output"].flip(0)}]], neg)
+    theirs = sample(
+        run_io_node(import_comfy_extra("nodes_pag").PerturbedAttentionGuidance, model=twin, scale=2.0),
+        combined,
+    )
+    model, _ = run_node(node("PAG"), twin, scale=2.0)
+    with counting(twin) as calls:
+        ours = sample(model, combined)
+    d = err(ours, theirs)
+    print(f"SDXL PAG node vs ComfyUI PAG, two-entry positive: {d:.3g}; calls {calls}")
+    assert d <= TOL
+    assert calls == [10] * STEPS  # cond x2 entries, uncond, pag x2 entries; 2 images each
+    assert err(ours, sample(model, (pos, neg))) > 0.1  # the second entry matters
+    tpg, _ = run_node(node("TPG"), twin, scale=2.0)  # a random perturbation: one draw per image
+    assert err(sample(tpg, combined), sample(twin, combined)) > 0.1

@@ -355,13 +355,28 @@ def test_rescale_cfg_is_comfyuis_cfg_function_right_after_cfg(models, tmp_path):
     assert load(write(tmp_path, wf), models).config.guidance[1] == RescaleCFG(0.7)  # 4-D: per image
 
 
+def test_the_last_cfg_function_wins_as_in_comfyui(models, tmp_path):
+    """RescaleCFG and CFGNorm pre_cfg both set ComfyUI's sampler CFG function: the node applied last
+    replaces the other (explain says so), and it comes right after CFG wherever the node sits."""
+    wf = qwen_workflow(models, rescale=0.7, pre_cfg=True)  # RescaleCFG (9) -> CFGNorm pre_cfg (4)
+    run = load(write(tmp_path, wf), models)
+    assert run.config.guidance == (CFG(4.0), CFGNorm(1.0, pre_cfg=True))
+    assert "(replaces the CFG function rescale_cfg(multiplier=0.7, columns=0) set before it" in "\n".join(
+        explain(run)
+    )
+    wf["9"]["inputs"]["model"], wf["4"]["inputs"]["model"], wf["8"]["inputs"]["model"] = (
+        ["4", 0],
+        ["3", 0],
+        ["9", 0],
+    )
+    assert load(write(tmp_path, wf), models).config.guidance == (CFG(4.0), RescaleCFG(0.7, columns=8))
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
         (lambda wf: wf["9"]["inputs"].update(multiplier=1.5),
          r"^node 9 \(RescaleCFG\): multiplier must be in \[0.0, 1.0\], got 1.5$"),
-        (lambda wf: wf["4"]["inputs"].update(pre_cfg=True),
-         r"^node 8 \(KSampler\): RescaleCFG with PerturbedAttentionGuidance, SkipLayerGuidance or CFGNorm pre_cfg is not mapped "),
     ],
 )  # fmt: skip
 def test_rescale_cfg_errors(models, tmp_path, edit, message):
@@ -452,6 +467,42 @@ def _dit_without_sampling(wf: dict) -> dict:
     return wf
 
 
+def test_patches_after_a_correction_are_post_cfg_as_in_comfyui(sd3_models, tmp_path):
+    """ComfyUI runs post-CFG functions in node order on the running result: an SLG after CFGNorm or
+    RescaleCFG (or after an SLG with rescaling) adds its term after their correction (post_cfg);
+    an SLG before CFGNorm stays an additive delta that CFGNorm then sees."""
+    from comfy_workflow_support import as_dit_node, sd3_workflow
+
+    from diffguide.guidance.slg_comfy import SLGComfy
+
+    def terms(wf):
+        return load(write(tmp_path, wf), sd3_models).config.guidance
+
+    window = terms(sd3_workflow(sd3_models))[1].window
+    slg = SLGComfy(3.0, "b1", window=window)
+    assert terms(_cfgnorm_before_slg(sd3_workflow(sd3_models))) == (
+        CFG(4.0), CFGNorm(1.0), replace(slg, post_cfg=True))  # fmt: skip
+    assert terms(_rescale_before_slg(sd3_workflow(sd3_models))) == (
+        CFG(4.0), RescaleCFG(0.7), replace(slg, post_cfg=True))  # fmt: skip
+    wf = sd3_workflow(sd3_models)
+    wf["9"] = {"class_type": "CFGNorm", "inputs": {"model": ["4", 0], "strength": 1.0}}
+    wf["8"]["inputs"]["model"] = ["9", 0]
+    assert terms(wf) == (CFG(4.0), slg, CFGNorm(1.0))  # SLG first: a delta CFGNorm corrects
+    wf = as_dit_node(sd3_workflow(sd3_models), 0.5)
+    wf["9"] = {"class_type": "SkipLayerGuidanceSD3", "inputs": {**wf["4"]["inputs"], "layers": "0"}}
+    del (
+        wf["9"]["inputs"]["double_layers"],
+        wf["9"]["inputs"]["single_layers"],
+        wf["9"]["inputs"]["rescaling_scale"],
+    )
+    wf["9"]["inputs"]["model"] = ["4", 0]
+    wf["8"]["inputs"]["model"] = ["9", 0]
+    first, second = terms(wf)[1:]
+    assert (first.rescaling_scale, first.post_cfg, second.layers, second.post_cfg) == (0.5, False, "b0", True)
+    assert "post_cfg" not in first.describe() and second.describe()["post_cfg"] is True
+    assert SLGComfy.from_dict(second.describe()) == second  # manifests rebuild the term
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -461,8 +512,6 @@ def _dit_without_sampling(wf: dict) -> dict:
          r"^node 4 \(SkipLayerGuidanceSD3\): scale must be in \[0.0, 100.0\], got -1$"),
         (_dit_without_sampling,
          r"^node 4 \(SkipLayerGuidanceDiT\): needs a ModelSamplingSD3 or ModelSamplingAuraFlow node before it "),
-        (_cfgnorm_before_slg, r"^node 8 \(KSampler\): CFGNorm before SkipLayerGuidance is not mapped "),
-        (_rescale_before_slg, r"^node 8 \(KSampler\): RescaleCFG with PerturbedAttentionGuidance, SkipLayerGuidance"),
     ],
 )  # fmt: skip
 def test_skip_layer_guidance_errors(sd3_models, tmp_path, edit, message):
@@ -533,3 +582,197 @@ def test_tiny_sd_checkpoint_workflow_runs_with_the_models_own_latent_size(tmp_pa
     from diffguide.sampling.comfy import SD_SCALE_FACTOR
 
     assert torch.equal(out.latents, ref.latents.float() / SD_SCALE_FACTOR)
+
+
+@pytest.fixture(scope="module")
+def flux_models(tmp_path_factory) -> Path:
+    from comfy_workflow_support import make_flux_models_dir
+
+    return make_flux_models_dir(tmp_path_factory.mktemp("flux"))
+
+
+@pytest.mark.parametrize("layout", ["comfy", "diffusers"])
+def test_flux_loader_reads_comfyuis_key_layout_and_the_sizes_from_the_weights(tmp_path, layout):
+    """A FLUX.1 file in BFL/ComfyUI's names (``.scale`` norms, stacked q/k/v, (shift, scale) final
+    modulation) or diffusers' names loads into the same diffusers model (not misread as SD3)."""
+    from comfy_workflow_support import FLUX_CONFIG, diffusers_flux_to_bfl, tiny_flux_transformer
+
+    ref = tiny_flux_transformer()
+    sd = ref.state_dict()
+    if layout == "comfy":
+        sd = diffusers_flux_to_bfl(sd, "model.diffusion_model.")
+        assert "double_blocks.0.img_attn.norm.query_norm.scale" in "".join(sd)
+    path = tmp_path / "flux.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in sd.items()}, str(path), metadata={"config": json.dumps(FLUX_CONFIG)}
+    )
+    pipe = load_diffusion_model(path, torch.float32)
+    assert type(pipe).__name__ == "FluxPipeline" and pipe.vae_scale_factor == 8
+    config = dict(pipe.transformer.config)
+    assert {k: config[k] for k in ("in_channels", "num_layers", "num_single_layers", "num_attention_heads",
+                                   "attention_head_dim", "joint_attention_dim", "guidance_embeds")} == {
+        "in_channels": 64, "num_layers": 2, "num_single_layers": 2, "num_attention_heads": 2,
+        "attention_head_dim": 16, "joint_attention_dim": 32, "guidance_embeds": True}  # fmt: skip
+    ours = pipe.transformer.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in ref.state_dict().items())
+
+
+def test_flux_loader_errors(tmp_path):
+    from comfy_workflow_support import diffusers_flux_to_bfl, tiny_flux_transformer
+
+    sd = diffusers_flux_to_bfl(tiny_flux_transformer().state_dict())
+    path = tmp_path / "flux.safetensors"
+    save_file(sd, str(path))  # head size 16 and no config: the rotary axes are unknown
+    with pytest.raises(DiffguideError, match=r"attention head size 16 has no known rotary axes"):
+        load_diffusion_model(path, torch.float32)
+    save_file({**sd, "img_in_extra.weight": torch.zeros(1)}, str(path))
+    with pytest.raises(
+        DiffguideError,
+        match=r"^'flux.safetensors': keys a FLUX.1 transformer does not have: \['img_in_extra.weight'\]$",
+    ):
+        load_diffusion_model(path, torch.float32)
+    del sd["single_blocks.1.linear2.bias"]
+    save_file(sd, str(path))
+    with pytest.raises(
+        DiffguideError,
+        match=r"^'flux.safetensors': not a FLUX.1 transformer: it lacks single_blocks.1.linear2.bias$",
+    ):
+        load_diffusion_model(path, torch.float32)
+
+
+def test_flux_workflow_explain_and_comfy_latent_format(flux_models, tmp_path):
+    """ModelSamplingFlux's mu from its width x height; FluxGuidance as the embedded guidance; the
+    CLIPTextEncode outputs from --conditioning files; ComfyUI's Flux LATENT is x / 0.3611 + 0.1159;
+    without a ModelSamplingFlux node the run samples with ComfyUI's Flux default shift 1.15."""
+    from comfy_workflow_support import flux_conditioning_files, flux_workflow
+
+    files = flux_conditioning_files(flux_models)
+    run = load(write(tmp_path, flux_workflow(flux_models, steps=2)), flux_models, files)
+    assert run.config.comfy_sampling == ComfyShift("flux", 0.5 + 0.65 * (64 * 64 / 256 - 256) / 3840)
+    assert run.config.guidance == (CFG(1.0), EmbeddedGuidance(3.5))
+    text = "\n".join(explain(run))
+    assert "node 3 (ModelSamplingFlux): ModelSamplingFlux, flux time shift mu 0.459375" in text
+    result = execute(run)
+    assert result.latents.shape == (1, 16, 8, 8)
+    assert torch.allclose(result.latents, result.result.latents / 0.3611 + 0.1159)
+    plain = load(write(tmp_path, flux_workflow(flux_models, steps=2, node_shift=False)), flux_models, files)
+    assert plain.config.comfy_sampling == ComfyShift("flux", 1.15)
+    assert (
+        "node 1 (UNETLoader): FLUX.1 dev: ComfyUI's default model sampling, flux time shift mu 1.15"
+        in "\n".join(explain(plain))
+    )
+    sampled = execute(plain).result.manifests[0]["parameters"]["comfy_sampling"]
+    assert sampled == {"kind": "flux", "shift": 1.15, "multiplier": 1.0}
+    with pytest.raises(
+        WorkflowError, match=r"^node 5 \(CLIPTextEncode\): diffguide cannot run this text encoder \(node 9\)"
+    ):
+        load(write(tmp_path, flux_workflow(flux_models)), flux_models)
+
+
+@pytest.fixture(scope="module")
+def sd15_checkpoint(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(models folder, its checkpoints/tiny_sd15.safetensors in the A1111 layout, the diffusers
+    folder of the same tiny SD1.5 for --config)."""
+    import ldm_export
+
+    from diffguide import testing
+
+    root = tmp_path_factory.mktemp("sd15-file")
+    pipe = testing.tiny_sd15(seed=0)
+    (root / "checkpoints").mkdir()
+    path = root / "checkpoints" / "tiny_sd15.safetensors"
+    save_file(ldm_export.sd15_to_ldm(pipe), str(path))
+    pipe.save_pretrained(root / "config")
+    return root, path, root / "config"
+
+
+GENERATE = ["--prompt", "a red cat", "--negative-prompt", "blurry", "--steps", "3", "--width", "64",
+            "--height", "64", "--noise", "comfy", "--seed", "9"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--cfg", "4", "--pag", "2", "--pag-layers", "mid", "--scheduler", "euler_a", "--batch", "2"],
+        ["--cfg", "3", "--guide", "rescale_cfg:multiplier=0.5", "--guide", "cfg_norm:strength=0.9",
+         "--scheduler", "dpmpp_2m", "--schedule", "karras"],
+    ],
+    ids=["pag-euler_a-batch2", "rescale-cfgnorm-dpmpp_2m"],
+)  # fmt: skip
+def test_generate_save_workflow_runs_back_bit_for_bit(sd15_checkpoint, tmp_path, extra):
+    """``generate --save-workflow`` writes the comfy-policy run as a workflow; ``comfy run`` on it
+    gives the same latents bit for bit (ComfyUI's LATENT = generate's latents / 0.18215)."""
+    from diffguide.io import load_latents
+    from diffguide.sampling.comfy import SD_SCALE_FACTOR
+
+    models, path, config = sd15_checkpoint
+    wf_path, out = tmp_path / "wf.json", tmp_path / "out"
+    args = ["generate", "--model", str(path), "--config", str(config), *GENERATE, *extra]
+    res = CliRunner().invoke(app, [*args, "-o", str(out), "--save-latents", "--save-workflow", str(wf_path)])
+    assert res.exit_code == 0, res.output
+    assert str(wf_path) in res.output.splitlines()
+    wf = json.loads(wf_path.read_text())
+    assert wf["1"] == {
+        "class_type": "CheckpointLoaderSimple",
+        "inputs": {"ckpt_name": "tiny_sd15.safetensors"},
+    }
+    patches = {"--pag": "PerturbedAttentionGuidance", "rescale_cfg:multiplier=0.5": "RescaleCFG"}
+    classes = {n["class_type"] for n in wf.values()}
+    assert {c for flag, c in patches.items() if flag in extra} <= classes and "CLIPTextEncode" in classes
+    ours = torch.cat([load_latents(p)[0] for p in sorted(out.glob("*.safetensors"))])
+    lat = tmp_path / "comfy.safetensors"
+    res = CliRunner().invoke(
+        app, ["comfy", "run", str(wf_path), "--models", str(models), "--config", str(config), "-o", str(lat)]
+    )
+    assert res.exit_code == 0, res.output
+    from safetensors.torch import load_file
+
+    samples = load_file(str(lat))["samples"]
+    assert samples.shape == ours.shape
+    assert torch.equal(samples, ours.float() / SD_SCALE_FACTOR)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--noise", "diffusers"], "only comfy-noise-policy runs can be written as a ComfyUI workflow"),
+        (["--ancestral-eta", "0.5", "--scheduler", "euler_a"], "ancestral_eta=0.5 has no ComfyUI KSampler input"),
+        (["--pag", "2", "--pag-layers", "m0.0"], "has no ComfyUI node equivalent at this place"),
+        (["--prompt", "a dog"], "needs one prompt and one negative prompt for the whole batch"),
+        (["--no-prefix-sharing", "--pag", "2"], "prefix_sharing=False has no ComfyUI KSampler input"),
+    ],
+)  # fmt: skip
+def test_generate_save_workflow_refuses_what_a_workflow_cannot_express(
+    sd15_checkpoint, tmp_path, extra, message
+):
+    _, path, config = sd15_checkpoint
+    wf_path, out = tmp_path / "wf.json", tmp_path / "out"
+    args = ["generate", "--model", str(path), "--config", str(config), *GENERATE, *extra, "-o", str(out)]
+    res = CliRunner().invoke(app, [*args, "--save-workflow", str(wf_path)])
+    assert res.exit_code == 2, res.output
+    (error,) = (line for line in res.output.splitlines() if line.startswith("error:"))
+    assert message in error, res.output
+    assert not wf_path.exists() and not out.exists()  # refused before sampling: nothing written
+
+
+def test_generate_save_workflow_needs_a_single_file(sd15_checkpoint, tmp_path):
+    _, _, config = sd15_checkpoint
+    wf_path = tmp_path / "wf.json"
+    args = [
+        "generate",
+        "--model",
+        str(config),
+        *GENERATE,
+        "-o",
+        str(tmp_path / "out"),
+        "--save-workflow",
+        str(wf_path),
+    ]
+    res = CliRunner().invoke(app, args)
+    assert (
+        res.exit_code == 2
+        and "is a diffusers folder; a ComfyUI workflow loads a single-file checkpoint" in res.output
+    )
+    assert not wf_path.exists()
+    res = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "wf.txt")])
+    assert res.exit_code == 2 and "--save-workflow must end in .json" in res.output

@@ -68,9 +68,13 @@ def test_page_submits_shows_progress_image_manifest_and_compares(server, tmp_pat
         assert page.evaluate("document.querySelector('#gallery img').naturalWidth") == 32
         page.screenshot(path=str(shots / "service-page.png"), full_page=True)
 
+        assert page.evaluate("document.getElementById('preview').naturalWidth") == 64  # latents, upscaled
+
         page.fill("#seed", "4")
+        page.check("#vae-preview")  # previews decoded by the VAE: the image's own 32 pixels
         page.click("#submit")
         sync_api.expect(page.locator("#gallery img")).to_have_count(2, timeout=60_000)
+        assert page.evaluate("document.getElementById('preview').naturalWidth") == 32
         page.locator("#gallery img").first.click()
         sync_api.expect(page.locator("#manifest")).to_contain_text('"seed": 3')
         sync_api.expect(page.locator("#manifest")).to_contain_text('"pag"')

@@ -49,6 +49,21 @@ def test_two_ray_replicas_run_jobs_in_parallel_with_solo_results(tmp_path):
             )
             assert bad.json()["state"] == "failed"
             assert bad.json()["error"].startswith("layer 'up_blocks.9' is not a module of this model")
+            # per-step events from the replica, and a running job cancelled within a step or so
+            text = c.get(f"/v1/jobs/{ids[0]}/events").text
+            assert text.count("event: step") == 3 and text.count('"preview"') == 2
+            slow = c.post("/v1/jobs", json=job_body(steps=200, width=256, height=256)).json()["id"]
+            running = wait_state(c, slow, ("running",), timeout=300)
+            while running["progress"]["step"] < 2:
+                running = c.get(f"/v1/jobs/{slow}").json()
+            assert c.delete(f"/v1/jobs/{slow}").json()["cancel_requested"]
+            ended = wait_state(c, slow, ("cancelled", "succeeded", "failed"), timeout=120)
+            assert ended["state"] == "cancelled" and ended["progress"]["step"] < 200
+            again = c.post("/v1/jobs?wait=true", json=job_body(seed=0, steps=3)).json()
+            served = load(c.get(f"/v1/jobs/{again['id']}/latents").content)["latents"]
+            assert torch.equal(
+                served, pipe.generate(JobRequest(**job_body(seed=0, steps=3)).to_config()).latents
+            )
     finally:
         ray_backend.stop()
         import ray

@@ -47,7 +47,8 @@ class GenerateRequest:
 
     model: ModelRequest
     config: GenerateConfig
-    conditioning: str | None = None  # a conditioning file (used instead of encoding the prompts)
+    # a conditioning file, or one already loaded (used instead of encoding the prompts)
+    conditioning: str | ConditioningFile | None = None
     threads: int | None = None  # None: torch's default (1 for small models on the CPU)
 
 
@@ -90,7 +91,9 @@ def dry_run_layers(pipe: GuidedPipeline, terms: tuple[GuidanceTerm, ...]) -> lis
 
 
 def conditioning_of(req: GenerateRequest) -> ConditioningFile | None:
-    return None if req.conditioning is None else load_conditioning(Path(req.conditioning))
+    if req.conditioning is None or isinstance(req.conditioning, ConditioningFile):
+        return req.conditioning
+    return load_conditioning(Path(req.conditioning))
 
 
 def generate(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from numbers import Real
 from typing import Any
 
@@ -129,25 +129,44 @@ def check_device(name: Any) -> str:
     return name
 
 
-def warn_long_prompts(tokenizer: Any, prompts: Iterable[str], what: str = "prompt") -> None:
-    """One :class:`PromptTruncatedWarning` per distinct prompt longer than the encoder's window."""
-    limit = int(getattr(tokenizer, "model_max_length", 0) or 0)
-    if not 0 < limit < 100_000:  # tokenizers without a window report a huge sentinel
+def warn_long_prompts(
+    windows: Sequence[tuple[str, Any, int]], prompts: Iterable[str], what: str = "prompt"
+) -> None:
+    """One :class:`PromptTruncatedWarning` per distinct prompt longer than a text encoder's window.
+
+    ``windows``: (tokenizer's component name, tokenizer, tokens its encoder reads) per text
+    encoder (:meth:`Family.text_windows`). On a model with one encoder the message says "the text
+    encoder"; with several it names the encoders that drop tokens and those that read them all
+    (SD3's T5 reads 256 tokens where its CLIP encoders read 77)."""
+    usable = [(name, tok, limit) for name, tok, limit in windows if tok is not None and 0 < limit < 100_000]
+    if not usable:
         return
     seen: set[str] = set()
     for i, prompt in enumerate(prompts):
         if prompt in seen:
             continue
         seen.add(prompt)
-        count = len(tokenizer(prompt, truncation=False, verbose=False).input_ids)  # with start and end tokens
-        if count > limit:
-            text = prompt if len(prompt) <= 40 else prompt[:37] + "..."
-            warnings.warn(
-                f"{what} {i} ('{text}') has {count} tokens; the text encoder reads {limit}: "
-                f"the last {count - limit} are dropped",
-                PromptTruncatedWarning,
-                stacklevel=3,
+        counts = [(name, limit, _count(tok, prompt)) for name, tok, limit in usable]
+        cut = [(name, limit, count) for name, limit, count in counts if count > limit]
+        if not cut:
+            continue
+        text = prompt if len(prompt) <= 40 else prompt[:37] + "..."
+        if len(cut) == len(counts) and len({(limit, count) for _, limit, count in cut}) == 1:
+            _, limit, count = cut[0]  # every encoder has the same window (SD1.5; SDXL's two CLIPs)
+            reads = "the text encoder reads" if len(cut) == 1 else "the text encoders read"
+            detail = f"has {count} tokens; {reads} {limit}: the last {count - limit} are dropped"
+        else:
+            parts = [f"{name} reads {limit} of its {count} tokens" for name, limit, count in cut]
+            whole = [f"{name} (up to {limit})" for name, limit, count in counts if count <= limit]
+            detail = (
+                "is cut: " + ", ".join(parts) + ("; all of it reaches " + ", ".join(whole) if whole else "")
             )
+        warnings.warn(f"{what} {i} ('{text}') {detail}", PromptTruncatedWarning, stacklevel=3)
+
+
+def _count(tokenizer: Any, prompt: str) -> int:
+    """Tokens of ``prompt`` with the start and end tokens."""
+    return len(tokenizer(prompt, truncation=False, verbose=False).input_ids)
 
 
 def warn_size(width: int, height: int, native: int) -> None:

@@ -360,8 +360,9 @@ class GuidedPipeline:
         self._check_family(cfg, height, width)
         warn_size(width, height, self.default_size())
         if conditioning is None:
-            warn_long_prompts(getattr(self.pipe, "tokenizer", None), cfg.prompts)
-            warn_long_prompts(getattr(self.pipe, "tokenizer", None), cfg.negative_prompts, "negative prompt")
+            windows = self.family.text_windows(self.pipe)
+            warn_long_prompts(windows, cfg.prompts)
+            warn_long_prompts(windows, cfg.negative_prompts, "negative prompt")
             cond, uncond = self.encode(cfg, height, width)
         else:
             cond, uncond = _broadcast(conditioning, cfg.num_images, self.pipe.device, self.model.dtype)

@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -62,10 +63,19 @@ class Setting:
 
     conditional: bool
     scales: tuple[tuple[str, float], ...]
+    extras: tuple[str, ...]  # terms in ``--guide`` syntax (``apg:scale=5,eta=0``), after the scaled ones
 
     def __init__(
-        self, conditional: bool, cfg: float = 1.0, pag: float = 0.0, tpg: float = 0.0, **others: float
+        self,
+        conditional: bool,
+        cfg: float = 1.0,
+        pag: float = 0.0,
+        tpg: float = 0.0,
+        *,
+        extras: Sequence[str] = (),
+        **others: float,
     ):
+        from ..cli.guide import parse_guide
         from ..guidance.registry import REGISTRY, term_class
         from ..guidance.term import field_types
 
@@ -76,8 +86,14 @@ class Setting:
                     f"guidance method '{method}' has no scale; it cannot be a benchmark setting"
                 )
         on = tuple((m, float(given[m])) for m in REGISTRY if m in given and given[m] != REGISTRY[m].off)
+        extra = tuple(e.strip() for e in extras)
+        for e in extra:
+            parse_guide(e)  # a bad term fails here, before anything runs
+            if "+" in e or "/" in e.split(":", 1)[0]:
+                raise ConfigError(f"benchmark term '{e}': '+' cannot appear inside a term")
         object.__setattr__(self, "conditional", conditional)
         object.__setattr__(self, "scales", on)
+        object.__setattr__(self, "extras", extra)
 
     def scale(self, method: str) -> float:
         """The scale of ``method`` in this setting (its "off" value when it is not on)."""
@@ -99,19 +115,27 @@ class Setting:
 
     @property
     def method(self) -> str:
-        return "+".join(m for m, _ in self.scales) or "none"
+        methods = [m for m, _ in self.scales] + [e.split(":", 1)[0].strip() for e in self.extras]
+        return "+".join(methods) or "none"
 
     @property
     def name(self) -> str:
-        parts = [f"{m}{_fmt(s)}" for m, s in self.scales]
+        parts = [f"{m}{_fmt(s)}" for m, s in self.scales] + list(self.extras)
         return ("cond/" if self.conditional else "uncond/") + ("+".join(parts) or "none")
 
     @property
     def file_stem(self) -> str:
-        return self.name.replace("/", "_").replace("+", "_")
+        stem = self.name.replace("/", "_").replace("+", "_")
+        if not self.extras:
+            return stem
+        # --guide syntax holds characters unfit for file names: keep a readable part and a hash
+        readable = re.sub(r"[^A-Za-z0-9._=-]+", "_", stem)[:80]
+        return f"{readable}-{hashlib.sha256(self.name.encode()).hexdigest()[:8]}"
 
     def terms(self, layers: Mapping[str, str | None] | None = None) -> list[Any]:
-        """The guidance terms: each method at its scale, with ``layers[method]`` when given."""
+        """The guidance terms: each method at its scale, with ``layers[method]`` when given, then
+        the ``--guide``-syntax terms as written."""
+        from ..cli.guide import parse_guide
         from ..guidance.registry import term_class
 
         layers = layers or {}
@@ -120,12 +144,14 @@ class Setting:
             cls: Any = term_class(method)
             spec = layers.get(method)
             terms.append(cls(scale=scale, **({} if spec is None else {"layers": spec})))
+        terms += [parse_guide(e) for e in self.extras]
         return terms
 
     @staticmethod
     def parse(name: str) -> Setting:
         """``cond/none``, ``cond/cfg3``, ``cond/cfg3+pag2``, ``uncond/tpg2``: ``<method><scale>``
-        joined by ``+``, for any registered method with a scale."""
+        joined by ``+``, for any registered method with a scale; a part with ``:`` is a term in
+        ``--guide`` syntax (``cond/cfg3+slg:scale=3,layers=b1``)."""
         from ..guidance.registry import REGISTRY
 
         try:
@@ -135,8 +161,12 @@ class Setting:
         if kind not in ("cond", "uncond"):
             raise ConfigError(f"bad setting '{name}': it starts with cond/ or uncond/")
         scales: dict[str, float] = {}
+        extras: list[str] = []
         if spec != "none":
             for part in spec.split("+"):
+                if ":" in part:
+                    extras.append(part)
+                    continue
                 method, scale = _method_scale(part, REGISTRY)
                 if method is None:
                     raise ConfigError(
@@ -144,12 +174,13 @@ class Setting:
                         f"{', '.join(REGISTRY)}"
                     )
                 scales[method] = scale
-        if kind == "uncond" and scales.get("cfg", 1.0) != 1.0:
+        uses_cfg = scales.get("cfg", 1.0) != 1.0 or any(e.split(":", 1)[0].strip() == "cfg" for e in extras)
+        if kind == "uncond" and uses_cfg:
             raise ConfigError(
                 f"setting '{name}': CFG has no meaning with the empty prompt (its conditional and "
                 "unconditional predictions are the same), so unconditional settings take no cfg"
             )
-        return Setting(kind == "cond", **scales)
+        return Setting(kind == "cond", extras=extras, **scales)
 
 
 def _method_scale(part: str, methods: Iterable[str]) -> tuple[str | None, float]:
@@ -200,6 +231,7 @@ class BenchOptions:
     settings: list[Setting] = field(default_factory=default_settings)
     pag_layers: str | None = None
     tpg_layers: str | None = None
+    layers: dict[str, str] = field(default_factory=dict)  # layer specs of other methods (slg, seg, ...)
     threads: int | None = None
     quick: bool = False
     grid_size: int = 40
@@ -261,6 +293,17 @@ class SettingData:
         )
 
 
+def layer_specs(opts: BenchOptions) -> dict[str, str | None]:
+    """Layer spec per method for the ``<method><scale>`` parts (None: the method's preset)."""
+    return {**opts.layers, "pag": opts.pag_layers, "tpg": opts.tpg_layers}
+
+
+def layers_used(opts: BenchOptions, setting: Setting) -> dict[str, str]:
+    """The ``--layers`` specs (beyond PAG/TPG's own options) that ``setting``'s terms use."""
+    on = {m for m, _ in setting.scales}
+    return {m: spec for m, spec in sorted(opts.layers.items()) if m in on}
+
+
 def _key(model_hashes: dict[str, str], opts: BenchOptions, setting: Setting) -> str:
     blob = json.dumps(
         {
@@ -271,6 +314,8 @@ def _key(model_hashes: dict[str, str], opts: BenchOptions, setting: Setting) -> 
             "seed": opts.seed,
             "pag_layers": opts.pag_layers,
             "tpg_layers": opts.tpg_layers,
+            # only when given, so that runs made before the option existed still resume
+            **({"layers": layers_used(opts, setting)} if layers_used(opts, setting) else {}),
         },
         sort_keys=True,
     )
@@ -287,7 +332,7 @@ def _generate(pipe: Any, opts: BenchOptions, setting: Setting, start: int, stop:
     order = np.asarray(CLASS_ORDER)
     labels = order[np.arange(start, stop) % len(order)] if setting.conditional else np.full(stop - start, -1)
     prompts = [captions[i] for i in labels] if setting.conditional else [""] * (stop - start)
-    terms = setting.terms({"pag": opts.pag_layers, "tpg": opts.tpg_layers})
+    terms = setting.terms(layer_specs(opts))
     cfg = GenerateConfig.create(
         prompts, "", guidance=terms, steps=opts.steps, scheduler=opts.scheduler, seed=opts.seed + start
     )
@@ -322,6 +367,8 @@ def compute_metrics(data: SettingData, n: int, ref: Reference, classifiers: Any)
 def check_options(opts: BenchOptions) -> None:
     """Every option in range and the output folder usable, before anything is loaded or created."""
     from ..checks import check_int
+    from ..guidance.registry import term_class
+    from ..guidance.term import field_types
 
     if opts.n < 4:
         raise ConfigError(f"--n must be >= 4 (precision/recall use k = 3 neighbours), got {opts.n}")
@@ -332,6 +379,11 @@ def check_options(opts: BenchOptions) -> None:
         check_int(opts.threads, "--threads", low=1)
     if not opts.settings:
         raise ConfigError("no settings to run")
+    for method in opts.layers:
+        if method in ("pag", "tpg"):
+            raise ConfigError(f"--layers {method}=...: use --{method}-layers")
+        if "layers" not in field_types(term_class(method, " in --layers")):
+            raise ConfigError(f"--layers {method}=...: guidance method '{method}' takes no layers")
     if opts.out.exists() and not opts.out.is_dir():
         raise ConfigError(f"output folder '{opts.out}' is a file; give a folder (-o)")
     check_writable(opts.out, "results.json")
@@ -450,6 +502,7 @@ def _report(opts, state, n, ref, classifiers, hashes, t_start, extractor_id) -> 
         "quick": opts.quick,
         "pag_layers": opts.pag_layers or "preset (mid)",
         "tpg_layers": opts.tpg_layers or "preset (deepest down block with attention)",
+        "layers": dict(sorted(opts.layers.items())),
         "reference": {
             **ref.info,
             "description": "class-balanced held-out images (diffguide.bench.data reference split)",
@@ -525,6 +578,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         pts = []
         for r in rows:
             if r["conditional"] != conditional or r["method"] != method or r[key] is None:
+                continue
+            if ":" in r["setting"]:  # a term in --guide syntax (a window, other parameters): table only
                 continue
             scale = {
                 "cfg": r["cfg_scale"],

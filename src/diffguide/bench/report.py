@@ -26,7 +26,16 @@ from ..io import replace_atomic
 from .metrics import FIDReference
 from .quality import Setting, _json_default, markdown_table, plot
 
-MUST_MATCH = ("model_hashes", "steps", "scheduler", "seed", "pag_layers", "tpg_layers", "feature_extractor")
+MUST_MATCH = (
+    "model_hashes",
+    "steps",
+    "scheduler",
+    "seed",
+    "pag_layers",
+    "tpg_layers",
+    "layers",
+    "feature_extractor",
+)
 
 
 @dataclass(frozen=True)
@@ -66,37 +75,51 @@ def load_features(row: dict[str, Any], n: int) -> np.ndarray:
     return feats[:n]
 
 
+def _label(s: Setting) -> str:
+    """``CFG 3 + TPG 3``, ``apg:scale=5,eta=0``: a setting's terms for a question's text."""
+    return " + ".join([f"{m.upper()} {v:g}" for m, v in s.scales] + list(s.extras))
+
+
+def _is_plain_cfg(s: Setting) -> bool:
+    return s.conditional and not s.extras and s.method == "cfg"
+
+
+def _accuracy(row: dict[str, Any]) -> float | None:
+    digits, garments = row.get("digit_accuracy"), row.get("garment_accuracy")
+    return None if digits is None or garments is None else (float(digits) + float(garments)) / 2
+
+
 def comparisons(rows: list[dict[str, Any]]) -> list[Comparison]:
-    """The questions of issue 3 that these settings can answer."""
+    """The questions these settings can answer: each guided setting against no guidance (when
+    it has no CFG) or against CFG at its own scale (when it adds to CFG); each conditional
+    setting against the best CFG alone (lowest FID) and against the CFG row of the nearest mean
+    prompt accuracy ("at equal prompt accuracy"); and the best CFG against no guidance."""
     by = {r["setting"]: r for r in rows}
     out: list[Comparison] = []
 
     def add(question: str, a: str, b: str) -> None:
-        if a in by and b in by:
+        if a in by and b in by and a != b and all((c.a, c.b) != (a, b) for c in out):
             out.append(Comparison(question, a, b))
 
-    cfgs = [r for r in rows if r["conditional"] and r["method"] == "cfg"]
+    cfgs = [r for r in rows if _is_plain_cfg(Setting.parse(r["setting"]))]
     best = min(cfgs, key=lambda r: r["fid"])["setting"] if cfgs else None
     for r in rows:
         s = Setting.parse(r["setting"])
         kind = "conditional" if s.conditional else "unconditional"
-        if s.method in ("pag", "tpg"):
-            label = s.method.upper()
-            add(
-                f"{kind}: {label} {s.pag or s.tpg:g} alone vs no guidance",
-                r["setting"],
-                Setting(s.conditional).name,
-            )
-        if s.method in ("cfg+pag", "cfg+tpg"):
-            alone = Setting(True, s.cfg).name
-            extra = s.method[4:].upper()
-            add(f"{kind}: CFG {s.cfg:g} + {extra} {s.pag or s.tpg:g} vs CFG {s.cfg:g}", r["setting"], alone)
-            if best is not None and best != alone:
-                add(
-                    f"{kind}: CFG {s.cfg:g} + {extra} {s.pag or s.tpg:g} vs best CFG alone ({best})",
-                    r["setting"],
-                    best,
-                )
+        if s.method == "none" or _is_plain_cfg(s):
+            continue
+        label = _label(s)
+        if s.cfg == 1.0:
+            add(f"{kind}: {label} alone vs no guidance", r["setting"], Setting(s.conditional).name)
+        else:
+            add(f"{kind}: {label} vs CFG {s.cfg:g}", r["setting"], Setting(True, s.cfg).name)
+        if best is not None and s.conditional:
+            add(f"{kind}: {label} vs best CFG alone ({best})", r["setting"], best)
+            acc = _accuracy(r)
+            with_acc = [c for c in cfgs if _accuracy(c) is not None]
+            if acc is not None and with_acc:
+                near = min(with_acc, key=lambda c: abs(_accuracy(c) - acc))["setting"]  # type: ignore[operator]
+                add(f"{kind}: {label} vs CFG at the nearest prompt accuracy ({near})", r["setting"], near)
     if best is not None:
         add(f"conditional: best CFG alone ({best}) vs no guidance", best, "cond/none")
     return out

@@ -73,6 +73,14 @@ def quality(
             show_default="all default settings",
         ),
     ] = None,
+    setting: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--setting",
+            help="One setting, repeatable; parts may be terms in --guide syntax: "
+            "'cond/cfg3+slg:scale=3,layers=b1', 'cond/apg:scale=5,eta=0'. Runs after --settings.",
+        ),
+    ] = None,
     cfg_scales: Annotated[
         str | None, typer.Option("--cfg-scales", help="CFG scales of the CFG-only rows.")
     ] = None,
@@ -86,6 +94,14 @@ def quality(
     ] = None,
     tpg_layers: Annotated[
         str | None, typer.Option("--tpg-layers", help="TPG layer spec.", show_default="preset")
+    ] = None,
+    layers: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--layers",
+            help="METHOD=SPEC, repeatable: the layer spec of another method's <method><scale> parts, "
+            "e.g. 'slg=b1' (diffguide layers).",
+        ),
     ] = None,
     ref_per_class: Annotated[
         int | None,
@@ -105,8 +121,9 @@ def quality(
     from ..bench import quality as q
 
     chosen = None
-    if settings:
-        chosen = [q.Setting.parse(s) for s in settings.split(",") if s.strip()]
+    if settings or setting:
+        chosen = [q.Setting.parse(s) for s in (settings or "").split(",") if s.strip()]
+        chosen += [q.Setting.parse(s) for s in setting or []]
     elif any(v is not None for v in (cfg_scales, combo_cfg, pag_scales, tpg_scales)) or not quick:
         chosen = q.default_settings(
             _floats(cfg_scales, "--cfg-scales") or q.DEFAULT_CFG_SCALES,
@@ -127,6 +144,7 @@ def quality(
         threads=threads,
         pag_layers=pag_layers,
         tpg_layers=tpg_layers,
+        layers=_method_specs(layers),
     )
     if quick:
         opts = q.quick_options(path, out, **common)
@@ -139,6 +157,21 @@ def quality(
         if problems:
             raise DiffguideError("quick check failed: " + "; ".join(problems))
         typer.echo("quick check: all metrics finite and in range")
+
+
+def _method_specs(values: list[str] | None) -> dict[str, str] | None:
+    """``["slg=b1", "seg=mid"]`` -> ``{"slg": "b1", "seg": "mid"}``."""
+    if not values:
+        return None
+    out: dict[str, str] = {}
+    for v in values:
+        method, eq, spec = v.partition("=")
+        if not eq or not method.strip() or not spec.strip():
+            raise ConfigError(f"--layers '{v}': expected METHOD=SPEC, e.g. slg=b1")
+        if method.strip() in out:
+            raise ConfigError(f"--layers: {method.strip()} is given twice")
+        out[method.strip()] = spec.strip()
+    return out
 
 
 @bench_app.command("report", cls=FlagCommand)

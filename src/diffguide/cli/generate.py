@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -458,6 +459,15 @@ def generate(
             rich_help_panel=P_PROMPT,
         ),
     ] = None,
+    save_workflow: Annotated[
+        Path | None,
+        typer.Option(
+            "--save-workflow",
+            help="Also write the run as a ComfyUI workflow (API-format .json; comfy noise policy, single-file "
+            "checkpoint); 'diffguide comfy run' gives the same latents.",
+            rich_help_panel=P_OUT,
+        ),
+    ] = None,
     trace: Annotated[
         Path | None,
         typer.Option(
@@ -502,8 +512,18 @@ def generate(
         )
     if trace is not None:
         check_trace_path(trace)  # no-clobber: refuse before loading the model and sampling
+    if save_workflow is not None and save_workflow.suffix != ".json":
+        raise ConfigError(f"--save-workflow must end in .json, got '{save_workflow}'")
     run = prepare(locals())
     pipe, config_, console = run.pipe, run.config, run.console
+    workflow = None
+    if save_workflow is not None:  # refused before sampling when a workflow cannot express the run
+        from ..comfy_workflow.writer import generate_workflow
+
+        loras = tuple(parse_lora(spec) for spec in lora or [])
+        workflow = generate_workflow(
+            pipe, config_, resolve_model(model), loras, dtype.value, run.conditioning
+        )
     recorder = TraceRecorder(trace_modules) if trace is not None else None
     started = time.perf_counter()
     with (
@@ -537,6 +557,11 @@ def generate(
             typer.echo(str(png.with_suffix(".safetensors")))
     if recorder is not None and trace is not None:
         typer.echo(str(recorder.save(trace, result.manifests[0])))
+    if workflow is not None and save_workflow is not None:
+        from ..io import replace_atomic
+
+        save_workflow.parent.mkdir(parents=True, exist_ok=True)
+        typer.echo(str(replace_atomic(save_workflow, json.dumps(workflow, indent=2).encode())))
     console.print(
         f"done in {time.perf_counter() - started:.1f}s: {len(pngs)} image(s), "
         f"{result.forward_calls} model forward calls, in {out}"

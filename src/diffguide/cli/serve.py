@@ -32,6 +32,12 @@ def serve(
     max_request_kb: Annotated[
         int, typer.Option("--max-request-kb", help="Larger request bodies are answered 413.")
     ] = 1024,
+    max_upload_mb: Annotated[
+        int,
+        typer.Option(
+            "--max-upload-mb", help="Limit of a multipart body with files, and of each file (413 above)."
+        ),
+    ] = 256,
     api_key: Annotated[
         str | None,
         typer.Option(
@@ -88,6 +94,7 @@ def serve(
         bundled_model=not no_bundled_model,
         queue_size=queue_size,
         max_request_bytes=max_request_kb * 1024,
+        max_upload_bytes=max_upload_mb * 1024 * 1024,
         api_key=api_key,
         cors_origins=tuple(cors_origin or ()),
         memory_budget_mb=memory_budget_mb,

@@ -69,12 +69,17 @@ def _input(cls: type[Term], f: dataclasses.Field[Any], tp: Any) -> dict[str, tup
     raise TypeError(f"{cls.__name__}.{f.name}: no ComfyUI widget for {tp!r}")
 
 
+#: Term fields that are no node input: the branch name, and ``post_cfg`` (where a PAG / SLG term
+#: adds its delta: each node here is its own post-CFG function on the running result anyway).
+NOT_WIDGETS = frozenset({"name", "post_cfg"})
+
+
 def input_types(cls: type[Term]) -> dict[str, tuple[Any, ...]]:
     """The node inputs of a term class (``model`` first), with tooltips."""
     types_ = field_types(cls)
     out: dict[str, tuple[Any, ...]] = {"model": ("MODEL",)}
     for f in parameters(cls):
-        if f.name == "name":
+        if f.name in NOT_WIDGETS:
             continue
         for key, spec in _input(cls, f, types_[f.name]).items():
             if key in _TIPS and len(spec) > 1:
@@ -90,7 +95,7 @@ def term_from_inputs(cls: type[Term], values: dict[str, Any]) -> Term:
     types_ = field_types(cls)
     kwargs: dict[str, Any] = {}
     for f in parameters(cls):
-        if f.name == "name":
+        if f.name in NOT_WIDGETS:
             continue
         inner, optional = optional_of(types_[f.name])
         if inner is Window:
@@ -180,16 +185,29 @@ class GuidanceStack:
 
 def supported(cls: type[Term]) -> bool:
     """Whether the nodes can run the term: its default instance's perturbations are ones the pack
-    implements on ComfyUI's models (identity attention, token shuffle, whole-block skip)."""
+    implements on ComfyUI's models (identity attention, token shuffle, whole-block skip, query
+    blur and shuffle, text-token shuffle)."""
     from ..perturb.block_skip import BlockSkip
     from ..perturb.identity_attention import IdentityAttention
+    from ..perturb.layer_skip import LayerSkipBlocks
+    from ..perturb.query_blur import QueryBlur
+    from ..perturb.query_shuffle import QueryShuffle
+    from ..perturb.text_shuffle import TextShuffle
     from ..perturb.token_shuffle import TokenShuffle
 
     try:
         branches = cls().branches()  # type: ignore[call-arg]
     except Exception:  # a term without defaults: no node
         return False
-    known = (IdentityAttention, TokenShuffle, BlockSkip)
+    known = (
+        IdentityAttention,
+        TokenShuffle,
+        BlockSkip,
+        LayerSkipBlocks,
+        QueryBlur,
+        QueryShuffle,
+        TextShuffle,
+    )
     return all(b.perturbation is None or type(b.perturbation) in known for b in branches)
 
 

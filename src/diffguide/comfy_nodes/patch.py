@@ -10,10 +10,12 @@ How one sampling step runs (ComfyUI's ``sampling_function``) with the pack's pat
 2. The rows are labelled by ComfyUI itself: ``transformer_options["cond_or_uncond"]`` lists the
    index of each chunk of the batch; the pack puts ``{index: branch}`` in
    ``transformer_options["diffguide_rows"]``. Each perturbation acts on its own chunk only:
-   identity self-attention (PAG) and token shuffle (TPG) as forward hooks on the UNet's
+   on a UNet, identity self-attention (PAG) and token shuffle (TPG) as forward hooks on the
    ``attn1`` / transformer-block modules, installed on the model for this call and removed in
-   ``finally``; block skip (SLG) as ComfyUI ``"dit"`` block replacements, set on a copy of the
-   model options for this call, calling any replacement another pack set for the same block.
+   ``finally``; on a DiT (SD3's MMDiT, Flux, Qwen-Image) PAG, TPG and block skip (SLG) as
+   ComfyUI ``"dit"`` block replacements (PAG through an ``optimized_attention_override`` for the
+   block, see :mod:`.dit`), set on a copy of the model options for this call, calling any
+   replacement another pack set for the same block.
 3. A memory-driven split runs chunks in several calls; each call carries its own
    ``cond_or_uncond``, so a perturbation finds its rows (or none) in every call.
 4. The wrapper returns ``[cond, uncond]`` to ComfyUI and keeps the perturbed predictions for this
@@ -48,12 +50,27 @@ from ..guidance.term import Term
 from ..perturb.base import ForwardContext
 from ..perturb.block_skip import BlockSkip
 from ..perturb.identity_attention import IdentityAttention
+from ..perturb.layer_skip import UNET_DEFAULT as LAYER_SKIP_UNET
+from ..perturb.layer_skip import LayerSkipBlocks
+from ..perturb.query_blur import QueryBlur
+from ..perturb.query_shuffle import DEFAULT_LAYERS as QUERY_SHUFFLE_LAYERS
+from ..perturb.query_shuffle import QueryShuffle
+from ..perturb.text_shuffle import TextShuffle
 from ..perturb.token_shuffle import TokenShuffle, shuffle_tokens
 from ..sampling.noise import image_seeds
+from .dit import identity_block, is_block_key, shuffle_block
 from .layers import DIT_STACKS, Resolved, resolve_dit, resolve_unet
+from .rows import ROWS, branch_rows, per_image, row_images
+from .unet import (
+    blur_edit,
+    install_clock,
+    install_query_edit,
+    install_skip,
+    install_text_shuffle,
+    query_shuffle_edit,
+)
 
 KEY = "diffguide"  # transformer_options: the chain of Entry; also the wrappers' key
-ROWS = "diffguide_rows"  # transformer_options of one call: {cond index: Plan}
 RUN = "diffguide_run"  # transformer_options of one sampling run: its ForwardContext (seeds)
 STASH = "diffguide_step"  # model_options: this step's perturbed predictions (a Stash)
 
@@ -66,6 +83,13 @@ class Plan:
     prompt: str  # "cond" | "uncond"
     kind: str  # "identity" | "shuffle" | "skip"
     targets: Resolved
+    semantics: str = "diagonal"  # identity attention on a DiT's joint attention
+    perturbation: Any = None  # the term's perturbation spec (SEG's blur sigma, a shuffle's strength)
+
+    @property
+    def in_place(self) -> bool:
+        """Acts on ComfyUI's own cond / uncond rows (the uncond query shuffle), adds no rows."""
+        return self.branch in ("cond", "uncond")
 
 
 @dataclass(frozen=True)
@@ -103,6 +127,14 @@ def _kind(perturbation: object) -> tuple[str, str | None]:
                 "the ComfyUI nodes draw TPG permutations per image only (permutation=per_image)"
             )
         return "shuffle", perturbation.layers
+    if isinstance(perturbation, QueryBlur):
+        return "blur", perturbation.layers
+    if isinstance(perturbation, QueryShuffle):
+        return "query_shuffle", perturbation.layers or QUERY_SHUFFLE_LAYERS
+    if isinstance(perturbation, TextShuffle):
+        return "text", None
+    if isinstance(perturbation, LayerSkipBlocks) and perturbation.mode == "block":
+        return "skip", perturbation.layers
     if isinstance(perturbation, BlockSkip):
         if perturbation.mode != "block":
             raise ConfigError(f"the ComfyUI nodes skip whole blocks only, got SLG mode '{perturbation.mode}'")
@@ -110,7 +142,23 @@ def _kind(perturbation: object) -> tuple[str, str | None]:
     raise ConfigError(f"the ComfyUI nodes cannot apply the perturbation {type(perturbation).__name__} yet")
 
 
-_METHOD = {"identity": "pag", "shuffle": "tpg", "skip": "slg"}
+_METHOD = {"identity": "pag", "shuffle": "tpg", "skip": "slg", "blur": "pag", "query_shuffle": "pag"}
+_ATTN1 = ("identity", "blur", "query_shuffle")  # kinds acting on a UNet's attn1 (else: its blocks)
+
+
+def _unet_targets(patcher: Any, kind: str, layers: str | None, branch: Any) -> Resolved:
+    import comfy.utils
+
+    key_map = comfy.utils.unet_to_diffusers(patcher.model.model_config.unet_config)
+    if kind == "skip" and layers is None and isinstance(branch.perturbation, LayerSkipBlocks):
+        layers = LAYER_SKIP_UNET
+
+    def is_target(name: str) -> bool:
+        if kind in _ATTN1:
+            return name.endswith(".attn1")
+        return name.split(".")[-2:-1] == ["transformer_blocks"]
+
+    return resolve_unet(layers, _METHOD[kind], key_map, is_target)  # type: ignore[arg-type]
 
 
 def plan_branches(patcher: Any, term: Term) -> tuple[Plan, ...]:
@@ -123,51 +171,29 @@ def plan_branches(patcher: Any, term: Term) -> tuple[Plan, ...]:
         if branch.perturbation is None:
             continue
         kind, layers = _kind(branch.perturbation)
-        method: Any = _METHOD[kind]
-        if cls in DIT_STACKS:
-            if kind != "skip":
-                raise ConfigError(
-                    f"{term.title()} on ComfyUI's {cls}: the nodes perturb DiTs by block skip only so far"
-                )
+        if kind == "text":  # the model's input: no layers
+            targets = Resolved("", (), ())
+        elif cls in DIT_STACKS and kind in ("blur", "query_shuffle"):
+            raise ConfigError(
+                f"{term.title()} on ComfyUI's {cls}: the nodes edit attention queries on UNets only so far"
+            )
+        elif cls in DIT_STACKS:
             _, joint, single = DIT_STACKS[cls]
             n_single = len(getattr(dm, single)) if single else 0
+            method: Any = _METHOD[kind]
             targets = resolve_dit(layers, method, cls, len(getattr(dm, joint)), n_single)
         elif cls == "UNetModel":
-            if kind == "skip":
-                raise ConfigError(f"{term.title()}: block skip needs a transformer (DiT) model, not a UNet")
-            import comfy.utils
-
-            key_map = comfy.utils.unet_to_diffusers(patcher.model.model_config.unet_config)
-            suffix = ".attn1" if kind == "identity" else ""
-
-            def is_target(name: str, kind: str = kind, suffix: str = suffix) -> bool:
-                if kind == "identity":
-                    return name.endswith(suffix)
-                return name.split(".")[-2:-1] == ["transformer_blocks"]
-
-            targets = resolve_unet(layers, method, key_map, is_target)
+            targets = _unet_targets(patcher, kind, layers, branch)
         else:
             raise ConfigError(f"the diffguide nodes do not support ComfyUI's {cls} model yet")
-        plans.append(Plan(branch.name, branch.prompt, kind, targets))
+        semantics = getattr(branch.perturbation, "semantics", "diagonal")
+        plans.append(Plan(branch.name, branch.prompt, kind, targets, semantics, branch.perturbation))
     return tuple(plans)
 
 
 # ------------------------------------------------------------------------------------------------
 # run time: rows, step, output space
 # ------------------------------------------------------------------------------------------------
-
-
-def branch_rows(options: dict[str, Any], branch: str, n: int) -> slice | None:
-    """The rows of ``branch`` in a model call of ``n`` rows, from ComfyUI's ``cond_or_uncond``."""
-    rows, chunks = options.get(ROWS), options.get("cond_or_uncond")
-    if not rows or not chunks:
-        return None
-    size = n // len(chunks)
-    for j, index in enumerate(chunks):
-        plan = rows.get(index)
-        if plan is not None and plan.branch == branch:
-            return slice(j * size, (j + 1) * size)
-    return None
 
 
 def _prediction(model_sampling: Any) -> str:
@@ -248,13 +274,12 @@ def _shuffle_hook(branch: str, ctx: ForwardContext) -> Callable[..., Any]:
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         h = args[0] if args else kwargs["x"]
-        rows = branch_rows(kwargs.get("transformer_options") or {}, branch, h.shape[0])
+        options = kwargs.get("transformer_options") or {}
+        rows = branch_rows(options, branch, h.shape[0])
         if rows is None:
             return None
-        n_img = rows.stop - rows.start
-        perms = torch.stack(
-            [torch.randperm(h.shape[1], generator=ctx.generator(branch, i)) for i in range(n_img)]
-        )
+        images = row_images(options, rows, h.shape[0])
+        perms = per_image(images, lambda i: torch.randperm(h.shape[1], generator=ctx.generator(branch, i)))
         h = h.clone()
         h[rows] = shuffle_tokens(h[rows], perms.to(h.device))
         if args:
@@ -268,21 +293,34 @@ def _skip_block(branch: str, previous: Callable[..., Any] | None) -> Callable[..
     """A ``"dit"`` block replacement: the branch's rows leave the block as they entered it."""
 
     def replace(args: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+        rows = branch_rows(args.get("transformer_options") or {}, branch, args["img"].shape[0])
+        # the rows as they enter, copied first: Flux's blocks add to their inputs in place
+        old: dict[str, Tensor] = {}
+        for key in ("img", "txt") if rows is not None else ():
+            value = args.get(key)
+            if isinstance(value, Tensor):
+                old[key] = value[rows].clone()
         out = previous(args, extra) if previous is not None else extra["original_block"](args)
-        img = args["img"]
-        rows = branch_rows(args.get("transformer_options") or {}, branch, img.shape[0])
         if rows is None:
             return out
         out = dict(out)
-        for key in ("img", "txt"):
-            new, old = out.get(key), args.get(key)
-            if isinstance(new, Tensor) and isinstance(old, Tensor) and new.shape == old.shape:
+        for key, before in old.items():
+            new = out.get(key)
+            if isinstance(new, Tensor) and new.shape[1:] == before.shape[1:]:
                 new = new.clone()
-                new[rows] = old[rows]
+                new[rows] = before
                 out[key] = new
         return out
 
     return replace
+
+
+def _dit_replacement(plan: Plan, single: bool, ctx: ForwardContext, previous: Any) -> Callable[..., Any]:
+    if plan.kind == "skip":
+        return _skip_block(plan.branch, previous)
+    if plan.kind == "identity":
+        return identity_block(plan.branch, plan.semantics, single, previous)
+    return shuffle_block(plan.branch, ctx, single, previous)
 
 
 @contextmanager
@@ -295,18 +333,35 @@ def perturbed(model: Any, model_options: dict[str, Any], rows: dict[int, Plan]) 
         ctx = ForwardContext(tuple(range(1024)))
     replace = dict(options.get("patches_replace", {}))
     dit = dict(replace.get("dit", {}))
-    modules = dict(model.diffusion_model.named_modules())
+    dm = model.diffusion_model
+    modules = dict(dm.named_modules())
+    clock = [0.0]  # the timestep of the model call (the uncond query shuffle's seeds)
     with ExitStack() as stack:
+        if any(plan.kind == "query_shuffle" for plan in rows.values()):
+            install_clock(stack, dm, clock)
         for plan in rows.values():
-            for name in plan.targets.comfy:
-                if plan.kind == "skip":
+            if plan.kind == "text":
+                install_text_shuffle(stack, dm, plan.branch, ctx)
+            names = zip(plan.targets.comfy, plan.targets.diffusers, strict=True)
+            for name, diffusers_name in names:
+                if is_block_key(name):
                     block, index = name.split(".")
-                    dit[(block, int(index))] = _skip_block(plan.branch, dit.get((block, int(index))))
+                    key = (block, int(index))
+                    dit[key] = _dit_replacement(plan, block == "single_block", ctx, dit.get(key))
                 elif plan.kind == "identity":
                     handle = modules[name].register_forward_hook(
                         _identity_hook(plan.branch), with_kwargs=True
                     )
                     stack.callback(handle.remove)
+                elif plan.kind == "skip":
+                    install_skip(stack, modules[name], plan.branch)
+                elif plan.kind == "blur":
+                    edit = blur_edit(plan.perturbation.sigma)
+                    install_query_edit(stack, modules[name], plan.branch, edit)
+                elif plan.kind == "query_shuffle":
+                    strength = plan.perturbation.strength
+                    edit = query_shuffle_edit(plan.branch, diffusers_name, strength, ctx, clock)
+                    install_query_edit(stack, modules[name], plan.branch, edit)
                 else:
                     hook = _shuffle_hook(plan.branch, ctx)
                     handle = modules[name].register_forward_pre_hook(hook, with_kwargs=True)
@@ -337,7 +392,9 @@ def calc_cond_batch_wrapper(
     plans = _plans_at(entries, step)
     stash = Stash(x_in, step)
     model_options[STASH] = stash
-    if not plans:
+    own = {0 if p.prompt == "cond" else 1: p for p in plans if p.in_place and conds[int(p.prompt != "cond")]}
+    plans = [p for p in plans if not p.in_place]
+    if not plans and not own:
         return executor(model, conds, x_in, timestep, model_options)  # type: ignore[no-any-return]
     base = len(conds)
     extra = [conds[0] if p.prompt == "cond" else conds[1] for p in plans]
@@ -345,7 +402,7 @@ def calc_cond_batch_wrapper(
         raise ConfigError(
             "a diffguide branch on the negative prompt needs CFG (the negative is not evaluated)"
         )
-    rows = {base + k: p for k, p in enumerate(plans)}
+    rows = {**own, **{base + k: p for k, p in enumerate(plans)}}
     with perturbed(model, model_options, rows) as options_now:
         out = executor(model, list(conds) + extra, x_in, timestep, options_now)
     stash.preds = {p.branch: out[base + k] for k, p in enumerate(plans)}
@@ -372,6 +429,10 @@ def _fallback(args: dict[str, Any], entries: Sequence[Entry]) -> Stash:
     model, x, sigma, options = args["model"], args["input"], args["sigma"], args["model_options"]
     step = step_info(model, x, sigma, options.get("transformer_options", {}))
     plans = _plans_at(entries, step)
+    if any(p.in_place for p in plans):
+        raise ConfigError(
+            "the uncond query shuffle acts in ComfyUI's own batch; another node replaced calc_cond_batch"
+        )
     stash = Stash(x, step)
     if plans:
         conds = [args["cond"] if p.prompt == "cond" else args["uncond"] for p in plans]

@@ -13,13 +13,14 @@ nothing is loaded until :func:`execute`. See docs/comfyui.md.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import DiffguideError
+from ..sampling.comfy import ComfyShift
 from .conditioning import load_comfy_conditioning, save_comfy_conditioning
 from .graph import WorkflowError, read_workflow
 from .translate import ModelSpec, WorkflowRun, model_hash, translate
@@ -50,6 +51,8 @@ WAN21_STD = (
 )  # fmt: skip
 #: ComfyUI's SD3 latent format (the SD3 VAE's scaling and shift factors).
 SD3_SCALE, SD3_SHIFT = 1.5305, 0.0609
+#: ComfyUI's Flux latent format.
+FLUX_SCALE, FLUX_SHIFT = 0.3611, 0.1159
 
 
 def load(
@@ -122,10 +125,22 @@ def execute(
     """Sample the run (on ``pipeline`` if given, else the model spec's); latents as ComfyUI returns
     them. ``callback``: a step callback, e.g. a :class:`~diffguide.repro.trace.TraceRecorder`."""
     gp = pipeline if pipeline is not None else build_pipeline(run.model, config)
+    run = _native_sampling(gp, run)
     result = gp.generate(run.config, decode=False, conditioning=run.conditioning, callback=callback)
     for m in result.manifests:
         m["comfy_workflow"] = {"sampler_node": run.sampler_node, "files": model_hash(run.model)}
     return WorkflowResult(comfy_latent_out(gp, result.latents, run.latent_shape), result)
+
+
+def _native_sampling(gp: Any, run: WorkflowRun) -> WorkflowRun:
+    """Without a ModelSampling node, ComfyUI samples a guidance-distilled Flux with its
+    ``ModelSamplingFlux`` default (shift 1.15), not the node's size-dependent shift that diffguide's
+    Flux family assumes for ``generate --noise comfy``."""
+    if run.config.comfy_sampling is not None or gp.family.name != "flux":
+        return run
+    if not getattr(gp.pipe.transformer.config, "guidance_embeds", False):
+        return run  # schnell-like: ComfyUI's FluxSchnell flow shift 1, the family's own
+    return replace(run, config=replace(run.config, comfy_sampling=ComfyShift("flux", 1.15)))
 
 
 def comfy_latent_out(gp: Any, latents: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -148,6 +163,8 @@ def comfy_latent_out(gp: Any, latents: torch.Tensor, shape: tuple[int, ...]) -> 
         x = x / (SDXL_SCALE_FACTOR if gp.is_xl else SD_SCALE_FACTOR)
     elif family == "sd3":  # ComfyUI's SD3 latent format: x / scale + shift
         x = x / SD3_SCALE + SD3_SHIFT
+    elif family == "flux":  # ComfyUI's Flux latent format (SD3's form, Flux's factors)
+        x = x / FLUX_SCALE + FLUX_SHIFT
     else:
         raise DiffguideError(f"ComfyUI's latent format for {family} models is not mapped yet")
     # ComfyUI's empty-latent nodes make ``size // 8`` latents whatever the VAE; diffguide sizes runs

@@ -11,7 +11,8 @@ the tensors' shapes (so a tiny test model loads like the full-size one); a ``con
 (a diffusers config as JSON) in the file's safetensors metadata is used when present and
 checked against the shapes. Supported: Qwen-Image (``QwenImageTransformer2DModel``) and AuraFlow
 (``AuraFlowTransformer2DModel``, diffusers' key names; its head count is not in the weights: the
-real model's 3072 = 12 x 256, other sizes need the config).
+real model's 3072 = 12 x 256, other sizes need the config), SD3, and FLUX.1 in ComfyUI's (BFL's)
+key layout or diffusers' (:mod:`.flux_file`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import DiffguideError
+from .flux_file import comfy_flux_to_diffusers, flux_config, is_comfy_flux, is_diffusers_flux
 from .graph import WorkflowError
 
 FOLDERS: dict[str, tuple[str, ...]] = {
@@ -193,6 +195,8 @@ def load_diffusion_model(path: Path, dtype: torch.dtype) -> Any:
             tokenizer=None, text_encoder=None, vae=None, transformer=aura,
             scheduler=FlowMatchEulerDiscreteScheduler(shift=1.73),
         )  # fmt: skip
+    if is_comfy_flux(sd) or is_diffusers_flux(sd):
+        return _flux_pipeline(sd, metadata, path, dtype)
     if (
         "transformer_blocks.0.attn.add_k_proj.weight" in sd
         and "time_text_embed.text_embedder.linear_1.weight" in sd
@@ -209,8 +213,32 @@ def load_diffusion_model(path: Path, dtype: torch.dtype) -> Any:
         )  # fmt: skip
     raise DiffguideError(
         f"'{path}': not a diffusion model diffguide can read from its weights (supported: Qwen-Image, "
-        "AuraFlow and SD3 transformers in diffusers' key names)"
+        "AuraFlow and SD3 transformers in diffusers' key names, FLUX.1 in ComfyUI's or diffusers')"
     )
+
+
+def _flux_pipeline(
+    sd: dict[str, torch.Tensor], metadata: dict[str, str], path: Path, dtype: torch.dtype
+) -> Any:
+    """A FluxPipeline around the FLUX.1 transformer of ``sd`` (ComfyUI's or diffusers' key names);
+    its scheduler is FluxPipeline's (dynamic shift on dev-like models, shift 1 on schnell-like)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    if is_comfy_flux(sd):
+        sd = comfy_flux_to_diffusers(sd, path.name)
+    cfg = flux_config(sd, metadata, path.name)
+    flux: Any = FluxTransformer2DModel(**cfg)
+    _load(flux, sd, path)
+    flux = (flux if dtype == torch.float32 else flux.to(dtype)).eval().requires_grad_(False)
+    dev = cfg["guidance_embeds"]
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=1.0, use_dynamic_shifting=dev, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )  # fmt: skip
+    return FluxPipeline(
+        scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+        tokenizer_2=None, transformer=flux,
+    )  # fmt: skip
 
 
 def _load(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: Path) -> None:

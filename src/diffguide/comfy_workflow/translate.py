@@ -2,13 +2,15 @@
 
 How each node maps (docs/comfyui.md has the table):
 
-* ``UNETLoader`` / ``CheckpointLoaderSimple``: the model file (``weight_dtype`` default = float32);
+* ``UNETLoader`` / ``CheckpointLoaderSimple``: the model file (Qwen-Image, AuraFlow, SD3, FLUX.1
+  transformers; SD1.5/SDXL single files) (``weight_dtype`` default = float32);
   ``LoraLoaderModelOnly`` / ``LoraLoader``: LoRAs in order, with their model strength;
 * ``ModelSamplingAuraFlow`` / ``ModelSamplingSD3`` / ``ModelSamplingFlux``: a
   :class:`~diffguide.sampling.comfy.ComfyShift` (the last one applied wins, as in ComfyUI);
 * ``CFGNorm``: a :class:`~diffguide.guidance.CFGNorm` term after CFG; ``PerturbedAttentionGuidance``
-  a ``PAG`` term on the UNet's middle block (SD UNets only); ``RescaleCFG``: a
-  :class:`~diffguide.guidance.RescaleCFG` term right after CFG (it is ComfyUI's CFG function);
+  a ``PAG`` term on the UNet's middle block (SD UNets only); ``RescaleCFG`` and ``CFGNorm``
+  ``pre_cfg``: a term right after CFG (ComfyUI's CFG function; the last node wins); post-CFG
+  patches in node order, a PAG / SLG after a correction ``post_cfg`` (:func:`_terms`);
 * ``SkipLayerGuidanceSD3`` / ``SkipLayerGuidanceDiT``: an :class:`~diffguide.guidance.slg_comfy.SLGComfy`
   term (the node's semantics: sigma window from the percents, optional rescaling);
 * ``FluxGuidance``: the conditioning's ``guidance``, an :class:`~diffguide.guidance.EmbeddedGuidance`
@@ -61,7 +63,8 @@ class _Model:
     sampling: ComfyShift | None = None
     terms: tuple[GuidanceTerm, ...] = ()
     notes: tuple[str, ...] = ()
-    cfg_function: RescaleCFG | None = None  # ComfyUI's sampler CFG function (the last one set wins)
+    # ComfyUI's sampler CFG function, RescaleCFG or CFGNorm pre_cfg (the last one set wins)
+    cfg_function: RescaleCFG | CFGNorm | None = None
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,11 @@ class Translator:
                 f"{node.label}: weight_dtype '{dtype}' is not supported (one of {', '.join(DTYPES)})"
             )
         path = resolve(self.models_dir, "diffusion_models", str(self.value(node, "unet_name")), node.label)
-        return (_Model(ModelSpec("UNETLoader", path, DTYPES[dtype], node=node.id)),)
+        model = _Model(ModelSpec("UNETLoader", path, DTYPES[dtype], node=node.id))
+        if _is_flux_dev(path):  # ComfyUI's supported_models.Flux: ModelSamplingFlux, shift 1.15
+            note = f"{node.label}: FLUX.1 dev: ComfyUI's default model sampling, flux time shift mu 1.15"
+            model = replace(model, sampling=ComfyShift("flux", 1.15), notes=(note,))
+        return (model,)
 
     def _CheckpointLoaderSimple(self, node: Node) -> tuple[Any, ...]:
         path = resolve(self.models_dir, "checkpoints", str(self.value(node, "ckpt_name")), node.label)
@@ -222,13 +229,22 @@ class Translator:
 
     def _CFGNorm(self, node: Node) -> tuple[Any, ...]:
         strength = self.number(node, "strength", 0.0, 100.0)
-        pre = bool(self.value(node, "pre_cfg") or False)
-        form = (
-            "pre-CFG, combined prediction rescaled to the cond norm"
-            if pre
-            else "post-CFG, x0 space, attenuate only"
-        )
-        return self._term(node, CFGNorm(strength, pre_cfg=pre), f"CFGNorm strength {strength:g} ({form})")
+        if self.value(node, "pre_cfg") or False:
+            what = f"CFGNorm strength {strength:g} (pre-CFG: ComfyUI's CFG function, the CFG result rescaled to the cond norm)"
+            return (self._cfg_function(node, CFGNorm(strength, pre_cfg=True), what),)
+        what = f"CFGNorm strength {strength:g} (post-CFG, x0 space, attenuate only)"
+        return self._term(node, CFGNorm(strength), what)
+
+    def _cfg_function(self, node: Node, term: RescaleCFG | CFGNorm, what: str) -> _Model:
+        """The model with ComfyUI's sampler CFG function set: it replaces an earlier one."""
+        model: _Model = self.value(node, "model")
+        notes = (*model.notes, f"{node.label}: {what}")
+        if model.cfg_function is not None:
+            notes = (
+                *notes,
+                f"  (replaces the CFG function {_term_text(model.cfg_function)} set before it, as in ComfyUI)",
+            )
+        return replace(model, cfg_function=term, notes=notes)
 
     def _PerturbedAttentionGuidance(self, node: Node) -> tuple[Any, ...]:
         scale = self.number(node, "scale", 0.0, 100.0)
@@ -238,10 +254,9 @@ class Translator:
         raise WorkflowError(f"{node.label}: {why}")
 
     def _RescaleCFG(self, node: Node) -> tuple[Any, ...]:
-        model: _Model = self.value(node, "model")
         phi = self.number(node, "multiplier", 0.0, 1.0)
-        note = f"{node.label}: RescaleCFG multiplier {phi:g} (ComfyUI's CFG function: rescaled in v space)"
-        return (replace(model, cfg_function=RescaleCFG(phi), notes=(*model.notes, note)),)
+        what = f"RescaleCFG multiplier {phi:g} (ComfyUI's CFG function: rescaled in v space)"
+        return (self._cfg_function(node, RescaleCFG(phi), what),)
 
     def _slg(self, node: Node, double: str, single: str, rescaling: float) -> tuple[Any, ...]:
         model: _Model = self.value(node, "model")
@@ -435,29 +450,21 @@ class Translator:
 def _terms(
     node: Node, model: _Model, cfg: float, pos: _Cond, neg: _Cond, latent: _Latent
 ) -> tuple[GuidanceTerm, ...]:
-    """CFG(cfg), RescaleCFG (ComfyUI's CFG function, so before every post-CFG patch; on a 5-D
-    latent its std is per column), the model's patches in order, and FluxGuidance's scale as
-    embedded guidance (one model input)."""
-    rescale = model.cfg_function
-    if rescale is not None and len(latent.shape) == 5:
-        rescale = replace(rescale, columns=latent.shape[-1])
-    if rescale is not None and any(
-        isinstance(t, (PAG, SLGComfy)) or getattr(t, "pre_cfg", False) for t in model.terms
-    ):
-        raise WorkflowError(
-            f"{node.label}: RescaleCFG with PerturbedAttentionGuidance, SkipLayerGuidance or CFGNorm pre_cfg "
-            "is not mapped (ComfyUI rescales the plain CFG result before those patches)"
+    """ComfyUI's order: CFG(cfg), or the model's CFG function (RescaleCFG, CFGNorm pre_cfg: the last
+    node wins) right after it, whatever the node order; then the post-CFG patches in node order,
+    each on the result of those before it: a PAG / SLG term after a correction (RescaleCFG, CFGNorm,
+    SLG rescaling) adds its ``s (c - p)`` there (``post_cfg``), not before the corrections as a
+    delta. FluxGuidance's scale is the embedded guidance (one model input). On a 5-D latent
+    RescaleCFG's std is per column."""
+    function = model.cfg_function
+    if isinstance(function, RescaleCFG) and len(latent.shape) == 5:
+        function = replace(function, columns=latent.shape[-1])
+    chain: list[GuidanceTerm] = [] if function is None else [function]
+    for t in model.terms:
+        corrected = any(
+            not isinstance(c, (PAG, SLGComfy)) or getattr(c, "rescaling_scale", 0.0) for c in chain
         )
-    kinds = [type(t) for t in model.terms]
-    if (
-        CFGNorm in kinds
-        and SLGComfy in kinds
-        and kinds.index(CFGNorm) < len(kinds) - kinds[::-1].index(SLGComfy)
-    ):
-        raise WorkflowError(
-            f"{node.label}: CFGNorm before SkipLayerGuidance is not mapped (ComfyUI's CFGNorm would not see "
-            "the SLG term); put CFGNorm after it"
-        )
+        chain.append(replace(t, post_cfg=True) if isinstance(t, (PAG, SLGComfy)) and corrected else t)
     embedded: tuple[GuidanceTerm, ...] = ()
     if pos.guidance is not None or neg.guidance is not None:
         if cfg != 1.0 and pos.guidance != neg.guidance:
@@ -466,7 +473,22 @@ def _terms(
                 f"({pos.guidance}, {neg.guidance}); diffguide feeds one embedded guidance scale"
             )
         embedded = (EmbeddedGuidance(float(pos.guidance if pos.guidance is not None else 0.0)),)
-    return (CFG(cfg), *(() if rescale is None else (rescale,)), *model.terms, *embedded)
+    return (CFG(cfg), *chain, *embedded)
+
+
+def _is_flux_dev(path: Path) -> bool:
+    """Whether ``path`` holds a guidance-distilled FLUX.1 transformer (read from its key names only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = set(f.keys())
+    except Exception:  # unreadable: the loader says so when the run executes
+        return False
+    names = ("guidance_in.in_layer.weight", "time_text_embed.guidance_embedder.linear_1.weight")
+    return any(k.endswith(n) for k in keys for n in names) and any(
+        "double_blocks." in k or "x_embedder" in k for k in keys
+    )
 
 
 def _percent_to_sigma(shift: float, percent: float) -> float:

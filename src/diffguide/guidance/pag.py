@@ -20,6 +20,10 @@ is what diffusers' ``StableDiffusion3PAGPipeline`` passes (its scheduler's times
 the comfy noise policy t is ComfyUI's integer timestep of the step's sigma.
 
 Paper defaults: mid-block self-attention on SD1.5 and SDXL; s = 3 with CFG 4, or s = 5 alone.
+
+``post_cfg``: ``s (c - p)`` is added in :meth:`PAG.post` instead of as a delta, so it lands on the
+result of the corrections of the terms before it (RescaleCFG, CFGNorm), as ComfyUI's node adds it
+in a post-CFG function after theirs; the comfy workflow translation sets it where that matters.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from ..perturb.identity_attention import IdentityAttention
@@ -57,9 +62,11 @@ class PAG(Term):
     window: Window = field(default_factory=Window)
     name: str = "pag"
     semantics: Semantics = "diagonal"
+    post_cfg: bool = False
 
     ranges = bounds(scale=(0.0, 100.0), adaptive_scale=(0.0, math.inf))
-    optional = frozenset({"semantics"})  # absent = diagonal (manifests before it)
+    # absent = diagonal / additive (manifests before them)
+    optional = frozenset({"semantics", "post_cfg"})
     preset, layer_kind = "pag", "self-attention modules"
 
     def branches(self) -> tuple[Branch, ...]:
@@ -71,4 +78,13 @@ class PAG(Term):
         return adaptive_scale(self.scale, self.adaptive_scale, step.timestep)
 
     def delta(self, preds: Predictions, step: StepInfo) -> Tensor:
+        if self.post_cfg:
+            return torch.zeros_like(preds["cond"])
         return perturbation_delta(preds["cond"], preds[self.name], self.scale_at(step))
+
+    def post(self, guided: Tensor, preds: Predictions, step: StepInfo) -> Tensor:
+        """``post_cfg``: the term added to the result of the corrections (``post``) of the terms
+        before it, as ComfyUI's post-CFG function (its node after a RescaleCFG or CFGNorm)."""
+        if not self.post_cfg:
+            return guided
+        return guided + perturbation_delta(preds["cond"], preds[self.name], self.scale_at(step))

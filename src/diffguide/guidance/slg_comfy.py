@@ -12,13 +12,16 @@ where the stds are of the x0 estimates over the *whole batch* (the node's ``tens
 sampling's ``percent_to_sigma``; they are the term's window (both ends inclusive). What differs
 from :class:`~diffguide.guidance.slg.SLG`: no step-fraction rule (diffusers' strict
 ``N start < i < N stop`` drops step 0 even at start 0; the node does not), the sigma window, and the
-rescaling. Cost: one branch of cond rows while active (ComfyUI: one extra model call per step).
+rescaling. ``post_cfg``: ``s (c - p)`` is added in :meth:`SLGComfy.post` (then the rescaling), on
+the result of the corrections of the terms before it, as the node's post-CFG function after a
+RescaleCFG or CFGNorm (set by the comfy workflow translation where that matters). Cost: one branch of cond rows while active (ComfyUI: one extra model call per step).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from ..perturb.block_skip import BlockSkip
@@ -39,9 +42,11 @@ class SLGComfy(Term):
     rescaling_scale: float = 0.0
     window: Window = field(default_factory=Window)
     name: str = "slg_comfy"
+    post_cfg: bool = False
 
     label = "SLG (ComfyUI)"
     ranges = bounds(scale=(0.0, 100.0), rescaling_scale=(0.0, 10.0))
+    optional = frozenset({"post_cfg"})
     preset, layer_kind = "slg", "transformer blocks"
 
     def branches(self) -> tuple[Branch, ...]:
@@ -51,9 +56,13 @@ class SLGComfy(Term):
         return self.scale > 0.0 and super().active(step)
 
     def delta(self, preds: Predictions, step: StepInfo) -> Tensor:
+        if self.post_cfg:
+            return torch.zeros_like(preds["cond"])
         return perturbation_delta(preds["cond"], preds[self.name], self.scale)
 
     def post(self, guided: Tensor, preds: Predictions, step: StepInfo) -> Tensor:
+        if self.post_cfg:
+            guided = guided + perturbation_delta(preds["cond"], preds[self.name], self.scale)
         if self.rescaling_scale == 0.0:
             return guided
         g0, c0 = step.to_x0(guided), step.to_x0(preds["cond"])

@@ -12,6 +12,7 @@ answered 400 with ComfyUI's ``node_errors`` shape and the one-line error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import secrets
@@ -22,14 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import ValidationError
+from starlette.datastructures import UploadFile
 
 from ..errors import DiffguideError
 from ..io import replace_atomic
+from . import comfy_info
+from .comfy_info import uploaded
 from .files import job_row
 from .schema import JobRequest
-from .worker import QueueFull, Worker, one_line
+from .worker import NotCancellable, QueueFull, Worker, one_line
 
 WS_POLL_S = 0.05
 _NODE = re.compile(r"^node (\S+) \(([^)]+)\): ")
@@ -204,6 +208,8 @@ class ComfyState:
         messages: list[Any] = [["execution_start", {"prompt_id": job_id, "timestamp": _ms(row.started)}]]
         if ok:
             messages.append(["execution_success", {"prompt_id": job_id, "timestamp": _ms(row.finished)}])
+        elif row.state == "cancelled":
+            messages.append(["execution_interrupted", self._interrupted(job_id, rec, row.finished)])
         else:
             messages.append(["execution_error", self._error(job_id, rec, row.error or row.state)])
         outputs = self.outputs(job_id, rec) if ok else {}
@@ -217,6 +223,18 @@ class ComfyState:
         }
 
     @staticmethod
+    def _interrupted(job_id: str, rec: ComfyPrompt, when: float | None = None) -> dict[str, Any]:
+        node = rec.sampler_node
+        kind = rec.prompt.get(node, {}).get("class_type", "KSampler")
+        return {
+            "prompt_id": job_id,
+            "node_id": node,
+            "node_type": kind,
+            "executed": [],
+            "timestamp": _ms(when or time.time()),
+        }
+
+    @staticmethod
     def _error(job_id: str, rec: ComfyPrompt, message: str) -> dict[str, Any]:
         return {
             "prompt_id": job_id,
@@ -227,8 +245,46 @@ class ComfyState:
             "traceback": [],
         }
 
+    def queue(self) -> dict[str, Any]:
+        """ComfyUI's ``GET /queue``: the prompts (posted to /prompt) running and waiting, each as
+        ``[number, prompt_id, prompt, {"client_id"}, [output node]]``."""
+
+        def items(state: str) -> list[list[Any]]:
+            out = []
+            for row in self.worker.store.list(states=(state,), limit=1_000_000):
+                rec = self.record(row.id)
+                if rec is not None:
+                    out.append(
+                        [rec.number, row.id, rec.prompt, {"client_id": rec.client_id}, [rec.output_node]]
+                    )
+            return out
+
+        return {"queue_running": items("running"), "queue_pending": items("queued")}
+
+    def interrupt(self, prompt_id: str | None) -> None:
+        """ComfyUI's ``POST /interrupt``: stop the running prompt (only ``prompt_id`` if given) within
+        one step; jobs posted to /v1/jobs are not touched."""
+        for row in self.worker.store.list(states=("running",), limit=1_000_000):
+            if self.record(row.id) is not None and prompt_id in (None, row.id):
+                with contextlib.suppress(NotCancellable):
+                    self.worker.cancel(row.id)
+
+    def delete(self, body: dict[str, Any]) -> None:
+        """ComfyUI's ``POST /queue``: ``{"clear": true}`` cancels every waiting prompt,
+        ``{"delete": [prompt_id, ...]}`` those (a running one is not touched)."""
+        waiting = [r.id for r in self.worker.store.list(states=("queued",), limit=1_000_000)]
+        chosen = waiting if body.get("clear") else [i for i in body.get("delete") or [] if i in waiting]
+        for job_id in chosen:
+            if self.record(job_id) is not None:
+                with contextlib.suppress(NotCancellable):
+                    self.worker.cancel(job_id)
+
     def view(self, filename: str, subfolder: str, kind: str) -> Path:
-        """The file of ``/view``: an image of a finished prompt (the subfolder is its id)."""
+        """The file of ``/view``: an image of a finished prompt (the subfolder is its id), or an
+        image sent to ``/upload/image``."""
+        found = uploaded(self.root, filename, subfolder, kind)
+        if found is not None:
+            return found
         if kind != "output" or not re.fullmatch(r"image-[\w.-]+\.png", filename) or ".." in filename:
             raise HTTPException(404, f"no file '{filename[:80]}' of type '{kind[:20]}'")
         if self.record(subfolder) is None:
@@ -255,6 +311,8 @@ class ComfyState:
             return [_msg("progress", value=event["step"], max=event["steps"], prompt_id=job_id, node=node)]
         if kind != "end":
             return []
+        if event["state"] == "cancelled":
+            return [{"type": "execution_interrupted", "data": self._interrupted(job_id, rec)}]
         if event["state"] != "succeeded":
             return [
                 {
@@ -300,6 +358,56 @@ def add_routes(api: FastAPI, worker: Worker, api_key: str | None) -> None:
         """ComfyUI's history of one prompt (``{}`` until it has ended; 404 for an unknown id)."""
         return state.history(prompt_id)
 
+    @api.get("/queue")
+    def queue() -> dict[str, Any]:
+        """ComfyUI's queue: ``queue_running`` and ``queue_pending`` (prompts posted to /prompt)."""
+        return state.queue()
+
+    @api.post("/queue")
+    async def delete(request: Request) -> Response:
+        """ComfyUI's ``{"clear": true}`` / ``{"delete": [prompt_id, ...]}`` for waiting prompts."""
+        body = await _json_object(request)
+        await asyncio.to_thread(state.delete, body)
+        return Response(status_code=200)
+
+    @api.post("/interrupt")
+    async def interrupt(request: Request) -> Response:
+        """Stop the running prompt (``{"prompt_id": ID}``: only that one) within one step; its
+        history and socket report ``execution_interrupted``."""
+        body = await _json_object(request, empty_ok=True)
+        prompt_id = body.get("prompt_id")
+        await asyncio.to_thread(state.interrupt, None if prompt_id is None else str(prompt_id))
+        return Response(status_code=200)
+
+    @api.get("/object_info")
+    def object_info() -> dict[str, Any]:
+        """ComfyUI's node descriptions, for the nodes the service runs."""
+        return comfy_info.object_info(sorted(worker.cache.models))
+
+    @api.get("/object_info/{node_class}")
+    def object_info_node(node_class: str) -> dict[str, Any]:
+        return comfy_info.object_info(sorted(worker.cache.models), node_class)
+
+    @api.post("/upload/image")
+    async def upload_image(request: Request) -> dict[str, str]:
+        """ComfyUI's image upload (multipart ``image``, ``subfolder``, ``type`` input/temp,
+        ``overwrite``): ``{"name", "subfolder", "type"}``; the image is served by ``/view``."""
+        form = await request.form(max_files=1, max_fields=8)
+        image = form.get("image")
+        if not isinstance(image, UploadFile) or not image.filename:
+            raise HTTPException(400, "send the image as the multipart part 'image' (with a file name)")
+        data = await image.read()
+        fields = {k: str(form.get(k) or "") for k in ("subfolder", "type", "overwrite")}
+        return await asyncio.to_thread(
+            comfy_info.upload_image,
+            state.root,
+            data,
+            image.filename,
+            fields["subfolder"],
+            fields["type"] or "input",
+            fields["overwrite"] in ("true", "1"),
+        )
+
     @api.get("/view", response_class=FileResponse)
     def view(filename: str, subfolder: str = "", type: str = "output") -> FileResponse:
         """An output image, as ComfyUI's ``/view`` (``subfolder`` is the prompt id)."""
@@ -339,6 +447,19 @@ async def _forward(socket: WebSocket, state: ComfyState, sid: str) -> None:
             await asyncio.wait([closed], timeout=WS_POLL_S)
     finally:
         closed.cancel()
+
+
+async def _json_object(request: Request, empty_ok: bool = False) -> dict[str, Any]:
+    raw = await request.body()
+    if empty_ok and not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise HTTPException(400, "the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise HTTPException(400, "the body must be a JSON object")
+    return body
 
 
 def _ws_authorised(socket: WebSocket, key: str) -> bool:

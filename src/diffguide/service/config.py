@@ -17,7 +17,8 @@ class ServiceConfig:
     ``model_dirs``: folders whose diffusers sub-folders are the models, by folder name (the
     bundled ``tiny-sd`` too unless ``bundled_model`` is False); requests name a model, never a
     path. ``queue_size``: jobs waiting (not running) before POST answers 429. ``max_request_bytes``:
-    larger bodies are answered 413. ``api_key``: when set, every endpoint (the page included) needs
+    larger bodies are answered 413; ``max_upload_bytes``: the same for multipart bodies (files: ``POST
+    /v1/jobs``, ``/v1/uploads``, ``/upload/image``) and for each file. ``api_key``: when set, every endpoint (the page included) needs
     ``Authorization: Bearer KEY`` (or ``?api_key=KEY``, for the page's links and event streams).
     ``cors_origins``: empty = CORS off. ``memory_budget_mb``: the model cache never holds more.
     ``threads``: torch threads per job (None: the application layer's rule, 1 for tiny models).
@@ -29,6 +30,7 @@ class ServiceConfig:
     bundled_model: bool = True
     queue_size: int = 16
     max_request_bytes: int = 1 * MB
+    max_upload_bytes: int = 256 * MB
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
     memory_budget_mb: float = 4096.0
@@ -43,6 +45,8 @@ class ServiceConfig:
             raise ConfigError(f"queue size must be >= 1, got {self.queue_size}")
         if self.max_request_bytes < 1024:
             raise ConfigError(f"request size limit must be >= 1024 bytes, got {self.max_request_bytes}")
+        if self.max_upload_bytes < 1024:
+            raise ConfigError(f"upload size limit must be >= 1024 bytes, got {self.max_upload_bytes}")
         if not self.memory_budget_mb > 0:
             raise ConfigError(f"model memory budget must be > 0 MB, got {self.memory_budget_mb}")
         if self.threads is not None and self.threads < 1:

@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from ..pipeline import GuidedPipeline
 from .config import MB
 
+TINY_VAE = "vae_tiny"  # a model folder's optional tiny autoencoder, for previews
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -71,6 +72,7 @@ class ModelCache:
         self.device = device
         self._loaded: OrderedDict[str, tuple[GuidedPipeline, int]] = OrderedDict()
         self._lock = threading.Lock()
+        self._tiny: dict[str, Any] = {}
         self.loads = 0
         self.evictions = 0
 
@@ -81,25 +83,41 @@ class ModelCache:
             raise ConfigError(f"unknown model '{name}'; available: {known}")
         return self.models[name]
 
-    def get(self, name: str) -> GuidedPipeline:
+    def get(self, name: str, loras: tuple[tuple[str, float], ...] = ()) -> GuidedPipeline:
+        """The model, with ``loras`` ((file, scale), in order) loaded as ``diffguide generate --lora``
+        does: a model with LoRAs is its own cache entry (its own copy of the weights)."""
         path = self.path(name)
+        key = name + "".join(f"+lora:{Path(f).stem}@{scale:g}" for f, scale in loras)
         with self._lock:
-            if name in self._loaded:
-                self._loaded.move_to_end(name)
-                return self._loaded[name][0]
-            pipe = app.load_model(app.ModelRequest(str(path), device=self.device))
+            if key in self._loaded:
+                self._loaded.move_to_end(key)
+                return self._loaded[key][0]
+            pipe = app.load_model(app.ModelRequest(str(path), device=self.device, loras=loras))
             size = pipeline_bytes(pipe)
             if size > self.budget:
                 raise ConfigError(
-                    f"model '{name}' needs {size / MB:.1f} MB, more than the model memory budget "
+                    f"model '{key}' needs {size / MB:.1f} MB, more than the model memory budget "
                     f"({self.budget / MB:.1f} MB)"
                 )
             while self._loaded and self.used() + size > self.budget:
                 self._loaded.popitem(last=False)
                 self.evictions += 1
-            self._loaded[name] = (pipe, size)
+            self._loaded[key] = (pipe, size)
             self.loads += 1
             return pipe
+
+    def tiny_vae(self, name: str) -> Any | None:
+        """The model folder's tiny autoencoder (a diffusers ``AutoencoderTiny`` in its ``vae_tiny``
+        sub-folder, e.g. TAESD) for previews, loaded once; None when it has none."""
+        folder = self.path(name) / TINY_VAE
+        if not (folder / "config.json").is_file():
+            return None
+        with self._lock:
+            if name not in self._tiny:
+                from diffusers import AutoencoderTiny
+
+                self._tiny[name] = AutoencoderTiny.from_pretrained(folder).to(self.device).eval()
+            return self._tiny[name]
 
     def used(self) -> int:
         return sum(size for _, size in self._loaded.values())

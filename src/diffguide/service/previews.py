@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -16,6 +17,7 @@ SD_LATENT_RGB = (
     (-0.2120, -0.2616, -0.7177),
 )
 PREVIEW_SIDE = 64
+VAE_PREVIEW_MAX_SIDE = 256
 
 
 def latent_rgb(latent: Tensor) -> Tensor:
@@ -40,6 +42,28 @@ def preview_png(latent: Tensor) -> str:
     image = Image.fromarray(arr, "RGB")
     scale = max(1, PREVIEW_SIDE // max(image.size))
     image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def vae_preview_png(pipe: Any, latents: Tensor, tiny: Any | None = None) -> str:
+    """A data URL of a PNG of (1, C, h, w) ``latents`` decoded by ``tiny`` (a tiny autoencoder,
+    e.g. TAESD) when given, else by the model's own VAE exactly as its final images are; images
+    larger than 256 pixels a side are shrunk to fit."""
+    from PIL import Image
+
+    if tiny is None:
+        image = pipe.decode(latents)[0]
+    else:
+        with torch.inference_mode():
+            z = latents.to(tiny.device, tiny.dtype) / tiny.config.scaling_factor
+            x = tiny.decode(z, return_dict=False)[0][0]
+        arr = ((x.float().cpu() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
+        image = Image.fromarray(arr.numpy(), "RGB")
+    if max(image.size) > VAE_PREVIEW_MAX_SIDE:
+        image = image.copy()
+        image.thumbnail((VAE_PREVIEW_MAX_SIDE, VAE_PREVIEW_MAX_SIDE))
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

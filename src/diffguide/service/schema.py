@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..defaults import DEFAULTS
 from ..errors import ConfigError
@@ -27,6 +27,29 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class FileRef(Strict):
+    """A file of the request: exactly one of ``upload`` (an id from ``POST /v1/uploads``),
+    ``base64`` (the file's bytes, in a JSON body) or ``part`` (a file part of a multipart body).
+    Stored requests hold ``upload`` only."""
+
+    upload: str | None = Field(None, pattern="^[0-9a-f]{64}$", description="id from POST /v1/uploads")
+    base64: str | None = Field(None, description="the .safetensors file, base64-encoded")
+    part: str | None = Field(None, description="the name of a file part of a multipart/form-data body")
+
+    @model_validator(mode="after")
+    def _one(self) -> FileRef:
+        if sum(v is not None for v in (self.upload, self.base64, self.part)) != 1:
+            raise ValueError("give exactly one of 'upload' (an id), 'base64' or 'part'")
+        return self
+
+
+class LoraRef(Strict):
+    """A LoRA (.safetensors, diffusers/peft or kohya keys as ``diffguide generate --lora``) and its scale."""
+
+    file: FileRef
+    scale: float = Field(1.0, ge=-100.0, le=100.0)
+
+
 def build_term(spec: dict[str, Any], index: int) -> GuidanceTerm:
     """A term from its JSON form: ``method`` (any registered one, see ``diffguide guides``) and
     that method's parameters by name, a window as ``{start, end, sigma_min, sigma_max}``: the
@@ -41,7 +64,9 @@ class JobRequest(Strict):
     """One generation: ``POST /v1/jobs``'s body. Defaults are the CLI's (diffguide.defaults)."""
 
     model: str = "tiny-sd"
-    prompt: str | list[str] = Field(description="a prompt, or one per image")
+    prompt: str | list[str] | None = Field(
+        None, description="a prompt, or one per image; may be left out with a conditioning file"
+    )
     negative_prompt: str | list[str] = ""
     num_images: int | None = Field(None, ge=1, le=MAX_IMAGES)
     guidance: list[dict[str, Any]] | None = Field(
@@ -62,6 +87,27 @@ class JobRequest(Strict):
     batch_invariant: bool = False
     max_rows: int | None = Field(None, ge=1)
     callback_url: str | None = Field(None, description="POSTed the job's status when it ends")
+    conditioning: FileRef | None = Field(
+        None,
+        description="precomputed prompt embeddings instead of encoding the prompts: diffguide's "
+        "conditioning file (prompt_embeds, negative_prompt_embeds, ...) as generate --conditioning, "
+        "or ComfyUI's CONDITIONING saved by save_comfy_conditioning (the positive one)",
+    )
+    negative_conditioning: FileRef | None = Field(
+        None, description="with a ComfyUI-form conditioning: the negative one (ComfyUI form)"
+    )
+    loras: list[LoraRef] = Field(
+        default_factory=list, max_length=8, description="as generate --lora, in order"
+    )
+    trace: bool = Field(
+        False, description="record the step trace (generate --trace): GET /v1/jobs/{id}/trace"
+    )
+    trace_modules: str | None = Field(
+        None, description="with trace: also module outputs (generate --trace-modules)"
+    )
+    vae_preview_every: int = Field(
+        0, ge=0, description="a VAE-decoded preview in the event stream every this many steps (0: none)"
+    )
 
     @field_validator("model")
     @classmethod
@@ -70,7 +116,7 @@ class JobRequest(Strict):
 
     @field_validator("prompt")
     @classmethod
-    def _prompts(cls, v: str | list[str]) -> str | list[str]:
+    def _prompts(cls, v: str | list[str] | None) -> str | list[str] | None:
         if isinstance(v, list) and not 1 <= len(v) <= MAX_IMAGES:
             raise ValueError(f"give 1 to {MAX_IMAGES} prompts, got {len(v)}")
         return v
@@ -84,11 +130,15 @@ class JobRequest(Strict):
                 raise ValueError(f"callback_url must be an http(s) URL, got '{v[:80]}'")
         return v
 
-    def to_config(self) -> GenerateConfig:
-        """The run's config (ConfigError on a bad combination, before anything is queued)."""
+    def to_config(self, conditioning_prompt: str | None = None) -> GenerateConfig:
+        """The run's config (ConfigError on a bad combination, before anything is queued).
+        ``conditioning_prompt``: the conditioning file's ``prompt`` metadata (the prompt when none
+        is given, as in the CLI)."""
+        self._check_files()
         terms = None if self.guidance is None else [build_term(t, i) for i, t in enumerate(self.guidance)]
         count = self.num_images
-        prompt = self.prompt if isinstance(self.prompt, str) or len(self.prompt) > 1 else self.prompt[0]
+        given = self.prompt if self.prompt is not None else (conditioning_prompt or "<conditioning file>")
+        prompt = given if isinstance(given, str) or len(given) > 1 else given[0]
         cfg = GenerateConfig.create(
             prompt,
             self.negative_prompt,
@@ -105,7 +155,21 @@ class JobRequest(Strict):
             schedule=self.schedule,
             shift=self.shift,
             batch_invariant=self.batch_invariant,
+            prefix_sharing=not self.trace_modules,  # module traces need every row through every module
         )
         if cfg.num_images > MAX_IMAGES:
             raise ConfigError(f"at most {MAX_IMAGES} images per job, got {cfg.num_images}")
         return cfg
+
+    def _check_files(self) -> None:
+        if self.prompt is None and self.conditioning is None:
+            raise ConfigError("give a prompt, or a conditioning file ('conditioning')")
+        if self.negative_conditioning is not None and self.conditioning is None:
+            raise ConfigError("negative_conditioning needs a (ComfyUI-form) conditioning")
+        if self.trace_modules and not self.trace:
+            raise ConfigError("trace_modules needs trace: true")
+        if self.trace and self.batch_invariant:
+            raise ConfigError(
+                "a trace records the steps of one batch; with batch_invariant each image is sampled alone: "
+                "trace one image at a time (num_images 1 with its seed)"
+            )

@@ -20,6 +20,8 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
@@ -30,9 +32,26 @@ from .files import finished_folder, image_path, job_row
 from .models import ModelCache, find_models
 from .schema import JobRequest
 from .store import JobStore
+from .uploads import Staged, UploadTooLarge, request_json, stage, store_upload
 from .worker import NotCancellable, QueueFull, Runner, Worker, one_line
 
 RETRY_AFTER_S = 2
+MAX_PARTS = 16
+JOB_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"request": {"type": "string", "description": "the job's JSON"}},
+                    "additionalProperties": {"type": "string", "format": "binary"},
+                }
+            },
+        },
+    }
+}
 EVENT_POLL_S = 0.05
 
 
@@ -40,19 +59,26 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> J
     return JSONResponse({"error": one_line(message)}, status_code=status, headers=headers)
 
 
-class BodyLimit:
-    """413 for a request body over ``limit`` bytes (declared or streamed), before the route reads it."""
+#: Routes that take files: their multipart bodies may reach the upload limit.
+UPLOAD_PATHS = ("/v1/jobs", "/v1/uploads", "/upload/image")
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+
+class BodyLimit:
+    """413 for a request body over ``limit`` bytes (declared or streamed), before the route reads it;
+    ``upload_limit`` for a multipart body to a route that takes files."""
+
+    def __init__(self, app: ASGIApp, limit: int, upload_limit: int | None = None) -> None:
+        self.app, self.plain, self.upload = app, limit, upload_limit or limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
+        multipart = headers.get(b"content-type", b"").startswith(b"multipart/form-data")
+        limit = self.upload if multipart and scope.get("path") in UPLOAD_PATHS else self.plain
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._refuse(scope, receive, send, limit)
         body: list[bytes] = []
         size = 0
         more = True
@@ -62,8 +88,8 @@ class BodyLimit:
                 break
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.limit:
-                return await self._refuse(scope, receive, send)
+            if size > limit:
+                return await self._refuse(scope, receive, send, limit)
             body.append(chunk)
             more = message.get("more_body", False)
         data = b"".join(body)
@@ -78,8 +104,9 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error(413, f"request body larger than {self.limit} bytes")
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        response = error(413, f"request body larger than {limit} bytes")
         await response(scope, receive, send)
 
 
@@ -148,8 +175,9 @@ def create_app(
                 response.set_cookie(KEY_COOKIE, key, httponly=True, samesite="strict")
             return response
 
-    api.add_middleware(BodyLimit, limit=config.max_request_bytes)
+    api.add_middleware(BodyLimit, limit=config.max_request_bytes, upload_limit=config.max_upload_bytes)
     _handlers(api)
+    _document_job_body(api)
     _job_routes(api, worker, config)
     _other_routes(api, worker, cache)
     from .comfy import add_routes
@@ -158,7 +186,28 @@ def create_app(
     return api
 
 
+def _document_job_body(api: FastAPI) -> None:
+    """The OpenAPI page shows ``POST /v1/jobs``'s JSON body (the route reads it itself)."""
+    generate = api.openapi
+
+    def openapi() -> dict[str, Any]:
+        if api.openapi_schema:
+            return api.openapi_schema
+        schema = generate()
+        job = JobRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas.update(job.pop("$defs", {}))
+        schemas["JobRequest"] = job
+        return schema
+
+    api.openapi = openapi  # type: ignore[method-assign]
+
+
 def _handlers(api: FastAPI) -> None:
+    @api.exception_handler(UploadTooLarge)
+    async def too_large(_: Request, err: UploadTooLarge) -> JSONResponse:
+        return error(413, str(err))
+
     @api.exception_handler(DiffguideError)
     async def diffguide_error(_: Request, err: DiffguideError) -> JSONResponse:
         return error(422, str(err))
@@ -176,22 +225,93 @@ def _handlers(api: FastAPI) -> None:
         return error(err.status_code, str(err.detail), dict(err.headers or {}))
 
 
+def prepare(worker: Worker, body: dict[str, Any], parts: dict[str, bytes]) -> tuple[JobRequest, Staged]:
+    """The request, its files checked and staged (422 / 413 before anything is kept)."""
+    try:
+        JobRequest.model_validate(body)  # the fields first, before reading any file
+        staged = stage(body, parts, worker.uploads, worker.config.max_upload_bytes)
+    except ValidationError as err:
+        raise RequestValidationError(err.errors()) from None
+    try:
+        return JobRequest.model_validate(body), staged
+    except BaseException:
+        staged.discard()
+        raise
+
+
+async def read_body(
+    request: Request, field_limit: int, files: tuple[str, ...] | None = None
+) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """A JSON body, or a multipart one: its ``request`` part (JSON) and its file parts by name."""
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith("multipart/form-data"):
+        if files is not None:
+            raise HTTPException(422, f"send multipart/form-data with the part(s) {', '.join(files)}")
+        return request_json(await request.body()), {}
+    form = await request.form(max_files=MAX_PARTS, max_fields=MAX_PARTS, max_part_size=field_limit)
+    text: str | bytes | None = None
+    parts: dict[str, bytes] = {}
+    for name, value in form.multi_items():
+        data: str | bytes = await value.read() if isinstance(value, UploadFile) else value
+        if name == "request" and files is None:
+            text = data
+        elif name in parts:
+            raise HTTPException(422, f"the multipart body has two parts named '{name[:40]}'")
+        elif isinstance(data, bytes):
+            parts[name] = data
+        else:
+            raise HTTPException(422, f"part '{name[:40]}' must be a file")
+    if files is None and text is None:
+        raise HTTPException(422, "a multipart job needs a 'request' part (the job's JSON)")
+    return ({} if text is None else request_json(text)), parts
+
+
 def _job_routes(api: FastAPI, worker: Worker, config: ServiceConfig) -> None:
-    @api.post("/v1/jobs", status_code=202)
-    async def submit(req: JobRequest, wait: bool = False) -> JSONResponse:
-        """Queue a job; ``?wait=true`` answers when it has ended (200)."""
+    @api.post("/v1/jobs", status_code=202, openapi_extra=JOB_BODY)
+    async def submit(request: Request, wait: bool = False) -> JSONResponse:
+        """Queue a job; ``?wait=true`` answers when it has ended (200). The body is the job's JSON
+        (``JobRequest``), or multipart/form-data: a ``request`` part with that JSON and file parts
+        that it names with ``{"part": NAME}``."""
+        body, parts = await read_body(request, config.max_request_bytes)
+        req, staged = await asyncio.to_thread(prepare, worker, body, parts)
         try:
-            row = await asyncio.to_thread(worker.submit, req)
+            row = await asyncio.to_thread(worker.submit, req, staged)
         except QueueFull:
             return error(
                 429,
                 f"the queue is full ({config.queue_size} jobs waiting); retry later",
                 {"Retry-After": str(RETRY_AFTER_S)},
             )
+        finally:
+            staged.discard()  # what was not committed (the job was refused)
         if not wait:
             return JSONResponse(row.public(), status_code=202, headers={"Location": f"/v1/jobs/{row.id}"})
         await asyncio.to_thread(worker.live[row.id].done.wait, config.wait_timeout_s)
         return JSONResponse(job_row(worker, row.id).public(), status_code=200)
+
+    @api.post("/v1/uploads", status_code=201)
+    async def upload(request: Request, kind: str | None = None) -> JSONResponse:
+        """Store one .safetensors file (multipart part ``file``), checked as ``kind`` (conditioning,
+        negative_conditioning, lora) when given; jobs name it by the answer's ``id``
+        (``{"upload": ID}``). The same file twice is one upload."""
+        _, parts = await read_body(request, config.max_request_bytes, files=("file",))
+        if set(parts) != {"file"}:
+            raise HTTPException(422, "send the file as the multipart part 'file'")
+        found = await asyncio.to_thread(
+            store_upload, parts["file"], kind, worker.uploads, config.max_upload_bytes
+        )
+        return JSONResponse(found, status_code=201)
+
+    @api.get("/v1/jobs/{job_id}/trace", response_class=FileResponse)
+    def trace(job_id: str) -> FileResponse:
+        """The step trace (safetensors, as ``diffguide generate --trace`` writes it) of a job that
+        asked for one (``"trace": true``)."""
+        path = finished_folder(worker, job_id) / "trace.safetensors"
+        if not path.is_file():
+            raise HTTPException(404, f"job '{job_id}' has no trace: ask for one with \"trace\": true")
+        return FileResponse(
+            path, media_type="application/octet-stream", filename=f"{job_id}-trace.safetensors"
+        )
 
     @api.get("/v1/jobs")
     def jobs(limit: int = Query(100, ge=1, le=1000)) -> list[dict[str, Any]]:

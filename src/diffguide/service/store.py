@@ -74,6 +74,8 @@ class JobRow:
                 "latents": f"{base}/latents",
                 "manifest": f"{base}/manifest",
             }
+            if self.request.get("trace"):
+                out["files"]["trace"] = f"{base}/trace"
         return out
 
 

@@ -23,29 +23,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import app
 from ..errors import DiffguideError
 from ..io import replace_atomic, save_result
 from ..pipeline import GenerationResult
 from .config import ServiceConfig
+from .jobrun import Emit, JobCancelled, JobRun, run_job
 from .models import ModelCache
-from .previews import preview_png
 from .schema import JobRequest
 from .store import FINISHED, RESTART_ERROR, JobRow, JobStore
+from .uploads import Staged, job_files
 
 KEEP_LIVE = 256  # finished jobs whose event history stays in memory
 
 
-#: Runs a job elsewhere (a Ray Serve replica) and returns its result.
-Runner = Callable[[JobRequest], GenerationResult]
+#: Runs a job elsewhere (a Ray Serve replica): (request, its files by id, preview interval, emit,
+#: cancelled) -> run.
+Runner = Callable[[JobRequest, dict[str, bytes], int, Emit, Callable[[], bool]], JobRun]
 
 
 class QueueFull(Exception):
     """The queue holds ``queue_size`` waiting jobs."""
-
-
-class JobCancelled(Exception):
-    """Raised from the step callback to stop a run."""
 
 
 class NotCancellable(Exception):
@@ -126,13 +123,20 @@ class Worker:
     def waiting(self) -> int:
         return self.queue.qsize()
 
-    def submit(self, req: JobRequest) -> JobRow:
-        """Queue a job (ConfigError for a bad request, QueueFull when the queue is full)."""
+    @property
+    def uploads(self) -> Path:
+        return self.store.root / "uploads"
+
+    def submit(self, req: JobRequest, staged: Staged | None = None) -> JobRow:
+        """Queue a job (ConfigError for a bad request, QueueFull when the queue is full); its
+        ``staged`` files get their final names only once it is accepted."""
         cfg = req.to_config()
         self.cache.path(req.model)
         with self._submit:
             if self.queue.qsize() >= self.config.queue_size:
                 raise QueueFull()
+            if staged is not None:
+                staged.commit()
             job_id = secrets.token_hex(8)
             row = self.store.add(job_id, req.model, req.model_dump(mode="json"), cfg.steps)
             live = self.live[job_id] = LiveJob()
@@ -170,8 +174,11 @@ class Worker:
         live = self.live[job_id]
         tmp = self.store.root / "jobs" / f".tmp-{job_id}"
         try:
-            result = self._generate(row, live)
+            run = self._generate(row, live)
+            result = run.result
             self._save(result, tmp)
+            if run.trace is not None:
+                run.trace.save(tmp / "trace.safetensors", result.manifests[0])
             os.replace(tmp, self.store.folder(job_id))
             self.store.finish_if(
                 job_id, ("running",), state="succeeded", images=len(result.images), finished=time.time()
@@ -190,38 +197,36 @@ class Worker:
             shutil.rmtree(tmp, ignore_errors=True)
         self._finished(job_id)
 
-    def _generate(self, row: JobRow, live: LiveJob) -> GenerationResult:
+    def _generate(self, row: JobRow, live: LiveJob) -> JobRun:
         req = JobRequest.model_validate(row.request)
-        if self.runner is not None:  # remote replicas (Ray Serve): no per-step progress or cancel
-            return self.runner(req)
-        cfg = req.to_config()
-        pipe = self.cache.get(req.model)
-        per_image = cfg.batch_invariant and cfg.num_images > 1
-        done = 0
+        emit = self._emitter(row.id, live)
+        if self.runner is not None:  # remote replicas (Ray Serve)
+            files = {p.stem: p.read_bytes() for p in job_files(req, self.uploads)}
+            return self.runner(req, files, self.config.preview_every, emit, live.cancel.is_set)
+        return run_job(
+            req,
+            self.cache,
+            self.uploads,
+            self.config.threads,
+            self.config.preview_every,
+            emit,
+            live.cancel.is_set,
+        )
+
+    def _emitter(self, job_id: str, live: LiveJob) -> Emit:
+        """A step event's side effects: step time, the job's progress in the store, the event."""
         last = time.perf_counter()
 
-        def on_step(state: Any) -> None:
-            nonlocal done, last
-            if live.cancel.is_set():
-                raise JobCancelled()
+        def emit(event: dict[str, Any]) -> None:
+            nonlocal last
             now = time.perf_counter()
             self.metrics.step_seconds_sum += now - last
             self.metrics.step_count += 1
             last = now
-            done += 1
-            total = state.step.count * (cfg.num_images if per_image else 1)
-            self.store.update(row.id, step=done, steps=total)
-            event: dict[str, Any] = {"event": "step", "step": done, "steps": total}
-            every = self.config.preview_every
-            x = state.latents_out
-            if every and x.dim() == 4 and (done % every == 0 or done == total):
-                event["preview"] = preview_png(x[0])
+            self.store.update(job_id, step=event["step"], steps=event["steps"])
             live.emit(event)
 
-        request = app.GenerateRequest(
-            app.ModelRequest(str(self.cache.path(req.model))), cfg, None, self.config.threads
-        )
-        return app.generate(request, pipe, callback=on_step)
+        return emit
 
     @staticmethod
     def _save(result: GenerationResult, folder: Path) -> None:

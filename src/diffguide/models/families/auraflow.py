@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,7 @@ MAX_SEQUENCE_LENGTH = 256
 
 class AuraFlowFamily(Family):
     name = "auraflow"
+    text_limits: ClassVar[dict[str, int]] = {"tokenizer": MAX_SEQUENCE_LENGTH}
     model_attr = "transformer"
     components = ("transformer", "vae", "text_encoder")
     schedulers = ("euler",)

@@ -78,6 +78,21 @@ class Family(ABC):
     ) -> tuple[Conditioning, Conditioning | None]:
         """Prompt conditioning and, when ``need_uncond``, the negative prompts' conditioning."""
 
+    # tokens read per tokenizer where the pipeline's own limit is not the tokenizer's
+    # model_max_length (T5's max_sequence_length); the others read model_max_length
+    text_limits: ClassVar[dict[str, int]] = {}
+
+    def text_windows(self, pipe: Any) -> list[tuple[str, Any, int]]:
+        """(component name, tokenizer, tokens its encoder reads) per text encoder, for the
+        long-prompt warning."""
+        out = []
+        for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+            tok = getattr(pipe, name, None)
+            if tok is not None:
+                limit = self.text_limits.get(name, int(getattr(tok, "model_max_length", 0) or 0))
+                out.append((name, tok, limit))
+        return out
+
     def check(self, model: nn.Module, cond: Conditioning) -> None:
         """Raise a one-line ConfigError when ``cond`` lacks what ``model`` needs (default: no check)."""
         return None

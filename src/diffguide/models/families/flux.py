@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -70,6 +70,9 @@ def embeds_guidance(model: nn.Module) -> bool:
 
 class FluxFamily(Family):
     name = "flux"
+    text_limits: ClassVar[dict[str, int]] = {
+        "tokenizer_2": 512
+    }  # diffusers' encode_prompt max_sequence_length
     model_attr = "transformer"
     components = ("transformer", "vae", "text_encoder", "text_encoder_2")
     schedulers = ("euler",)

@@ -26,7 +26,7 @@ combined prediction rescaled to the per-token norm of the conditional one (docs/
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ MAX_SEQUENCE_LENGTH = 512
 
 class QwenImageFamily(Family):
     name = "qwen-image"
+    text_limits: ClassVar[dict[str, int]] = {"tokenizer": MAX_SEQUENCE_LENGTH}
     model_attr = "transformer"
     components = ("transformer", "vae", "text_encoder")
     schedulers = ("euler",)

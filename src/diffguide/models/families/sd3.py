@@ -14,7 +14,7 @@ SD3.5's dual attention (``dual_attention_layers``) and qk norm need nothing extr
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +28,9 @@ from .base import Family
 
 class SD3Family(Family):
     name = "sd3"
+    text_limits: ClassVar[dict[str, int]] = {
+        "tokenizer_3": 256
+    }  # diffusers' encode_prompt max_sequence_length
     model_attr = "transformer"
     components = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
     schedulers = ("euler",)

@@ -81,6 +81,7 @@ function request() {
   const count = parseInt($("count").value, 10);
   if (count > 1 && prompts.length === 1) body.num_images = count;
   if ($("size").value) body.width = body.height = parseInt($("size").value, 10);
+  if ($("vae-preview").checked) body.vae_preview_every = 2;
   return body;
 }
 
@@ -96,7 +97,8 @@ function follow(job) {  // live progress from the job's event stream
       $("progress").max = data.steps;
       $("progress").value = data.step;
       $("progress-text").textContent = `step ${data.step} of ${data.steps}`;
-      if (data.preview) { $("preview").src = data.preview; $("preview").hidden = false; }
+      const shown = job.request.vae_preview_every ? data.vae_preview : data.preview;
+      if (shown) { $("preview").src = shown; $("preview").hidden = false; }
     });
     events.addEventListener("end", (e) => {
       const data = JSON.parse(e.data);

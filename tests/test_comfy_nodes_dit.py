@@ -1,0 +1,240 @@
+"""The node pack's PAG, TPG and SLG inside ComfyUI's DiT blocks (Flux, Qwen-Image), in real ComfyUI.
+
+* Tiny Flux (an explicit config, random weights; 2 double + 2 single blocks, batch 2): the PAG
+  (both identity readings) and TPG nodes vs an independent reference that makes one extra model
+  call per step with the perturbation installed on all its rows (tests/comfy_dit_nodes_support.py);
+  the SLG node vs ComfyUI's SkipLayerGuidanceDiT. One model call per step for the nodes.
+* Tiny Qwen-Image (5-D latents [2, 16, 1, 8, 8], with a LoRA): the PAG and TPG nodes in ComfyUI
+  vs diffguide's own engine on the diffusers twin (the same weights), comfy noise policy.
+
+Skipped only when ComfyUI cannot be imported (failed instead when DIFFGUIDE_REQUIRE_COMFY=1).
+``pytest -s`` prints the measured differences and call counts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from unittest import mock
+
+import comfy_support
+import comfy_workflow_support as cws
+import pytest
+import torch
+from comfy_dit_nodes_support import flux_conds, reference_model, tiny_flux_comfy
+from comfy_nodes_support import counting, import_comfy_extra, ksample, run_io_node, run_node
+
+from diffguide import PAG, TPG
+from diffguide.comfy_nodes import NODE_CLASS_MAPPINGS
+from diffguide.comfy_workflow import execute, load
+from diffguide.guidance import LayerSkip, PromptShuffle
+from diffguide.repro.determinism import BATCH_TOLERANCE
+
+TOL = 1e-4
+STEPS = 6
+KW = dict(seed=3, steps=STEPS, cfg=3.0)
+
+
+@pytest.fixture(scope="module")
+def flux():
+    try:
+        comfy_support.load_comfy()
+    except comfy_support.ComfyUnavailable as exc:
+        pytest.skip(f"ComfyUI core not available: {exc}")
+    return tiny_flux_comfy(), *flux_conds()
+
+
+def node(name):
+    return NODE_CLASS_MAPPINGS[f"Diffguide{name}"]
+
+
+def err(a, b):
+    return (a - b).abs().max().item()
+
+
+LATENT = torch.zeros(2, 16, 8, 8)
+BLOCKS = {("double", 1), ("single", 0)}  # the nodes' "b1,s0"
+FLUX_CASES = {
+    "PAG diagonal": ("PAG", "identity", {"semantics": "diagonal"}),
+    "PAG value": ("PAG", "identity", {"semantics": "value"}),
+    "TPG": ("TPG", "shuffle", {}),
+}
+
+
+@pytest.mark.parametrize("case", list(FLUX_CASES))
+def test_flux_node_vs_extra_call_reference(flux, case):
+    patcher, pos, neg = flux
+    name, kind, extra = FLUX_CASES[case]
+    model, listing = run_node(node(name), patcher, scale=2.0, layers="b1,s0", **extra)
+    with counting(patcher) as calls:
+        ours = ksample(model, pos, neg, LATENT, **KW)
+    ref_model = reference_model(patcher, 2.0, BLOCKS, kind, semantics=extra.get("semantics", ""), seed=3)
+    with counting(patcher) as ref_calls:
+        ref = ksample(ref_model, pos, neg, LATENT, **KW)
+    d = err(ours, ref)
+    print(f"Flux {case} node vs extra-call reference: {d:.3g} (|x| up to {ref.abs().max():.3g}); "
+          f"calls {calls} vs {ref_calls}")  # fmt: skip
+    assert d <= TOL
+    assert calls == [6] * STEPS  # cond, uncond and the perturbed branch, 2 images each, one call
+    assert ref_calls == [4, 2] * STEPS
+    assert err(ours, ksample(patcher, pos, neg, LATENT, **KW)) > 1e-2  # the perturbation acts
+    assert listing.endswith(
+        "transformer_blocks.1 -> double_block.1\nsingle_transformer_blocks.0 -> single_block.0"
+    )
+
+
+def test_flux_slg_node_vs_comfyui_skip_layer_guidance(flux):
+    """Flux's blocks add to their inputs in place: the skipped rows are kept from before the block."""
+    patcher, pos, neg = flux
+    ms = patcher.get_model_object("model_sampling")
+    top, bottom = ms.percent_to_sigma(0.01), ms.percent_to_sigma(0.6)
+    slg = import_comfy_extra("nodes_slg").SkipLayerGuidanceDiT
+    theirs_model = run_io_node(
+        slg,
+        model=patcher,
+        scale=3.0,
+        start_percent=0.01,
+        end_percent=0.6,
+        double_layers="1",
+        single_layers="0",
+    )
+    theirs = ksample(theirs_model, pos, neg, LATENT, **KW)
+    ours_model, _ = run_node(
+        node("SLG"), patcher, scale=3.0, layers="b1,s0", start=0.0, stop=1.0,
+        window_sigma_min=bottom, window_sigma_max=top,
+    )  # fmt: skip
+    with counting(patcher) as calls:
+        ours = ksample(ours_model, pos, neg, LATENT, **KW)
+    d = err(ours, theirs)
+    print(f"Flux SLG node vs SkipLayerGuidanceDiT: {d:.3g}; calls {calls}")
+    assert d <= TOL
+    assert len(calls) == STEPS and 6 in calls
+    assert err(theirs, ksample(patcher, pos, neg, LATENT, **KW)) > 1e-2
+
+
+def test_flux_forced_sub_batch_split_equals_unsplit(flux):
+    patcher, pos, neg = flux
+    model, _ = run_node(
+        NODE_CLASS_MAPPINGS["DiffguideGuidanceStack"],
+        patcher,
+        guides="pag:scale=2,layers=b1\ntpg:scale=1,layers=s0-1",
+    )
+    with counting(patcher) as whole_calls:
+        whole = ksample(model, pos, neg, LATENT, **KW)
+    with (
+        mock.patch.object(type(patcher), "get_free_memory", lambda self, device=None: 1.0),
+        counting(patcher) as calls,
+    ):
+        split = ksample(model, pos, neg, LATENT, **KW)
+    print(
+        f"Flux forced split ({len(calls)} calls of {sorted(set(calls))} rows) vs one call: {err(split, whole):.3g}"
+    )
+    assert whole_calls == [8] * STEPS and calls == [2] * (4 * STEPS)
+    assert err(split, whole) <= (BATCH_TOLERANCE * (1 + whole.abs())).min().item()
+    assert err(whole, ksample(patcher, pos, neg, LATENT, **KW)) > 1e-2
+
+
+# ------------------------------------------------------------------------------------------------
+# Qwen-Image: the nodes in ComfyUI vs diffguide's engine on the same weights
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    try:
+        cws.load_comfy_nodes()
+    except comfy_support.ComfyUnavailable as exc:
+        pytest.skip(f"ComfyUI core not available: {exc}")
+    models = cws.make_models_dir(tmp_path_factory.mktemp("qwen-models"))
+    wf = cws.qwen_workflow(
+        models, cfgnorm=None, steps=STEPS
+    )  # UNETLoader -> LoRA 0.8 -> shift 3.1 -> KSampler
+    wf["7"]["inputs"]["batch_size"] = 2
+    return models, wf
+
+
+QWEN_CASES = {  # node, the diffguide term, the node's inputs
+    "PAG diagonal b1": ("PAG", PAG(2.0, layers="b1"), {"scale": 2.0, "layers": "b1"}),
+    "PAG value b0": (
+        "PAG",
+        PAG(2.0, layers="b0", semantics="value"),
+        {"scale": 2.0, "layers": "b0", "semantics": "value"},
+    ),
+    "TPG b0-1": ("TPG", TPG(2.0, layers="b0-1"), {"scale": 2.0, "layers": "b0-1"}),
+    "PromptShuffle": ("PromptShuffle", PromptShuffle(2.0), {"scale": 2.0}),
+    "LayerSkip b1": ("LayerSkip", LayerSkip(2.0, layers="b1"), {"scale": 2.0, "layers": "b1"}),
+}
+
+
+def node_vs_engine(models, wf, name, term, inputs, tmp_path):
+    """The workflow ``wf`` + the pack's node before KSampler, in ComfyUI, vs diffguide's engine
+    running the same workflow with ``term`` added; also ComfyUI's model-call rows per step."""
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(wf))
+    run = load(path, models)
+    run = replace(run, config=replace(run.config, guidance=(*run.config.guidance, term)))
+    ours = execute(run)
+    assert ours.result.forward_calls == STEPS
+    calls: list[int] = []
+
+    def apply(linked):
+        patcher = linked["model"]
+        patcher.model.diffusion_model.register_forward_hook(lambda m, a, o: calls.append(o.shape[0]))
+        return run_node(node(name), patcher, **inputs)[:1]
+
+    with_node = json.loads(json.dumps(wf))
+    with_node["10"] = {"class_type": f"Diffguide{name}", "inputs": {"model": wf["8"]["inputs"]["model"]}}
+    with_node["8"]["inputs"]["model"] = ["10", 0]
+    cws.EXTRA_NODES[f"Diffguide{name}"] = apply
+    try:
+        theirs = cws.comfy_execute(with_node, models)
+    finally:
+        del cws.EXTRA_NODES[f"Diffguide{name}"]
+    assert theirs.shape == ours.latents.shape
+    assert err(cws.comfy_execute(wf, models), theirs) > 1e-2  # the node changes ComfyUI's result
+    return err(ours.latents, theirs), theirs, calls
+
+
+@pytest.mark.parametrize("case", list(QWEN_CASES))
+def test_qwen_image_node_equals_diffguide_engine(qwen, tmp_path, case):
+    models, wf = qwen
+    name, term, inputs = QWEN_CASES[case]
+    d, theirs, calls = node_vs_engine(models, wf, name, term, inputs, tmp_path)
+    print(f"Qwen-Image {case}: node in ComfyUI vs diffguide engine {d:.3g} (|latent| up to "
+          f"{theirs.abs().max():.3g}); ComfyUI calls {calls}")  # fmt: skip
+    assert theirs.shape == (2, 16, 1, 8, 8)
+    assert d <= TOL
+    assert calls == [6] * STEPS
+
+
+@pytest.fixture(scope="module")
+def sd3(qwen, tmp_path_factory):
+    models = cws.make_sd3_models_dir(tmp_path_factory.mktemp("sd3-models"))
+    wf = cws.sd3_workflow(models, slg=False, steps=STEPS)  # UNETLoader -> ModelSamplingSD3 -> KSampler
+    wf["7"]["inputs"]["batch_size"] = 2
+    return models, wf
+
+
+SD3_CASES = {
+    "PAG diagonal b0": ("PAG", PAG(2.0, layers="b0"), {"scale": 2.0, "layers": "b0"}),
+    "PAG value b1": (
+        "PAG",
+        PAG(2.0, layers="b1", semantics="value"),
+        {"scale": 2.0, "layers": "b1", "semantics": "value"},
+    ),
+    "TPG b0-1": ("TPG", TPG(2.0, layers="b0-1"), {"scale": 2.0, "layers": "b0-1"}),
+}
+
+
+@pytest.mark.parametrize("case", list(SD3_CASES))
+def test_sd3_node_equals_diffguide_engine(sd3, tmp_path, case):
+    """SD3's MMDiT orders its joint sequence [text, image] in ComfyUI, [image, text] in diffusers:
+    the identity attention finds the image tokens on each side."""
+    models, wf = sd3
+    name, term, inputs = SD3_CASES[case]
+    d, theirs, calls = node_vs_engine(models, wf, name, term, inputs, tmp_path)
+    print(f"SD3 {case}: node in ComfyUI vs diffguide engine {d:.3g} (|latent| up to "
+          f"{theirs.abs().max():.3g}); ComfyUI calls {calls}")  # fmt: skip
+    assert theirs.shape == (2, 16, 16, 16)
+    assert d <= TOL
+    assert calls == [6] * STEPS
