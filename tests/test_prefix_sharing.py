@@ -1,8 +1,9 @@
 """Prefix sharing (diffguide.prefix): a perturbed branch reuses the conditional rows' work up to
-its first perturbed unit. A shared run equals the unshared run (float32, final latents, <= 1e-5
-times the latents' scale) for every family and perturbation, batch 1 and 4, in one forward or in
-chunks, and through the out-of-memory fallback; and the shared units really run on fewer rows
-(counted).
+its first perturbed module (the units before its unit, and the steps before it inside: a UNet
+block's resnets and attentions, an attention's proj_in and transformer blocks). A shared run
+equals the unshared run (float32, final latents, <= 1e-5 times the latents' scale) for every
+family and perturbation, batch 1 and 4, in one forward or in chunks, and through the
+out-of-memory fallback; and the shared units and steps really run on fewer rows (counted).
 
 Measured (one thread): bit-identical for every family and perturbation alone, at batch 1 and 4;
 with PAG, TPG and SLG together at batch 1 (5 rows; units then run on 2, 4 or 5 rows) the tiny
