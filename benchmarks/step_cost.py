@@ -10,11 +10,13 @@ count), at each batch size B:
                         ``GuidedModel`` + ``sampling.loop.sample`` with precomputed conditioning
                         (what ``GuidedPipeline.generate(decode=False)`` runs after encoding), with
                         prefix sharing (the default: a perturbed branch reuses the conditional rows'
-                        units before its first perturbed one; PAG on ``mid`` shares the down blocks);
+                        modules before its first perturbed one; PAG on ``mid`` shares the down
+                        blocks, ``mid_block.resnets.0`` and the attention's ``proj_in``);
 * diffguide CFG+PAG, CFG+TPG with and without prefix sharing (``prefix_sharing=False``), side
-                        by side, with the bound the unit time shares allow (measured before the
-                        rounds: each unit's share of a bare 3B-row forward; a branch that shares
-                        units worth a fraction f of a forward saves f/3 of a three-branch step);
+                        by side, with the bound the modules' time shares allow (measured before
+                        the rounds: each unit's and each shared sub-unit's share of a bare 3B-row
+                        forward; a branch that shares modules worth a fraction f of a forward
+                        saves f/3 of a three-branch step);
 * diffusers SDXL CFG    ``StableDiffusionXLPipeline`` given the embeddings, output_type="latent";
 * diffusers PAG pipe    ``StableDiffusionXLPAGPipeline``, pag_applied_layers=["mid"], same inputs;
 * modular PAG guider    the modular SDXL denoise pipeline (``StableDiffusionXLCoreDenoiseStep``
@@ -77,7 +79,7 @@ from diffusers import StableDiffusionXLPAGPipeline, StableDiffusionXLPipeline  #
 from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
 
 from diffguide import CFG, PAG, TPG, Conditioning, GuidedModel, UNetDenoiser  # noqa: E402
-from diffguide.models.layers import forward_units, unit_index  # noqa: E402
+from diffguide.models.layers import forward_path, forward_units, runs_before  # noqa: E402
 from diffguide.perturb import IdentityAttention, TokenShuffle  # noqa: E402
 from diffguide.sampling.loop import sample  # noqa: E402
 from diffguide.sampling.noise import generators  # noqa: E402
@@ -468,15 +470,17 @@ def report(
     return out
 
 
-def unit_shares(unet: torch.nn.Module, c: dict[str, torch.Tensor], k: int, reps: int = 3) -> dict[str, float]:
-    """Each unit's share of a bare forward on k*B rows (median over ``reps`` forwards, wall clock)."""
-    units = forward_units(unet)
+def unit_shares(
+    unet: torch.nn.Module, c: dict[str, torch.Tensor], k: int, names: list[str], reps: int = 3
+) -> dict[str, float]:
+    """Each module's share of a bare forward on k*B rows (median over ``reps`` forwards, wall clock):
+    the units, and the modules inside a unit that a branch shares (``names``)."""
     modules = dict(unet.named_modules())
-    times: dict[str, list[float]] = {u: [] for u in units}
+    times: dict[str, list[float]] = {u: [] for u in names}
     totals: list[float] = []
     started: dict[str, float] = {}
     handles = []
-    for u in units:
+    for u in names:
         handles.append(
             modules[u].register_forward_pre_hook(
                 lambda m, a, u=u: started.__setitem__(u, time.perf_counter())
@@ -506,22 +510,60 @@ def unit_shares(unet: torch.nn.Module, c: dict[str, torch.Tensor], k: int, reps:
         for h in handles:
             h.remove()
     total = statistics.median(totals[1:])
-    return {u: statistics.median(times[u][1:]) / total for u in units}
+    return {u: statistics.median(times[u][1:]) / total for u in names}
+
+
+def flop_shares(
+    unet: torch.nn.Module, c: dict[str, torch.Tensor], k: int, names: list[str]
+) -> dict[str, float]:
+    """Each module's share of the floating-point operations of a bare forward on k*B rows (torch's
+    FlopCounterMode; the CPU attention kernel counted as attention): the same on every run, unlike
+    the time shares on a loaded machine."""
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    attention = {
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k_, v, *a, out_shape=None, **kw: (
+            flop_counter.sdpa_flop_count(q, k_, v)
+        )
+    }
+    x = torch.cat([c["noise"]] * k)
+    ehs = torch.cat([c["ne"]] + [c["pe"]] * (k - 1))
+    added = {"text_embeds": torch.cat([c["np"]] + [c["pp"]] * (k - 1)), "time_ids": c["ids"].repeat(k, 1)}
+    with (
+        torch.inference_mode(),
+        flop_counter.FlopCounterMode(display=False, custom_mapping=attention) as count,
+    ):
+        unet(x, torch.tensor(500.0), encoder_hidden_states=ehs, added_cond_kwargs=added, return_dict=False)
+    flops = count.get_flop_counts()
+    root = type(unet).__name__
+    total = sum(flops["Global"].values())
+    return {u: sum(flops.get(f"{root}.{u}", {}).values()) / total for u in names}
 
 
 def prefix_share(unet: torch.nn.Module, shares: dict[str, float], perturbation: Any) -> tuple[str, float]:
-    """(fan-out unit, the share of a forward before it) for ``perturbation``'s first module."""
-    units = forward_units(unet)
+    """(fan-out module, the share of a forward the branch shares) for ``perturbation``'s first
+    module: the units before its unit, and the steps before it inside (``runs_before``)."""
     first = perturbation.first_module(unet)
-    index = unit_index(units, first) if first is not None else 0
-    return units[index or 0], sum(shares[u] for u in units[: index or 0])
+    path = forward_path(unet, first) if first is not None else []
+    before = runs_before(unet, first) if first is not None else []
+    return (path[-1][0] if path else "-"), sum(shares[u] for u in before)
+
+
+def shared_modules(unet: torch.nn.Module, perturbations: list[Any]) -> list[str]:
+    """The units, then the modules inside units that the perturbations' branches share."""
+    units = forward_units(unet)
+    inner = {
+        n: None for p in perturbations for n in runs_before(unet, p.first_module(unet)) if n not in units
+    }
+    return units + list(inner)
 
 
 def report_prefix(
     clock: str,
     by_key: dict[str, Contender],
     batches: list[int],
-    bounds: dict[int, dict[str, tuple[str, float]]],
+    bounds: dict[int, dict[str, tuple[str, float, float]]],
 ) -> dict[str, Any]:
     """Prefix sharing: measured ratios next to the bound from the unit shares."""
     print(
@@ -530,24 +572,34 @@ def report_prefix(
     out: dict[str, Any] = {}
     for b in batches:
         k = {n: by_key[f"{n}_b{b}"] for n in PREFIX_KEYS}
-        pag_unit, f_pag = bounds[b]["pag"]
-        tpg_unit, f_tpg = bounds[b]["tpg"]
-        rows = {
-            "pag_shared_vs_pipeline": (paired(k["dg_pag"], k["hf_pag"], clock), 1 - f_pag / 3),
-            "pag_shared_vs_unshared": (paired(k["dg_pag"], k["dg_pag_ns"], clock), 1 - f_pag / 3),
-            "pag_unshared_vs_pipeline": (paired(k["dg_pag_ns"], k["hf_pag"], clock), 1.0),
-            "tpg_shared_vs_unshared": (paired(k["dg_tpg1"], k["dg_tpg1_ns"], clock), 1 - f_tpg / 3),
+        pag_unit, f_pag, g_pag = bounds[b]["pag"]
+        tpg_unit, f_tpg, g_tpg = bounds[b]["tpg"]
+        rows = {  # (measured, bound from the time shares, bound from the FLOP shares)
+            "pag_shared_vs_pipeline": (paired(k["dg_pag"], k["hf_pag"], clock), 1 - f_pag / 3, 1 - g_pag / 3),
+            "pag_shared_vs_unshared": (
+                paired(k["dg_pag"], k["dg_pag_ns"], clock),
+                1 - f_pag / 3,
+                1 - g_pag / 3,
+            ),
+            "pag_unshared_vs_pipeline": (paired(k["dg_pag_ns"], k["hf_pag"], clock), 1.0, 1.0),
+            "tpg_shared_vs_unshared": (
+                paired(k["dg_tpg1"], k["dg_tpg1_ns"], clock),
+                1 - f_tpg / 3,
+                1 - g_tpg / 3,
+            ),
         }
         print(
-            f"  B={b}: PAG fans out at {pag_unit} (units before it: {f_pag:.1%} of a forward); "
-            f"TPG at {tpg_unit} ({f_tpg:.1%})"
+            f"  B={b}: PAG fans out at {pag_unit} (modules before it: {f_pag:.1%} of a forward's time, "
+            f"{g_pag:.1%} of its FLOPs); TPG at {tpg_unit} ({f_tpg:.1%}, {g_tpg:.1%})"
         )
-        for name, (measured, bound) in rows.items():
+        for name, (measured, bound, flop_bound) in rows.items():
             verdict = ""
             if name == "pag_shared_vs_pipeline":
                 verdict = f"  target <= {TARGET_SHARED_PAG}: {'met' if measured <= TARGET_SHARED_PAG else 'NOT met'}"
-            print(f"    {name:26s} measured {measured:.3f}x   bound {bound:.3f}x{verdict}")
-        out[f"b{b}"] = {n: {"measured": m, "bound": bd} for n, (m, bd) in rows.items()}
+            print(
+                f"    {name:26s} measured {measured:.3f}x   bound {bound:.3f}x (FLOPs {flop_bound:.3f}x){verdict}"
+            )
+        out[f"b{b}"] = {n: {"measured": m, "bound": bd, "flop_bound": fb} for n, (m, bd, fb) in rows.items()}
     return out
 
 
@@ -599,17 +651,21 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
-    bounds: dict[int, dict[str, tuple[str, float]]] = {}
+    bounds: dict[int, dict[str, tuple[str, float, float]]] = {}
     for b in batches:
-        shares = unit_shares(unet, conditioning(cfg, b), 3)
+        probes = [IdentityAttention(), TokenShuffle()]
+        names = shared_modules(unet, probes)
+        shares = unit_shares(unet, conditioning(cfg, b), 3, names)
+        flops = flop_shares(unet, conditioning(cfg, b), 3, names)
         bounds[b] = {
-            "pag": prefix_share(unet, shares, IdentityAttention()),
-            "tpg": prefix_share(unet, shares, TokenShuffle()),
+            "pag": (*prefix_share(unet, shares, probes[0]), prefix_share(unet, flops, probes[0])[1]),
+            "tpg": (*prefix_share(unet, shares, probes[1]), prefix_share(unet, flops, probes[1])[1]),
         }
-        print(
-            f"  B={b} unit shares of a bare 3B-row forward: "
-            + ", ".join(f"{u} {v:.1%}" for u, v in shares.items())
-        )
+        for what, values in (("time", shares), ("FLOP", flops)):
+            print(
+                f"  B={b} unit (and shared sub-unit) {what} shares of a bare 3B-row forward: "
+                + ", ".join(f"{u} {v:.1%}" for u, v in values.items())
+            )
 
     outputs: dict[str, torch.Tensor] = {}
     t0 = time.perf_counter()

@@ -1,8 +1,9 @@
 """Prefix sharing (diffguide.prefix): a perturbed branch reuses the conditional rows' work up to
-its first perturbed unit. A shared run equals the unshared run (float32, final latents, <= 1e-5
-times the latents' scale) for every family and perturbation, batch 1 and 4, in one forward or in
-chunks, and through the out-of-memory fallback; and the shared units really run on fewer rows
-(counted).
+its first perturbed module (the units before its unit, and the steps before it inside: a UNet
+block's resnets and attentions, an attention's proj_in and transformer blocks). A shared run
+equals the unshared run (float32, final latents, <= 1e-5 times the latents' scale) for every
+family and perturbation, batch 1 and 4, in one forward or in chunks, and through the
+out-of-memory fallback; and the shared units and steps really run on fewer rows (counted).
 
 Measured (one thread): bit-identical for every family and perturbation alone, at batch 1 and 4;
 with PAG, TPG and SLG together at batch 1 (5 rows; units then run on 2, 4 or 5 rows) the tiny
@@ -20,10 +21,13 @@ import torch
 from dit_support import _liven as liven
 from families_support import tiny_sd3
 from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from diffguide import CFG, PAG, SLG, TPG, Conditioning, ConfigError, GuidedPipeline, testing
 from diffguide.conditioning import ConditioningFile
-from diffguide.models.layers import first_in_forward_order, forward_units
+from diffguide.guidance import NAG, PLADIS, SEG, LayerSkip, UncondQueryShuffle
+from diffguide.models.layers import first_in_forward_order, forward_steps, forward_units
 from diffguide.perturb import IdentityAttention, TokenShuffle
 from diffguide.pipeline import GenerateConfig
 from diffguide.prefix import PrefixPlan
@@ -248,17 +252,32 @@ class NoFirstModule:
         return self.inner.install(model, branch, ctx)
 
 
+@dataclass(frozen=True)
+class FirstModuleAt:
+    """Says it starts at module ``at`` (read by the prefix plan only; never installed)."""
+
+    at: str
+
+    def first_module(self, model: nn.Module) -> str:
+        return self.at
+
+
 def test_a_perturbation_without_first_module_shares_nothing(pipes):
     from diffguide.guidance.base import Branch
 
     unet = network(pipes["sdxl"])
     assert PrefixPlan(unet, [Branch("p", "cond", NoFirstModule(IdentityAttention("mid")))]).shared_units == 0
-    assert PrefixPlan(unet, [Branch("p", "cond", IdentityAttention("mid"))]).shared_units == 2
+    assert PrefixPlan(unet, [Branch("p", "cond", IdentityAttention("mid"))]).shared_units == 4
     # a branch on the negative prompt never shares the conditional rows
     assert PrefixPlan(unet, [Branch("p", "uncond", IdentityAttention("mid"))]).shared_units == 0
-    # a perturbation in the first unit (SD1.5's first down block) shares nothing either
+    # a perturbation in the first unit (SD1.5's first down block) shares the steps before it there
     sd15 = network(pipes["sd15"])
-    assert PrefixPlan(sd15, [Branch("p", "cond", TokenShuffle("d0"))]).shared_units == 0
+    plan = PrefixPlan(sd15, [Branch("p", "cond", TokenShuffle("d0"))])
+    assert list(plan.shared) == ["down_blocks.0.attentions.0.proj_in", "down_blocks.0.resnets.0"]
+    # one in the first step of the first unit (the first resnet) shares nothing
+    assert (
+        PrefixPlan(sd15, [Branch("p", "cond", FirstModuleAt("down_blocks.0.resnets.0.conv1"))]).shared == {}
+    )
 
 
 def test_switch_recorded_and_old_manifests_replay_unshared(pipes):
@@ -323,3 +342,132 @@ def test_pag_inside_a_block_slg_skips_keeps_its_rows(pipes, share):
         )
         preds[with_slg] = seen[1]
     assert close(preds[True], preds[False])
+
+
+def test_plan_fans_out_inside_a_unit(pipes):
+    """The plan names the exact modules each branch shares: the units before its first perturbed
+    module's unit, then the steps before it inside (a UNet block's resnets and attentions, an
+    attention's proj_in); a step shared by one branch may sit inside a unit shared by another."""
+    from diffguide.guidance.base import Branch
+
+    unet = network(pipes["sdxl"])
+    pag, tpg = Branch("pag", "cond", IdentityAttention("mid")), Branch("tpg", "cond", TokenShuffle("d1"))
+    plan = PrefixPlan(unet, [pag, tpg])
+    assert plan.fan == {
+        "pag": "mid_block.attentions.0.transformer_blocks.0",
+        "tpg": "down_blocks.1.attentions.1.transformer_blocks.0",
+    }
+    both, p, t = frozenset({"pag", "tpg"}), frozenset({"pag"}), frozenset({"tpg"})
+    assert plan.shared == {
+        "down_blocks.0": both,
+        "down_blocks.1": p,
+        "down_blocks.1.attentions.0": t,
+        "down_blocks.1.attentions.1.proj_in": t,
+        "down_blocks.1.resnets.0": t,
+        "down_blocks.1.resnets.1": t,
+        "mid_block.attentions.0.proj_in": p,
+        "mid_block.resnets.0": p,
+    }
+    # an up block: its first resnet (which reads a skip residual) and the attention's proj_in
+    up = PrefixPlan(unet, [Branch("pag", "cond", IdentityAttention("u0"))])
+    assert list(up.shared) == [
+        "down_blocks.0",
+        "down_blocks.1",
+        "up_blocks.0.attentions.0.proj_in",
+        "up_blocks.0.resnets.0",
+        "mid_block",
+    ]
+    # a DiT block has no known steps: it fans out whole
+    sd3 = PrefixPlan(network(pipes["sd3"]), [Branch("pag", "cond", IdentityAttention("b2"))])
+    assert sd3.fan == {"pag": "transformer_blocks.2"}
+    assert list(sd3.shared) == ["transformer_blocks.0", "transformer_blocks.1"]
+
+
+class WeightRows(TorchFunctionMode):
+    """Rows of the input of every linear / convolution call, per weight it was given."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.names = {id(w): n for n, w in weights.items()}
+        self.rows: dict[str, list[int]] = {n: [] for n in weights}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (F.linear, F.conv2d) and id(args[1]) in self.names:
+            self.rows[self.names[id(args[1])]].append(int(args[0].shape[0]))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_steps_inside_the_fan_out_unit_run_on_fewer_rows(pipes, family):
+    """CFG+PAG(mid), batch 2: the mid block's first resnet and the attention's proj_in compute 4
+    rows (uncond, cond), the first perturbed transformer block and everything after it 6; the
+    result equals the unshared run bit for bit."""
+    gp = pipes[family]
+    mid = network(gp).mid_block
+    probes = {
+        "resnets.0": mid.resnets[0].conv1.weight,
+        "proj_in": mid.attentions[0].proj_in.weight,
+        "block.0": mid.attentions[0].transformer_blocks[0].attn2.to_q.weight,  # attn1 q: not on PAG rows
+        "resnets.1": mid.resnets[1].conv1.weight,
+    }
+    got = {}
+    for share in (True, False):
+        with WeightRows(probes) as seen:
+            got[share] = generate(gp, family, 2, [CFG(4.0), PAG(3.0, layers="mid")], prefix_sharing=share)
+        expected = {True: [4, 4, 6, 6], False: [6, 6, 6, 6]}[share]
+        assert [sorted(set(seen.rows[k])) for k in probes] == [[n] for n in expected]
+        assert all(len(v) == STEPS for v in seen.rows.values())
+    assert torch.equal(got[True].latents, got[False].latents)
+
+
+def test_forward_order_inside_a_unit(pipes):
+    """Inside a unit the forward order is the blocks' (resnet i, then attention i), not the names':
+    ``attentions.1`` sorts before ``resnets.1`` but runs after it."""
+    unet = network(pipes["sdxl"])
+    names = ["up_blocks.0.attentions.1.transformer_blocks.0", "up_blocks.0.resnets.1"]
+    assert first_in_forward_order(unet, names) == "up_blocks.0.resnets.1"
+    # a module whose place inside a step is not known counts as the step's start
+    names = ["mid_block.attentions.0.transformer_blocks.0.attn1", "mid_block.attentions.0.norm"]
+    assert first_in_forward_order(unet, names) == "mid_block.attentions.0.norm"
+    assert forward_steps(unet, "mid_block.attentions.0.transformer_blocks.0") == []
+
+
+# the other perturbed terms: SEG and LayerSkip branch off the conditional rows and share; NAG and
+# PLADIS perturb the conditional rows in place and the unconditional query shuffle the
+# unconditional ones: they share nothing themselves but stay exact next to a branch that does
+OTHERS = {
+    "seg": lambda: [SEG(3.0, layers="mid")],
+    "layer_skip": lambda: [LayerSkip(2.0)],
+    "nag": lambda: [NAG(4.0), PAG(3.0, layers="mid")],
+    "pladis": lambda: [PLADIS(2.0), PAG(3.0, layers="mid")],
+    "uncond_query_shuffle": lambda: [UncondQueryShuffle(0.5), PAG(3.0, layers="mid")],
+}
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("method", list(OTHERS))
+def test_other_perturbations_shared_equals_unshared(pipes, family, method):
+    from diffguide.guidance.base import Branch
+
+    gp = pipes[family]
+    unet = network(gp)
+    extra = OTHERS[method]()
+    term = extra[0]
+    (branch,) = term.branches()
+    first = branch.perturbation.first_module(unet)
+    in_place = branch.name in ("cond", "uncond")
+    assert first is not None and first.startswith("down_blocks." if in_place else "mid_block.")
+    if in_place:  # the same perturbation on a branch of its own would share; in place it does not
+        assert PrefixPlan(unet, [branch]).shared_units == 0
+        assert PrefixPlan(unet, [Branch("p", "cond", branch.perturbation)]).shared_units > 0
+    else:
+        plan = PrefixPlan(unet, [branch])
+        assert plan.fan == {branch.name: "mid_block.attentions.0.transformer_blocks.0"}
+        assert plan.shared_units == 4
+    guidance = [CFG(4.0), *extra]
+    shared = generate(gp, family, 2, guidance)
+    plain = generate(gp, family, 2, guidance, prefix_sharing=False)
+    assert close(shared.latents, plain.latents)
+    alone = generate(gp, family, 2, [CFG(4.0), *extra[1:]])
+    assert maxdiff(shared.latents, alone.latents) > 1e-4  # the term did act

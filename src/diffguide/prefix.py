@@ -1,32 +1,44 @@
-"""Prefix sharing: a perturbed branch reuses the conditional branch's work up to its first perturbed unit.
+"""Prefix sharing: a perturbed branch reuses the conditional branch's work up to its first perturbed module.
 
 A perturbed branch sees the conditional branch's latents, timestep and prompt, so every layer
 before its first perturbed module computes exactly the conditional rows' numbers. The model's
 forward is a sequence of *units* (:func:`~diffguide.models.layers.forward_units`: a DiT's
-blocks; a UNet's down blocks, mid block and up blocks); each perturbed branch declares its first
-perturbed module (:func:`~diffguide.perturb.base.first_perturbed_module`), which fixes its
-*fan-out unit*. For every unit before a branch's fan-out unit, the unit runs only on the rows
-that differ (unconditional, conditional, and the branches already fanned out) and its outputs
-are copied into the shared branch's row slots, so the next unit sees all rows again.
+blocks; a UNet's down blocks, mid block and up blocks), and some units are sequences of known
+*steps* in turn (:func:`~diffguide.models.layers.forward_steps`: a UNet block's resnets,
+attentions and down/upsampler; a ``Transformer2DModel``'s ``proj_in`` and transformer blocks).
+Each perturbed branch declares its first perturbed module
+(:func:`~diffguide.perturb.base.first_perturbed_module`); the plan (:class:`PrefixPlan`) knows the
+exact modules the forward runs wholly before it (:func:`~diffguide.models.layers.runs_before`):
+the units before the one holding it, then the steps before it inside that unit, and so on. PAG on
+an SDXL mid block shares the down blocks, ``mid_block.resnets.0`` and the attention's
+``proj_in``; a block type without known steps (a DiT block) fans out whole. Each shared module
+runs only on the rows that differ (unconditional, conditional, and the branches already fanned
+out) and its outputs are copied into the shared branch's row slots, so what follows sees all
+rows again. A shared step inside a shared unit (another branch fans out inside that unit) runs
+on the rows the unit was given, less its own sharing branches' rows.
 
-Everything that flows from unit to unit is an argument or a return value of the unit and is
-copied with it: the hidden states, a joint block's text stream (``encoder_hidden_states``), and
-a UNet down block's residuals (the skip connections its up block reads later). What every unit
-reads from the model's forward (``temb``, the text embeddings, rotary embeddings) is computed on
-all rows outside the units (cheap) and cut to the computed rows at each shared unit.
+Everything that flows from module to module is an argument or a return value and is copied with
+it: the hidden states, a joint block's text stream (``encoder_hidden_states``), and a UNet down
+block's residuals (the skip connections its up block reads later; an up block's resnet gets them
+concatenated with its input). What every module reads from the model's forward (``temb``, the
+text embeddings, rotary embeddings) is computed on all rows outside the units (cheap) and cut to
+the computed rows at each shared module.
 
 The model computes the same numbers as without sharing, up to the last bits a smaller batch may
 change in a matrix product (float32: well under 1e-5 on final latents, tested per family). A
 branch whose first perturbed module lies outside every unit, or that has no ``first_module``,
-shares nothing. The engine says, per forward chunk, which rows each unit computes
-(:meth:`PrefixPlan.chunk`); a row whose conditional twin is in another chunk is computed itself.
+shares nothing; so does a branch that perturbs the conditional or unconditional rows in place
+(NAG, PLADIS, an unconditional query shuffle: those rows are what the others share from). The
+engine says, per forward chunk, which rows there are (:meth:`PrefixPlan.chunk`); a row whose
+conditional twin is in another chunk is computed itself.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,7 +46,7 @@ from torch import Tensor, nn
 
 from .errors import DiffguideError
 from .guidance.base import Branch
-from .models.layers import forward_units, unit_index
+from .models.layers import forward_path, runs_before
 from .perturb.base import BranchRows, ForwardContext, first_perturbed_module, in_scope, row_parts
 from .perturb.dit import arg_namer, scoped_forward
 
@@ -62,59 +74,96 @@ SHARED = (
 
 @dataclass(frozen=True)
 class UnitRows:
-    """How one unit runs on one chunk: it computes rows ``keep`` (m of the chunk's n rows); row r
-    of its output is row ``gather[r]`` of what it computed. ``rows``: each perturbed branch's rows
-    among the m computed rows (the engine's ``ctx.rows`` while the unit runs)."""
+    """How one shared module runs on one chunk: of the n rows it is given, it computes those at
+    positions ``keep`` (m rows); row r of its output is row ``gather[r]`` of what it computed.
+    ``computed``: the chunk rows (chunk-relative indices) those m rows are, for the modules nested
+    inside it. ``rows``: each perturbed branch's rows among the m computed rows (the engine's
+    ``ctx.rows`` while the module runs)."""
 
     keep: Tensor
     gather: Tensor
+    computed: tuple[int, ...]
     rows: dict[str, BranchRows]
-    contiguous: bool  # keep is one range: cut by slicing (no copy)
+    span: tuple[int, int] | None  # keep as one range [a, b): cut by slicing (no copy, no .item())
+
+
+@dataclass
+class ChunkRows:
+    """One forward chunk's rows [start, stop) of the step's branches, and, per (rows a shared
+    module is given, branches that share it), how it runs (computed once, then cached)."""
+
+    branches: list[Branch]
+    batch: int
+    start: int
+    stop: int
+    device: torch.device
+    _cache: dict[tuple[tuple[int, ...], frozenset[str]], UnitRows | None] = field(default_factory=dict)
+
+    @property
+    def every_row(self) -> tuple[int, ...]:
+        return tuple(range(self.stop - self.start))
+
+    def plan(self, given: tuple[int, ...], shared: frozenset[str]) -> UnitRows | None:
+        """How a module shared by the branches ``shared`` runs on the chunk rows ``given``
+        (None: it computes every row given)."""
+        key = (given, shared)
+        if key not in self._cache:
+            self._cache[key] = _unit_rows(self, given, shared)
+        return self._cache[key]
 
 
 @dataclass
 class ChunkState:
-    """The engine's per-chunk plan (one entry per shared unit; None: every unit runs all rows)."""
+    """The engine's current chunk (None: every module runs every row), and the chunk rows each
+    shared module now running was given (innermost last; empty: the whole chunk)."""
 
-    units: list[UnitRows | None] | None = None
+    units: ChunkRows | None = None
+    given: list[tuple[int, ...]] = field(default_factory=list)
 
 
 class PrefixPlan:
-    """Each perturbed branch's fan-out unit on one model."""
+    """Which modules each perturbed branch shares with the conditional rows, on one model.
+
+    ``fan``: per branch, the module at which it fans out (the innermost known step holding its
+    first perturbed module: a whole unit, or e.g. ``mid_block.attentions.0.transformer_blocks.0``).
+    ``shared``: per module the forward runs wholly before some branch's fan-out, the branches
+    that share it (:func:`~diffguide.models.layers.runs_before`: the units before the fan-out
+    unit, then inside it the steps before, e.g. ``mid_block.resnets.0``)."""
 
     def __init__(self, model: nn.Module, branches: Iterable[Branch]) -> None:
-        self.units = forward_units(model)
-        self.fan: dict[str, int] = {}
+        branches = list(branches)
+        self.fan: dict[str, str] = {}
+        shared: dict[str, set[str]] = {}
         for b in branches:
-            if b.perturbation is None or b.prompt != "cond":
+            # an in-place branch (a perturbed cond or uncond) is the rows the others share from
+            if b.perturbation is None or b.prompt != "cond" or b.name in ("cond", "uncond"):
                 continue
             first = first_perturbed_module(b.perturbation, model)
-            index = unit_index(self.units, first) if first is not None else None
-            if index:  # None or 0: differs from the first unit on
-                self.fan[b.name] = index
+            path = forward_path(model, first) if first is not None else []
+            before = runs_before(model, first) if first is not None else []
+            if before:
+                self.fan[b.name] = path[-1][0]
+            for name in before:
+                shared.setdefault(name, set()).add(b.name)
         if any(not _allows_sharing(b.perturbation, model) for b in branches):
-            self.fan = {}  # e.g. NAG on a DiT: the conditional rows differ from the perturbed ones from unit 0
-        self._cache: dict[tuple[Any, ...], list[UnitRows | None]] = {}
+            # e.g. NAG on a DiT: the conditional rows differ from the perturbed ones from the start
+            self.fan, shared = {}, {}
+        order = list(dict(model.named_modules()))
+        self.shared = {n: frozenset(shared[n]) for n in sorted(shared, key=order.index)}
+        self._cache: dict[tuple[Any, ...], ChunkRows] = {}
 
     @property
     def shared_units(self) -> int:
-        """How many leading units may run on fewer rows (0: sharing does nothing)."""
-        return max(self.fan.values(), default=0)
+        """How many modules may run on fewer rows (0: sharing does nothing)."""
+        return len(self.shared)
 
     def chunk(
         self, branches: list[Branch], batch: int, start: int, stop: int, device: torch.device
-    ) -> list[UnitRows | None]:
-        """Per unit before the last fan-out: which of the chunk's rows [start, stop) it computes."""
+    ) -> ChunkRows:
+        """The chunk's rows [start, stop): which of them each shared module computes (cached)."""
         key = (tuple(b.name for b in branches), batch, start, stop, str(device))
         if key not in self._cache:
-            by_shared: dict[frozenset[str], UnitRows | None] = {}
-            plans: list[UnitRows | None] = []
-            for j in range(self.shared_units):
-                shared = frozenset(b.name for b in branches if self.fan.get(b.name, 0) > j)
-                if shared not in by_shared:
-                    by_shared[shared] = _unit_rows(branches, batch, start, stop, shared, device)
-                plans.append(by_shared[shared])
-            self._cache[key] = plans
+            self._cache[key] = ChunkRows(branches, batch, start, stop, device)
         return self._cache[key]
 
 
@@ -125,86 +174,101 @@ def _allows_sharing(perturbation: object, model: nn.Module) -> bool:
     return bool(method(model)) if callable(method) else True
 
 
-def _unit_rows(
-    branches: list[Branch], batch: int, start: int, stop: int, shared: frozenset[str], device: torch.device
-) -> UnitRows | None:
+def _unit_rows(chunk: ChunkRows, given: tuple[int, ...], shared: frozenset[str]) -> UnitRows | None:
+    """A row of a sharing branch is copied from its conditional twin when the twin is given too
+    (conditional rows are never dropped, so the twin is given whenever it is in the chunk)."""
+    branches, batch, start = chunk.branches, chunk.batch, chunk.start
     cond = next(k for k, b in enumerate(branches) if b.name == "cond")
-    n = stop - start
-    source = list(range(n))
-    for r in range(n):
+    position = {r: p for p, r in enumerate(given)}
+    source = list(range(len(given)))
+    for p, r in enumerate(given):
         k, i = divmod(start + r, batch)
         twin = cond * batch + i - start
-        if branches[k].name in shared and 0 <= twin < n:
-            source[r] = twin
-    keep = [r for r in range(n) if source[r] == r]
-    if len(keep) == n:
+        if branches[k].name in shared and twin in position:
+            source[p] = position[twin]
+    keep = [p for p in range(len(given)) if source[p] == p]
+    if len(keep) == len(given):
         return None
-    position = {r: p for p, r in enumerate(keep)}
+    computed = tuple(given[p] for p in keep)
+    new = {p: q for q, p in enumerate(keep)}
     rows: dict[str, BranchRows] = {}
     for k, b in enumerate(branches):
         if b.perturbation is None:
             continue
         for key, part in row_parts(b):
             mine = [
-                (position[r], (start + r) % batch)
-                for r in keep
+                (q, (start + r) % batch)
+                for q, r in enumerate(computed)
                 if in_scope(branches, k, (start + r) // batch, part)
             ]
             if mine:
                 rows[key] = BranchRows(slice(mine[0][0], mine[-1][0] + 1), tuple(i for _, i in mine))
     return UnitRows(
-        keep=torch.tensor(keep, dtype=torch.long, device=device),
-        gather=torch.tensor([position[source[r]] for r in range(n)], dtype=torch.long, device=device),
+        keep=torch.tensor(keep, dtype=torch.long, device=chunk.device),
+        gather=torch.tensor(
+            [new[source[p]] for p in range(len(given))], dtype=torch.long, device=chunk.device
+        ),
+        computed=computed,
         rows=rows,
-        contiguous=keep == list(range(keep[0], keep[-1] + 1)),
+        span=(keep[0], keep[-1] + 1) if keep == list(range(keep[0], keep[-1] + 1)) else None,
     )
 
 
 @contextmanager
 def sharing(model: nn.Module, plan: PrefixPlan, ctx: ForwardContext, state: ChunkState) -> Iterator[None]:
-    """Wrap the forward of each unit that may be shared (this model instance only); restored on exit.
+    """Wrap the forward of each module that may be shared (this model instance only); restored on exit.
 
-    Install after the perturbations, so that a unit a perturbation also wraps (a skipped DiT
+    Install after the perturbations, so that a module a perturbation also wraps (a skipped DiT
     block) sees its rows cut first and the branch's rows renumbered in ``ctx.rows``."""
     modules = dict(model.named_modules())
     with ExitStack() as stack:
-        for j in range(plan.shared_units):
-            name = plan.units[j]
-            stack.enter_context(scoped_forward(modules[name], _wrapper(j, name, modules[name], ctx, state)))
+        for name, shared in plan.shared.items():
+            wrapper = _wrapper(name, shared, modules[name], ctx, state)
+            stack.enter_context(scoped_forward(modules[name], wrapper))
         yield
 
 
-def _wrapper(j: int, name: str, module: nn.Module, ctx: ForwardContext, state: ChunkState) -> Any:
-    named = arg_namer(type(module).forward.__get__(module))  # the class's signature, not a wrapper's
+def _wrapper(
+    name: str, shared: frozenset[str], module: nn.Module, ctx: ForwardContext, state: ChunkState
+) -> Any:
+    forward = type(module).forward.__get__(module)  # the class's signature, not a wrapper's
+    named = arg_namer(forward)
+    first = next(iter(inspect.signature(forward).parameters))  # the hidden states (input_tensor, input)
 
     def make(original: Any) -> Any:
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            plan = state.units[j] if state.units is not None else None
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            chunk = state.units
+            if chunk is None:
+                return original(*args, **kwargs)
+            given = state.given[-1] if state.given else chunk.every_row
+            call = named(args, kwargs)
+            rows = call[first].shape[0]
+            if rows != len(given):
+                raise DiffguideError(
+                    f"prefix sharing: {name} got {rows} rows, the engine planned {len(given)}"
+                )
+            plan = chunk.plan(given, shared)
             if plan is None:
                 return original(*args, **kwargs)
-            call = named(args, kwargs)
-            n = int(plan.gather.shape[0])
-            rows = call["hidden_states"].shape[0]
-            if rows != n:
-                raise DiffguideError(f"prefix sharing: {name} got {rows} rows, the engine planned {n}")
-            sub = {k: _cut(name, k, v, plan, n) for k, v in call.items()}
+            sub = {k: _cut(name, k, v, plan, len(given), k == first) for k, v in call.items()}
             saved = ctx.rows
             ctx.rows = plan.rows
+            state.given.append(plan.computed)
             try:
                 out = original(**sub)
             finally:
                 ctx.rows = saved
+                state.given.pop()
             return _spread(name, out, plan)
 
-        return forward
+        return wrapped
 
     return make
 
 
 def _rows(x: Tensor, plan: UnitRows) -> Tensor:
-    if plan.contiguous:
-        first = int(plan.keep[0])
-        return x[first : first + plan.keep.shape[0]]
+    if plan.span is not None:
+        return x[plan.span[0] : plan.span[1]]
     return x.index_select(0, plan.keep)
 
 
@@ -218,13 +282,13 @@ def _has_rows(value: Any, n: int) -> bool:
     return False
 
 
-def _cut(unit: str, key: str, value: Any, plan: UnitRows, n: int) -> Any:
-    """A unit argument cut to the computed rows (per-row), or as it is (shared)."""
-    if key in PER_ROW:
+def _cut(unit: str, key: str, value: Any, plan: UnitRows, n: int, per_row: bool = False) -> Any:
+    """A module argument cut to the computed rows (per-row), or as it is (shared)."""
+    if key in PER_ROW or per_row:
         if value is None:
             return None
         if isinstance(value, tuple):
-            return tuple(_cut(unit, key, v, plan, n) for v in value)
+            return tuple(_cut(unit, key, v, plan, n, per_row) for v in value)
         if not isinstance(value, Tensor) or value.ndim == 0 or value.shape[0] != n:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise DiffguideError(

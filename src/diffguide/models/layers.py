@@ -253,14 +253,85 @@ def unit_index(units: list[str], name: str) -> int | None:
     return None
 
 
+# UNet blocks whose forward runs resnet i then attention i (if any), then the down/upsampler
+_SAMPLERS = {
+    "CrossAttnDownBlock2D": "downsamplers",
+    "DownBlock2D": "downsamplers",
+    "CrossAttnUpBlock2D": "upsamplers",
+    "UpBlock2D": "upsamplers",
+}
+
+
+def _names(prefix: str, modules: object) -> list[str]:
+    return [f"{prefix}.{i}" for i in range(len(modules))] if isinstance(modules, nn.ModuleList) else []
+
+
+def forward_steps(model: nn.Module, name: str) -> list[str]:
+    """The sub-modules that module ``name``'s forward runs one after another, each on the previous
+    one's hidden states, in that order (full names); ``""``: the model's :func:`forward_units`.
+    Known (explicit, by class): a UNet's down and up blocks (``resnets.i`` then ``attentions.i``,
+    then the down/upsampler; an up block concatenates its skip residual before each resnet), its
+    cross-attention mid block (``resnets.0``, then ``attentions.i`` and ``resnets.i+1``), and a
+    continuous ``Transformer2DModel`` (``proj_in``, its transformer blocks, ``proj_out``; its
+    input norm, cheap, is left out). Every other module: [] (not split)."""
+    if name == "":
+        return forward_units(model)
+    module = model.get_submodule(name)
+    kind = type(module).__name__
+    resnets = _names(f"{name}.resnets", module._modules.get("resnets"))
+    attentions = _names(f"{name}.attentions", module._modules.get("attentions"))
+    if kind in _SAMPLERS and resnets and len(attentions) in (0, len(resnets)):
+        pairs = [s for i, r in enumerate(resnets) for s in [r, *attentions[i : i + 1]]]
+        return pairs + _names(f"{name}.{_SAMPLERS[kind]}", module._modules.get(_SAMPLERS[kind]))
+    if kind == "UNetMidBlock2DCrossAttn" and len(resnets) == len(attentions) + 1:
+        return [resnets[0], *(s for a, r in zip(attentions, resnets[1:], strict=True) for s in (a, r))]
+    if kind == "Transformer2DModel" and getattr(module, "is_input_continuous", False):
+        blocks = _names(f"{name}.transformer_blocks", module._modules.get("transformer_blocks"))
+        return [f"{name}.proj_in", *blocks, f"{name}.proj_out"]
+    return []
+
+
+def _holder(steps: list[str], name: str) -> str | None:
+    return next((s for s in steps if name == s or name.startswith(s + ".")), None)
+
+
+def forward_path(model: nn.Module, name: str) -> list[tuple[str, int]]:
+    """Where module ``name`` runs: the step holding it at each level of :func:`forward_steps`
+    (its unit, the step inside the unit, ...), outermost first, with the step's index among its
+    siblings. [] for a module outside every unit."""
+    path: list[tuple[str, int]] = []
+    container = ""
+    while True:
+        steps = forward_steps(model, container)
+        step = _holder(steps, name)
+        if step is None:
+            return path
+        path.append((step, steps.index(step)))
+        if step == name:
+            return path
+        container = step
+
+
+def runs_before(model: nn.Module, name: str) -> list[str]:
+    """The modules the forward runs wholly before module ``name``, as far as the known steps tell:
+    at each level of its :func:`forward_path`, the steps before the one holding it (units first).
+    [] for a module outside every unit."""
+    before: list[str] = []
+    container = ""
+    for step, index in forward_path(model, name):
+        before += forward_steps(model, container)[:index]
+        container = step
+    return before
+
+
 def first_in_forward_order(model: nn.Module, names: list[str]) -> str | None:
-    """Of the module ``names``, the one the model's forward reaches first (by :func:`forward_units`).
+    """Of the module ``names``, the one the model's forward reaches first (by :func:`forward_path`;
+    a name whose place inside a step is not known counts as that step's start; ties: model order).
     A name outside every unit may run anywhere (e.g. at the input): it is returned as the first.
     None for no names."""
-    units = forward_units(model)
-    ranked = [(unit_index(units, n), n) for n in names]
-    outside = [n for i, n in ranked if i is None]
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    ranked = [(tuple(i for _, i in forward_path(model, n)), order.get(n, 0), n) for n in names]
+    outside = [n for path, _, n in ranked if not path]
     if outside:
         return outside[0]
-    inside = [(i, n) for i, n in ranked if i is not None]
-    return min(inside)[1] if inside else None
+    return min(ranked)[2] if ranked else None

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.layers import is_dit, select
-from .base import ForwardContext, put_rows, take_rows
+from .base import ForwardContext, first_target, put_rows, take_rows
 from .identity_attention import _outside
 from .nag_dit import NagDiT, nag_targets
 from .sparse_attention import _PladisProcessor, is_cross_attention, pladis_map
@@ -136,6 +136,11 @@ class NagAttention:
         if self.layers is None:
             return [name for name, m in model.named_modules() if is_cross_attention(name, m)]
         return select(model, self.layers, is_cross_attention)
+
+    def first_module(self, model: nn.Module) -> str | None:
+        """The first NAG cross-attention in forward order. NAG perturbs the conditional rows in place
+        (and, by its scope, every row with the prompt alike): the prefix plan shares nothing for it."""
+        return first_target(model, self.targets(model))
 
     @contextmanager
     def install(self, model: nn.Module, branch: str, ctx: ForwardContext) -> Iterator[None]:

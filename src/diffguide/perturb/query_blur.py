@@ -33,7 +33,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.layers import is_dit
-from .base import BranchRows, ForwardContext, select_targets
+from .base import BranchRows, ForwardContext, first_target, select_targets
 from .dit import is_dit_attention
 from .query import LatentGrid, install_query_edit, is_self_attention_module
 
@@ -91,6 +91,10 @@ class QueryBlur:
         if is_dit(model):
             return select_targets(model, self.layers, "pag", is_dit_attention)
         return select_targets(model, self.layers, "pag", is_self_attention_module)
+
+    def first_module(self, model: nn.Module) -> str | None:
+        """The first blurred attention in forward order: the branch equals the conditional one before it."""
+        return first_target(model, self.targets(model))
 
     @contextmanager
     def install(self, model: nn.Module, branch: str, ctx: ForwardContext) -> Iterator[None]:

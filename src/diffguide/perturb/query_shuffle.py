@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.layers import is_dit, select
-from .base import BranchRows, ForwardContext, branch_seed
+from .base import BranchRows, ForwardContext, branch_seed, first_target
 from .dit import is_dit_attention
 from .query import LatentGrid, install_query_edit, is_self_attention_module
 
@@ -55,6 +55,11 @@ class QueryShuffle:
                 raise ConfigError("query shuffle has no preset for transformers; give its layers (e.g. b7-9)")
             return select(model, self.layers, is_dit_attention)
         return select(model, self.layers or DEFAULT_LAYERS, is_self_attention_module)
+
+    def first_module(self, model: nn.Module) -> str | None:
+        """The first shuffled attention in forward order. On the unconditional rows (in place) the
+        branch is the rows the others share from: the prefix plan shares nothing for it."""
+        return first_target(model, self.targets(model))
 
     @contextmanager
     def install(self, model: nn.Module, branch: str, ctx: ForwardContext) -> Iterator[None]:

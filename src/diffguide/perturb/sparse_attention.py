@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.layers import is_dit, select
-from .base import ForwardContext
+from .base import ForwardContext, first_target
 
 Sparse = Literal["entmax15", "sparsemax"]
 
@@ -141,6 +141,11 @@ class SparseAttention:
         if self.layers is None:
             return [name for name, m in model.named_modules() if is_cross_attention(name, m)]
         return select(model, self.layers, is_cross_attention)
+
+    def first_module(self, model: nn.Module) -> str | None:
+        """The first PLADIS cross-attention in forward order. PLADIS acts on every row alike (in place
+        on the conditional branch): the prefix plan shares nothing for it."""
+        return first_target(model, self.targets(model))
 
     @contextmanager
     def install(self, model: nn.Module, branch: str, ctx: ForwardContext) -> Iterator[None]:
