@@ -27,7 +27,7 @@ from comfy_nodes_support import counting, import_comfy_extra, ksample, run_io_no
 from diffguide import PAG, TPG
 from diffguide.comfy_nodes import NODE_CLASS_MAPPINGS
 from diffguide.comfy_workflow import execute, load
-from diffguide.guidance import LayerSkip, PromptShuffle
+from diffguide.guidance import SEG, LayerSkip, PromptShuffle, UncondQueryShuffle
 from diffguide.repro.determinism import BATCH_TOLERANCE
 
 TOL = 1e-4
@@ -163,7 +163,23 @@ QWEN_CASES = {  # node, the diffguide term, the node's inputs
     "TPG b0-1": ("TPG", TPG(2.0, layers="b0-1"), {"scale": 2.0, "layers": "b0-1"}),
     "PromptShuffle": ("PromptShuffle", PromptShuffle(2.0), {"scale": 2.0}),
     "LayerSkip b1": ("LayerSkip", LayerSkip(2.0, layers="b1"), {"scale": 2.0, "layers": "b1"}),
+    "SEG b0-1 sigma 1": (
+        "SEG",
+        SEG(2.0, blur_sigma=1.0, layers="b0-1"),
+        {"scale": 2.0, "blur_sigma": 1.0, "layers": "b0-1"},
+    ),
+    "UncondQueryShuffle b0-1 0.7": (
+        "UncondQueryShuffle",
+        UncondQueryShuffle(0.7, layers="b0-1"),
+        {"strength": 0.7, "layers": "b0-1"},
+    ),
 }
+
+
+def rows_per_call(name):
+    """cond + uncond (+ the perturbed branch), 2 images each; the uncond query shuffle acts on
+    ComfyUI's own uncond rows and adds none."""
+    return 4 if name == "UncondQueryShuffle" else 6
 
 
 def node_vs_engine(models, wf, name, term, inputs, tmp_path):
@@ -204,7 +220,7 @@ def test_qwen_image_node_equals_diffguide_engine(qwen, tmp_path, case):
           f"{theirs.abs().max():.3g}); ComfyUI calls {calls}")  # fmt: skip
     assert theirs.shape == (2, 16, 1, 8, 8)
     assert d <= TOL
-    assert calls == [6] * STEPS
+    assert calls == [rows_per_call(name)] * STEPS
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +239,17 @@ SD3_CASES = {
         {"scale": 2.0, "layers": "b1", "semantics": "value"},
     ),
     "TPG b0-1": ("TPG", TPG(2.0, layers="b0-1"), {"scale": 2.0, "layers": "b0-1"}),
+    "SEG b1 sigma inf": ("SEG", SEG(2.0, layers="b1"), {"scale": 2.0, "layers": "b1"}),
+    "SEG b0-1 sigma 1": (
+        "SEG",
+        SEG(2.0, blur_sigma=1.0, layers="b0-1"),
+        {"scale": 2.0, "blur_sigma": 1.0, "layers": "b0-1"},
+    ),
+    "UncondQueryShuffle b0-1 0.7": (
+        "UncondQueryShuffle",
+        UncondQueryShuffle(0.7, layers="b0-1"),
+        {"strength": 0.7, "layers": "b0-1"},
+    ),
 }
 
 
@@ -237,4 +264,4 @@ def test_sd3_node_equals_diffguide_engine(sd3, tmp_path, case):
           f"{theirs.abs().max():.3g}); ComfyUI calls {calls}")  # fmt: skip
     assert theirs.shape == (2, 16, 16, 16)
     assert d <= TOL
-    assert calls == [6] * STEPS
+    assert calls == [rows_per_call(name)] * STEPS

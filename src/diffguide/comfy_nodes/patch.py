@@ -59,6 +59,7 @@ from ..perturb.text_shuffle import TextShuffle
 from ..perturb.token_shuffle import TokenShuffle, shuffle_tokens
 from ..sampling.noise import image_seeds
 from .dit import identity_block, is_block_key, shuffle_block
+from .dit_query import CallInfo, blur_dit, install_call_info, query_block, shuffle_dit
 from .layers import DIT_STACKS, Resolved, resolve_dit, resolve_unet
 from .rows import ROWS, branch_rows, per_image, row_images
 from .unet import (
@@ -130,7 +131,7 @@ def _kind(perturbation: object) -> tuple[str, str | None]:
     if isinstance(perturbation, QueryBlur):
         return "blur", perturbation.layers
     if isinstance(perturbation, QueryShuffle):
-        return "query_shuffle", perturbation.layers or QUERY_SHUFFLE_LAYERS
+        return "query_shuffle", perturbation.layers
     if isinstance(perturbation, TextShuffle):
         return "text", None
     if isinstance(perturbation, LayerSkipBlocks) and perturbation.mode == "block":
@@ -152,6 +153,8 @@ def _unet_targets(patcher: Any, kind: str, layers: str | None, branch: Any) -> R
     key_map = comfy.utils.unet_to_diffusers(patcher.model.model_config.unet_config)
     if kind == "skip" and layers is None and isinstance(branch.perturbation, LayerSkipBlocks):
         layers = LAYER_SKIP_UNET
+    if kind == "query_shuffle" and layers is None:
+        layers = QUERY_SHUFFLE_LAYERS
 
     def is_target(name: str) -> bool:
         if kind in _ATTN1:
@@ -173,10 +176,8 @@ def plan_branches(patcher: Any, term: Term) -> tuple[Plan, ...]:
         kind, layers = _kind(branch.perturbation)
         if kind == "text":  # the model's input: no layers
             targets = Resolved("", (), ())
-        elif cls in DIT_STACKS and kind in ("blur", "query_shuffle"):
-            raise ConfigError(
-                f"{term.title()} on ComfyUI's {cls}: the nodes edit attention queries on UNets only so far"
-            )
+        elif cls in DIT_STACKS and kind == "query_shuffle" and layers is None:
+            raise ConfigError("query shuffle has no preset for transformers; give its layers (e.g. b7-9)")
         elif cls in DIT_STACKS:
             _, joint, single = DIT_STACKS[cls]
             n_single = len(getattr(dm, single)) if single else 0
@@ -323,6 +324,12 @@ def _dit_replacement(plan: Plan, single: bool, ctx: ForwardContext, previous: An
     return shuffle_block(plan.branch, ctx, single, previous)
 
 
+def _dit_edit(plan: Plan, ctx: ForwardContext, info: CallInfo) -> Any:
+    if plan.kind == "blur":
+        return blur_dit(plan.perturbation.sigma, info)
+    return shuffle_dit(plan.branch, plan.perturbation.strength, ctx, info)
+
+
 @contextmanager
 def perturbed(model: Any, model_options: dict[str, Any], rows: dict[int, Plan]) -> Iterator[dict[str, Any]]:
     """Model options for one call with ``rows`` labelled and their perturbations in place."""
@@ -336,9 +343,12 @@ def perturbed(model: Any, model_options: dict[str, Any], rows: dict[int, Plan]) 
     dm = model.diffusion_model
     modules = dict(dm.named_modules())
     clock = [0.0]  # the timestep of the model call (the uncond query shuffle's seeds)
+    info = CallInfo()  # a DiT call's latent grid and timestep (its query edits)
     with ExitStack() as stack:
         if any(plan.kind == "query_shuffle" for plan in rows.values()):
             install_clock(stack, dm, clock)
+        if any(plan.kind in ("blur", "query_shuffle") for plan in rows.values()):
+            install_call_info(stack, dm, info)
         for plan in rows.values():
             if plan.kind == "text":
                 install_text_shuffle(stack, dm, plan.branch, ctx)
@@ -347,7 +357,11 @@ def perturbed(model: Any, model_options: dict[str, Any], rows: dict[int, Plan]) 
                 if is_block_key(name):
                     block, index = name.split(".")
                     key = (block, int(index))
-                    dit[key] = _dit_replacement(plan, block == "single_block", ctx, dit.get(key))
+                    if plan.kind in ("blur", "query_shuffle"):
+                        dit_edit = _dit_edit(plan, ctx, info)
+                        dit[key] = query_block(stack, dm, key, plan.branch, dit_edit, dit.get(key))
+                    else:
+                        dit[key] = _dit_replacement(plan, block == "single_block", ctx, dit.get(key))
                 elif plan.kind == "identity":
                     handle = modules[name].register_forward_hook(
                         _identity_hook(plan.branch), with_kwargs=True
