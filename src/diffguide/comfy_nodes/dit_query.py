@@ -143,17 +143,10 @@ def _edit_hook(site: Site, current: list[Now | None], edit: DitEdit) -> Callable
     return hook
 
 
-def query_block(
-    stack: ExitStack, dm: nn.Module, key: tuple[str, int], branch: str, edit: DitEdit, previous: Replace | None
-) -> Replace:
-    """Hooks on block ``key``'s query projections and the ``"dit"`` replacement that arms them."""
-    block, index = key
-    single = block == "single_block"
+def armed_block(branch: str, single: bool, previous: Replace | None) -> tuple[Replace, list[Now | None]]:
+    """A ``"dit"`` replacement that, while the block runs, holds the branch's rows, their images
+    and the image span on top of the returned stack (None when the call has none of its rows)."""
     current: list[Now | None] = []
-    modules = dict(dm.named_modules())
-    for site in sites(dm, block, index):
-        handle = modules[site.path].register_forward_hook(_edit_hook(site, current, edit))
-        stack.callback(handle.remove)
 
     def replace(args: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         options = args.get("transformer_options") or {}
@@ -169,4 +162,22 @@ def query_block(
         finally:
             current.pop()
 
+    return replace, current
+
+
+def query_block(
+    stack: ExitStack,
+    dm: nn.Module,
+    key: tuple[str, int],
+    branch: str,
+    edit: DitEdit,
+    previous: Replace | None,
+) -> Replace:
+    """Hooks on block ``key``'s query projections and the ``"dit"`` replacement that arms them."""
+    block, index = key
+    replace, current = armed_block(branch, block == "single_block", previous)
+    modules = dict(dm.named_modules())
+    for site in sites(dm, block, index):
+        handle = modules[site.path].register_forward_hook(_edit_hook(site, current, edit))
+        stack.callback(handle.remove)
     return replace

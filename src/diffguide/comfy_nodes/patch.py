@@ -60,8 +60,9 @@ from ..perturb.token_shuffle import TokenShuffle, shuffle_tokens
 from ..sampling.noise import image_seeds
 from .dit import identity_block, is_block_key, shuffle_block
 from .dit_query import CallInfo, blur_dit, install_call_info, query_block, shuffle_dit
+from .dit_skip import sublayer_skip_block
 from .layers import DIT_STACKS, Resolved, resolve_dit, resolve_unet
-from .rows import ROWS, branch_rows, per_image, row_images
+from .rows import ROWS, branch_rows, permutations, row_images
 from .unet import (
     blur_edit,
     install_clock,
@@ -123,10 +124,6 @@ def _kind(perturbation: object) -> tuple[str, str | None]:
     if isinstance(perturbation, IdentityAttention):
         return "identity", perturbation.layers
     if isinstance(perturbation, TokenShuffle):
-        if getattr(perturbation, "permutation", "per_image") != "per_image":
-            raise ConfigError(
-                "the ComfyUI nodes draw TPG permutations per image only (permutation=per_image)"
-            )
         return "shuffle", perturbation.layers
     if isinstance(perturbation, QueryBlur):
         return "blur", perturbation.layers
@@ -134,11 +131,7 @@ def _kind(perturbation: object) -> tuple[str, str | None]:
         return "query_shuffle", perturbation.layers
     if isinstance(perturbation, TextShuffle):
         return "text", None
-    if isinstance(perturbation, LayerSkipBlocks) and perturbation.mode == "block":
-        return "skip", perturbation.layers
-    if isinstance(perturbation, BlockSkip):
-        if perturbation.mode != "block":
-            raise ConfigError(f"the ComfyUI nodes skip whole blocks only, got SLG mode '{perturbation.mode}'")
+    if isinstance(perturbation, BlockSkip):  # LayerSkipBlocks too
         return "skip", perturbation.layers
     raise ConfigError(f"the ComfyUI nodes cannot apply the perturbation {type(perturbation).__name__} yet")
 
@@ -184,6 +177,11 @@ def plan_branches(patcher: Any, term: Term) -> tuple[Plan, ...]:
             method: Any = _METHOD[kind]
             targets = resolve_dit(layers, method, cls, len(getattr(dm, joint)), n_single)
         elif cls == "UNetModel":
+            mode = getattr(branch.perturbation, "mode", "block")
+            if kind == "skip" and mode != "block":
+                raise ConfigError(
+                    f"the ComfyUI nodes skip whole blocks on UNets (mode=block), got {term.title()} mode '{mode}'"
+                )
             targets = _unet_targets(patcher, kind, layers, branch)
         else:
             raise ConfigError(f"the diffguide nodes do not support ComfyUI's {cls} model yet")
@@ -269,9 +267,13 @@ def _identity_hook(branch: str) -> Callable[..., Any]:
     return hook
 
 
-def _shuffle_hook(branch: str, ctx: ForwardContext) -> Callable[..., Any]:
+def _shuffle_hook(
+    branch: str, ctx: ForwardContext, shared: dict[object, Tensor] | None
+) -> Callable[..., Any]:
     """Transformer-block pre-hook: the branch's rows enter with their tokens permuted, one
-    permutation per image from diffguide's per-image generator (as diffguide's TPG)."""
+    permutation per image from diffguide's per-image generator, or one for all rows
+    (``permutation=shared``), as diffguide's TPG draws them."""
+    site = object()
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         h = args[0] if args else kwargs["x"]
@@ -280,7 +282,7 @@ def _shuffle_hook(branch: str, ctx: ForwardContext) -> Callable[..., Any]:
         if rows is None:
             return None
         images = row_images(options, rows, h.shape[0])
-        perms = per_image(images, lambda i: torch.randperm(h.shape[1], generator=ctx.generator(branch, i)))
+        perms = permutations(ctx, branch, h.shape[1], images, shared, site)
         h = h.clone()
         h[rows] = shuffle_tokens(h[rows], perms.to(h.device))
         if args:
@@ -316,12 +318,19 @@ def _skip_block(branch: str, previous: Callable[..., Any] | None) -> Callable[..
     return replace
 
 
-def _dit_replacement(plan: Plan, single: bool, ctx: ForwardContext, previous: Any) -> Callable[..., Any]:
+def _dit_replacement(
+    plan: Plan, single: bool, ctx: ForwardContext, previous: Any, shared: dict[object, Tensor]
+) -> Callable[..., Any]:
     if plan.kind == "skip":
         return _skip_block(plan.branch, previous)
     if plan.kind == "identity":
         return identity_block(plan.branch, plan.semantics, single, previous)
-    return shuffle_block(plan.branch, ctx, single, previous)
+    return shuffle_block(plan.branch, ctx, single, previous, _shared(plan, shared))
+
+
+def _shared(plan: Plan, shared: dict[object, Tensor]) -> dict[object, Tensor] | None:
+    """TPG's ``permutation=shared``: the call's per-block draws; None: per image."""
+    return shared if getattr(plan.perturbation, "permutation", "per_image") == "shared" else None
 
 
 def _dit_edit(plan: Plan, ctx: ForwardContext, info: CallInfo) -> Any:
@@ -344,6 +353,7 @@ def perturbed(model: Any, model_options: dict[str, Any], rows: dict[int, Plan]) 
     modules = dict(dm.named_modules())
     clock = [0.0]  # the timestep of the model call (the uncond query shuffle's seeds)
     info = CallInfo()  # a DiT call's latent grid and timestep (its query edits)
+    shared: dict[object, Tensor] = {}  # TPG permutation=shared: each block's draw of this call
     with ExitStack() as stack:
         if any(plan.kind == "query_shuffle" for plan in rows.values()):
             install_clock(stack, dm, clock)
@@ -360,8 +370,12 @@ def perturbed(model: Any, model_options: dict[str, Any], rows: dict[int, Plan]) 
                     if plan.kind in ("blur", "query_shuffle"):
                         dit_edit = _dit_edit(plan, ctx, info)
                         dit[key] = query_block(stack, dm, key, plan.branch, dit_edit, dit.get(key))
+                    elif plan.kind == "skip" and plan.perturbation.mode != "block":
+                        mode = plan.perturbation.mode
+                        dit[key] = sublayer_skip_block(stack, dm, key, plan.branch, mode, dit.get(key))
                     else:
-                        dit[key] = _dit_replacement(plan, block == "single_block", ctx, dit.get(key))
+                        single = block == "single_block"
+                        dit[key] = _dit_replacement(plan, single, ctx, dit.get(key), shared)
                 elif plan.kind == "identity":
                     handle = modules[name].register_forward_hook(
                         _identity_hook(plan.branch), with_kwargs=True
@@ -377,7 +391,7 @@ def perturbed(model: Any, model_options: dict[str, Any], rows: dict[int, Plan]) 
                     edit = query_shuffle_edit(plan.branch, diffusers_name, strength, ctx, clock)
                     install_query_edit(stack, modules[name], plan.branch, edit)
                 else:
-                    hook = _shuffle_hook(plan.branch, ctx)
+                    hook = _shuffle_hook(plan.branch, ctx, _shared(plan, shared))
                     handle = modules[name].register_forward_pre_hook(hook, with_kwargs=True)
                     stack.callback(handle.remove)
         replace["dit"] = dit
