@@ -12,9 +12,11 @@ How one sampling step runs (ComfyUI's ``sampling_function``) with the pack's pat
    ``transformer_options["diffguide_rows"]``. Each perturbation acts on its own chunk only:
    on a UNet, identity self-attention (PAG) and token shuffle (TPG) as forward hooks on the
    ``attn1`` / transformer-block modules, installed on the model for this call and removed in
-   ``finally``; on a DiT (SD3's MMDiT, Flux, Qwen-Image) PAG, TPG and block skip (SLG) as
-   ComfyUI ``"dit"`` block replacements (PAG through an ``optimized_attention_override`` for the
-   block, see :mod:`.dit`), set on a copy of the model options for this call, calling any
+   ``finally``; on a DiT (SD3's MMDiT, Flux, Qwen-Image) PAG, TPG, SEG, the query shuffle and
+   block skip (SLG, LayerSkip) as ComfyUI ``"dit"`` block replacements (PAG through an
+   ``optimized_attention_override`` for the block, see :mod:`.dit`; the query edits and the
+   ``attn`` / ``ff`` skips through module hooks the replacement arms, see :mod:`.dit_query`,
+   :mod:`.dit_skip`), set on a copy of the model options for this call, calling any
    replacement another pack set for the same block.
 3. A memory-driven split runs chunks in several calls; each call carries its own
    ``cond_or_uncond``, so a perturbation finds its rows (or none) in every call.
