@@ -70,6 +70,7 @@ from .unet import (
     install_clock,
     install_query_edit,
     install_skip,
+    install_sublayer_skip,
     install_text_shuffle,
     query_shuffle_edit,
 )
@@ -179,11 +180,6 @@ def plan_branches(patcher: Any, term: Term) -> tuple[Plan, ...]:
             method: Any = _METHOD[kind]
             targets = resolve_dit(layers, method, cls, len(getattr(dm, joint)), n_single)
         elif cls == "UNetModel":
-            mode = getattr(branch.perturbation, "mode", "block")
-            if kind == "skip" and mode != "block":
-                raise ConfigError(
-                    f"the ComfyUI nodes skip whole blocks on UNets (mode=block), got {term.title()} mode '{mode}'"
-                )
             targets = _unet_targets(patcher, kind, layers, branch)
         else:
             raise ConfigError(f"the diffguide nodes do not support ComfyUI's {cls} model yet")
@@ -383,6 +379,8 @@ def perturbed(model: Any, model_options: dict[str, Any], rows: dict[int, Plan]) 
                         _identity_hook(plan.branch), with_kwargs=True
                     )
                     stack.callback(handle.remove)
+                elif plan.kind == "skip" and plan.perturbation.mode != "block":
+                    install_sublayer_skip(stack, modules[name], plan.branch, plan.perturbation.mode)
                 elif plan.kind == "skip":
                     install_skip(stack, modules[name], plan.branch)
                 elif plan.kind == "blur":
