@@ -276,19 +276,6 @@ def test_node_errors_are_one_line(sdxl, comfy):
     with pytest.raises(LayerSpecError, match=r"^layer 'd7': no attention unit d7\. Valid: down, mid, up"):
         run_node(node("PAG"), twin, layers="d7")
     with pytest.raises(
-        ConfigError,
-        match=r"^the ComfyUI nodes draw TPG permutations per image only \(permutation=per_image\)$",
-    ):
-        run_node(
-            NODE_CLASS_MAPPINGS["DiffguideGuidanceStack"],
-            tiny_sd3_comfy(depth=1),
-            guides="tpg:permutation=shared,layers=b0",
-        )
-    with pytest.raises(
-        ConfigError, match=r"^SEG on ComfyUI's MMDiT: the nodes edit attention queries on UNets only so far$"
-    ):
-        run_node(node("SEG"), tiny_sd3_comfy(depth=1), layers="b0")
-    with pytest.raises(
         LayerSpecError, match=r"^the SD3 PAG preset 'b13' needs block b13, but this model has 1 joint"
     ):
         run_node(node("PAG"), tiny_sd3_comfy(depth=1))
@@ -347,6 +334,17 @@ MORE_CASES = {  # node inputs, the diffguide term; every one on its preset layer
     "SEG (blur sigma 1)": ("SEG", {"scale": 2.0, "blur_sigma": 1.0}, "seg:scale=2,blur_sigma=1"),
     "LayerSkip (mid blocks)": ("LayerSkip", {"scale": 2.0}, "layer_skip:scale=2"),
     "PromptShuffle": ("PromptShuffle", {"scale": 2.0}, "prompt_shuffle:scale=2"),
+    "LayerSkip (mid blocks, attn)": (
+        "LayerSkip",
+        {"scale": 2.0, "mode": "attn"},
+        "layer_skip:scale=2,mode=attn",
+    ),
+    "LayerSkip (mid blocks, ff)": ("LayerSkip", {"scale": 2.0, "mode": "ff"}, "layer_skip:scale=2,mode=ff"),
+    "TPG (permutation shared)": (
+        "TPG",
+        {"scale": 2.0, "permutation": "shared"},
+        "tpg:scale=2,permutation=shared",
+    ),
     "UncondQueryShuffle (down, 0.7)": (
         "UncondQueryShuffle",
         {"strength": 0.7},

@@ -31,7 +31,8 @@ from comfy_nodes_support import counting, import_comfy_extra, ksample, run_io_no
 from diffguide import PAG, TPG
 from diffguide.comfy_nodes import NODE_CLASS_MAPPINGS
 from diffguide.comfy_workflow import execute, load
-from diffguide.guidance import LayerSkip, PromptShuffle
+from diffguide.errors import ConfigError
+from diffguide.guidance import SEG, LayerSkip, PromptShuffle, UncondQueryShuffle
 from diffguide.repro.determinism import BATCH_TOLERANCE
 
 TOL = 1e-4
@@ -116,13 +117,18 @@ def test_flux_slg_node_vs_comfyui_skip_layer_guidance(flux):
     assert err(theirs, ksample(patcher, pos, neg, LATENT, **KW)) > 1e-2
 
 
-def test_flux_forced_sub_batch_split_equals_unsplit(flux):
+SPLIT_STACKS = [
+    "pag:scale=2,layers=b1\ntpg:scale=1,layers=s0-1",
+    "seg:scale=2,blur_sigma=1,layers=b1,s0\ntpg:scale=1,layers=s0-1,permutation=shared",
+]
+
+
+@pytest.mark.parametrize("guides", SPLIT_STACKS)
+def test_flux_forced_sub_batch_split_equals_unsplit(flux, guides):
+    """One chunk (2 rows) per call: each branch's perturbation finds its rows (SEG's blur also its
+    grid, a shared TPG permutation its generator) in the call that holds them."""
     patcher, pos, neg = flux
-    model, _ = run_node(
-        NODE_CLASS_MAPPINGS["DiffguideGuidanceStack"],
-        patcher,
-        guides="pag:scale=2,layers=b1\ntpg:scale=1,layers=s0-1",
-    )
+    model, _ = run_node(NODE_CLASS_MAPPINGS["DiffguideGuidanceStack"], patcher, guides=guides)
     with counting(patcher) as whole_calls:
         whole = ksample(model, pos, neg, LATENT, **KW)
     with (
@@ -167,16 +173,47 @@ QWEN_CASES = {  # node, the diffguide term, the node's inputs
     "TPG b0-1": ("TPG", TPG(2.0, layers="b0-1"), {"scale": 2.0, "layers": "b0-1"}),
     "PromptShuffle": ("PromptShuffle", PromptShuffle(2.0), {"scale": 2.0}),
     "LayerSkip b1": ("LayerSkip", LayerSkip(2.0, layers="b1"), {"scale": 2.0, "layers": "b1"}),
+    "TPG b0-1 shared": (
+        "TPG",
+        TPG(2.0, layers="b0-1", permutation="shared"),
+        {"scale": 2.0, "layers": "b0-1", "permutation": "shared"},
+    ),
+    "LayerSkip b0-1 attn": (
+        "LayerSkip",
+        LayerSkip(2.0, layers="b0-1", mode="attn"),
+        {"scale": 2.0, "layers": "b0-1", "mode": "attn"},
+    ),
+    "LayerSkip b0-1 ff": (
+        "LayerSkip",
+        LayerSkip(2.0, layers="b0-1", mode="ff"),
+        {"scale": 2.0, "layers": "b0-1", "mode": "ff"},
+    ),
+    "SEG b0-1 sigma 1": (
+        "SEG",
+        SEG(2.0, blur_sigma=1.0, layers="b0-1"),
+        {"scale": 2.0, "blur_sigma": 1.0, "layers": "b0-1"},
+    ),
+    "UncondQueryShuffle b0-1 0.7": (
+        "UncondQueryShuffle",
+        UncondQueryShuffle(0.7, layers="b0-1"),
+        {"strength": 0.7, "layers": "b0-1"},
+    ),
 }
 
 
-def node_vs_engine(models, wf, name, term, inputs, tmp_path, conditioning=None):
+def rows_per_call(name):
+    """cond + uncond (+ the perturbed branch), 2 images each; the uncond query shuffle acts on
+    ComfyUI's own uncond rows and adds none."""
+    return 4 if name == "UncondQueryShuffle" else 6
+
+
+def node_vs_engine(models, wf, name, term, inputs, tmp_path, files=None):
     """The workflow ``wf`` + the pack's node before KSampler, in ComfyUI, vs diffguide's engine
     running the same workflow with ``term`` added; also ComfyUI's model-call rows per step.
-    ``conditioning``: the conditioning files standing for text-encode nodes on diffguide's side."""
+    ``files``: the conditioning files standing for text-encode nodes on diffguide's side."""
     path = tmp_path / "wf.json"
     path.write_text(json.dumps(wf))
-    run = load(path, models, conditioning)
+    run = load(path, models, files)
     run = replace(run, config=replace(run.config, guidance=(*run.config.guidance, term)))
     ours = execute(run)
     assert ours.result.forward_calls == STEPS
@@ -188,8 +225,8 @@ def node_vs_engine(models, wf, name, term, inputs, tmp_path, conditioning=None):
         return run_node(node(name), patcher, **inputs)[:1]
 
     with_node = json.loads(json.dumps(wf))
-    with_node["20"] = {"class_type": f"Diffguide{name}", "inputs": {"model": wf["8"]["inputs"]["model"]}}
-    with_node["8"]["inputs"]["model"] = ["20", 0]
+    with_node["90"] = {"class_type": f"Diffguide{name}", "inputs": {"model": wf["8"]["inputs"]["model"]}}
+    with_node["8"]["inputs"]["model"] = ["90", 0]
     cws.EXTRA_NODES[f"Diffguide{name}"] = apply
     try:
         theirs = cws.comfy_execute(with_node, models)
@@ -209,7 +246,7 @@ def test_qwen_image_node_equals_diffguide_engine(qwen, tmp_path, case):
           f"{theirs.abs().max():.3g}); ComfyUI calls {calls}")  # fmt: skip
     assert theirs.shape == (2, 16, 1, 8, 8)
     assert d <= TOL
-    assert calls == [6] * STEPS
+    assert calls == [rows_per_call(name)] * STEPS
 
 
 @pytest.fixture(scope="module")
@@ -228,6 +265,32 @@ SD3_CASES = {
         {"scale": 2.0, "layers": "b1", "semantics": "value"},
     ),
     "TPG b0-1": ("TPG", TPG(2.0, layers="b0-1"), {"scale": 2.0, "layers": "b0-1"}),
+    "SEG b1 sigma inf": ("SEG", SEG(2.0, layers="b1"), {"scale": 2.0, "layers": "b1"}),
+    "TPG b0-1 shared": (
+        "TPG",
+        TPG(2.0, layers="b0-1", permutation="shared"),
+        {"scale": 2.0, "layers": "b0-1", "permutation": "shared"},
+    ),
+    "LayerSkip b0-1 attn": (
+        "LayerSkip",
+        LayerSkip(2.0, layers="b0-1", mode="attn"),
+        {"scale": 2.0, "layers": "b0-1", "mode": "attn"},
+    ),
+    "LayerSkip b0-1 ff": (
+        "LayerSkip",
+        LayerSkip(2.0, layers="b0-1", mode="ff"),
+        {"scale": 2.0, "layers": "b0-1", "mode": "ff"},
+    ),
+    "SEG b0-1 sigma 1": (
+        "SEG",
+        SEG(2.0, blur_sigma=1.0, layers="b0-1"),
+        {"scale": 2.0, "blur_sigma": 1.0, "layers": "b0-1"},
+    ),
+    "UncondQueryShuffle b0-1 0.7": (
+        "UncondQueryShuffle",
+        UncondQueryShuffle(0.7, layers="b0-1"),
+        {"strength": 0.7, "layers": "b0-1"},
+    ),
 }
 
 
@@ -242,7 +305,7 @@ def test_sd3_node_equals_diffguide_engine(sd3, tmp_path, case):
           f"{theirs.abs().max():.3g}); ComfyUI calls {calls}")  # fmt: skip
     assert theirs.shape == (2, 16, 16, 16)
     assert d <= TOL
-    assert calls == [6] * STEPS
+    assert calls == [rows_per_call(name)] * STEPS
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,7 +329,7 @@ def flux_file(tmp_path_factory):
     files = {"a cat": root / "positive.safetensors", "": root / "negative.safetensors"}
     cws.EXTRA_NODES["DualCLIPLoader"] = lambda i: (lambda text: load_comfy_conditioning(files[text])[0],)
     yield root
-    del cws.EXTRA_NODES["DualCLIPLoader"]
+    cws.EXTRA_NODES.pop("DualCLIPLoader", None)
 
 
 FLUX_ENGINE_TERMS = {  # node, the diffguide term, the node's inputs; the same explicit blocks
@@ -300,3 +363,68 @@ def test_flux_node_equals_diffguide_engine(flux_file, tmp_path, case, sampling):
     assert theirs.shape == (2, 16, 8, 8)
     assert d <= TOL
     assert calls == [rows] * STEPS  # cond (+ uncond) + the perturbed branch, 2 images each, one call
+
+
+@pytest.fixture(scope="module")
+def flux_wf(qwen, tmp_path_factory):
+    """A tiny FLUX.1 dev file (ComfyUI's key layout) in a workflow with CFG 2.5 and FluxGuidance on
+    both prompts, batch 2; ComfyUI's CLIPTextEncode returns the conditioning file of its text."""
+    from diffguide.comfy_workflow import load_comfy_conditioning
+
+    models = cws.make_flux_models_dir(tmp_path_factory.mktemp("flux-models"))
+    files = {"a cat": models / "positive.safetensors", "": models / "negative.safetensors"}
+    cws.EXTRA_NODES["DualCLIPLoader"] = lambda i: (lambda text: load_comfy_conditioning(files[text])[0],)
+    wf = cws.flux_workflow(models, cfg=2.5, guidance=2.0, steps=STEPS)
+    wf["7"]["inputs"]["batch_size"] = 2
+    yield models, wf
+    cws.EXTRA_NODES.pop("DualCLIPLoader", None)
+
+
+FLUX_ENGINE_CASES = {  # a double and a single block: the single block's queries span [text, image]
+    "SEG b1,s0 sigma 1": (
+        "SEG",
+        SEG(2.0, blur_sigma=1.0, layers="b1,s0"),
+        {"scale": 2.0, "blur_sigma": 1.0, "layers": "b1,s0"},
+    ),
+    "UncondQueryShuffle b1,s0 0.7": (
+        "UncondQueryShuffle",
+        UncondQueryShuffle(0.7, layers="b1,s0"),
+        {"strength": 0.7, "layers": "b1,s0"},
+    ),
+    "TPG b1,s0 shared": (
+        "TPG",
+        TPG(2.0, layers="b1,s0", permutation="shared"),
+        {"scale": 2.0, "layers": "b1,s0", "permutation": "shared"},
+    ),
+    "LayerSkip b1,s0 attn": (
+        "LayerSkip",
+        LayerSkip(2.0, layers="b1,s0", mode="attn"),
+        {"scale": 2.0, "layers": "b1,s0", "mode": "attn"},
+    ),
+    "LayerSkip b0,s1 ff": (
+        "LayerSkip",
+        LayerSkip(2.0, layers="b0,s1", mode="ff"),
+        {"scale": 2.0, "layers": "b0,s1", "mode": "ff"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(FLUX_ENGINE_CASES))
+def test_flux_nodes_equal_diffguide_engine(flux_wf, tmp_path, case):
+    models, wf = flux_wf
+    name, term, inputs = FLUX_ENGINE_CASES[case]
+    files = cws.flux_conditioning_files(models)
+    d, theirs, calls = node_vs_engine(models, wf, name, term, inputs, tmp_path, files)
+    print(f"Flux {case}: node in ComfyUI vs diffguide engine {d:.3g} (|latent| up to "
+          f"{theirs.abs().max():.3g}); ComfyUI calls {calls}")  # fmt: skip
+    assert theirs.shape == (2, 16, 8, 8)
+    assert d <= TOL
+    assert calls == [rows_per_call(name)] * STEPS
+
+
+def test_query_shuffle_on_a_dit_needs_layers(flux):
+    patcher, _, _ = flux
+    with pytest.raises(
+        ConfigError, match=r"^query shuffle has no preset for transformers; give its layers \(e\.g\. b7-9\)$"
+    ):
+        run_node(node("UncondQueryShuffle"), patcher)

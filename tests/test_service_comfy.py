@@ -165,14 +165,11 @@ def test_unsupported_node_and_unknown_checkpoint_answer_comfyui_node_errors(cach
             "node 3 (KSampler): the run's prompt: give 1 to 16 prompts, got 17"
         )
         wf = workflow()
-        wf["2"] = {
-            "class_type": "LoraLoaderModelOnly",
-            "inputs": {"model": ["4", 0], "lora_name": "x.safetensors", "strength_model": 1.0},
-        }
-        wf["3"]["inputs"]["model"] = ["2", 0]
+        wf["2"] = {"class_type": "VAELoader", "inputs": {"vae_name": "x.safetensors"}}
+        wf["8"]["inputs"]["vae"] = ["2", 0]
         assert c.post("/prompt", json={"prompt": wf}).json()["node_errors"]["2"]["errors"][0]["message"] == (
-            "node 2 (LoraLoaderModelOnly): not run by the service, which runs its own models by name "
-            "(CheckpointLoaderSimple) without LoRAs or other files"
+            "node 2 (VAELoader): not run by the service, which runs its own models by name "
+            "(CheckpointLoaderSimple) and LoRAs sent to POST /v1/uploads, no other files"
         )
         assert c.post("/prompt", json={"client_id": "x"}).json()["error"]["type"] == "no_prompt"
         assert c.get("/v1/jobs").json() == []  # nothing was queued

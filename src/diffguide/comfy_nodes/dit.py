@@ -28,14 +28,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ..errors import DiffguideError
 from ..perturb.base import ForwardContext, put_rows, take_rows
 from ..perturb.joint_identity import _combine, diagonal_mask
 from ..perturb.token_shuffle import shuffle_tokens
-from .rows import branch_rows, per_image, row_images
+from .rows import branch_rows, permutations, row_images
 
 Replace = Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
 OVERRIDE = "optimized_attention_override"
@@ -143,8 +142,16 @@ def identity_block(branch: str, semantics: str, single: bool, previous: Replace 
     return replace
 
 
-def shuffle_block(branch: str, ctx: ForwardContext, single: bool, previous: Replace | None) -> Replace:
-    """A ``"dit"`` replacement: the image tokens entering this block shuffled on ``branch``'s rows."""
+def shuffle_block(
+    branch: str,
+    ctx: ForwardContext,
+    single: bool,
+    previous: Replace | None,
+    shared: dict[object, Tensor] | None = None,
+) -> Replace:
+    """A ``"dit"`` replacement: the image tokens entering this block shuffled on ``branch``'s rows
+    (``shared``: one permutation for all of them, see :func:`~.rows.permutations`)."""
+    site = object()
 
     def replace(args: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         options = args.get("transformer_options") or {}
@@ -154,7 +161,7 @@ def shuffle_block(branch: str, ctx: ForwardContext, single: bool, previous: Repl
             return _call(previous, args, extra)
         start, stop = image_span(args, single)(img.shape[1]) if single else (0, img.shape[1])
         images = row_images(options, rows, img.shape[0])
-        perms = per_image(images, lambda i: torch.randperm(stop - start, generator=ctx.generator(branch, i)))
+        perms = permutations(ctx, branch, stop - start, images, shared, site)
         img = img.clone()
         img[rows, start:stop] = shuffle_tokens(img[rows, start:stop], perms.to(img.device))
         return _call(previous, {**args, "img": img}, extra)

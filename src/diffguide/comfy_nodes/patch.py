@@ -12,9 +12,11 @@ How one sampling step runs (ComfyUI's ``sampling_function``) with the pack's pat
    ``transformer_options["diffguide_rows"]``. Each perturbation acts on its own chunk only:
    on a UNet, identity self-attention (PAG) and token shuffle (TPG) as forward hooks on the
    ``attn1`` / transformer-block modules, installed on the model for this call and removed in
-   ``finally``; on a DiT (SD3's MMDiT, Flux, Qwen-Image) PAG, TPG and block skip (SLG) as
-   ComfyUI ``"dit"`` block replacements (PAG through an ``optimized_attention_override`` for the
-   block, see :mod:`.dit`), set on a copy of the model options for this call, calling any
+   ``finally``; on a DiT (SD3's MMDiT, Flux, Qwen-Image) PAG, TPG, SEG, the query shuffle and
+   block skip (SLG, LayerSkip) as ComfyUI ``"dit"`` block replacements (PAG through an
+   ``optimized_attention_override`` for the block, see :mod:`.dit`; the query edits and the
+   ``attn`` / ``ff`` skips through module hooks the replacement arms, see :mod:`.dit_query`,
+   :mod:`.dit_skip`), set on a copy of the model options for this call, calling any
    replacement another pack set for the same block.
 3. A memory-driven split runs chunks in several calls; each call carries its own
    ``cond_or_uncond``, so a perturbation finds its rows (or none) in every call.
@@ -59,13 +61,16 @@ from ..perturb.text_shuffle import TextShuffle
 from ..perturb.token_shuffle import TokenShuffle, shuffle_tokens
 from ..sampling.noise import image_seeds
 from .dit import identity_block, is_block_key, shuffle_block
+from .dit_query import CallInfo, blur_dit, install_call_info, query_block, shuffle_dit
+from .dit_skip import sublayer_skip_block
 from .layers import DIT_STACKS, Resolved, resolve_dit, resolve_unet
-from .rows import ROWS, branch_rows, per_image, row_images
+from .rows import ROWS, branch_rows, permutations, row_images
 from .unet import (
     blur_edit,
     install_clock,
     install_query_edit,
     install_skip,
+    install_sublayer_skip,
     install_text_shuffle,
     query_shuffle_edit,
 )
@@ -122,22 +127,14 @@ def _kind(perturbation: object) -> tuple[str, str | None]:
     if isinstance(perturbation, IdentityAttention):
         return "identity", perturbation.layers
     if isinstance(perturbation, TokenShuffle):
-        if getattr(perturbation, "permutation", "per_image") != "per_image":
-            raise ConfigError(
-                "the ComfyUI nodes draw TPG permutations per image only (permutation=per_image)"
-            )
         return "shuffle", perturbation.layers
     if isinstance(perturbation, QueryBlur):
         return "blur", perturbation.layers
     if isinstance(perturbation, QueryShuffle):
-        return "query_shuffle", perturbation.layers or QUERY_SHUFFLE_LAYERS
+        return "query_shuffle", perturbation.layers
     if isinstance(perturbation, TextShuffle):
         return "text", None
-    if isinstance(perturbation, LayerSkipBlocks) and perturbation.mode == "block":
-        return "skip", perturbation.layers
-    if isinstance(perturbation, BlockSkip):
-        if perturbation.mode != "block":
-            raise ConfigError(f"the ComfyUI nodes skip whole blocks only, got SLG mode '{perturbation.mode}'")
+    if isinstance(perturbation, BlockSkip):  # LayerSkipBlocks too
         return "skip", perturbation.layers
     raise ConfigError(f"the ComfyUI nodes cannot apply the perturbation {type(perturbation).__name__} yet")
 
@@ -152,6 +149,8 @@ def _unet_targets(patcher: Any, kind: str, layers: str | None, branch: Any) -> R
     key_map = comfy.utils.unet_to_diffusers(patcher.model.model_config.unet_config)
     if kind == "skip" and layers is None and isinstance(branch.perturbation, LayerSkipBlocks):
         layers = LAYER_SKIP_UNET
+    if kind == "query_shuffle" and layers is None:
+        layers = QUERY_SHUFFLE_LAYERS
 
     def is_target(name: str) -> bool:
         if kind in _ATTN1:
@@ -173,10 +172,8 @@ def plan_branches(patcher: Any, term: Term) -> tuple[Plan, ...]:
         kind, layers = _kind(branch.perturbation)
         if kind == "text":  # the model's input: no layers
             targets = Resolved("", (), ())
-        elif cls in DIT_STACKS and kind in ("blur", "query_shuffle"):
-            raise ConfigError(
-                f"{term.title()} on ComfyUI's {cls}: the nodes edit attention queries on UNets only so far"
-            )
+        elif cls in DIT_STACKS and kind == "query_shuffle" and layers is None:
+            raise ConfigError("query shuffle has no preset for transformers; give its layers (e.g. b7-9)")
         elif cls in DIT_STACKS:
             _, joint, single = DIT_STACKS[cls]
             n_single = len(getattr(dm, single)) if single else 0
@@ -268,9 +265,13 @@ def _identity_hook(branch: str) -> Callable[..., Any]:
     return hook
 
 
-def _shuffle_hook(branch: str, ctx: ForwardContext) -> Callable[..., Any]:
+def _shuffle_hook(
+    branch: str, ctx: ForwardContext, shared: dict[object, Tensor] | None
+) -> Callable[..., Any]:
     """Transformer-block pre-hook: the branch's rows enter with their tokens permuted, one
-    permutation per image from diffguide's per-image generator (as diffguide's TPG)."""
+    permutation per image from diffguide's per-image generator, or one for all rows
+    (``permutation=shared``), as diffguide's TPG draws them."""
+    site = object()
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         h = args[0] if args else kwargs["x"]
@@ -279,7 +280,7 @@ def _shuffle_hook(branch: str, ctx: ForwardContext) -> Callable[..., Any]:
         if rows is None:
             return None
         images = row_images(options, rows, h.shape[0])
-        perms = per_image(images, lambda i: torch.randperm(h.shape[1], generator=ctx.generator(branch, i)))
+        perms = permutations(ctx, branch, h.shape[1], images, shared, site)
         h = h.clone()
         h[rows] = shuffle_tokens(h[rows], perms.to(h.device))
         if args:
@@ -315,12 +316,25 @@ def _skip_block(branch: str, previous: Callable[..., Any] | None) -> Callable[..
     return replace
 
 
-def _dit_replacement(plan: Plan, single: bool, ctx: ForwardContext, previous: Any) -> Callable[..., Any]:
+def _dit_replacement(
+    plan: Plan, single: bool, ctx: ForwardContext, previous: Any, shared: dict[object, Tensor]
+) -> Callable[..., Any]:
     if plan.kind == "skip":
         return _skip_block(plan.branch, previous)
     if plan.kind == "identity":
         return identity_block(plan.branch, plan.semantics, single, previous)
-    return shuffle_block(plan.branch, ctx, single, previous)
+    return shuffle_block(plan.branch, ctx, single, previous, _shared(plan, shared))
+
+
+def _shared(plan: Plan, shared: dict[object, Tensor]) -> dict[object, Tensor] | None:
+    """TPG's ``permutation=shared``: the call's per-block draws; None: per image."""
+    return shared if getattr(plan.perturbation, "permutation", "per_image") == "shared" else None
+
+
+def _dit_edit(plan: Plan, ctx: ForwardContext, info: CallInfo) -> Any:
+    if plan.kind == "blur":
+        return blur_dit(plan.perturbation.sigma, info)
+    return shuffle_dit(plan.branch, plan.perturbation.strength, ctx, info)
 
 
 @contextmanager
@@ -336,9 +350,13 @@ def perturbed(model: Any, model_options: dict[str, Any], rows: dict[int, Plan]) 
     dm = model.diffusion_model
     modules = dict(dm.named_modules())
     clock = [0.0]  # the timestep of the model call (the uncond query shuffle's seeds)
+    info = CallInfo()  # a DiT call's latent grid and timestep (its query edits)
+    shared: dict[object, Tensor] = {}  # TPG permutation=shared: each block's draw of this call
     with ExitStack() as stack:
         if any(plan.kind == "query_shuffle" for plan in rows.values()):
             install_clock(stack, dm, clock)
+        if any(plan.kind in ("blur", "query_shuffle") for plan in rows.values()):
+            install_call_info(stack, dm, info)
         for plan in rows.values():
             if plan.kind == "text":
                 install_text_shuffle(stack, dm, plan.branch, ctx)
@@ -347,12 +365,22 @@ def perturbed(model: Any, model_options: dict[str, Any], rows: dict[int, Plan]) 
                 if is_block_key(name):
                     block, index = name.split(".")
                     key = (block, int(index))
-                    dit[key] = _dit_replacement(plan, block == "single_block", ctx, dit.get(key))
+                    if plan.kind in ("blur", "query_shuffle"):
+                        dit_edit = _dit_edit(plan, ctx, info)
+                        dit[key] = query_block(stack, dm, key, plan.branch, dit_edit, dit.get(key))
+                    elif plan.kind == "skip" and plan.perturbation.mode != "block":
+                        mode = plan.perturbation.mode
+                        dit[key] = sublayer_skip_block(stack, dm, key, plan.branch, mode, dit.get(key))
+                    else:
+                        single = block == "single_block"
+                        dit[key] = _dit_replacement(plan, single, ctx, dit.get(key), shared)
                 elif plan.kind == "identity":
                     handle = modules[name].register_forward_hook(
                         _identity_hook(plan.branch), with_kwargs=True
                     )
                     stack.callback(handle.remove)
+                elif plan.kind == "skip" and plan.perturbation.mode != "block":
+                    install_sublayer_skip(stack, modules[name], plan.branch, plan.perturbation.mode)
                 elif plan.kind == "skip":
                     install_skip(stack, modules[name], plan.branch)
                 elif plan.kind == "blur":
@@ -363,7 +391,7 @@ def perturbed(model: Any, model_options: dict[str, Any], rows: dict[int, Plan]) 
                     edit = query_shuffle_edit(plan.branch, diffusers_name, strength, ctx, clock)
                     install_query_edit(stack, modules[name], plan.branch, edit)
                 else:
-                    hook = _shuffle_hook(plan.branch, ctx)
+                    hook = _shuffle_hook(plan.branch, ctx, _shared(plan, shared))
                     handle = modules[name].register_forward_pre_hook(hook, with_kwargs=True)
                     stack.callback(handle.remove)
         replace["dit"] = dit

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DiffguideError
+from ..perturb.base import ForwardContext
 
 ROWS = "diffguide_rows"  # transformer_options of one call: {cond index: Plan}
 
@@ -48,3 +49,25 @@ def per_image(images: list[int], draw: Callable[[int], Tensor]) -> Tensor:
     """``draw(i)`` once per image, stacked in row order."""
     drawn = {i: draw(i) for i in dict.fromkeys(images)}
     return torch.stack([drawn[i] for i in images])
+
+
+def permutations(
+    ctx: ForwardContext,
+    branch: str,
+    n: int,
+    images: list[int],
+    shared: dict[object, Tensor] | None,
+    site: object,
+) -> Tensor:
+    """One token permutation of ``n`` per row of ``images``: per image from diffguide's per-image
+    generators, or (``shared`` given: TPG's ``permutation=shared``) one per block call for every
+    row, drawn in block order from one generator seeded with image 0's seed, as the engine draws
+    it; a later sub-batch of the same call reuses the block's draw (kept in ``shared[site]``)."""
+    if shared is None:
+        return per_image(images, lambda i: torch.randperm(n, generator=ctx.generator(branch, i)))
+    if images[0] == 0 or site not in shared:
+        key = (f"{branch}/shared", 0)
+        if key not in ctx.generators:
+            ctx.generators[key] = torch.Generator().manual_seed(ctx.seeds[0])
+        shared[site] = torch.randperm(n, generator=ctx.generators[key])
+    return shared[site].expand(len(images), n)

@@ -62,6 +62,39 @@ def install_skip(stack: ExitStack, block: nn.Module, branch: str) -> None:
         stack.callback(handle.remove)
 
 
+def install_sublayer_skip(stack: ExitStack, block: nn.Module, branch: str, mode: str) -> None:
+    """LayerSkip ``attn`` / ``ff``: the outputs of the block's attentions (``attn1``, ``attn2``) or
+    of its feed-forward (``ff``) zeroed on the branch's rows, as diffguide's engine zeroes them."""
+    names = ("attn1", "attn2") if mode == "attn" else ("ff",)
+    subs = [m for n, m in block.named_children() if n in names]
+    if not subs:
+        raise DiffguideError(f"block skip mode '{mode}': {type(block).__name__} has no {' or '.join(names)}")
+    current: list[slice | None] = []
+
+    def pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        options = kwargs.get("transformer_options") or {}
+        current.append(branch_rows(options, branch, _hidden(args, kwargs).shape[0]))
+
+    def post(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        current.pop()
+
+    def zero(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Any:
+        rows = current[-1] if current else None
+        if rows is None:
+            return None
+        out = out.clone()
+        out[rows] = 0
+        return out
+
+    handles = [
+        block.register_forward_pre_hook(pre, with_kwargs=True),
+        block.register_forward_hook(post, with_kwargs=True),
+    ]
+    handles += [m.register_forward_hook(zero) for m in subs]
+    for handle in handles:
+        stack.callback(handle.remove)
+
+
 def install_query_edit(stack: ExitStack, attn: nn.Module, branch: str, edit: Edit) -> None:
     """``edit`` the branch's rows of ``attn.to_q``'s output while ``attn`` runs."""
     to_q = getattr(attn, "to_q", None)

@@ -10,9 +10,10 @@ projection is an error, never a silent no-op; fused QKV projections (``fuse_qkv_
 bypass ``to_q`` and are not supported.
 
 :class:`LatentGrid` records, per model call, what a query edit needs about the image: the
-latent's (height, width) (from a (B, C, H, W) input, or from Flux's ``img_ids``), and the
-call's timestep. :func:`token_grid` maps a layer's token count to its (h, w) grid: the latent
-grid halved (rounding up, as a stride-2 convolution) until it has that many tokens.
+latent's (height, width) (from a (B, C, H, W) input, Flux's ``img_ids`` or Qwen-Image's
+``img_shapes``), and the call's timestep. :func:`token_grid` maps a layer's token count to its
+(h, w) grid: the latent grid halved (rounding up, as a stride-2 convolution) until it has that
+many tokens.
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ class LatentGrid:
         elif isinstance(ids, torch.Tensor):  # Flux: (N, 3) ids (0, row, col) of the packed tokens
             ids = ids[0] if ids.ndim == 3 else ids
             self.size = (int(ids[:, 1].max().item()) + 1, int(ids[:, 2].max().item()) + 1)
+        elif call.get("img_shapes"):  # Qwen-Image: [[(frames, rows, cols)]] of the packed tokens
+            _, rows, cols = call["img_shapes"][0][0]
+            self.size = (int(rows), int(cols))
         else:
             self.size = None
         t = call.get("timestep")

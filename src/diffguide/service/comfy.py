@@ -1,12 +1,15 @@
-"""ComfyUI-compatible endpoints of ``diffguide serve``: ``POST /prompt``, ``GET /history/{id}``,
-``GET /view`` and the ``/ws`` progress socket, so an existing ComfyUI API client works unchanged.
+"""ComfyUI-compatible endpoints of ``diffguide serve``: ``POST /prompt``, ``GET /history`` (all
+prompts, ``max_items`` / ``offset`` as ComfyUI), ``GET /history/{id}``, ``GET /view`` and the
+``/ws`` progress socket, so an existing ComfyUI API client works unchanged.
 
 A prompt (API-format workflow) is translated by :mod:`diffguide.comfy_workflow` into one run, which
 becomes an ordinary :class:`~.schema.JobRequest` job (same queue, store and files as ``/v1/jobs``;
 the prompt id is the job id). ``CheckpointLoaderSimple``'s ``ckpt_name`` names a service model
-(``tiny-sd`` or ``tiny-sd.safetensors``), never a path. A workflow that diffguide cannot run, or
-whose run is not a plain service job (LoRAs, ModelSampling overrides, conditioning files), is
-answered 400 with ComfyUI's ``node_errors`` shape and the one-line error.
+(``tiny-sd`` or ``tiny-sd.safetensors``), never a path. ``LoraLoader`` / ``LoraLoaderModelOnly``'s
+``lora_name`` names a file sent to ``POST /v1/uploads`` (``<id>.safetensors``, the id the upload
+answered; the job's ``loras``), never a path. A workflow that diffguide cannot run, or whose run
+is not a plain service job (ModelSampling overrides, other files), is answered 400 with ComfyUI's
+``node_errors`` shape and the one-line error.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
+from fastapi import FastAPI, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -38,11 +41,13 @@ from .worker import NotCancellable, QueueFull, Worker, one_line
 WS_POLL_S = 0.05
 _NODE = re.compile(r"^node (\S+) \(([^)]+)\): ")
 _CKPT_SUFFIXES = (".safetensors", ".ckpt", ".pt")
-#: Nodes that name files (LoRAs, transformers, text encoders, VAEs, conditioning): not served.
-_FILE_NODES = (
-    "UNETLoader", "CLIPLoader", "DualCLIPLoader", "VAELoader", "LoraLoader", "LoraLoaderModelOnly",
-    "DiffguideLoadConditioning",
-)  # fmt: skip
+#: Nodes that name files (transformers, text encoders, VAEs, conditioning): not served.
+_FILE_NODES = ("UNETLoader", "CLIPLoader", "DualCLIPLoader", "VAELoader", "DiffguideLoadConditioning")
+#: Nodes whose ``lora_name`` names an upload (``<sha256>.safetensors``).
+LORA_NODES = ("LoraLoader", "LoraLoaderModelOnly")
+_UPLOAD_NAME = re.compile(r"^([0-9a-f]{64})(\.safetensors)?$")
+#: The states of a prompt in ComfyUI's history (ended).
+ENDED = ("succeeded", "failed", "cancelled")
 #: GenerateConfig fields a JobRequest carries under the same name.
 _SAME = ("steps", "width", "height", "seed", "scheduler", "eta", "noise", "schedule", "shift")
 
@@ -69,8 +74,30 @@ def model_name(ckpt_name: str) -> str:
     return ckpt_name
 
 
-def to_job(prompt: dict[str, Any], known: dict[str, Path]) -> tuple[JobRequest, str, str | None]:
-    """The job of an API-format workflow, its sampler node and its output node (WorkflowError)."""
+def uploaded_loras(uploads: Path) -> list[str]:
+    """The ``lora_name`` values a workflow may give: every file sent to ``POST /v1/uploads``."""
+    return sorted(p.name for p in uploads.glob("*.safetensors") if _UPLOAD_NAME.match(p.name))
+
+
+def _lora_upload(node: Any, uploads: Path | None) -> str:
+    """The upload id a LoRA node's ``lora_name`` names (WorkflowError unless it was uploaded)."""
+    from ..comfy_workflow.graph import WorkflowError
+
+    name = str(node.inputs.get("lora_name", ""))
+    found = _UPLOAD_NAME.match(name)
+    if found is None or uploads is None or not (uploads / f"{found[1]}.safetensors").is_file():
+        raise WorkflowError(
+            f"{node.label}: LoRA '{name[:80]}' is not a file uploaded to this service; send it to "
+            "POST /v1/uploads?kind=lora and give lora_name '<id>.safetensors'"
+        )
+    return found[1]
+
+
+def to_job(
+    prompt: dict[str, Any], known: dict[str, Path], uploads: Path | None = None
+) -> tuple[JobRequest, str, str | None]:
+    """The job of an API-format workflow, its sampler node and its output node (WorkflowError).
+    LoRA nodes name files in the service's upload folder ``uploads``."""
     from ..comfy_workflow.graph import WorkflowError, parse_workflow
     from ..comfy_workflow.translate import translate
 
@@ -79,10 +106,17 @@ def to_job(prompt: dict[str, Any], known: dict[str, Path]) -> tuple[JobRequest, 
         if node.class_type in _FILE_NODES:
             raise WorkflowError(
                 f"{node.label}: not run by the service, which runs its own models by name "
-                "(CheckpointLoaderSimple) without LoRAs or other files"
+                "(CheckpointLoaderSimple) and LoRAs sent to POST /v1/uploads, no other files"
             )
     with tempfile.TemporaryDirectory() as tmp:  # ckpt names -> service models, no files read
         names: dict[str, str] = {}
+        lora_ids: dict[str, str] = {}  # lora_name -> upload id
+        for node in graph.values():
+            if node.class_type in LORA_NODES:
+                lora_name = str(node.inputs.get("lora_name", ""))
+                lora_ids[lora_name] = _lora_upload(node, uploads)
+                (Path(tmp) / "loras").mkdir(exist_ok=True)
+                (Path(tmp) / "loras" / lora_name).touch()
         for node in graph.values():
             if node.class_type == "CheckpointLoaderSimple":
                 ckpt = str(node.inputs.get("ckpt_name", ""))
@@ -107,6 +141,7 @@ def to_job(prompt: dict[str, Any], known: dict[str, Path]) -> tuple[JobRequest, 
         "prompt": list(cfg.prompts),
         "negative_prompt": list(cfg.negative_prompts),
         "guidance": [t.describe() for t in cfg.guidance],
+        "loras": [{"file": {"upload": lora_ids[p.name]}, "scale": s} for p, s in run.model.loras],
         **{k: getattr(cfg, k) for k in _SAME},
     }
     try:
@@ -173,7 +208,7 @@ class ComfyState:
                 status_code=400,
             )  # fmt: skip
         try:
-            req, sampler, output = to_job(prompt, self.worker.cache.models)
+            req, sampler, output = to_job(prompt, self.worker.cache.models, self.worker.uploads)
             row = self.worker.submit(req)
         except QueueFull:
             raise HTTPException(429, "the queue is full; retry later", {"Retry-After": "2"}) from None
@@ -196,9 +231,23 @@ class ComfyState:
         ]
         return {rec.output_node: {"images": images}} if rec.output_node and images else {}
 
-    def history(self, job_id: str) -> dict[str, Any]:
+    def history_all(self, max_items: int | None, offset: int) -> dict[str, Any]:
+        """ComfyUI's ``GET /history``: the ended prompts (posted to /prompt) in the order they
+        ended, from ``offset`` (-1: the start, or the last ``max_items`` when that is given) and at
+        most ``max_items`` of them (ComfyUI's ``PromptQueue.get_history``)."""
+        rows = [r for r in self.worker.store.list(states=ENDED, limit=1_000_000) if self.record(r.id)]
+        rows.sort(key=lambda r: (r.finished or 0.0, r.created))
+        if offset < 0 and max_items is not None:
+            offset = len(rows) - max_items
+        chosen = rows[max(offset, 0) :][: max_items if max_items is not None else None]
+        out: dict[str, Any] = {}
+        for row in chosen:
+            out.update(self.history(row.id, row))
+        return out
+
+    def history(self, job_id: str, row: Any = None) -> dict[str, Any]:
         """ComfyUI's history entry; ``{}`` while the prompt is queued or running (as ComfyUI)."""
-        row = job_row(self.worker, job_id)
+        row = row if row is not None else job_row(self.worker, job_id)
         rec = self.record(job_id)
         if rec is None:
             raise HTTPException(404, f"no prompt '{job_id[:40]}'")
@@ -353,6 +402,14 @@ def add_routes(api: FastAPI, worker: Worker, api_key: str | None) -> None:
             raise HTTPException(400, "the body must be a JSON object with a 'prompt'")
         return await asyncio.to_thread(state.submit, body)
 
+    @api.get("/history")
+    def history_all(
+        max_items: int | None = Query(None, ge=0), offset: int = Query(-1, ge=-1)
+    ) -> dict[str, Any]:
+        """ComfyUI's history of every ended prompt (``max_items``: the last that many; ``offset``:
+        from that index on, as ComfyUI)."""
+        return state.history_all(max_items, offset)
+
     @api.get("/history/{prompt_id}")
     def history(prompt_id: str) -> dict[str, Any]:
         """ComfyUI's history of one prompt (``{}`` until it has ended; 404 for an unknown id)."""
@@ -382,11 +439,11 @@ def add_routes(api: FastAPI, worker: Worker, api_key: str | None) -> None:
     @api.get("/object_info")
     def object_info() -> dict[str, Any]:
         """ComfyUI's node descriptions, for the nodes the service runs."""
-        return comfy_info.object_info(sorted(worker.cache.models))
+        return comfy_info.object_info(sorted(worker.cache.models), loras=uploaded_loras(worker.uploads))
 
     @api.get("/object_info/{node_class}")
     def object_info_node(node_class: str) -> dict[str, Any]:
-        return comfy_info.object_info(sorted(worker.cache.models), node_class)
+        return comfy_info.object_info(sorted(worker.cache.models), node_class, uploaded_loras(worker.uploads))
 
     @api.post("/upload/image")
     async def upload_image(request: Request) -> dict[str, str]:

@@ -19,9 +19,10 @@ from typing import Any
 from ..errors import DiffguideError
 from ..io import replace_atomic
 
-#: Nodes that name files or change the model's sampling: POST /prompt refuses them.
+#: Nodes that name files or change the model's sampling: POST /prompt refuses them (the LoRA
+#: loaders are served: their ``lora_name`` lists the files sent to ``POST /v1/uploads``).
 REFUSED = (
-    "UNETLoader", "CLIPLoader", "DualCLIPLoader", "VAELoader", "LoraLoader", "LoraLoaderModelOnly",
+    "UNETLoader", "CLIPLoader", "DualCLIPLoader", "VAELoader",
     "DiffguideLoadConditioning", "ConditioningZeroOut",
     "ModelSamplingAuraFlow", "ModelSamplingSD3", "ModelSamplingFlux",
 )  # fmt: skip
@@ -39,12 +40,13 @@ def served_nodes() -> list[str]:
     return [n for n in NODES if n not in REFUSED]
 
 
-def _choices(models: list[str]) -> dict[str, list[str]]:
+def _choices(models: list[str], loras: list[str]) -> dict[str, list[str]]:
     from ..comfy_workflow.translate import SAMPLERS
     from ..sampling.comfy import COMFY_SCHEDULERS
 
     return {
         "ckpt_name": [f"{m}.safetensors" for m in models],
+        "lora_name": list(loras),
         "sampler_name": list(SAMPLERS),
         "scheduler": list(COMFY_SCHEDULERS),
         "add_noise": ["enable"],
@@ -52,11 +54,12 @@ def _choices(models: list[str]) -> dict[str, list[str]]:
     }
 
 
-def object_info(models: list[str], only: str | None = None) -> dict[str, Any]:
-    """``{class_type: node_info}`` for every served node (or just ``only``; {} if not served)."""
+def object_info(models: list[str], only: str | None = None, loras: list[str] | None = None) -> dict[str, Any]:
+    """``{class_type: node_info}`` for every served node (or just ``only``; {} if not served);
+    ``loras``: the uploaded files a LoRA loader's ``lora_name`` may name."""
     from ..comfy_workflow.nodes import NODES
 
-    choices = _choices(models)
+    choices = _choices(models, loras or [])
     out = {}
     for name in served_nodes():
         if only is not None and name != only:
