@@ -226,6 +226,7 @@ class ComfyStepper:
     pack: Callable[[Tensor], Tensor] | None = None
     eta: float = 1.0  # euler_ancestral's eta and s_noise (KSampler's defaults: 1, 1)
     s_noise: float = 1.0
+    latent_image: Tensor | None = None  # KSampler's latent_image in model space (None: an empty latent)
 
     def __post_init__(self) -> None:
         self.prediction = self.model_sampling.prediction_type
@@ -258,7 +259,8 @@ class ComfyStepper:
         self._sig = self.sigmas_t.to(noise.device)
         self._tim = self.timesteps_t.to(noise.device, torch.float32)
         ms = self.model_sampling
-        x = ms.noise_scaling(self._sig[0], noise, torch.zeros_like(noise), ms.is_max_denoise(self._sig))
+        latent = torch.zeros_like(noise) if self.latent_image is None else self.latent_image.float()
+        x = ms.noise_scaling(self._sig[0], noise, latent, ms.is_max_denoise(self._sig))
         flow = self.prediction == "flow"
         if self.sampler != "heun":
             self._update = make_comfy_step(
