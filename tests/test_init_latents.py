@@ -125,7 +125,9 @@ def test_batch_invariant_img2img_equals_single_runs(sd15):
     init = init_for(sd15, 2)
     kw = dict(guidance=[CFG(5.0)], steps=4, decode=False, strength=0.5, batch_invariant=True)
     both = sd15.generate(PROMPTS, NEGATIVES, seed=SEED, init_latents=InitLatents.of(init), **kw)
-    second = sd15.generate(PROMPTS[1:], NEGATIVES[1:], seed=SEED + 1, init_latents=InitLatents.of(init[1:]), **kw)
+    second = sd15.generate(
+        PROMPTS[1:], NEGATIVES[1:], seed=SEED + 1, init_latents=InitLatents.of(init[1:]), **kw
+    )
     assert torch.equal(both.latents[1:], second.latents)
 
 
@@ -175,7 +177,9 @@ def test_file_errors(tmp_path):
         load_init_latents(pt)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file at all")
-    with pytest.raises(ConfigError, match=r"^initial latents file '.*junk.safetensors' is not a safetensors file"):
+    with pytest.raises(
+        ConfigError, match=r"^initial latents file '.*junk.safetensors' is not a safetensors file"
+    ):
         load_init_latents(junk)
     two = tmp_path / "two.safetensors"
     save_file({"a": torch.zeros(1, 4, 8, 8), "b": torch.zeros(1)}, str(two))
@@ -199,11 +203,20 @@ def test_manifest_records_file_and_replay_is_identical(sd15, tmp_path):
     save_init_latents(path, init_for(sd15, 2))
     init = load_init_latents(path)
     out = sd15.generate(
-        PROMPTS, NEGATIVES, guidance=[CFG(5.0)], steps=4, seed=SEED, decode=False, init_latents=init, strength=0.5
+        PROMPTS,
+        NEGATIVES,
+        guidance=[CFG(5.0)],
+        steps=4,
+        seed=SEED,
+        decode=False,
+        init_latents=init,
+        strength=0.5,
     )
     rec = out.manifests[1]["parameters"]["init_latents"]
-    assert rec["path"] == str(path) and rec["sha256"] == init.sha256 and rec["shape"] == [2, 4, 8, 8][:1] + list(
-        init.latents.shape[1:]
+    assert (
+        rec["path"] == str(path)
+        and rec["sha256"] == init.sha256
+        and rec["shape"] == [2, 4, 8, 8][:1] + list(init.latents.shape[1:])
     )
     assert out.manifests[1]["parameters"]["strength"] == 0.5
     manifest = json.loads(json.dumps(out.manifests[1]))

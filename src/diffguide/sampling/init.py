@@ -267,3 +267,14 @@ def replay_init_latents(recorded: Any) -> InitLatents | None:
             f"the initial latents file '{path}' changed since the run (sha256 {loaded.sha256}, recorded {recorded['sha256']})"
         )
     return loaded
+
+
+def check_init_latents(gp: Any, cfg: Any) -> None:
+    """One-line error, before any sampling, when ``cfg``'s initial latents do not fit ``gp``'s model
+    at the run's size (:class:`~diffguide.pipeline.GuidedPipeline`, ``GenerateConfig``)."""
+    if cfg.init_latents is None:
+        return
+    size = gp.default_size()
+    height, width = cfg.height or size, cfg.width or size
+    shape = gp.family.latent_shape(gp.pipe, cfg.num_images, height, width)
+    init_rows(cfg.init_latents, shape, gp.family, gp.pipe, (height, width))
