@@ -95,7 +95,7 @@ def test_cli_img2img_equals_library_and_replays(runner, start, tmp_path):
          "error: initial latents have shape [1, 4, 16, 16]; this model at 32x32 px takes [1, 4, 8, 8]"),
         (["--init-latents", "{start}", "--strength", "0"], "error: strength must be in (0, 1] (1 = start from pure noise), got 0.0"),
         (["--init-latents", "{start}", "--strength", "1.5"], "error: strength must be in (0, 1] (1 = start from pure noise), got 1.5"),
-        (["--strength", "0.5"], "error: strength 0.5 needs initial latents (--init-latents) to start from"),
+        (["--strength", "0.5"], "error: strength 0.5 needs initial latents to start from (--init-latents; a job's initial_latents)"),
         (["--init-latents", "{start}", "--save-workflow", "{tmp}/wf.json"],
          "error: --save-workflow cannot express --init-latents yet (a LoadLatent node); drop one of them"),
     ],

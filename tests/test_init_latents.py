@@ -158,7 +158,10 @@ def test_bad_strength(strength, message):
 
 
 def test_strength_without_latents():
-    with pytest.raises(ConfigError, match=r"^strength 0.5 needs initial latents \(--init-latents\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^strength 0.5 needs initial latents to start from \(--init-latents; a job's initial_latents\)$",
+    ):
         GenerateConfig.create("x", strength=0.5)
 
 

@@ -126,13 +126,19 @@ def save_init_latents(path: str | Path, latents: Tensor) -> None:
     save_file({"latents": latents.detach().to("cpu").contiguous()}, str(path))
 
 
-def check_strength(strength: Any, init: InitLatents | None) -> None:
+def check_strength_value(strength: Any) -> None:
     if isinstance(strength, bool) or not isinstance(strength, (int, float)):
         raise ConfigError(f"strength must be a number in (0, 1], got {strength!r}")
     if not (math.isfinite(strength) and 0.0 < strength <= 1.0):
         raise ConfigError(f"strength must be in (0, 1] (1 = start from pure noise), got {strength}")
+
+
+def check_strength(strength: Any, init: InitLatents | None) -> None:
+    check_strength_value(strength)
     if strength < 1.0 and init is None:
-        raise ConfigError(f"strength {strength} needs initial latents (--init-latents) to start from")
+        raise ConfigError(
+            f"strength {strength} needs initial latents to start from (--init-latents; a job's initial_latents)"
+        )
     if init is not None and not isinstance(init, InitLatents):
         raise ConfigError(
             f"init_latents must be InitLatents (InitLatents.of(tensor)), got {type(init).__name__}"
