@@ -5,8 +5,8 @@ files and strengths refused in one line (422) with nothing kept."""
 from __future__ import annotations
 
 import base64
-import json
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
