@@ -703,6 +703,7 @@ def comfy_execute(
         "KSampler": lambda i: nodes.KSampler().sample(**i),
         "UNETLoader": lambda i: (_patcher(models / "diffusion_models" / i["unet_name"]),),
         "EmptyLatentImage": lambda i: nodes.EmptyLatentImage().generate(**i),
+        "LoadLatent": lambda i: nodes.LoadLatent().load(**i),  # a name in ComfyUI's input directory
         "EmptySD3LatentImage": lambda i: _io_node(cn.sd3.EmptySD3LatentImage, **i),
         "SkipLayerGuidanceSD3": lambda i: _io_node(cn.sd3.SkipLayerGuidanceSD3, **i),
         "SkipLayerGuidanceDiT": lambda i: _io_node(cn.slg.SkipLayerGuidanceDiT, **i),

@@ -6,7 +6,7 @@ import math
 import threading
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from .sampling.comfy import (
     comfy_sigmas,
 )
 from .sampling.comfy_churn import CHURN_NOISE, churn_description, comfy_churn
+from .sampling.init import InitLatents, TailStepper, check_strength, img2img_begin, init_rows
 from .sampling.knobs import DynamicThreshold, apply_thresholding, check_config_knobs, churn_step_kwargs
 from .sampling.loop import Callback, run
 from .sampling.noise import generators, image_seeds, initial_noise
@@ -95,6 +96,9 @@ class GenerateConfig:
     ancestral_eta: float = 1.0
     # Imagen dynamic thresholding of x0 (diffusers policy: ddim, dpmpp_2m, unipc, ddpm); None = off
     dynamic_thresholding: DynamicThreshold | None = None
+    # img2img (diffguide.sampling.init): start from these latents at ``strength`` (1 = pure noise)
+    init_latents: InitLatents | None = None
+    strength: float = 1.0
 
     @staticmethod
     def create(
@@ -129,6 +133,7 @@ class GenerateConfig:
     def validate(self) -> None:
         check_types(self)  # types, seeds and integer ranges (checks.py); then the consistency rules
         check_config_knobs(self)
+        check_strength(self.strength, self.init_latents)
         if not 1 <= self.steps <= MAX_STEPS:
             raise ConfigError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
         for side, v in (("width", self.width), ("height", self.height)):
@@ -190,8 +195,14 @@ class GenerateConfig:
         return len(self.prompts)
 
     def describe(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k != "guidance"}
+        d = {
+            f.name: asdict(v) if is_dataclass(v) and not isinstance(v, type) else v
+            for f in fields(self)
+            if f.name not in ("guidance", "init_latents")
+            for v in (getattr(self, f.name),)
+        }
         d["guidance"] = [t.describe() for t in self.guidance]
+        d["init_latents"] = None if self.init_latents is None else self.init_latents.describe()
         return d
 
 
@@ -378,11 +389,18 @@ class GuidedPipeline:
             denoiser, cfg.guidance, cond, uncond, seeds, cfg.max_rows, rows_schedule, on_retry, share
         )
         shape = self.family.latent_shape(self.pipe, cfg.num_images, height, width)
+        init = (
+            None
+            if cfg.init_latents is None
+            else init_rows(cfg.init_latents, shape, self.family, self.pipe, (height, width))
+        )
         if cfg.noise == "comfy":
-            latents, schedule = self._sample_comfy(cfg, guided, shape, (height, width), callback, progress)
+            latents, schedule = self._sample_comfy(
+                cfg, guided, shape, (height, width), callback, progress, init
+            )
         else:
             latents, schedule = self._sample_diffusers(
-                cfg, guided, shape, seeds, (height, width), callback, progress
+                cfg, guided, shape, seeds, (height, width), callback, progress, init
             )
         images = self.decode(latents) if decode else []
         manifests = [
@@ -431,6 +449,7 @@ class GuidedPipeline:
                 prompts=(cfg.prompts[i],),
                 negative_prompts=(cfg.negative_prompts[i],),
                 seed=cfg.seed + i,
+                init_latents=None if cfg.init_latents is None else cfg.init_latents.image(i, cfg.num_images),
             )
             cond_i = None if conditioning is None else conditioning.image(i, cfg.num_images)
             parts.append(
@@ -465,6 +484,7 @@ class GuidedPipeline:
         size: tuple[int, int],
         callback: Callback | None,
         progress: bool,
+        init: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Any]]:
         # One generator per image for the initial noise AND the scheduler's per-step noise, in
         # that order (as diffusers' pipelines do); fresh generators for the steps would replay
@@ -489,6 +509,10 @@ class GuidedPipeline:
                 f"s_churn and dynamic thresholding apply to the SD family's samplers, not to {type(scheduler).__name__}"
             )
         noise = initial_noise(seeds, shape[1:], self.pipe.device, guided.cond.dtype, gens=gens)
+        if init is not None and cfg.strength < 1.0:  # img2img: the schedule's tail from the noised latents
+            begin = img2img_begin(cfg.steps, cfg.strength, getattr(scheduler, "order", 1))
+            packed = self.family.pack(init.to(noise.device, noise.dtype))
+            stepper = TailStepper(stepper, begin, packed)
         x = run(guided, stepper, self.family.pack(noise), callback=callback, progress=progress)
         latents = self.family.unpack(x, height, width)
         schedule = {
@@ -515,6 +539,7 @@ class GuidedPipeline:
         size: tuple[int, int],
         callback: Callback | None,
         progress: bool,
+        init: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Any]]:
         height, width = size
         ms = self.family.comfy_model_sampling(self.pipe, height, width)
@@ -522,7 +547,9 @@ class GuidedPipeline:
             ms = cfg.comfy_sampling.build(ms)
         name = cfg.schedule or "normal"
         sampler = COMFY_SAMPLER_NAMES[cfg.scheduler]
-        sigmas = comfy_sigmas(name, cfg.steps, model_sampling=ms)
+        sigmas = comfy_sigmas(
+            name, cfg.steps, cfg.strength, model_sampling=ms
+        )  # strength: KSampler's denoise
         timesteps = ms.model_timestep(sigmas[:-1])  # once per run, on the CPU
         dtype = guided.cond.dtype
         # ComfyUI samples in float32 whatever the model's dtype (only the model input is cast).
@@ -539,6 +566,7 @@ class GuidedPipeline:
             cfg.ancestral_eta,
             cfg.s_noise,
             churn,
+            latent_image=None if init is None else init.to(noise.device),
         )
         x = run(guided, stepper, noise, callback=callback, progress=progress)
         latents = self.family.unpack(x, height, width)

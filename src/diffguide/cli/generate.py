@@ -459,6 +459,25 @@ def generate(
             rich_help_panel=P_PROMPT,
         ),
     ] = None,
+    init_latents: Annotated[
+        Path | None,
+        typer.Option(
+            "--init-latents",
+            help="Start from these latents (img2img): a .safetensors file with one model-space latent tensor "
+            "(batch 1 or one per image; --save-latents writes one) or ComfyUI's SaveLatent file; see --strength.",
+            rich_help_panel=P_PROMPT,
+        ),
+    ] = None,
+    strength: Annotated[
+        float,
+        typer.Option(
+            "--strength",
+            help="With --init-latents: how much of the schedule to run, in (0, 1]. diffusers policy: the last "
+            "int(steps * strength) steps from the latents noised to that level; comfy policy: KSampler's denoise. "
+            "1 = from pure noise.",
+            rich_help_panel=P_PROMPT,
+        ),
+    ] = 1.0,
     save_workflow: Annotated[
         Path | None,
         typer.Option(
@@ -512,6 +531,10 @@ def generate(
         )
     if trace is not None:
         check_trace_path(trace)  # no-clobber: refuse before loading the model and sampling
+    if save_workflow is not None and init_latents is not None:
+        raise ConfigError(
+            "--save-workflow cannot express --init-latents yet (a LoadLatent node); drop one of them"
+        )
     if save_workflow is not None and save_workflow.suffix != ".json":
         raise ConfigError(f"--save-workflow must end in .json, got '{save_workflow}'")
     run = prepare(locals())
@@ -583,6 +606,7 @@ def prepare(opts: dict[str, Any]) -> Run:
     from ..conditioning import load_conditioning
     from ..models.presets import default_layers
     from ..pipeline import GenerateConfig
+    from ..sampling.init import load_init_latents
     from .guide import merge_terms, parse_guide
 
     o = SimpleNamespace(**opts)
@@ -607,6 +631,10 @@ def prepare(opts: dict[str, Any]) -> Run:
     if o.max_rows is not None and o.max_rows < 1:
         raise ConfigError(f"--max-rows must be >= 1, got {o.max_rows}")
     conditioning = load_conditioning(o.conditioning) if o.conditioning is not None else None
+    init = getattr(o, "init_latents", None)
+    knobs_init = {"init_latents": None if init is None else load_init_latents(init)}
+    if init is not None or getattr(o, "strength", 1.0) != 1.0:
+        knobs_init["strength"] = o.strength
     if not prompt:
         prompt = [conditioning.metadata.get("prompt", "<conditioning file>")] if conditioning else []
     knobs = {
@@ -629,6 +657,7 @@ def prepare(opts: dict[str, Any]) -> Run:
         scheduler=o.scheduler.value,
         eta=o.eta,
         **knobs,
+        **knobs_init,
         max_rows=o.max_rows,
         noise=o.noise.value,
         schedule=o.schedule,
@@ -656,6 +685,10 @@ def prepare(opts: dict[str, Any]) -> Run:
         spec = choice.spec or (f"preset {default_layers(pipe.model, preset)}" if preset else "default")  # type: ignore[arg-type]
         count = len(choice.modules)
         console.print(f"{choice.term} layers: {spec} -> {count} {plural(count, term.layer_kind)}")
+    if config_.init_latents is not None:  # the file's shape vs the model's latents: before sampling
+        from ..sampling.init import check_init_latents
+
+        check_init_latents(pipe, config_)
     size = pipe.default_size()
     noise_desc = f"{config_.noise} noise" + (f" ({config_.schedule} schedule)" if config_.schedule else "")
     console.print(

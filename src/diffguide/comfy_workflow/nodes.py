@@ -89,6 +89,7 @@ NODES: dict[str, NodeType] = {
     "DiffguideLoadConditioning": _n(("CONDITIONING",), file="STRING"),
     "EmptyLatentImage": _n(("LATENT",), width="INT", height="INT", batch_size="INT"),
     "EmptySD3LatentImage": _n(("LATENT",), width="INT", height="INT", batch_size="INT"),
+    "LoadLatent": _n(("LATENT",), latent="STRING"),
     "EmptyHunyuanLatentVideo": _n(("LATENT",), width="INT", height="INT", length="INT", batch_size="INT"),
     "KSampler": _typed(
         ("LATENT",),

@@ -32,11 +32,13 @@ from typing import Any
 import torch
 
 from ..conditioning import ConditioningFile
+from ..errors import DiffguideError
 from ..guidance import CFG, PAG, CFGNorm, EmbeddedGuidance, GuidanceTerm, RescaleCFG, Window
 from ..guidance.slg_comfy import SLGComfy
 from ..manifest import file_hash
 from ..pipeline import COMFY_SAMPLER_NAMES, GenerateConfig
 from ..sampling.comfy import COMFY_SCHEDULERS, ComfyShift, flux_node_shift
+from ..sampling.init import InitLatents
 from .conditioning import ComfyConditioning, describe_metadata, load_comfy_conditioning, to_diffguide
 from .graph import Graph, Link, Node, WorkflowError
 from .models import resolve
@@ -88,6 +90,7 @@ class _Latent:
     shape: tuple[int, ...]
     width: int
     height: int
+    init: InitLatents | None = None  # LoadLatent's samples (ComfyUI's LATENT); None: an empty latent
 
 
 @dataclass(frozen=True)
@@ -364,12 +367,21 @@ class Translator:
             )
         return self._empty(node, 16, 1)
 
+    def _LoadLatent(self, node: Node) -> tuple[Any, ...]:
+        init = load_latent_node(node, str(self.value(node, "latent")), self.base_dir, self.models_dir)
+        x = init.latents
+        if x.ndim not in (4, 5):
+            raise WorkflowError(
+                f"{node.label}: a LATENT is (batch, channels, [frames,] h, w), got {list(x.shape)}"
+            )
+        return (_Latent(node.id, tuple(x.shape), x.shape[-1] * 8, x.shape[-2] * 8, init),)
+
     # -- the sampler ---------------------------------------------------------------------------
     def _KSampler(self, node: Node) -> tuple[Any, ...]:
         denoise = self.number(node, "denoise")
-        if denoise != 1.0:
-            raise WorkflowError(f"{node.label}: denoise {denoise:g} (img2img) is not supported; use 1.0")
-        return (self._sample(node, int(self.value(node, "seed"))),)
+        if not 0.0 < denoise <= 1.0:
+            raise WorkflowError(f"{node.label}: denoise must be in (0, 1], got {denoise:g}")
+        return (self._sample(node, int(self.value(node, "seed")), denoise),)
 
     def _KSamplerAdvanced(self, node: Node) -> tuple[Any, ...]:
         steps = int(self.value(node, "steps"))
@@ -384,7 +396,7 @@ class Translator:
             )
         return (self._sample(node, int(self.value(node, "noise_seed"))),)
 
-    def _sample(self, node: Node, seed: int) -> WorkflowRun:
+    def _sample(self, node: Node, seed: int, denoise: float = 1.0) -> WorkflowRun:
         model: _Model = self.value(node, "model")
         pos: _Cond = self.value(node, "positive")
         neg: _Cond = self.value(node, "negative")
@@ -400,6 +412,11 @@ class Translator:
                 f"{node.label}: scheduler '{schedule}' is not supported; one of {', '.join(COMFY_SCHEDULERS)}"
             )
         cfg_scale = self.number(node, "cfg", 0.0, 100.0)
+        init = latent.init
+        if (
+            init is None and denoise < 1.0
+        ):  # ComfyUI noises the empty latent's zeros (after process_latent_in)
+            init = InitLatents(torch.zeros(latent.shape), "comfy")
         terms = _terms(node, model, cfg_scale, pos, neg, latent)
         batch = latent.shape[0]
         conditioning = None
@@ -420,16 +437,22 @@ class Translator:
             config = GenerateConfig(
                 prompts, negatives, terms, steps=int(self.value(node, "steps")), width=latent.width,
                 height=latent.height, seed=seed, scheduler=SAMPLERS[sampler], noise="comfy",
-                schedule=schedule, comfy_sampling=model.sampling,
+                schedule=schedule, comfy_sampling=model.sampling, init_latents=init, strength=denoise,
             )  # fmt: skip
         except Exception as err:
             raise WorkflowError(f"{node.label}: {err}") from err
         lines = [
             f"model: {model.spec.loader} (node {model.spec.node}) {model.spec.path} [{model.spec.dtype}]",
             *[f"  {n}" for n in model.notes],
-            f"sampler: {node.label}: {sampler} / {schedule}, {config.steps} steps, cfg {cfg_scale:g}, seed {seed}",
+            f"sampler: {node.label}: {sampler} / {schedule}, {config.steps} steps, cfg {cfg_scale:g}, seed {seed}"
+            + (
+                f", denoise {denoise:g} (the last {config.steps} of int(steps / denoise) sigmas)"
+                if denoise < 1
+                else ""
+            ),
             "guidance terms: " + ", ".join(_term_text(t) for t in terms),
-            f"latent: {self.graph[latent.node].label}: {list(latent.shape)} ({latent.width}x{latent.height} px)",
+            f"latent: {self.graph[latent.node].label}: {list(latent.shape)} ({latent.width}x{latent.height} px)"
+            + (f" from {latent.init.path} (sha256 {latent.init.sha256})" if latent.init is not None else ""),
             f"positive: {pos.source}"
             + (f" metadata {describe_metadata(pos.entries)}" if pos.entries else ""),
             f"negative: {neg.source}"
@@ -474,6 +497,29 @@ def _terms(
             )
         embedded = (EmbeddedGuidance(float(pos.guidance if pos.guidance is not None else 0.0)),)
     return (CFG(cfg), *chain, *embedded)
+
+
+def load_latent_node(node: Node, name: str, base_dir: Path, models_dir: Path | None) -> InitLatents:
+    """LoadLatent's file (ComfyUI's SaveLatent form): an absolute path, or a name under the workflow's
+    folder or ComfyUI's ``input/`` next to the models folder."""
+    from ..sampling.init import load_init_latents
+
+    path = Path(name)
+    if not path.is_absolute():
+        places = [base_dir / name] + ([models_dir.parent / "input" / name] if models_dir is not None else [])
+        path = next((p for p in places if p.is_file()), places[0])
+    if not path.is_file():
+        raise WorkflowError(f"{node.label}: latent file '{path}' does not exist")
+    try:
+        init = load_init_latents(path)
+    except DiffguideError as err:
+        raise WorkflowError(f"{node.label}: {err}") from None
+    if init.space != "comfy":
+        raise WorkflowError(
+            f"{node.label}: '{path}' is not a ComfyUI latent file (SaveLatent's 'latent_tensor' key); "
+            "give model-space latents to diffguide generate --init-latents instead"
+        )
+    return init
 
 
 def _is_flux_dev(path: Path) -> bool:

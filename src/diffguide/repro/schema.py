@@ -91,6 +91,10 @@ def config_from_manifest(manifest: Mapping[str, Any]) -> GenerateConfig:
                 "must be {percentile, max_value}",
                 p["dynamic_thresholding"],
             ) from err
+    if "init_latents" in kwargs:  # img2img: the recorded file again, checked against its hash
+        from ..sampling.init import replay_init_latents
+
+        kwargs["init_latents"] = replay_init_latents(p["init_latents"])
     try:
         return GenerateConfig(**kwargs)
     except ConfigError as err:

@@ -228,6 +228,7 @@ class ComfyStepper:
     eta: float = 1.0  # euler_ancestral's eta and s_noise (KSampler's defaults: 1, 1)
     s_noise: float = 1.0  # also the churn noise's scale
     churn: ComfyChurn | None = None  # sample_euler's s_churn, s_tmin, s_tmax (None: off)
+    latent_image: Tensor | None = None  # KSampler's latent_image in model space (None: an empty latent)
 
     def __post_init__(self) -> None:
         self.prediction = self.model_sampling.prediction_type
@@ -280,7 +281,8 @@ class ComfyStepper:
                     self._eval_sig[k], self._eval_tim[k] = hats[j], hat_t[k]
             self.churn.start(noise, self.seed, self.pack, self.s_noise)
         ms = self.model_sampling
-        x = ms.noise_scaling(self._sig[0], noise, torch.zeros_like(noise), ms.is_max_denoise(self._sig))
+        latent = torch.zeros_like(noise) if self.latent_image is None else self.latent_image.float()
+        x = ms.noise_scaling(self._sig[0], noise, latent, ms.is_max_denoise(self._sig))
         flow = self.prediction == "flow"
         if self.sampler != "heun" and self.churn is None:
             self._update = make_comfy_step(

@@ -44,7 +44,7 @@ def run_job(
     cancelled: Callable[[], bool],
 ) -> JobRun:
     files = resolve(req, uploads)
-    cfg = req.to_config(files.prompt)
+    cfg = req.to_config(files.prompt, files.init_latents)
     pipe = cache.get(req.model, files.loras)
     recorder = TraceRecorder(req.trace_modules) if req.trace else None
     vae_every = req.vae_preview_every

@@ -16,6 +16,7 @@ from ..defaults import DEFAULTS
 from ..errors import ConfigError
 from ..guidance.base import GuidanceTerm
 from ..pipeline import GenerateConfig
+from ..sampling.init import InitLatents, check_strength_value
 from .models import check_model_name
 
 MAX_IMAGES = 16
@@ -99,6 +100,15 @@ class JobRequest(Strict):
     loras: list[LoraRef] = Field(
         default_factory=list, max_length=8, description="as generate --lora, in order"
     )
+    initial_latents: FileRef | None = Field(
+        None,
+        description="start from these latents (img2img), as generate --init-latents: a safetensors file "
+        "with one model-space latent tensor (batch 1 or one per image), or ComfyUI's SaveLatent file",
+    )
+    strength: float = Field(
+        1.0,
+        description="with initial_latents: how much of the schedule runs, in (0, 1], as generate --strength",
+    )
     trace: bool = Field(
         False, description="record the step trace (generate --trace): GET /v1/jobs/{id}/trace"
     )
@@ -130,10 +140,13 @@ class JobRequest(Strict):
                 raise ValueError(f"callback_url must be an http(s) URL, got '{v[:80]}'")
         return v
 
-    def to_config(self, conditioning_prompt: str | None = None) -> GenerateConfig:
+    def to_config(
+        self, conditioning_prompt: str | None = None, init_latents: InitLatents | None = None
+    ) -> GenerateConfig:
         """The run's config (ConfigError on a bad combination, before anything is queued).
         ``conditioning_prompt``: the conditioning file's ``prompt`` metadata (the prompt when none
-        is given, as in the CLI)."""
+        is given, as in the CLI). ``init_latents``: the loaded ``initial_latents`` file (without it, on
+        submission, only the strength is checked; the file was checked when it was staged)."""
         self._check_files()
         terms = None if self.guidance is None else [build_term(t, i) for i, t in enumerate(self.guidance)]
         count = self.num_images
@@ -156,10 +169,19 @@ class JobRequest(Strict):
             shift=self.shift,
             batch_invariant=self.batch_invariant,
             prefix_sharing=not self.trace_modules,  # module traces need every row through every module
+            **self._init_kwargs(init_latents),
         )
         if cfg.num_images > MAX_IMAGES:
             raise ConfigError(f"at most {MAX_IMAGES} images per job, got {cfg.num_images}")
         return cfg
+
+    def _init_kwargs(self, init: InitLatents | None) -> dict[str, Any]:
+        if init is not None:
+            return {"init_latents": init, "strength": self.strength}
+        if self.initial_latents is not None:  # submission: the file is read when the job runs
+            check_strength_value(self.strength)
+            return {}
+        return {"strength": self.strength}  # strength < 1 without latents: GenerateConfig's error
 
     def _check_files(self) -> None:
         if self.prompt is None and self.conditioning is None:

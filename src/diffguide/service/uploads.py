@@ -1,6 +1,8 @@
-"""Files sent with a job: conditioning (diffguide's or ComfyUI's form) and LoRAs, as safetensors.
+"""Files sent with a job: conditioning (diffguide's or ComfyUI's form), LoRAs and initial latents, as
+safetensors.
 
-A file field of a request (``conditioning``, ``negative_conditioning``, ``loras[i].file``) is a
+A file field of a request (``conditioning``, ``negative_conditioning``, ``loras[i].file``,
+``initial_latents``) is a
 :class:`FileRef`: ``{"upload": ID}`` (a file sent before to ``POST /v1/uploads``), ``{"base64":
 DATA}`` (in the JSON body) or ``{"part": NAME}`` (a file part of a multipart body). Files are
 checked before anything is stored (safetensors only: a pickle is refused, it could run code),
@@ -21,13 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 from ..conditioning import ConditioningFile, load_conditioning
 from ..errors import DiffguideError
+from ..sampling.init import InitLatents, load_init_latents
 
 if TYPE_CHECKING:
     from .schema import JobRequest
 
 #: What every refusal of a file's format says to send instead.
 SEND_INSTEAD = "send a .safetensors file instead (safetensors.torch.save_file(dict_of_tensors, path))"
-KINDS = ("conditioning", "negative_conditioning", "lora")
+KINDS = ("conditioning", "negative_conditioning", "lora", "initial_latents")
 
 
 class UploadTooLarge(DiffguideError):
@@ -35,17 +38,19 @@ class UploadTooLarge(DiffguideError):
 
 
 def check_safetensors(data: bytes, what: str) -> None:
-    """``data`` is a safetensors file, or a one-line error that says what to send instead."""
-    if data[:2] == b"PK" or data[:1] == b"\x80":
-        raise DiffguideError(
-            f"{what} is a pickle (torch.save / .pt / .ckpt), which can run code when loaded: the service "
-            f"reads only safetensors; {SEND_INSTEAD}"
-        )
+    """``data`` is a safetensors file, or a one-line error that says what to send instead. (A pickle is
+    named only once the file does not read as safetensors: a safetensors header of 128 bytes starts
+    with the byte 0x80 too, as a pickle does.)"""
     try:
         from safetensors.torch import load
 
         load(data)
     except Exception as err:
+        if data[:2] == b"PK" or data[:1] == b"\x80":
+            raise DiffguideError(
+                f"{what} is a pickle (torch.save / .pt / .ckpt), which can run code when loaded: the service "
+                f"reads only safetensors; {SEND_INSTEAD}"
+            ) from None
         reason = " ".join(str(err).split())[:120]
         raise DiffguideError(f"{what} is not a safetensors file ({reason}); {SEND_INSTEAD}") from None
 
@@ -72,6 +77,8 @@ def check_kind(path: Path, kind: str, what: str) -> None:
             to_diffguide(load_comfy_conditioning(path)[0], what)
         elif kind == "conditioning":
             load_conditioning(path)
+        elif kind == "initial_latents":
+            load_init_latents(path)
     except DiffguideError as err:
         raise DiffguideError(f"{what}: {str(err).replace(str(path), 'the file')}") from None
 
@@ -145,7 +152,7 @@ def _check_pair(body: dict[str, Any], staged: Staged) -> None:
 def _refs(body: dict[str, Any]) -> list[tuple[str, dict[str, Any], str]]:
     """(field name, FileRef dict, kind) of every file field in a request body."""
     out = []
-    for key in ("conditioning", "negative_conditioning"):
+    for key in ("conditioning", "negative_conditioning", "initial_latents"):
         if isinstance(body.get(key), dict):
             out.append((key, body[key], key))
     loras = body.get("loras")
@@ -191,6 +198,7 @@ class JobFiles:
 
     conditioning: ConditioningFile | None
     loras: tuple[tuple[str, float], ...]
+    init_latents: InitLatents | None = None
 
     @property
     def prompt(self) -> str | None:
@@ -200,7 +208,7 @@ class JobFiles:
 
 def job_files(req: JobRequest, folder: Path) -> list[Path]:
     """The stored files a job names (to send them to a Ray Serve replica)."""
-    refs = [req.conditioning, req.negative_conditioning, *(lo.file for lo in req.loras)]
+    refs = [req.conditioning, req.negative_conditioning, *(lo.file for lo in req.loras), req.initial_latents]
     return [folder / f"{r.upload}.safetensors" for r in refs if r is not None]
 
 
@@ -244,7 +252,8 @@ def resolve(req: JobRequest, folder: Path) -> JobFiles:
                 req.conditioning.upload,
             )
     loras = tuple((str(path(lo.file)), lo.scale) for lo in req.loras)
-    return JobFiles(cond, loras)
+    init = None if req.initial_latents is None else load_init_latents(path(req.initial_latents))
+    return JobFiles(cond, loras, init)
 
 
 def request_json(text: str | bytes) -> dict[str, Any]:
