@@ -130,7 +130,8 @@ def test_float32_forward_as_close_to_float64_as_every_token(tiny, tiny64):
         args = {"hidden_states": x, "encoder_hidden_states": embeds, "pooled_projections": pooled}
         kwargs = {k: v.to(dtype) for k, v in args.items()}
         with torch.no_grad(), TextCompaction().installed(model, []) if compact else nullcontext():
-            return model(timestep=torch.full((8,), 600.0, dtype=dtype), return_dict=False, **kwargs)[0].double()
+            out = model(timestep=torch.full((8,), 600.0, dtype=dtype), return_dict=False, **kwargs)
+        return out[0].double()
 
     truth = forward(tiny64, torch.float64, False)
     assert max_diff(forward(tiny64, torch.float64, True), truth) <= TOL

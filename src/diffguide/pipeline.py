@@ -381,8 +381,9 @@ class GuidedPipeline:
         tracing = bool(getattr(callback, "module_pattern", None))
         compaction = self.family.text_compaction(tracing) if cfg.compact_text else None
         guided = GuidedModel(
-            denoiser, cfg.guidance, cond, uncond, seeds, cfg.max_rows, rows_schedule, on_retry, share, compaction
-        )
+            denoiser, cfg.guidance, cond, uncond, seeds, cfg.max_rows, rows_schedule, on_retry, share,
+            compaction,
+        )  # fmt: skip
         shape = self.family.latent_shape(self.pipe, cfg.num_images, height, width)
         if cfg.noise == "comfy":
             latents, schedule = self._sample_comfy(cfg, guided, shape, (height, width), callback, progress)

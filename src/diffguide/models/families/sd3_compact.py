@@ -114,7 +114,9 @@ class CompactJointAttnProcessor:
                 ek = attn.norm_added_k(ek)
             query, key, value = (torch.cat([a, b], dim=2) for a, b in ((query, eq), (key, ek), (value, ev)))
             mask = self.call.mask(key.shape[-2], query)  # the text tokens come last: its last key
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False
+        )
         out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
         if encoder_hidden_states is None:
             return attn.to_out[1](attn.to_out[0](out))  # type: ignore[no-any-return]
