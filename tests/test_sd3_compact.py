@@ -210,3 +210,19 @@ def test_manifest_switch_and_old_manifests(tiny, tmp_path):
     assert config_from_manifest(old).compact_text is False  # made before compaction existed
     with pytest.raises(ConfigError, match=r"^compact_text must be true or false, got 'yes'$"):
         GenerateConfig.create("a cat", compact_text="yes")
+
+
+def test_benchmark_quick():
+    """``benchmarks/compact_text.py``'s tiny-sd3 section runs both sides on the same latents."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compact_text.py"
+    spec = importlib.util.spec_from_file_location("compact_text_bench", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (row,) = module.tiny_sd3(rounds=1, steps=1, quick=True)
+    assert row["setting"] == "tiny-sd3 CFG, B=1"
+    assert row["every_token_ms"] > 0 and row["compacted_ms"] > 0
+    assert row["max_abs_diff"] <= TOL32

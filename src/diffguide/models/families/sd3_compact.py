@@ -172,7 +172,7 @@ class TextCompaction:
                 args_ = named(args, kwargs)
                 text = args_.get("encoder_hidden_states")
                 run = trailing_run(text) if isinstance(text, Tensor) and text.ndim == 3 else 1
-                if run < MIN_RUN:
+                if run < MIN_RUN or not isinstance(text, Tensor):
                     self.full_calls += 1
                     return original(**args_)
                 length = text.shape[1]
