@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/quality_suite.sh sd3        # tiny-sd3: the issue-11 rows, N = 1000
 #   bash benchmarks/quality_suite.sh sd3-sweep  # tiny-sd3: SLG / PAG on each block with CFG 3, N = 500
-#   bash benchmarks/quality_suite.sh methods    # tiny-sd: the issue-12 method rows, N = 1000
+#   bash benchmarks/quality_suite.sh methods    # tiny-sd: the issue-12 method rows, N = 1000 (2 processes)
 #   bash benchmarks/quality_suite.sh report     # merge each run with paired bootstrap -> docs/quality/
 #
 # N=... overrides the image count (e.g. N=100 for a smoke run); OUT=... the outputs folder.
@@ -31,18 +31,27 @@ sd3-sweep)
   done
   bench --model tiny-sd3 --n "${N:-500}" --out "$OUT/quality-sd3-sweep" --settings cond/cfg3 "${args[@]}"
   ;;
-methods)
+methods)  # as two processes (a, b), one per core; 'report' merges them
+  "$0" methods-a & "$0" methods-b & wait
+  ;;
+methods-a)
   bench --n "${N:-1000}" --layers slg=mid --out "$OUT/quality-methods" \
-    --settings cond/none,cond/cfg2,cond/cfg3,cond/cfg5,cond/cfg3+seg3,cond/cfg3+slg3,cond/cfg_zero_star3,cond/cfg3+prompt_shuffle3 \
+    --settings cond/none,cond/cfg2,cond/cfg3,cond/cfg5,cond/cfg3+seg3
+  ;;
+methods-b)
+  bench --n "${N:-1000}" --layers slg=mid --out "$OUT/quality-methods-b" \
+    --settings cond/cfg3+slg3,cond/cfg_zero_star3,cond/cfg3+prompt_shuffle3 \
     --setting "cond/apg:scale=5,eta=0,norm_threshold=2.5,momentum=-0.75" \
     --setting "cond/cfg:scale=5,window=sigma:0.28:5.42" \
-    --setting "cond/cfg3+uncond_query_shuffle:strength=1"
+    --setting "cond/cfg3+uncond_query_shuffle:strength=1" \
+    --setting "cond/cfg_zero_star:scale=3,zero_init_steps=0"
   ;;
 report)
-  for run in quality-sd3 quality-sd3-sweep quality-methods; do
-    [ -f "$OUT/$run/results.json" ] || continue
-    "$PY" -m diffguide.cli.main bench report "$OUT/$run" --out "docs/quality/${run#quality-}"
-  done
+  rep() { "$PY" -m diffguide.cli.main bench report "$@"; }
+  [ -f "$OUT/quality-sd3/results.json" ] && rep "$OUT/quality-sd3" --out docs/quality/sd3
+  [ -f "$OUT/quality-sd3-sweep/results.json" ] && rep "$OUT/quality-sd3-sweep" --out docs/quality/sd3-sweep
+  [ -f "$OUT/quality-methods-b/results.json" ] && rep "$OUT/quality-methods" "$OUT/quality-methods-b" --out docs/quality/methods
+  true
   ;;
 *)
   sed -n '2,10p' "$0"; exit 2 ;;

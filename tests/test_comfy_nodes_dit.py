@@ -4,6 +4,10 @@
   (both identity readings) and TPG nodes vs an independent reference that makes one extra model
   call per step with the perturbation installed on all its rows (tests/comfy_dit_nodes_support.py);
   the SLG node vs ComfyUI's SkipLayerGuidanceDiT. One model call per step for the nodes.
+* Tiny FLUX.1 dev file in ComfyUI's key layout (UNETLoader -> ModelSamplingFlux -> KSampler, batch
+  2, FluxGuidance at cfg 1 and on both prompts at cfg 2.5): the PAG (both readings) and TPG nodes
+  in ComfyUI vs diffguide's engine on the same weights (converted to diffusers' Flux), comfy noise
+  policy, the same explicit blocks ``b1,s0`` on both sides.
 * Tiny Qwen-Image (5-D latents [2, 16, 1, 8, 8], with a LoRA): the PAG and TPG nodes in ComfyUI
   vs diffguide's own engine on the diffusers twin (the same weights), comfy noise policy.
 
@@ -166,12 +170,13 @@ QWEN_CASES = {  # node, the diffguide term, the node's inputs
 }
 
 
-def node_vs_engine(models, wf, name, term, inputs, tmp_path):
+def node_vs_engine(models, wf, name, term, inputs, tmp_path, conditioning=None):
     """The workflow ``wf`` + the pack's node before KSampler, in ComfyUI, vs diffguide's engine
-    running the same workflow with ``term`` added; also ComfyUI's model-call rows per step."""
+    running the same workflow with ``term`` added; also ComfyUI's model-call rows per step.
+    ``conditioning``: the conditioning files standing for text-encode nodes on diffguide's side."""
     path = tmp_path / "wf.json"
     path.write_text(json.dumps(wf))
-    run = load(path, models)
+    run = load(path, models, conditioning)
     run = replace(run, config=replace(run.config, guidance=(*run.config.guidance, term)))
     ours = execute(run)
     assert ours.result.forward_calls == STEPS
@@ -183,8 +188,8 @@ def node_vs_engine(models, wf, name, term, inputs, tmp_path):
         return run_node(node(name), patcher, **inputs)[:1]
 
     with_node = json.loads(json.dumps(wf))
-    with_node["10"] = {"class_type": f"Diffguide{name}", "inputs": {"model": wf["8"]["inputs"]["model"]}}
-    with_node["8"]["inputs"]["model"] = ["10", 0]
+    with_node["20"] = {"class_type": f"Diffguide{name}", "inputs": {"model": wf["8"]["inputs"]["model"]}}
+    with_node["8"]["inputs"]["model"] = ["20", 0]
     cws.EXTRA_NODES[f"Diffguide{name}"] = apply
     try:
         theirs = cws.comfy_execute(with_node, models)
@@ -238,3 +243,60 @@ def test_sd3_node_equals_diffguide_engine(sd3, tmp_path, case):
     assert theirs.shape == (2, 16, 16, 16)
     assert d <= TOL
     assert calls == [6] * STEPS
+
+
+# ------------------------------------------------------------------------------------------------
+# Flux: the nodes in ComfyUI vs diffguide's engine on the same weights (a ComfyUI-layout file that
+# diffguide converts to diffusers' FluxTransformer2DModel)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flux_file(tmp_path_factory):
+    """A tiny FLUX.1 dev file in ComfyUI's key layout; ComfyUI's CLIPTextEncode returns the
+    conditioning file of its text (the DualCLIPLoader stand-in's CLIP), diffguide reads the same
+    files by node id."""
+    from diffguide.comfy_workflow import load_comfy_conditioning
+
+    try:
+        cws.load_comfy_nodes()
+    except comfy_support.ComfyUnavailable as exc:
+        pytest.skip(f"ComfyUI core not available: {exc}")
+    root = cws.make_flux_models_dir(tmp_path_factory.mktemp("flux-models"))
+    files = {"a cat": root / "positive.safetensors", "": root / "negative.safetensors"}
+    cws.EXTRA_NODES["DualCLIPLoader"] = lambda i: (lambda text: load_comfy_conditioning(files[text])[0],)
+    yield root
+    del cws.EXTRA_NODES["DualCLIPLoader"]
+
+
+FLUX_ENGINE_TERMS = {  # node, the diffguide term, the node's inputs; the same explicit blocks
+    "PAG diagonal": ("PAG", PAG(2.0, layers="b1,s0"), {"scale": 2.0, "layers": "b1,s0"}),
+    "PAG value": (
+        "PAG",
+        PAG(2.0, layers="b1,s0", semantics="value"),
+        {"scale": 2.0, "layers": "b1,s0", "semantics": "value"},
+    ),
+    "TPG": ("TPG", TPG(2.0, layers="b1,s0"), {"scale": 2.0, "layers": "b1,s0"}),
+}
+FLUX_ENGINE_SAMPLING = {  # FluxGuidance on the positive, cfg 1 (no uncond) / on both, cfg 2.5
+    "cfg 1": ({"cfg": 1.0}, 4),
+    "cfg 2.5 + negative": ({"cfg": 2.5, "guidance": 2.0}, 6),
+}
+
+
+@pytest.mark.parametrize("sampling", list(FLUX_ENGINE_SAMPLING))
+@pytest.mark.parametrize("case", list(FLUX_ENGINE_TERMS))
+def test_flux_node_equals_diffguide_engine(flux_file, tmp_path, case, sampling):
+    """UNETLoader -> ModelSamplingFlux -> the pack's node -> KSampler (batch 2) in ComfyUI vs
+    diffguide's engine (comfy noise policy) on the diffusers twin of the same file."""
+    name, term, inputs = FLUX_ENGINE_TERMS[case]
+    change, rows = FLUX_ENGINE_SAMPLING[sampling]
+    wf = cws.flux_workflow(flux_file, steps=STEPS, **change)
+    wf["7"]["inputs"]["batch_size"] = 2
+    files = cws.flux_conditioning_files(flux_file)
+    d, theirs, calls = node_vs_engine(flux_file, wf, name, term, inputs, tmp_path, files)
+    print(f"Flux {case}, {sampling}: node in ComfyUI vs diffguide engine {d:.3g} (|latent| up to "
+          f"{theirs.abs().max():.3g}); ComfyUI calls {calls}")  # fmt: skip
+    assert theirs.shape == (2, 16, 8, 8)
+    assert d <= TOL
+    assert calls == [rows] * STEPS  # cond (+ uncond) + the perturbed branch, 2 images each, one call

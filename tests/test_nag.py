@@ -11,7 +11,7 @@ from guide_support import NEGATIVES, PROMPTS, STEPS, check_restored, maxdiff, re
 from test_tpg_reference import encode
 
 from diffguide import CFG, PAG, ConfigError, Window
-from diffguide.guidance import NAG, PLADIS
+from diffguide.guidance import NAG
 from diffguide.perturb.nag_attention import nag_mix
 
 TOL = 1e-4
@@ -134,4 +134,4 @@ def test_nag_restored_and_errors(sd15):
     with pytest.raises(
         ConfigError, match="two guidance terms perturb the conditional rows; keep one of them"
     ):
-        run(sd15, [NAG(), PLADIS()])
+        run(sd15, [NAG(), NAG(name="nag2")])  # NAG + PLADIS stack: tests/test_nag_pladis.py

@@ -175,6 +175,72 @@ def test_comfy_euler_a_knobs_match_comfyui(comfy_setup, eta, s_noise):
     assert torch.equal(gp.generate(replayed, decode=False).latents, ours.latents)
 
 
+def _comfy_churn(patcher, cond, uncond, seed, churn, name="euler"):
+    """ComfyUI's KSampler path with churn: ``prepare_noise`` (which seeds the GLOBAL generator with
+    the seed and draws the initial noise from it), then ``sample_euler(s_churn, ...)`` through
+    ``sample_custom``, drawing its churn noise with ``torch.randn_like`` from that same global
+    stream. The global RNG state is restored afterwards (fork_rng)."""
+    c = comfy_support.load_comfy()
+    latent = torch.zeros(2, 4, 16, 16)
+    with torch.random.fork_rng(devices=[]):
+        noise = c.sample.prepare_noise(latent, seed, None)
+        sigmas = comfy_support.comfy_calculate_sigmas(patcher, "normal", 8)
+        sampler = c.samplers.ksampler(name, churn)
+        with torch.no_grad():
+            out = c.sample.sample_custom(
+                patcher,
+                noise,
+                5.0,
+                sampler,
+                sigmas,
+                [[cond, {}]],
+                [[uncond, {}]],
+                latent,
+                disable_pbar=True,
+                seed=seed,
+            )
+    return out * SD_SCALE_FACTOR
+
+
+COMFY_CHURN = [
+    {"s_churn": 3.0, "s_tmin": 0.0, "s_tmax": None, "s_noise": 1.0},
+    {"s_churn": 40.0, "s_tmin": 0.5, "s_tmax": 10.0, "s_noise": 1.003},
+]
+
+
+@pytest.mark.parametrize(
+    ("sampler", "knobs"), [("euler", COMFY_CHURN[0]), ("euler", COMFY_CHURN[1]), ("heun", COMFY_CHURN[1])]
+)
+def test_comfy_churn_matches_comfyui(comfy_setup, sampler, knobs):
+    """euler and heun with churn vs ComfyUI's sample_euler / sample_heun (global-RNG churn noise)."""
+    gp, patcher = comfy_setup
+    kw = {"scheduler": sampler, "noise": "comfy", "steps": 8, "seed": 42}
+    make = lambda **k: GenerateConfig.create(["a cat", "a dog"], ["", "ugly"], guidance=[CFG(5.0)], **kw, **k)  # noqa: E731
+    cfg = make(**knobs)
+    cond, uncond = gp.encode(cfg, 32, 32)
+    state = torch.random.get_rng_state()
+    ours = gp.generate(cfg, decode=False)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global generator is left alone
+    plain = gp.generate(make(), decode=False)
+    churn = {k: (math.inf if v is None else v) for k, v in knobs.items()}
+    theirs = _comfy_churn(patcher, cond.embeds, uncond.embeds, 42, churn, sampler)
+    diff = (ours.latents - theirs).abs().max().item()
+    moved = (ours.latents - plain.latents).abs().max().item()
+    print(f"comfy {sampler} churn {knobs}: max |ours - ComfyUI| = {diff:.3g}; vs no churn {moved:.3g}")
+    # heun: twice the evaluations; without churn it already differs by 1.2e-4 on values up to 56
+    # here (float32 rounding, 2e-6 relative), so a relative bound
+    assert diff <= (1e-4 if sampler == "euler" else 1e-5 * (1 + theirs.abs().max().item()))
+    assert moved > 1e-2
+    entry = ours.manifests[0]["scheduler"]["sampler"]
+    assert {k: v for k, v in entry.items() if k != "sigma_hats"} == {"name": sampler, **knobs}
+    sigmas = ours.manifests[0]["scheduler"]["sigmas"]
+    assert len(entry["sigma_hats"]) == 8
+    assert any(h > s for h, s in zip(entry["sigma_hats"], sigmas, strict=False))  # churned somewhere
+    assert "global generator" in ours.manifests[0]["noise"]["per_step"]
+    replayed = config_from_manifest(ours.manifests[0])
+    assert torch.equal(gp.generate(replayed, decode=False).latents, ours.latents)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -185,7 +251,8 @@ def test_comfy_euler_a_knobs_match_comfyui(comfy_setup, eta, s_noise):
         ({"s_churn": 1.0, "scheduler": "ddim"}, "s_churn apply to the diffusers policy's euler only, not 'ddim' (diffusers noise policy)"),
         ({"s_noise": 0.5, "scheduler": "euler"}, "s_noise only take effect with s_churn > 0"),
         ({"ancestral_eta": 0.5, "scheduler": "euler_a"}, "ancestral_eta applies to the comfy policy's euler_a only, not 'euler_a' (diffusers noise policy)"),
-        ({"s_churn": 1.0, "scheduler": "euler", "noise": "comfy"}, "s_churn: churn is supported by the diffusers noise policy's euler only, not 'euler' (comfy noise policy)"),
+        ({"s_churn": 1.0, "scheduler": "dpmpp_2m", "noise": "comfy"}, "s_churn: churn in the comfy noise policy is for euler and heun only, not 'dpmpp_2m' (comfy noise policy)"),
+        ({"s_noise": 0.5, "scheduler": "euler", "noise": "comfy"}, "s_noise only take effect with s_churn > 0"),
         ({"ancestral_eta": 0.5, "scheduler": "euler", "noise": "comfy"}, "ancestral_eta apply to the comfy policy's euler_a only, not 'euler' (comfy noise policy)"),
         ({"dynamic_thresholding": DynamicThreshold(), "scheduler": "euler"}, "dynamic thresholding needs the diffusers noise policy and a scheduler that thresholds (ddim, dpmpp_2m, dpmpp_2m_karras, unipc, ddpm), not 'euler' (diffusers noise policy)"),
         ({"dynamic_thresholding": 0.9, "scheduler": "ddim"}, "dynamic_thresholding must be a DynamicThreshold or None, got 0.9"),

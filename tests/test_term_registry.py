@@ -19,7 +19,7 @@ from diffguide.bench.quality import Setting
 from diffguide.cli.guide import parse_guide, split_pairs
 from diffguide.cli.main import app
 from diffguide.errors import ConfigError
-from diffguide.guidance import REGISTRY, UNCOND, Branch, StepInfo, Term, Window, register
+from diffguide.guidance import FDG, REGISTRY, UNCOND, Branch, StepInfo, Term, Window, register
 from diffguide.guidance.base import Predictions
 from diffguide.guidance.registry import term_from_dict
 from diffguide.io import a1111_parameters, load_latents, read_manifest
@@ -273,3 +273,56 @@ def test_check_determinism_takes_guide(runner, model_dir):
     res = runner.invoke(app, [*args, "--cfg", "1", "--guide", "mytest:scale=2", "--json"])
     assert res.exit_code == 0, res.output
     assert [c["check"] for c in json.loads(res.stdout)] == ["rerun"]
+
+
+def test_guide_reads_tuples():
+    want = FDG((10.0, 5.0), (1.0, 0.5))
+    assert parse_guide("fdg:scales=[10,5],parallel_weights=[1,0.5]") == want
+    assert parse_guide("fdg:scales=10,5,parallel_weights=[1, 0.5]") == want  # brackets optional
+    assert parse_guide("fdg:scales=[7, 3, 1.5],parallel_weights=none") == FDG((7.0, 3.0, 1.5))
+    assert parse_guide("fdg:scales=[4]").scales == (4.0,)
+
+
+TUPLE_ERRORS = [
+    ("fdg:scales=[10,x]", "--guide 'fdg:scales=[10,x]': fdg scales: 'x' is not a number"),
+    (
+        "fdg:scales=[10,,5]",
+        "--guide 'fdg:scales=[10,,5]': fdg scales: '10,,5' has an empty item; give comma-separated values like [10,5]",
+    ),
+    ("fdg:scales=[]", "--guide 'fdg:scales=[]': FDG needs 1 to 8 scales (one per pyramid level), got 0"),
+    (
+        "fdg:scales=[10,5],parallel_weights=[1]",
+        "--guide 'fdg:scales=[10,5],parallel_weights=[1]': FDG has 2 scales but 1 parallel_weights",
+    ),
+]
+
+
+@pytest.mark.parametrize(("spec", "message"), TUPLE_ERRORS)
+def test_guide_tuple_errors(spec, message):
+    with pytest.raises(ConfigError) as err:
+        parse_guide(spec)
+    assert str(err.value) == message
+
+
+def test_fdg_tuples_from_cli_manifest_and_replay(runner, model_dir, tmp_path):
+    spec = "fdg:scales=[6,3],parallel_weights=[1,0.5]"
+    png = generate(runner, model_dir, tmp_path / "fdg", "--cfg", "1", "--guide", spec)
+    entry = read_manifest(png)["parameters"]["guidance"][-1]
+    assert entry == {
+        "method": "fdg",
+        "scales": [6.0, 3.0],
+        "parallel_weights": [1.0, 0.5],
+        "window": Window().describe(),
+        "name": "fdg",
+    }
+    assert term_from_dict(entry) == FDG((6.0, 3.0), (1.0, 0.5))
+    assert term_from_dict({**entry, "scales": [6, 3]}) == FDG((6.0, 3.0), (1.0, 0.5))  # JSON ints
+    plain = generate(runner, model_dir, tmp_path / "cfg", "--cfg", "1")
+    assert not torch.equal(load_latents(png)[0], load_latents(plain)[0])
+    res = runner.invoke(app, ["replay", str(png)])
+    assert res.exit_code == 0, res.output
+    assert "bit-identical" in res.output and "NOT" not in res.output
+    guides = runner.invoke(app, ["guides"]).stdout
+    assert "  scales: float list = [10,5]" in guides
+    table = {t["method"]: t for t in json.loads(runner.invoke(app, ["guides", "--json"]).stdout)}
+    assert table["fdg"]["parameters"][0] == {"name": "scales", "type": "float list", "default": [10.0, 5.0]}

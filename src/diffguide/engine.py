@@ -29,7 +29,8 @@ from .checks import check_rows_schedule
 from .errors import ConfigError, DiffguideError
 from .guidance.base import COND, UNCOND, Branch, GuidanceTerm, RunState, StepInfo
 from .models.denoiser import Conditioning, Denoiser
-from .perturb.base import BranchRows, ForwardContext, in_scope
+from .perturb.base import BranchRows, ForwardContext, in_scope, row_parts
+from .perturb.stacked import Stacked
 from .prefix import ChunkState, PrefixPlan, sharing
 
 
@@ -71,9 +72,10 @@ def _shares_uncond(a: Branch, b: Branch) -> bool:
 
 
 def _in_place_cond(known: Branch, branch: Branch) -> Branch:
-    """A term may perturb the conditional rows in place (PLADIS: a model-wide change, no extra rows)."""
+    """A term may perturb the conditional rows in place (PLADIS: a model-wide change, no extra rows);
+    NAG and PLADIS together stack (:class:`~diffguide.perturb.stacked.Stacked`), others are an error."""
     if known.perturbation is not None and branch.perturbation is not None:
-        raise ConfigError("two guidance terms perturb the conditional rows; keep one of them")
+        return Branch("cond", "cond", Stacked.of(known.perturbation, branch.perturbation))
     return branch if branch.perturbation is not None else known
 
 
@@ -119,6 +121,7 @@ class GuidedModel:
         self.cond, self.uncond, self.max_rows = cond, uncond, max_rows
         self.ctx = ForwardContext(tuple(seeds), retry_listeners=[on_retry] if on_retry else [])
         self.ctx.negative = None if uncond is None else uncond.tensors.get("embeds")
+        self.ctx.negative_pooled = None if uncond is None else uncond.tensors.get("pooled")
         self._rows_cache: dict[tuple[str, ...], Conditioning] = {}
         self.forward_calls = 0
         self.rows_schedule = check_rows_schedule(rows_schedule)
@@ -158,6 +161,9 @@ class GuidedModel:
         ]
         order = [perturbed[0] if perturbed else UNCOND] if "uncond" in names else []
         in_place = [b for t in terms for b in t.branches() if b.name == "cond" and b.perturbation is not None]
+        stacked = self.branches["cond"].perturbation
+        if in_place and isinstance(stacked, Stacked):  # the active terms' parts, under their row keys
+            in_place = [Branch("cond", "cond", stacked.only([b.perturbation for b in in_place]))]
         order.append(in_place[0] if in_place else COND)
         order += [b for t in terms for b in t.branches() if b.name not in ("cond", "uncond")]
         return terms, order
@@ -255,9 +261,10 @@ def _rows_in(branches: list[Branch], batch: int, start: int, stop: int) -> dict[
     for k, branch in enumerate(branches):
         if branch.perturbation is None:
             continue
-        mine = [r for r in range(start, stop) if in_scope(branches, k, r // batch)]
-        if mine:
-            rows[branch.name] = BranchRows(
-                slice(mine[0] - start, mine[-1] - start + 1), tuple(r % batch for r in mine)
-            )
+        for key, part in row_parts(branch):
+            mine = [r for r in range(start, stop) if in_scope(branches, k, r // batch, part)]
+            if mine:
+                rows[key] = BranchRows(
+                    slice(mine[0] - start, mine[-1] - start + 1), tuple(r % batch for r in mine)
+                )
     return rows

@@ -35,6 +35,7 @@ from .sampling.comfy import (
     comfy_noise,
     comfy_sigmas,
 )
+from .sampling.comfy_churn import CHURN_NOISE, churn_description, comfy_churn
 from .sampling.knobs import DynamicThreshold, apply_thresholding, check_config_knobs, churn_step_kwargs
 from .sampling.loop import Callback, run
 from .sampling.noise import generators, image_seeds, initial_noise
@@ -535,8 +536,18 @@ class GuidedPipeline:
         dtype = guided.cond.dtype
         # ComfyUI samples in float32 whatever the model's dtype (only the model input is cast).
         noise = comfy_noise(cfg.seed, shape).to(self.pipe.device)
+        churn = comfy_churn(cfg)
         stepper = ComfyStepper(
-            ms, sigmas, timesteps, sampler, cfg.seed, dtype, self.family.pack, cfg.ancestral_eta, cfg.s_noise
+            ms,
+            sigmas,
+            timesteps,
+            sampler,
+            cfg.seed,
+            dtype,
+            self.family.pack,
+            cfg.ancestral_eta,
+            cfg.s_noise,
+            churn,
         )
         x = run(guided, stepper, noise, callback=callback, progress=progress)
         latents = self.family.unpack(x, height, width)
@@ -551,6 +562,9 @@ class GuidedPipeline:
                 "seed + 1 on the CPU (seed on other devices), whole batch per step"
             )
             noise_desc["per_step_device"] = str(noise.device)
+        if churn is not None:
+            noise_desc["per_step"] = CHURN_NOISE
+            noise_desc["per_step_device"] = str(noise.device)
         schedule = {
             "name": f"comfy {sampler}/{name}",
             "class": type(ms).__name__,
@@ -559,6 +573,7 @@ class GuidedPipeline:
                 **(
                     {"eta": cfg.ancestral_eta, "s_noise": cfg.s_noise} if sampler == "euler_ancestral" else {}
                 ),
+                **(churn_description(cfg, stepper.sigma_hats) if churn is not None else {}),
             },
             "schedule": name,
             "config": comfy_config(ms),

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from .errors import DiffguideError
 from .guidance.base import Branch
 from .models.layers import forward_units, unit_index
-from .perturb.base import BranchRows, ForwardContext, first_perturbed_module, in_scope
+from .perturb.base import BranchRows, ForwardContext, first_perturbed_module, in_scope, row_parts
 from .perturb.dit import arg_namer, scoped_forward
 
 #: Unit arguments holding one entry per row (cut to the computed rows at a shared unit).
@@ -92,6 +92,8 @@ class PrefixPlan:
             index = unit_index(self.units, first) if first is not None else None
             if index:  # None or 0: differs from the first unit on
                 self.fan[b.name] = index
+        if any(not _allows_sharing(b.perturbation, model) for b in branches):
+            self.fan = {}  # e.g. NAG on a DiT: the conditional rows differ from the perturbed ones from unit 0
         self._cache: dict[tuple[Any, ...], list[UnitRows | None]] = {}
 
     @property
@@ -116,6 +118,13 @@ class PrefixPlan:
         return self._cache[key]
 
 
+def _allows_sharing(perturbation: object, model: nn.Module) -> bool:
+    """A perturbation's optional ``allows_prefix_sharing(model)`` (default True): False when it
+    changes the conditional rows but not the rows of the branches that would copy them."""
+    method = getattr(perturbation, "allows_prefix_sharing", None)
+    return bool(method(model)) if callable(method) else True
+
+
 def _unit_rows(
     branches: list[Branch], batch: int, start: int, stop: int, shared: frozenset[str], device: torch.device
 ) -> UnitRows | None:
@@ -135,11 +144,14 @@ def _unit_rows(
     for k, b in enumerate(branches):
         if b.perturbation is None:
             continue
-        mine = [
-            (position[r], (start + r) % batch) for r in keep if in_scope(branches, k, (start + r) // batch)
-        ]
-        if mine:
-            rows[b.name] = BranchRows(slice(mine[0][0], mine[-1][0] + 1), tuple(i for _, i in mine))
+        for key, part in row_parts(b):
+            mine = [
+                (position[r], (start + r) % batch)
+                for r in keep
+                if in_scope(branches, k, (start + r) // batch, part)
+            ]
+            if mine:
+                rows[key] = BranchRows(slice(mine[0][0], mine[-1][0] + 1), tuple(i for _, i in mine))
     return UnitRows(
         keep=torch.tensor(keep, dtype=torch.long, device=device),
         gather=torch.tensor([position[source[r]] for r in range(n)], dtype=torch.long, device=device),

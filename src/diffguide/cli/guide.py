@@ -3,7 +3,8 @@
 Syntax: the method name, then optionally ``:`` and comma-separated ``key=value`` parameters
 (the term's dataclass fields; ``diffguide guides`` lists them). Values are read by the field's
 type: numbers, ``true``/``false``, text, ``none`` for an optional value (a layer spec's preset),
-one of a fixed set of words, and windows in the ``--cfg-window`` syntax.
+one of a fixed set of words, windows in the ``--cfg-window`` syntax, and lists (tuple fields, e.g.
+FDG's ``scales``) as comma-separated values, best in brackets: ``fdg:scales=[10,5],parallel_weights=[1,0.5]``.
 
 Layer specs and windows contain commas themselves. A comma-separated piece without ``=``
 continues the previous value, so ``pag:layers=d2.2-9,d3,scale=2`` gives layers ``d2.2-9,d3``;
@@ -95,7 +96,25 @@ def parse_value(tp: Any, text: str, what: str) -> Any:
         return text
     if inner is str:
         return text
+    if get_origin(inner) is tuple:
+        return parse_tuple(inner, text, what)
     raise ConfigError(f"{what}: parameters of type {type_name(tp)} cannot be given on the command line")
+
+
+def parse_tuple(tp: Any, text: str, what: str) -> tuple[Any, ...]:
+    """``text`` (``a,b,...``, optionally in brackets) as a ``tuple[X, ...]`` or fixed-length tuple."""
+    body = unwrap(text)
+    items = [item.strip() for item in body.split(",")] if body else []
+    if "" in items:
+        raise ConfigError(f"{what}: '{text}' has an empty item; give comma-separated values like [10,5]")
+    args = get_args(tp)
+    if len(args) == 2 and args[1] is Ellipsis:
+        kinds = [args[0]] * len(items)
+    elif len(items) != len(args):
+        raise ConfigError(f"{what}: '{text}' has {len(items)} values, {len(args)} are needed")
+    else:
+        kinds = list(args)
+    return tuple(parse_value(kind, item, what) for kind, item in zip(kinds, items, strict=True))
 
 
 def parse_guide(spec: str) -> Term:

@@ -45,6 +45,8 @@ def _text(value: Any) -> str:
         return "none (preset)"
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, tuple | list):
+        return "[" + ",".join(_text(v) for v in value) + "]"
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 

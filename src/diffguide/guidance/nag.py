@@ -11,7 +11,9 @@ Scale convention: ``scale`` is the official ``nag_scale`` phi (1 = off; the pape
 settings), every cross-attention layer. It needs the negative prompt (encoded even without CFG)
 and rides on the conditional rows in place (no extra rows); it acts on every row with the prompt
 (perturbed branches' too), never on the unconditional rows: with CFG w, ``g = u + w (c' - u)``;
-with PAG s, ``+ s (c' - p')``. UNets (SD1.5/SDXL) only for now.
+with PAG s, ``+ s (c' - p')``. On SD3/Flux (joint attention, :mod:`diffguide.perturb.nag_dit`) the
+negative prompt runs as a second text stream as in the official pipelines, and NAG changes the
+conditional rows only (``+ s (c' - p)``); Flux mixes with L2 norms.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ node, it acts on *every* row (conditional, unconditional, perturbed branches), s
 The term's own delta is zero; it changes the predictions every other term reads. It rides on the
 conditional branch in place (the engine lists it on every row of every chunk while active), so
 it costs no extra rows. Defaults (the paper's and the node's): scale 2, entmax15, every
-cross-attention layer. UNets only (SD1.5/SDXL); joint attention (SD3/Flux) is an error.
+cross-attention layer. UNets only (SD1.5/SDXL); joint attention (SD3/Flux) is an error. With NAG
+the two stack on the conditional branch (:mod:`diffguide.perturb.stacked`): NAG on the PLADIS model.
 """
 
 from __future__ import annotations

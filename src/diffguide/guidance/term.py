@@ -110,9 +110,22 @@ def type_name(tp: Any) -> str:
         name = "|".join(str(a) for a in get_args(inner))
     elif inner is Window:
         name = "window"
+    elif get_origin(inner) is tuple:
+        args = get_args(inner)
+        item = type_name(args[0]) if args else "value"
+        name = f"{item} list" if len(args) == 2 and args[1] is Ellipsis else f"{item} list of {len(args)}"
     else:
         name = getattr(inner, "__name__", str(inner))
     return f"{name} or none" if optional else name
+
+
+def _item(tp: Any, index: int, value: Any) -> Any:
+    """Item ``index`` of a tuple parameter read from JSON: an integer where a float is due as float."""
+    args = get_args(tp)
+    kind = args[0] if len(args) == 2 and args[1] is Ellipsis else args[index] if index < len(args) else None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 class Term:
@@ -232,6 +245,8 @@ class Term:
                 value = Window.from_dict(value)
             elif inner is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)  # JSON writes 3.0 as 3 in other tools
+            elif get_origin(inner) is tuple and isinstance(value, list | tuple):
+                value = tuple(_item(inner, i, v) for i, v in enumerate(value))  # JSON stores lists
             kwargs[key] = value
         return cls(**kwargs)
 

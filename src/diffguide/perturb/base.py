@@ -47,6 +47,10 @@ class ForwardContext:
     generators: dict[tuple[str, int], torch.Generator] = field(default_factory=dict)
     retry_listeners: list[Callable[[], None]] = field(default_factory=list)
     negative: torch.Tensor | None = None  # (B, L, D) the negative prompt's text embeddings (NAG)
+    negative_pooled: torch.Tensor | None = None  # (B, D) its pooled embedding, where the model takes one
+    #: ``(rows of a call that holds them, count)``: rows an in-model perturbation appended after the
+    #: engine's rows for the current forward (NAG on a DiT: the negative text stream); None: none.
+    appended: tuple[int, int] | None = None
 
     def rows_of(self, branch: str) -> BranchRows | None:
         return self.rows.get(branch)
@@ -56,13 +60,16 @@ class ForwardContext:
         """While a perturbation runs a module on part of its n rows (the rows inside ``rows``, or the
         rest), every branch's rows are given in that part's coordinates (so a second perturbation
         on the same module edits the right rows); restored on exit."""
-        saved = self.rows
+        saved, appended = self.rows, self.appended
         relabelled = {k: _relabel(v, rows, n, inside) for k, v in saved.items()}
         self.rows = {k: v for k, v in relabelled.items() if v is not None}
+        if appended is not None:  # appended rows lie after every branch's rows: in the outside part
+            a, b = _bounds(rows, n)
+            self.appended = None if inside or n != appended[0] else (n - (b - a), appended[1])
         try:
             yield
         finally:
-            self.rows = saved
+            self.rows, self.appended = saved, appended
 
     def generator(self, branch: str, image: int) -> torch.Generator:
         """Image ``image``'s CPU generator for ``branch``, seeded ``branch_seed(seed_i, branch)``."""
@@ -108,14 +115,22 @@ class Perturbation(Protocol):
     # rows (prefix sharing). None, the default, means "differs from the input on": nothing shared.
 
 
-def in_scope(branches: Sequence[Any], k: int, j: int) -> bool:
+def row_parts(branch: Any) -> list[tuple[str, object]]:
+    """``(row key, perturbation)`` pairs the engine lists rows for: the branch's own, or each part
+    of a stacked perturbation (:class:`~diffguide.perturb.stacked.Stacked`) under its own key."""
+    method = getattr(branch.perturbation, "row_parts", None)
+    return method(branch.name) if callable(method) else [(branch.name, branch.perturbation)]  # type: ignore[no-any-return]
+
+
+def in_scope(branches: Sequence[Any], k: int, j: int, perturbation: object = None) -> bool:
     """Whether branch ``k``'s perturbation acts on the rows of branch ``j``.
 
     A perturbation's optional ``scope``: ``"rows"`` (the default) its own branch's rows;
     ``"prompt"`` every branch's rows with its branch's prompt (NAG on the conditional branch also
     acts on PAG's, SEG's, ... rows); ``"all"`` every row (PLADIS, a model-wide change). The
-    engine lays the unconditional rows first, so the rows in scope are contiguous."""
-    scope = getattr(branches[k].perturbation, "scope", "rows")
+    engine lays the unconditional rows first, so the rows in scope are contiguous. ``perturbation``:
+    one part of branch ``k``'s stacked perturbation instead of the branch's own."""
+    scope = getattr(perturbation if perturbation is not None else branches[k].perturbation, "scope", "rows")
     if scope == "all":
         return True
     if scope == "prompt":

@@ -15,7 +15,7 @@ as the official implementation's ``NAGAttnProcessor2_0`` does (its ``nag_scale``
 ``nag_alpha``). The negative prompt's text embeddings come from the engine
 (:attr:`ForwardContext.negative`, image i's row for the row of image i); the other rows run the
 layer's own processor. Cost: no extra model rows, one more cross-attention per selected layer
-on the conditional rows.
+on the conditional rows. On SD3/Flux (joint attention) see :mod:`.nag_dit`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from ..errors import ConfigError
 from ..models.layers import is_dit, select
 from .base import ForwardContext, put_rows, take_rows
 from .identity_attention import _outside
-from .sparse_attention import is_cross_attention
+from .nag_dit import NagDiT, nag_targets
+from .sparse_attention import _PladisProcessor, is_cross_attention, pladis_map
 
 
 def nag_mix(pos: torch.Tensor, neg: torch.Tensor, scale: float, tau: float, alpha: float) -> torch.Tensor:
@@ -44,11 +45,14 @@ def nag_mix(pos: torch.Tensor, neg: torch.Tensor, scale: float, tau: float, alph
     return guided * alpha + pos * (1.0 - alpha)
 
 
-def _attend(attn: Attention, q: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+def _attend(attn: Attention, q: torch.Tensor, context: torch.Tensor, pladis: Any = None) -> torch.Tensor:
     if attn.norm_cross:
         context = attn.norm_encoder_hidden_states(context)
     k = attn.head_to_batch_dim(attn.to_k(context))
     v = attn.head_to_batch_dim(attn.to_v(context))
+    if pladis is not None:  # the PLADIS model's map (NAG stacked on PLADIS)
+        scores = (q @ k.transpose(-1, -2)) * attn.scale
+        return attn.batch_to_head_dim(pladis_map(scores.float(), pladis.lam, pladis.sparse).to(v.dtype) @ v)
     return attn.batch_to_head_dim(torch.bmm(attn.get_attention_scores(q, k), v))
 
 
@@ -58,13 +62,17 @@ def nag_attention(
     positive: torch.Tensor,
     negative: torch.Tensor,
     nag: NagAttention,
+    pladis: Any = None,
 ) -> torch.Tensor:
-    """A diffusers cross-attention layer's forward with NAG: (R, N, C) -> (R, N, C)."""
+    """A diffusers cross-attention layer's forward with NAG: (R, N, C) -> (R, N, C). ``pladis``: the
+    layer's active PLADIS processor (its attention maps replace the softmax's), or None."""
     residual = hidden_states
     if attn.group_norm is not None:
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
     q = attn.head_to_batch_dim(attn.to_q(hidden_states))
-    z = nag_mix(_attend(attn, q, positive), _attend(attn, q, negative), nag.scale, nag.tau, nag.alpha)
+    z = nag_mix(
+        _attend(attn, q, positive, pladis), _attend(attn, q, negative, pladis), nag.scale, nag.tau, nag.alpha
+    )
     out = attn.to_out[1](attn.to_out[0](z))
     if attn.residual_connection:
         out = out + residual
@@ -94,7 +102,10 @@ class _NagProcessor:
         keep, rows = take_rows(hidden_states, sel.rows, n)
         pos = take_rows(encoder_hidden_states, sel.rows, n)[1]
         neg = negative[list(sel.images)].to(device=pos.device, dtype=pos.dtype)
-        out = nag_attention(attn, rows, pos, neg, self.nag)
+        pladis = self.original if isinstance(self.original, _PladisProcessor) else None
+        if pladis is not None and self.ctx.rows_of(pladis.branch) is None:
+            pladis = None  # PLADIS installed but outside its window
+        out = nag_attention(attn, rows, pos, neg, self.nag, pladis)
         if keep.shape[0] == 0:
             return out
         sub = {k: _outside(v, sel.rows, n) for k, v in kwargs.items()}
@@ -113,10 +124,15 @@ class NagAttention:
     layers: str | None = None  # None: every cross-attention layer
 
     scope = "prompt"  # every row with the prompt: the conditional rows and PAG's, SEG's, ... rows
+    stacks_in_place = True  # may share the conditional branch with PLADIS (perturb/stacked.py)
+
+    def allows_prefix_sharing(self, model: nn.Module) -> bool:
+        """On a DiT NAG changes the conditional rows only (not PAG's, ...): nothing is shared."""
+        return not is_dit(model)
 
     def targets(self, model: nn.Module) -> list[str]:
         if is_dit(model):
-            raise ConfigError("NAG is implemented for UNet cross-attention (SD1.5/SDXL) only")
+            return nag_targets(model, self.layers)
         if self.layers is None:
             return [name for name, m in model.named_modules() if is_cross_attention(name, m)]
         return select(model, self.layers, is_cross_attention)
@@ -125,6 +141,10 @@ class NagAttention:
     def install(self, model: nn.Module, branch: str, ctx: ForwardContext) -> Iterator[None]:
         if ctx.negative is None:
             raise ConfigError("NAG needs a negative prompt's conditioning; none was given")
+        if is_dit(model):
+            with NagDiT(model, self.targets(model), branch, ctx, self).installed():
+                yield
+            return
         modules = dict(model.named_modules())
         saved: list[tuple[Attention, Any]] = []
         try:

@@ -129,6 +129,7 @@ class SparseAttention:
     layers: str | None = None  # None: every cross-attention layer
 
     scope = "all"  # the engine lists every row of every chunk as the branch's (see module doc)
+    stacks_in_place = True  # may share the conditional branch with NAG (perturb/stacked.py)
 
     def __post_init__(self) -> None:
         if self.sparse not in get_args(Sparse):

@@ -207,7 +207,8 @@ def check_config_knobs(cfg: Any) -> None:
 
     diffusers policy: churn (``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``) on ``euler``
     (diffusers' EulerDiscreteScheduler). comfy policy: ``ancestral_eta`` and ``s_noise`` on
-    ``euler_a`` (KSampler's ``sample_euler_ancestral``)."""
+    ``euler_a`` (KSampler's ``sample_euler_ancestral``); churn on ``euler`` / ``heun``
+    (``sample_euler`` / ``sample_heun``)."""
     _check_thresholding(cfg)
     v = {name: _knob(cfg, name) for name in KNOB_DEFAULTS}
     tmax = v["s_tmax"]
@@ -219,10 +220,9 @@ def check_config_knobs(cfg: Any) -> None:
         return
     where = f"'{cfg.scheduler}' ({cfg.noise} noise policy)"
     if cfg.noise == "comfy":
-        if churn:
-            raise ConfigError(
-                f"{', '.join(churn)}: churn is supported by the diffusers noise policy's euler only, not {where}"
-            )
+        if churn or (cfg.scheduler in ("euler", "heun") and "s_noise" in changed):
+            _check_comfy_churn(cfg, v, changed, churn, where)
+            return
         if cfg.scheduler != "euler_a":
             raise ConfigError(f"{', '.join(changed)} apply to the comfy policy's euler_a only, not {where}")
         return
@@ -230,6 +230,18 @@ def check_config_knobs(cfg: Any) -> None:
         raise ConfigError(f"ancestral_eta applies to the comfy policy's euler_a only, not {where}")
     if cfg.scheduler != "euler":
         raise ConfigError(f"{', '.join(changed)} apply to the diffusers policy's euler only, not {where}")
+    if v["s_churn"] == 0:
+        raise ConfigError(f"{', '.join(changed)} only take effect with s_churn > 0")
+
+
+def _check_comfy_churn(cfg: Any, v: dict[str, Any], changed: list[str], churn: list[str], where: str) -> None:
+    """Churn in the comfy policy: ComfyUI's ``sample_euler`` / ``sample_heun`` (``euler``, ``heun``)."""
+    if cfg.scheduler not in ("euler", "heun"):
+        raise ConfigError(
+            f"{', '.join(churn)}: churn in the comfy noise policy is for euler and heun only, not {where}"
+        )
+    if "ancestral_eta" in changed:
+        raise ConfigError(f"ancestral_eta applies to the comfy policy's euler_a only, not {where}")
     if v["s_churn"] == 0:
         raise ConfigError(f"{', '.join(changed)} only take effect with s_churn > 0")
 

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .comfy import AnyModelSampling, StepFn, make_comfy_step
+from .comfy_churn import ComfyChurn
 from .schedulers import sigmas_at
 
 
@@ -225,7 +226,8 @@ class ComfyStepper:
     model_dtype: torch.dtype | None = None
     pack: Callable[[Tensor], Tensor] | None = None
     eta: float = 1.0  # euler_ancestral's eta and s_noise (KSampler's defaults: 1, 1)
-    s_noise: float = 1.0
+    s_noise: float = 1.0  # also the churn noise's scale
+    churn: ComfyChurn | None = None  # sample_euler's s_churn, s_tmin, s_tmax (None: off)
 
     def __post_init__(self) -> None:
         self.prediction = self.model_sampling.prediction_type
@@ -239,10 +241,20 @@ class ComfyStepper:
             if self.sampler == "heun" and levels[i + 1] != 0:
                 self._plan.append((i + 1, 1))
         self._all_levels = levels  # every sigma as a Python float: no device sync in step()
-        self._levels = [levels[j] for j, _ in self._plan]  # Python floats for StepInfo: no per-step sync
-        self._steps_t = [steps_t[j] for j, _ in self._plan]
+        # churn: a step's first evaluation is at sigma_hat (x moved there by churn noise)
+        self.sigma_hats: Tensor | None = None
+        hat_t: list[float] = []
+        if self.churn is not None:
+            self.sigma_hats = self.churn.sigma_hats(self.sigmas_t, self.sampler)
+            hat_t = self.model_sampling.model_timestep(self.sigma_hats).tolist()
+        churned = [self.sigma_hats is not None and stage == 0 for _, stage in self._plan]
+        hats = self.sigma_hats.tolist() if self.sigma_hats is not None else []
+        # Python floats for StepInfo: no per-step sync
+        self._levels = [hats[j] if c else levels[j] for (j, _), c in zip(self._plan, churned, strict=True)]
+        self._steps_t = [hat_t[j] if c else steps_t[j] for (j, _), c in zip(self._plan, churned, strict=True)]
+        self._churned = churned
         self._update: StepFn | None = None
-        self._heun: tuple[Tensor, Tensor] | None = None  # x and d at the start of a heun step
+        self._heun: tuple[Tensor, Tensor, Tensor] | None = None  # x, d and sigma at the start of a heun step
 
     @property
     def sigmas(self) -> list[float]:
@@ -256,40 +268,55 @@ class ComfyStepper:
         self.model_dtype = self.model_dtype or noise.dtype
         noise = noise.float()
         self._sig = self.sigmas_t.to(noise.device)
-        self._tim = self.timesteps_t.to(noise.device, torch.float32)
+        tim = self.timesteps_t.to(noise.device, torch.float32)
+        # each model evaluation's sigma and timestep (sigma_hat's under churn)
+        self._eval_sig = [self._sig[j] for j, _ in self._plan]
+        self._eval_tim = [tim[j] for j, _ in self._plan]
+        if self.churn is not None and self.sigma_hats is not None:
+            hats = self.sigma_hats.to(noise.device)
+            hat_t = torch.tensor(self._steps_t, dtype=torch.float32, device=noise.device)
+            for k, ((j, _), c) in enumerate(zip(self._plan, self._churned, strict=True)):
+                if c:
+                    self._eval_sig[k], self._eval_tim[k] = hats[j], hat_t[k]
+            self.churn.start(noise, self.seed, self.pack, self.s_noise)
         ms = self.model_sampling
         x = ms.noise_scaling(self._sig[0], noise, torch.zeros_like(noise), ms.is_max_denoise(self._sig))
         flow = self.prediction == "flow"
-        if self.sampler != "heun":
+        if self.sampler != "heun" and self.churn is None:
             self._update = make_comfy_step(
                 self.sampler, x, self.seed, flow=flow, pack=self.pack, eta=self.eta, s_noise=self.s_noise
             )
         return x if self.pack is None else self.pack(x)
 
     def model_input(self, x: Tensor, k: int) -> Tensor:
-        sigma = self._sig[self._plan[k][0]].expand(x.shape[0])
-        return self.model_sampling.calculate_input(sigma, x).to(self.model_dtype)
+        sigma = self._eval_sig[k]
+        if self._churned[k]:  # x moved to sigma_hat by churn noise (kept for step())
+            assert self.churn is not None
+            x = self.churn.perturb(x, self._plan[k][0], self._sig[self._plan[k][0]], sigma)
+        return self.model_sampling.calculate_input(sigma.expand(x.shape[0]), x).to(self.model_dtype)
 
     def model_time(self, k: int, batch: int) -> Tensor:
-        return self._tim[self._plan[k][0]].expand(batch)
+        return self._eval_tim[k].expand(batch)
 
     def step(self, guided: Tensor, x: Tensor, k: int) -> Tensor:
         """Model evaluation ``k`` done: the next x (for heun's first stage, its Euler guess)."""
         j, stage = self._plan[k]
-        sigma = self._sig[j]
+        if self._churned[k]:
+            assert self.churn is not None
+            x = self.churn.x_hat()
+        sigma = self._eval_sig[k]
         denoised = self.model_sampling.calculate_denoised(sigma.expand(x.shape[0]), guided.float(), x)
-        if self.sampler != "heun":
-            assert self._update is not None, "start() first"
+        if self._update is not None:
             return self._update(x, denoised, self._sig, j)
         d = (x - denoised) / sigma  # k-diffusion's to_d
-        if stage == 0:
+        if stage == 0:  # euler with churn, or heun's first stage: to sigma_{i+1} from sigma (hat)
             dt = self._sig[j + 1] - sigma
-            if self._all_levels[j + 1] != 0:
-                self._heun = (x, d)
+            if self.sampler == "heun" and self._all_levels[j + 1] != 0:
+                self._heun = (x, d, sigma)
             return x + d * dt
         assert self._heun is not None
-        x0, d0 = self._heun
-        return x0 + (d0 + d) / 2 * (sigma - self._sig[j - 1])
+        x0, d0, sigma0 = self._heun
+        return x0 + (d0 + d) / 2 * (sigma - sigma0)
 
     def finish(self, x: Tensor) -> Tensor:
         """x is float32 (as in ComfyUI); returned in the model's dtype."""

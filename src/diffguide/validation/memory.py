@@ -8,9 +8,10 @@ accelerate), and the out-of-memory escalation.
   ``enable_sequential_cpu_offload`` (accelerate hooks), removed after with ``remove_all_hooks``
   and every component moved back to the device it was on.
 
-On a CPU-only machine every option but sequential offload runs (model offload with the CPU as
-"accelerator" is a no-op move that exercises the hooks); sequential offload moves weights to
-the meta device and needs an accelerator to run.
+On a CPU-only machine every option runs: model offload with the CPU as "accelerator" is a no-op
+move that exercises the hooks; sequential offload puts every weight on the meta device and loads
+it from a CPU weights map for each forward (accelerate's ``cpu_offload`` with the CPU as execution
+device, see :func:`_sequential_on_cpu`: diffusers' own method fails there).
 """
 
 from __future__ import annotations
@@ -115,6 +116,24 @@ def _drop_hooks(pipe: Any) -> None:
     pipe._all_hooks = []
 
 
+def _sequential_on_cpu(pipe: Any) -> None:
+    """diffusers' ``enable_sequential_cpu_offload`` with the CPU as the execution device.
+
+    diffusers itself cannot: it turns ``device="cpu"`` into ``"cpu:0"`` (it always appends an
+    index), and accelerate's hooks then treat ``cpu:0`` as another device than the CPU weights map
+    and fail moving a weight back to the meta device (``TypeError: new() received an invalid
+    combination of arguments`` in ``set_module_tensor_to_device``). accelerate's own ``cpu_offload``
+    with ``execution_device=torch.device("cpu")`` works; this is diffusers' loop calling it so
+    (every component hooked, its weights on the meta device and loaded for each forward)."""
+    from accelerate import cpu_offload
+
+    excluded = getattr(pipe, "_exclude_from_cpu_offload", [])
+    for name, model in pipe.components.items():
+        if not isinstance(model, nn.Module) or name in excluded:
+            continue
+        cpu_offload(model, torch.device("cpu"), offload_buffers=len(model._parameters) > 0)
+
+
 @contextlib.contextmanager
 def _offload(pipe: Any, sequential: bool, device: torch.device) -> Iterator[None]:
     """accelerate's offload hooks for the duration. Sequential offload replaces parameters by meta
@@ -123,7 +142,9 @@ def _offload(pipe: Any, sequential: bool, device: torch.device) -> Iterator[None
     devices = _devices(pipe)
     tables = _tensors(pipe)
     try:
-        if sequential:
+        if sequential and device.type == "cpu":
+            _sequential_on_cpu(pipe)
+        elif sequential:
             pipe.enable_sequential_cpu_offload(device=device)
         else:
             pipe.enable_model_cpu_offload(device=device)
