@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from diffguide import CFG, PAG, SLG, TPG, ConfigError, GenerateConfig, GuidedPipeline
 from diffguide.cli.main import app
-from diffguide.guidance import PromptShuffle
+from diffguide.guidance import NAG, PromptShuffle
 from diffguide.models.families.sd3_compact import trailing_run
 from diffguide.repro.schema import config_from_manifest
 
@@ -166,11 +166,15 @@ def test_with_t5_nothing_repeats_and_nothing_changes():
     assert torch.equal(on.latents, off.latents)
 
 
-def test_text_shuffle_falls_back_and_says_why(tiny):
-    on = run(tiny, [CFG(4.0), PromptShuffle(2.0)], 2)
-    off = run(tiny, [CFG(4.0), PromptShuffle(2.0)], 2, compact_text=False)
+@pytest.mark.parametrize(
+    ("term", "kind"), [(PromptShuffle(2.0), "TextShuffle"), (NAG(3.0, layers="b1"), "NagAttention")]
+)
+def test_text_perturbations_fall_back_and_say_why(tiny, term, kind):
+    """A prompt shuffle permutes the text tokens; NAG reads the negative prompt's full text stream."""
+    on = run(tiny, [CFG(4.0), term], 2)
+    off = run(tiny, [CFG(4.0), term], 2, compact_text=False)
     record = on.manifests[0]["engine"]["compact_text"]
-    assert record["fallback"] == "perturbation TextShuffle may change the text tokens"
+    assert record["fallback"] == f"perturbation {kind} may change the text tokens"
     assert record["compacted_calls"] == 0
     assert torch.equal(on.latents, off.latents)
 
