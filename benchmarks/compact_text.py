@@ -9,7 +9,7 @@ steps at fixed sigmas:
   4, and CFG 4 + PAG 2 (diagonal, block 1) at B = 4;
 * ``sd3-shaped``: a random ``SD3Transformer2DModel`` with SD3-medium's per-block shape (24 heads x
   64 = 1536 wide, ``joint_attention_dim`` 4096, 16 latent channels, patch 2) but ``--sd3-layers``
-  blocks (default 2; the ratio barely depends on depth), at ``--sd3-size`` pixels (default 512:
+  blocks (default 1; the ratio barely depends on depth), at ``--sd3-size`` pixels (default 512:
   1024 image tokens; 1024: 4096), CFG 4 at B = 1, text = 77 random "CLIP" tokens + 256 zeros.
 
 Reported: median per-step wall time of each side and the median over rounds of the same-round
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--sd3-layers", type=int, default=2)
+    ap.add_argument("--sd3-layers", type=int, default=1)
     ap.add_argument("--sd3-size", type=int, default=512)
     ap.add_argument("--no-sd3", action="store_true", help="tiny-sd3 only")
     ap.add_argument("--quick", action="store_true", help="tiny-sd3 CFG B=1, 2 rounds, 2 steps")
