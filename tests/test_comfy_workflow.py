@@ -740,6 +740,7 @@ def test_generate_save_workflow_runs_back_bit_for_bit(sd15_checkpoint, tmp_path,
         (["--pag", "2", "--pag-layers", "m0.0"], "has no ComfyUI node equivalent at this place"),
         (["--prompt", "a dog"], "needs one prompt and one negative prompt for the whole batch"),
         (["--no-prefix-sharing", "--pag", "2"], "prefix_sharing=False has no ComfyUI KSampler input"),
+        (["--no-compact-text"], "compact_text=False has no ComfyUI KSampler input"),
     ],
 )  # fmt: skip
 def test_generate_save_workflow_refuses_what_a_workflow_cannot_express(

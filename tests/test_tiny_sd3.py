@@ -70,7 +70,8 @@ def test_source_is_the_bundled_folder(gp):
 
 
 def test_cfg_matches_diffusers_pipeline(gp):
-    """Same folder, seeds (one CPU generator per image) and schedule: final latents <= 1e-4."""
+    """Same folder, seeds (one CPU generator per image) and schedule: final latents <= 1e-4, with
+    diffguide's text compaction on (the default) and diffusers running all 333 text tokens."""
     prompts, negatives, steps = ["a handwritten digit 4", "a photo of a sneaker"], ["", "a photo of a bag"], 8
     ref = StableDiffusion3Pipeline.from_pretrained(bundled_model(NAME), **ABSENT)
     ref.set_progress_bar_config(disable=True)
@@ -79,8 +80,11 @@ def test_cfg_matches_diffusers_pipeline(gp):
         prompts, negative_prompt=negatives, generator=gens, num_inference_steps=steps, guidance_scale=4.0,
         output_type="latent", height=32, width=32,
     ).images  # fmt: skip
-    got = gp.generate(prompts, negatives, guidance=[CFG(4.0)], steps=steps, seed=5, decode=False).latents
+    out = gp.generate(prompts, negatives, guidance=[CFG(4.0)], steps=steps, seed=5, decode=False)
+    got = out.latents
     assert got.shape == want.shape == (2, 4, 8, 8)
+    # the default run collapses the 256 zero "T5" tokens into one (text compaction), diffusers does not
+    assert out.manifests[0]["engine"]["compact_text"]["text_tokens"] == [333, 78]
     assert max_diff(got, want) <= 1e-4
     assert (got[0] - got[1]).abs().max().item() > 0.1  # the prompts matter
 

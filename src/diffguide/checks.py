@@ -196,8 +196,9 @@ def check_types(cfg: Any) -> None:
             check_int(value, name)
     if cfg.max_rows is not None and cfg.max_rows < 1:
         raise ConfigError(f"max_rows must be >= 1, got {cfg.max_rows}")
-    if not isinstance(getattr(cfg, "prefix_sharing", True), bool):
-        raise ConfigError(f"prefix_sharing must be true or false, got {cfg.prefix_sharing!r}")
+    for name in ("prefix_sharing", "compact_text"):
+        if not isinstance(getattr(cfg, name, True), bool):
+            raise ConfigError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
     check_number(cfg.eta, "eta", finite=False)  # ranges (NaN included) are the config's own checks
     check_number(cfg.shift, "shift", finite=False)
     for name in ("scheduler", "noise"):

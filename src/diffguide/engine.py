@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -92,12 +93,15 @@ class GuidedModel:
         rows_schedule: Mapping[int, int] | None = None,
         on_retry: Callable[[], None] | None = None,
         prefix_sharing: bool = True,
+        compaction: Any | None = None,
     ) -> None:
         """``rows_schedule``: {step: max_rows from that step on}, e.g. a recorded run's
         :attr:`fallbacks`, to chunk every step exactly as that run did. ``on_retry``: called
         when a step's forwards are abandoned and repeated (see :meth:`ForwardContext.rollback`).
         ``prefix_sharing``: perturbed branches reuse the conditional rows' work before their first
-        perturbed unit (:mod:`diffguide.prefix`); False runs every row through every unit."""
+        perturbed unit (:mod:`diffguide.prefix`); False runs every row through every unit.
+        ``compaction``: the family's exact text-token compaction for the run (its ``installed(model,
+        perturbations)`` context; :mod:`diffguide.models.families.sd3_compact`), or None."""
         self.denoiser, self.terms = denoiser, tuple(terms)
         self.branches = _branch_table(self.terms)
         if "uncond" in self.branches and uncond is None:
@@ -123,6 +127,7 @@ class GuidedModel:
         self.rows_schedule = check_rows_schedule(rows_schedule)
         self.fallbacks: dict[int, int] = {}  # step -> max_rows from then on, after running out of memory
         self.prefix_sharing = prefix_sharing
+        self.compaction = compaction
         self._prefix: PrefixPlan | None = None  # while installed, when some branch shares a prefix
         self._chunk = ChunkState()
         self.run_state = RunState()  # stateful terms' memory (APG momentum); fresh for every run
@@ -138,6 +143,9 @@ class GuidedModel:
                     stack.enter_context(
                         branch.perturbation.install(self.denoiser.model, branch.name, self.ctx)
                     )
+            if self.compaction is not None:  # after the perturbations: it checks what they installed
+                perturbations = [b.perturbation for b in self.branches.values() if b.perturbation is not None]
+                stack.enter_context(self.compaction.installed(self.denoiser.model, perturbations))
             plan = PrefixPlan(self.denoiser.model, self.branches.values()) if self.prefix_sharing else None
             if plan is not None and plan.shared_units:  # after the perturbations: its wrappers are outermost
                 stack.enter_context(sharing(self.denoiser.model, plan, self.ctx, self._chunk))

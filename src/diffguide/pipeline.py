@@ -24,6 +24,7 @@ from .guidance.cfg import CFG
 from .manifest import MANIFEST_VERSION, attention_backend, environment, file_hash, module_hash, tensor_hash
 from .models.denoiser import Conditioning, FamilyDenoiser
 from .models.families import Family, family_of
+from .models.families.sd3_compact import compact_record
 from .models.loading import load_lora, load_pipeline, own_memory
 from .quiet import library_noise_off
 from .sampling.comfy import (
@@ -86,6 +87,10 @@ class GenerateConfig:
     # (diffguide.prefix); equal to an unshared run within float rounding. Manifests written before
     # this switch replay with it off (repro.schema), as they were made.
     prefix_sharing: bool = True
+    # Repeated trailing text tokens (SD3 without T5: 256 zero tokens) run as one token with a
+    # log(count) attention bias (models/families/sd3_compact.py); exact to float rounding. Manifests
+    # written before this switch replay with it off (repro.schema), as they were made.
+    compact_text: bool = True
     # Sampler knobs (diffguide.sampling.knobs; defaults = off). diffusers policy, euler: Karras churn
     # (s_churn, s_tmin, s_tmax (None: no bound), s_noise). comfy policy, euler_a: KSampler's
     # sample_euler_ancestral eta (ancestral_eta) and s_noise.
@@ -385,9 +390,12 @@ class GuidedPipeline:
         on_retry = getattr(callback, "on_retry", None)
         # a trace of module outputs needs every row through every module: no sharing while tracing
         share = cfg.prefix_sharing and not getattr(callback, "module_pattern", None)
+        tracing = bool(getattr(callback, "module_pattern", None))
+        compaction = self.family.text_compaction(tracing) if cfg.compact_text else None
         guided = GuidedModel(
-            denoiser, cfg.guidance, cond, uncond, seeds, cfg.max_rows, rows_schedule, on_retry, share
-        )
+            denoiser, cfg.guidance, cond, uncond, seeds, cfg.max_rows, rows_schedule, on_retry, share,
+            compaction,
+        )  # fmt: skip
         shape = self.family.latent_shape(self.pipe, cfg.num_images, height, width)
         init = (
             None
@@ -417,6 +425,7 @@ class GuidedPipeline:
                 "forward_calls": guided.forward_calls,
                 "out_of_memory_fallbacks": {str(k): v for k, v in sorted(guided.fallbacks.items())},
                 "prefix_sharing": guided.prefix_sharing,
+                "compact_text": compact_record(cfg.compact_text, compaction, self.family.name),
             }
         if guided.fallbacks:
             warnings.warn(

@@ -395,6 +395,16 @@ def generate(
             rich_help_panel=P_GUIDE,
         ),
     ] = False,
+    no_compact_text: Annotated[
+        bool,
+        typer.Option(
+            "--no-compact-text",
+            help="Run every text token, instead of running SD3's repeated trailing text tokens (the 256 "
+            "zero T5 tokens without T5) as one token with a log(count) attention bias (exact within "
+            "float rounding; recorded in the manifest).",
+            rich_help_panel=P_GUIDE,
+        ),
+    ] = False,
     model: Annotated[Path | None, model_option(panel=P_MODEL)] = None,
     config: Annotated[
         str | None,
@@ -665,6 +675,7 @@ def prepare(opts: dict[str, Any]) -> Run:
         batch_invariant=o.batch_invariant,
         # module traces need every row through every module
         prefix_sharing=not getattr(o, "no_prefix_sharing", False) and not getattr(o, "trace_modules", None),
+        compact_text=not getattr(o, "no_compact_text", False),
     )
     if "out" in opts:  # generate (check-determinism writes nothing): outputs checked before loading
         check_outputs(o, config_.num_images, config_.seed)

@@ -23,7 +23,7 @@ from .translate import ModelSpec, WorkflowRun
 
 #: GenerateConfig fields a KSampler cannot set: a workflow runs them at their defaults.
 _KNOBS = (
-    "eta", "max_rows", "shift", "batch_invariant", "prefix_sharing", "s_churn", "s_tmin", "s_tmax",
+    "eta", "max_rows", "shift", "batch_invariant", "prefix_sharing", "compact_text", "s_churn", "s_tmin", "s_tmax",
     "s_noise", "ancestral_eta", "dynamic_thresholding",
 )  # fmt: skip
 

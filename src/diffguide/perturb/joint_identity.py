@@ -46,7 +46,8 @@ from .dit import ImageTokens, arg_namer, row_split, scoped_forward
 Semantics = Literal["diagonal", "value"]
 SEMANTICS: tuple[str, ...] = ("diagonal", "value")
 
-IMAGE_FIRST = ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0")
+# CompactJointAttnProcessor: JointAttnProcessor2_0 with SD3 text compaction's key bias (sd3_compact)
+IMAGE_FIRST = ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0", "CompactJointAttnProcessor")
 TEXT_FIRST = (
     "FluxAttnProcessor",
     "FluxAttnProcessor2_0",

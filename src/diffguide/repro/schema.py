@@ -55,8 +55,8 @@ class ReplaySpec:
 
 def config_from_manifest(manifest: Mapping[str, Any]) -> GenerateConfig:
     """The :class:`GenerateConfig` a manifest was made with: every recorded field of the config
-    (older manifests lack newer fields, which keep their defaults, except ``prefix_sharing``: a
-    manifest without it was made before sharing existed, so it replays unshared)."""
+    (older manifests lack newer fields, which keep their defaults, except ``prefix_sharing`` and
+    ``compact_text``: a manifest without one was made before it existed, so it replays without it)."""
     p = _section(manifest, "parameters")
     missing = [k for k in REQUIRED if k not in p]
     if missing:
@@ -66,6 +66,7 @@ def config_from_manifest(manifest: Mapping[str, Any]) -> GenerateConfig:
             raise _bad(f"parameters.{key}", "must be a list", p[key])
     kwargs = {f.name: p[f.name] for f in fields(GenerateConfig) if f.name in p}
     kwargs.setdefault("prefix_sharing", False)  # manifests before the switch were made without sharing
+    kwargs.setdefault("compact_text", False)  # and before text compaction, with every text token
     kwargs.update(
         prompts=tuple(p["prompts"]),
         negative_prompts=tuple(p["negative_prompts"]),

@@ -134,6 +134,12 @@ class Family(ABC):
         one length). Called once per run, on B rows each, before any forward. Default: as given."""
         return cond, uncond
 
+    def text_compaction(self, tracing: bool) -> Any | None:
+        """An exact speed-up that runs repeated trailing text tokens as one (SD3 without T5:
+        :mod:`~diffguide.models.families.sd3_compact`), for one run, or None where the family has
+        none. ``tracing``: the run records module outputs. Default: None."""
+        return None
+
     # -- the denoiser -------------------------------------------------------------------------
     @abstractmethod
     def prediction(self, pipe: Any) -> str:

@@ -9,6 +9,8 @@ encoders; a missing T5 gives zeros, as in diffusers). The negative prompt is enc
 given (``""`` included; SD3 has no zeroing rule). Latents (B, C, H/8, W/8), C = the
 transformer's ``in_channels`` (16 in real SD3); decode uses the VAE's scaling and shift factors.
 SD3.5's dual attention (``dual_attention_layers``) and qk norm need nothing extra here.
+Repeated trailing text tokens (the zero "T5" tokens without T5) run as one token with a
+``log(count)`` key bias, exactly (``compact_text``, :mod:`.sd3_compact`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ...sampling.comfy import ComfyFlowSampling
 from ...sampling.steppers import flow_stepper
 from ..denoiser import Conditioning
 from .base import Family
+from .sd3_compact import TextCompaction
 
 
 class SD3Family(Family):
@@ -74,6 +77,10 @@ class SD3Family(Family):
 
     def prediction(self, pipe: Any) -> str:
         return "flow"
+
+    def text_compaction(self, tracing: bool) -> TextCompaction:
+        """Without T5, the 256 zero "T5" tokens run as one token with a log(256) key bias (exact)."""
+        return TextCompaction(tracing=tracing)
 
     def forward(self, model: nn.Module, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         timestep = t.expand(x.shape[0]) if t.ndim == 0 else t
