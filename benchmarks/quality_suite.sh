@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The quality benchmarks behind docs/quality/ (issues 11 and 12). Resumable: re-run to continue.
 #
-#   bash benchmarks/quality_suite.sh sd3        # tiny-sd3: the issue-11 rows, N = 1000
+#   bash benchmarks/quality_suite.sh sd3        # tiny-sd3: the issue-11 rows, N = 1000 (2 processes)
 #   bash benchmarks/quality_suite.sh sd3-sweep  # tiny-sd3: SLG / PAG on each block with CFG 3, N = 500
 #   bash benchmarks/quality_suite.sh methods    # tiny-sd: the issue-12 method rows, N = 1000 (2 processes)
 #   bash benchmarks/quality_suite.sh report     # merge each run with paired bootstrap -> docs/quality/
@@ -19,10 +19,16 @@ bench() { "$PY" -m diffguide.cli.main bench quality --threads 1 "$@"; }
 SD3_LAYERS=(--layers slg=b1 --pag-layers b2 --tpg-layers b1)
 
 case "${1:-}" in
-sd3)
-  bench --model tiny-sd3 --n "${N:-1000}" "${SD3_LAYERS[@]}" --out "$OUT/quality-sd3" --settings \
-cond/none,cond/cfg2,cond/cfg3,cond/cfg5,cond/slg3,cond/cfg3+slg3,cond/pag3,cond/cfg3+pag3,\
-cond/tpg3,cond/cfg3+tpg3,uncond/none,uncond/slg3,uncond/pag3,uncond/tpg3
+sd3)  # as two processes (a, b), one per core; 'report' merges them
+  "$0" sd3-a & "$0" sd3-b & wait
+  ;;
+sd3-a)
+  bench --model tiny-sd3 --n "${N:-1000}" "${SD3_LAYERS[@]}" --out "$OUT/quality-sd3" \
+    --settings cond/none,cond/cfg2,cond/cfg3,cond/cfg5,cond/slg3,cond/cfg3+slg3,cond/pag3
+  ;;
+sd3-b)
+  bench --model tiny-sd3 --n "${N:-1000}" "${SD3_LAYERS[@]}" --out "$OUT/quality-sd3-b" \
+    --settings cond/cfg3+pag3,cond/tpg3,cond/cfg3+tpg3,uncond/none,uncond/slg3,uncond/pag3,uncond/tpg3
   ;;
 sd3-sweep)
   args=()
@@ -48,7 +54,7 @@ methods-b)
   ;;
 report)
   rep() { "$PY" -m diffguide.cli.main bench report "$@"; }
-  [ -f "$OUT/quality-sd3/results.json" ] && rep "$OUT/quality-sd3" --out docs/quality/sd3
+  [ -f "$OUT/quality-sd3-b/results.json" ] && rep "$OUT/quality-sd3" "$OUT/quality-sd3-b" --out docs/quality/sd3
   [ -f "$OUT/quality-sd3-sweep/results.json" ] && rep "$OUT/quality-sd3-sweep" --out docs/quality/sd3-sweep
   [ -f "$OUT/quality-methods-b/results.json" ] && rep "$OUT/quality-methods" "$OUT/quality-methods-b" --out docs/quality/methods
   true
