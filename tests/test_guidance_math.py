@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import pytest
@@ -130,6 +131,22 @@ def test_cfg_zero_star_formula_known_values():
     assert maxdiff(guided(term, c, u, step_at(index=1)), vec(2.0, 6.0)) <= 1e-7
     assert maxdiff(guided(term, c, u, step_at(index=0)), vec(0.0, 0.0)) == 0.0  # zero-init
     assert term.active(step_at(index=0)) and not CFGZeroStar(1.0).active(step_at(index=1))
+
+
+def test_cfg_zero_star_zero_init_warns_on_models_that_are_not_flow():
+    """Zero-init on an epsilon / v model keeps all the starting noise (FID 134 on tiny-sd, docs/quality.md):
+    a GuidanceWarning at the first step; none on flow models or without zero-init."""
+    from diffguide.checks import GuidanceWarning
+
+    c, u = vec(2.0, 2.0), vec(1.0, 0.0)
+    for prediction in ("epsilon", "v_prediction"):
+        with pytest.warns(GuidanceWarning, match=rf"made for flow models; on this {prediction} model"):
+            guided(CFGZeroStar(3.0, zero_init_steps=1), c, u, step_at(index=0, prediction=prediction))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        guided(CFGZeroStar(3.0, zero_init_steps=1), c, u, step_at(index=0, prediction="flow"))
+        guided(CFGZeroStar(3.0, zero_init_steps=0), c, u, step_at(index=0))
+        guided(CFGZeroStar(3.0, zero_init_steps=1), c, u, step_at(index=1))  # once, at the first step
 
 
 def test_tcfg_formula_known_values():

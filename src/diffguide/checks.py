@@ -34,6 +34,10 @@ class SizeWarning(DiffguideWarning):
     """The requested size is far beyond the model's native size."""
 
 
+class GuidanceWarning(DiffguideWarning):
+    """A guidance setting that is known to misbehave on this kind of model."""
+
+
 def is_int(value: Any) -> bool:
     """A true integer (``bool`` and ``2.0`` are not)."""
     return isinstance(value, int) and not isinstance(value, bool)

@@ -24,11 +24,13 @@ Cost: one unconditional branch (also evaluated on the zero-init steps).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from ..checks import GuidanceWarning
 from ..defaults import DEFAULTS
 from ..errors import ConfigError
 from .base import UNCOND, Branch, Predictions, StepInfo, Window
@@ -78,4 +80,12 @@ class CFGZeroStar(Term):
         return (self.scale - 1.0) * (c - optimized_scale(c, u) * u)  # = alpha u + w (c - alpha u) - c
 
     def post(self, guided: Tensor, preds: Predictions, step: StepInfo) -> Tensor:
+        if step.index == 0 and self.zero_init_steps > 0 and step.prediction != "flow":
+            warnings.warn(
+                f"CFG-Zero* zero-init (zero_init_steps={self.zero_init_steps}) is made for flow models; on "
+                f"this {step.prediction} model a zero prediction keeps all the starting noise "
+                "(docs/methods.md: FID 134 vs 38 on tiny-sd); use cfg_zero_star:zero_init_steps=0",
+                GuidanceWarning,
+                stacklevel=2,
+            )
         return torch.zeros_like(guided) if step.index < self.zero_init_steps else guided
