@@ -417,7 +417,8 @@ def run(opts: BenchOptions, log: Log = print) -> dict[str, Any]:
 
     pipe = GuidedPipeline.from_pretrained(opts.model)
     hashes = pipe.component_hashes()
-    log(f"model {opts.model} (unet {hashes.get('unet', '?')[:12]})")
+    denoiser = next((k for k in ("unet", "transformer") if k in hashes), None)
+    log(f"model {opts.model} ({denoiser} {hashes[denoiser][:12]})" if denoiser else f"model {opts.model}")
 
     keys = {s: _key(hashes, opts, s) for s in opts.settings}
     paths = {s: opts.out / "settings" / f"{s.file_stem}.npz" for s in opts.settings}
