@@ -2,6 +2,7 @@
 # The quality benchmarks behind docs/quality/ (issues 11 and 12). Resumable: re-run to continue.
 #
 #   bash benchmarks/quality_suite.sh sd3        # tiny-sd3: the issue-11 rows, N = 1000 (2 processes)
+#   bash benchmarks/quality_suite.sh sd3-methods # tiny-sd3: the issue-12 method rows, N = 1000
 #   bash benchmarks/quality_suite.sh sd3-sweep  # tiny-sd3: SLG / PAG on each block with CFG 3, N = 500
 #   bash benchmarks/quality_suite.sh methods    # tiny-sd: the issue-12 method rows, N = 1000 (2 processes)
 #   bash benchmarks/quality_suite.sh report     # merge each run with paired bootstrap -> docs/quality/
@@ -30,6 +31,15 @@ sd3-b)
   bench --model tiny-sd3 --n "${N:-1000}" "${SD3_LAYERS[@]}" --out "$OUT/quality-sd3-b" \
     --settings cond/cfg3+pag3,cond/tpg3,cond/cfg3+tpg3,uncond/none,uncond/slg3,uncond/pag3,uncond/tpg3
   ;;
+sd3-methods)  # the issue-12 methods on tiny-sd3 (flow model: CFG-Zero*'s zero-init is its own setting)
+  bench --model tiny-sd3 --n "${N:-1000}" "${SD3_LAYERS[@]}" --out "$OUT/quality-sd3-methods" \
+    --settings cond/cfg_zero_star3,cond/cfg3+prompt_shuffle3 \
+    --setting "cond/cfg_zero_star:scale=3,zero_init_steps=0" \
+    --setting "cond/apg:scale=5,eta=0,norm_threshold=2.5,momentum=-0.75" \
+    --setting "cond/cfg:scale=5,window=sigma:0.219:0.844" \
+    --setting "cond/cfg3+seg:scale=3,layers=b1" \
+    --setting "cond/cfg3+uncond_query_shuffle:strength=1,layers=b1"
+  ;;
 sd3-sweep)
   args=()
   for b in 0 1 2 3; do
@@ -54,7 +64,9 @@ methods-b)
   ;;
 report)
   rep() { "$PY" -m diffguide.cli.main bench report "$@"; }
-  [ -f "$OUT/quality-sd3-b/results.json" ] && rep "$OUT/quality-sd3" "$OUT/quality-sd3-b" --out docs/quality/sd3
+  sd3=("$OUT/quality-sd3" "$OUT/quality-sd3-b")
+  [ -f "$OUT/quality-sd3-methods/results.json" ] && sd3+=("$OUT/quality-sd3-methods")
+  [ -f "$OUT/quality-sd3-b/results.json" ] && rep "${sd3[@]}" --out docs/quality/sd3
   [ -f "$OUT/quality-sd3-sweep/results.json" ] && rep "$OUT/quality-sd3-sweep" --out docs/quality/sd3-sweep
   [ -f "$OUT/quality-methods-b/results.json" ] && rep "$OUT/quality-methods" "$OUT/quality-methods-b" --out docs/quality/methods
   true
