@@ -646,6 +646,9 @@ def test_warn_size_factor():
 
 SIGNAL_SCRIPT = """
 import os, signal, sys, time
+# as in a terminal: a shell running this in the background (CI launched with '&') would have set
+# SIGINT to "ignore", which Python and diffguide rightly keep
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from diffguide import io
 from diffguide.cli import main
 from diffguide.models.denoiser import FamilyDenoiser

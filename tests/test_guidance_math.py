@@ -749,6 +749,7 @@ def test_guide_option_runs_the_terms_and_replay_is_bit_identical(tmp_path):
     assert methods == ["apg", "rescale_cfg"]
     res = runner.invoke(app, ["replay", str(image)])
     assert res.exit_code == 0 and "bit-identical" in res.output and "NOT" not in res.output, res.output
-    res = runner.invoke(app, [*args, "--guide", "fdg:scales=10", "-o", str(tmp_path / "fdg")])
+    res = runner.invoke(app, [*args, "--guide", "fdg:scales=[10,x]", "-o", str(tmp_path / "fdg")])
     assert res.exit_code == 2
-    assert "fdg scales: parameters of type tuple cannot be given on the command line" in res.output
+    assert "fdg scales: 'x' is not a number" in res.output
+    assert not (tmp_path / "fdg").exists()

@@ -25,6 +25,7 @@ REFUSED = (
     "UNETLoader", "CLIPLoader", "DualCLIPLoader", "VAELoader",
     "DiffguideLoadConditioning", "ConditioningZeroOut",
     "ModelSamplingAuraFlow", "ModelSamplingSD3", "ModelSamplingFlux",
+    "LoadLatent",  # `comfy run` reads latent files; a /prompt job cannot name one (yet)
 )  # fmt: skip
 UPLOAD_TYPES = ("input", "temp")
 #: Where ComfyUI's node declares other outputs than the workflow translator links (SaveImage).
