@@ -366,18 +366,11 @@ def test_flux_node_equals_diffguide_engine(flux_file, tmp_path, case, sampling):
 
 
 @pytest.fixture(scope="module")
-def flux_wf(qwen, tmp_path_factory):
-    """A tiny FLUX.1 dev file (ComfyUI's key layout) in a workflow with CFG 2.5 and FluxGuidance on
-    both prompts, batch 2; ComfyUI's CLIPTextEncode returns the conditioning file of its text."""
-    from diffguide.comfy_workflow import load_comfy_conditioning
-
-    models = cws.make_flux_models_dir(tmp_path_factory.mktemp("flux-models"))
-    files = {"a cat": models / "positive.safetensors", "": models / "negative.safetensors"}
-    cws.EXTRA_NODES["DualCLIPLoader"] = lambda i: (lambda text: load_comfy_conditioning(files[text])[0],)
-    wf = cws.flux_workflow(models, cfg=2.5, guidance=2.0, steps=STEPS)
+def flux_wf(flux_file):
+    """``flux_file`` in a workflow with CFG 2.5 and FluxGuidance on both prompts, batch 2."""
+    wf = cws.flux_workflow(flux_file, cfg=2.5, guidance=2.0, steps=STEPS)
     wf["7"]["inputs"]["batch_size"] = 2
-    yield models, wf
-    cws.EXTRA_NODES.pop("DualCLIPLoader", None)
+    return flux_file, wf
 
 
 FLUX_ENGINE_CASES = {  # a double and a single block: the single block's queries span [text, image]

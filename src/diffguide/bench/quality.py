@@ -89,7 +89,7 @@ class Setting:
         extra = tuple(e.strip() for e in extras)
         for e in extra:
             parse_guide(e)  # a bad term fails here, before anything runs
-            if "+" in e or "/" in e.split(":", 1)[0]:
+            if "+" in e or "/" in _guide_method(e):
                 raise ConfigError(f"benchmark term '{e}': '+' cannot appear inside a term")
         object.__setattr__(self, "conditional", conditional)
         object.__setattr__(self, "scales", on)
@@ -115,7 +115,7 @@ class Setting:
 
     @property
     def method(self) -> str:
-        methods = [m for m, _ in self.scales] + [e.split(":", 1)[0].strip() for e in self.extras]
+        methods = [m for m, _ in self.scales] + [_guide_method(e) for e in self.extras]
         return "+".join(methods) or "none"
 
     @property
@@ -174,13 +174,18 @@ class Setting:
                         f"{', '.join(REGISTRY)}"
                     )
                 scales[method] = scale
-        uses_cfg = scales.get("cfg", 1.0) != 1.0 or any(e.split(":", 1)[0].strip() == "cfg" for e in extras)
+        uses_cfg = scales.get("cfg", 1.0) != 1.0 or any(_guide_method(e) == "cfg" for e in extras)
         if kind == "uncond" and uses_cfg:
             raise ConfigError(
                 f"setting '{name}': CFG has no meaning with the empty prompt (its conditional and "
                 "unconditional predictions are the same), so unconditional settings take no cfg"
             )
         return Setting(kind == "cond", extras=extras, **scales)
+
+
+def _guide_method(term: str) -> str:
+    """The method of a term in ``--guide`` syntax: ``"apg:scale=5"`` -> ``"apg"``."""
+    return term.split(":", 1)[0].strip()
 
 
 def _method_scale(part: str, methods: Iterable[str]) -> tuple[str | None, float]:
