@@ -9,7 +9,7 @@ bash scripts/setup.sh
 if [ -d vendor/ComfyUI ]; then
     export DIFFGUIDE_REQUIRE_COMFY="${DIFFGUIDE_REQUIRE_COMFY:-1}"
 fi
-"$PY" -m ruff check src tests benchmarks
-"$PY" -m ruff format --check src tests benchmarks
+"$PY" -m ruff check src tests benchmarks training
+"$PY" -m ruff format --check src tests benchmarks training
 "$PY" -m mypy src/diffguide
 "$PY" -m pytest -q "$@"

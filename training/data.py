@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from diffguide.bench import data as _data
 from diffguide.bench.data import (  # noqa: F401  (re-exported for train.py and sample_grid.py)
     CAPTIONS,

@@ -27,7 +27,10 @@ def load(folder: str):
 
     from diffusers import EulerDiscreteScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
 
-    if json.loads((Path(folder) / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline":
+    if (
+        json.loads((Path(folder) / "model_index.json").read_text())["_class_name"]
+        == "StableDiffusion3Pipeline"
+    ):
         absent = dict(text_encoder_3=None, tokenizer_3=None, image_encoder=None, feature_extractor=None)
         return StableDiffusion3Pipeline.from_pretrained(folder, **absent)
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
@@ -44,8 +47,11 @@ def main():
     ap.add_argument("--cfg", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scale", type=int, default=2, help="nearest-neighbour upscaling of the grid")
-    ap.add_argument("--classify", action="store_true",
-                    help="also report prompt accuracy with diffguide.bench's digit / garment classifiers")
+    ap.add_argument(
+        "--classify",
+        action="store_true",
+        help="also report prompt accuracy with diffguide.bench's digit / garment classifiers",
+    )
     args = ap.parse_args()
 
     from PIL import Image
@@ -58,8 +64,16 @@ def main():
     t0 = time.time()
     for i, prompt in enumerate(CAPTIONS):
         g = torch.Generator().manual_seed(args.seed + i)
-        imgs = pipe(prompt, num_images_per_prompt=args.n, num_inference_steps=args.steps,
-                    guidance_scale=args.cfg, generator=g, height=size, width=size, output_type="np").images
+        imgs = pipe(
+            prompt,
+            num_images_per_prompt=args.n,
+            num_inference_steps=args.steps,
+            guidance_scale=args.cfg,
+            generator=g,
+            height=size,
+            width=size,
+            output_type="np",
+        ).images
         rows.append(np.concatenate(list(imgs), axis=1))
         all_imgs.append(imgs)
     dt = time.time() - t0
@@ -67,8 +81,10 @@ def main():
     im = Image.fromarray(grid)
     im = im.resize((im.width * args.scale, im.height * args.scale), Image.NEAREST)
     im.save(args.out)
-    print(f"wrote {args.out}: {len(CAPTIONS)} prompts x {args.n} images, {args.steps} steps, cfg {args.cfg}; "
-          f"{dt:.1f}s total, {dt / len(CAPTIONS):.2f}s per prompt batch of {args.n}")
+    print(
+        f"wrote {args.out}: {len(CAPTIONS)} prompts x {args.n} images, {args.steps} steps, cfg {args.cfg}; "
+        f"{dt:.1f}s total, {dt / len(CAPTIONS):.2f}s per prompt batch of {args.n}"
+    )
     if args.classify:
         sys.path.insert(0, str(HERE.parent / "src"))
         from diffguide.bench.classifiers import PromptClassifiers
@@ -80,8 +96,13 @@ def main():
         clf = PromptClassifiers()
         print("accuracy:", clf.accuracy(gray, labels))
         per = [clf.accuracy(gray[labels == c], labels[labels == c]) for c in range(len(CAPTIONS))]
-        print("per prompt:", " ".join(
-            f"{c}:{(p['digit_accuracy'] if c < 10 else p['garment_accuracy']):.2f}" for c, p in enumerate(per)))
+        print(
+            "per prompt:",
+            " ".join(
+                f"{c}:{(p['digit_accuracy'] if c < 10 else p['garment_accuracy']):.2f}"
+                for c, p in enumerate(per)
+            ),
+        )
 
 
 if __name__ == "__main__":

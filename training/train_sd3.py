@@ -41,7 +41,18 @@ torch.set_num_threads(1)
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import data  # noqa: E402
-from train import Logger, atomic_save, batch_indices, count, lr_at  # noqa: E402
+from common import (  # noqa: E402
+    Checkpoint,
+    Logger,
+    Progress,
+    atomic_save,
+    batch_indices,
+    count,
+    ema_update,
+    lr_at,
+    set_lr,
+    step_generator,
+)
 
 REPO = HERE.parent
 BASE = REPO / "src" / "diffguide" / "assets" / "tiny-sd"  # the first model: VAE, tokenizer, text encoder
@@ -222,24 +233,16 @@ def stage_train(args, run: Path, log: Logger):
     use_compressed(model, N_IMAGE)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    ck = run / "transformer.pt"
-    step = 0
-    if ck.exists():
-        st = torch.load(ck, map_location="cpu")
-        model.load_state_dict(st["model"])
-        ema.load_state_dict(st["ema"])
-        opt.load_state_dict(st["opt"])
-        step = st["step"]
-        log(f"train: resumed at step {step}")
+    parts = {"model": model, "ema": ema, "opt": opt}
+    ck = Checkpoint(run / "transformer.pt", parts, args.ckpt_minutes, log, "train")
+    step = ck.resume()
     log(f"train: params {count(model)} config {TRANSFORMER_CONFIG} batch {args.batch} lr {args.lr}")
     model.train()
-    t0, last_ck, acc = time.time(), time.time(), []
+    progress = Progress(log, "train", ("loss", "gradnorm"), (".4f", ".3f"), every=100)
     while step < args.steps:
-        lr = lr_at(step, args.lr, 300, args.steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = set_lr(opt, lr_at(step, args.lr, 300, args.steps))
         idx = torch.from_numpy(batch_indices(cdf, args.seed, step, args.batch))
-        gen = torch.Generator().manual_seed(args.seed * 7919 + step)
+        gen = step_generator(args.seed, step)
         z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen) - shift) * scaling
         noise = torch.randn(z0.shape, generator=gen)
         u = torch.sigmoid(torch.randn(len(idx), generator=gen))  # SD3 logit-normal (m=0, s=1)
@@ -256,21 +259,9 @@ def stage_train(args, run: Path, log: Logger):
         gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        d = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for ps, pd in zip(model.parameters(), ema.parameters(), strict=True):
-                pd.lerp_(ps, 1 - d)
-        acc.append([loss.item(), gn.item()])
-        if step % 100 == 0 or step == args.steps:
-            a_ = np.mean(acc, 0)
-            log(f"train step {step} loss {a_[0]:.4f} gradnorm {a_[1]:.3f} lr {lr:.2e} "
-                f"{(time.time() - t0) / len(acc):.3f}s/step")  # fmt: skip
-            acc, t0 = [], time.time()
-        if time.time() - last_ck > args.ckpt_minutes * 60 or step == args.steps:
-            st = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step}
-            atomic_save(st, ck)
-            last_ck = time.time()
-            log(f"train: checkpoint at step {step}")
+        ema_update(((model, ema),), step, args.ema)
+        progress(step, step == args.steps, lr, loss.item(), gn.item())
+        ck.maybe_save(step, step == args.steps)
 
 
 # ----------------------------------------------------------------------------- export
@@ -313,7 +304,7 @@ def stage_bench(args, run: Path, log: Logger):
     model = make_transformer()
     use_compressed(model, N_IMAGE)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    e, p = compress(prep["embeds"])[: 1].expand(args.batch, -1, -1), prep["pooled"][:1].expand(args.batch, -1)
+    e, p = compress(prep["embeds"])[:1].expand(args.batch, -1, -1), prep["pooled"][:1].expand(args.batch, -1)
     x = torch.randn(args.batch, 4, 8, 8)
     for i in range(6):
         if i == 1:
