@@ -163,41 +163,31 @@ def qwen(tmp_path_factory):
     return models, wf
 
 
+def case(node_name: str, term: type, **inputs):
+    """(node, the diffguide term, the node's inputs): the node's inputs are the term's own fields."""
+    return node_name, term(**inputs), inputs
+
+
+def shared_cases(layers: str) -> dict:
+    """The perturbations every DiT family runs alike, on the blocks ``layers``."""
+    return {
+        f"TPG {layers} shared": case("TPG", TPG, scale=2.0, layers=layers, permutation="shared"),
+        f"LayerSkip {layers} attn": case("LayerSkip", LayerSkip, scale=2.0, layers=layers, mode="attn"),
+        f"SEG {layers} sigma 1": case("SEG", SEG, scale=2.0, blur_sigma=1.0, layers=layers),
+        f"UncondQueryShuffle {layers} 0.7": case(
+            "UncondQueryShuffle", UncondQueryShuffle, strength=0.7, layers=layers
+        ),
+    }
+
+
 QWEN_CASES = {  # node, the diffguide term, the node's inputs
-    "PAG diagonal b1": ("PAG", PAG(2.0, layers="b1"), {"scale": 2.0, "layers": "b1"}),
-    "PAG value b0": (
-        "PAG",
-        PAG(2.0, layers="b0", semantics="value"),
-        {"scale": 2.0, "layers": "b0", "semantics": "value"},
-    ),
-    "TPG b0-1": ("TPG", TPG(2.0, layers="b0-1"), {"scale": 2.0, "layers": "b0-1"}),
-    "PromptShuffle": ("PromptShuffle", PromptShuffle(2.0), {"scale": 2.0}),
-    "LayerSkip b1": ("LayerSkip", LayerSkip(2.0, layers="b1"), {"scale": 2.0, "layers": "b1"}),
-    "TPG b0-1 shared": (
-        "TPG",
-        TPG(2.0, layers="b0-1", permutation="shared"),
-        {"scale": 2.0, "layers": "b0-1", "permutation": "shared"},
-    ),
-    "LayerSkip b0-1 attn": (
-        "LayerSkip",
-        LayerSkip(2.0, layers="b0-1", mode="attn"),
-        {"scale": 2.0, "layers": "b0-1", "mode": "attn"},
-    ),
-    "LayerSkip b0-1 ff": (
-        "LayerSkip",
-        LayerSkip(2.0, layers="b0-1", mode="ff"),
-        {"scale": 2.0, "layers": "b0-1", "mode": "ff"},
-    ),
-    "SEG b0-1 sigma 1": (
-        "SEG",
-        SEG(2.0, blur_sigma=1.0, layers="b0-1"),
-        {"scale": 2.0, "blur_sigma": 1.0, "layers": "b0-1"},
-    ),
-    "UncondQueryShuffle b0-1 0.7": (
-        "UncondQueryShuffle",
-        UncondQueryShuffle(0.7, layers="b0-1"),
-        {"strength": 0.7, "layers": "b0-1"},
-    ),
+    "PAG diagonal b1": case("PAG", PAG, scale=2.0, layers="b1"),
+    "PAG value b0": case("PAG", PAG, scale=2.0, layers="b0", semantics="value"),
+    "TPG b0-1": case("TPG", TPG, scale=2.0, layers="b0-1"),
+    "PromptShuffle": case("PromptShuffle", PromptShuffle, scale=2.0),
+    "LayerSkip b1": case("LayerSkip", LayerSkip, scale=2.0, layers="b1"),
+    "LayerSkip b0-1 ff": case("LayerSkip", LayerSkip, scale=2.0, layers="b0-1", mode="ff"),
+    **shared_cases("b0-1"),
 }
 
 
@@ -258,39 +248,12 @@ def sd3(qwen, tmp_path_factory):
 
 
 SD3_CASES = {
-    "PAG diagonal b0": ("PAG", PAG(2.0, layers="b0"), {"scale": 2.0, "layers": "b0"}),
-    "PAG value b1": (
-        "PAG",
-        PAG(2.0, layers="b1", semantics="value"),
-        {"scale": 2.0, "layers": "b1", "semantics": "value"},
-    ),
-    "TPG b0-1": ("TPG", TPG(2.0, layers="b0-1"), {"scale": 2.0, "layers": "b0-1"}),
-    "SEG b1 sigma inf": ("SEG", SEG(2.0, layers="b1"), {"scale": 2.0, "layers": "b1"}),
-    "TPG b0-1 shared": (
-        "TPG",
-        TPG(2.0, layers="b0-1", permutation="shared"),
-        {"scale": 2.0, "layers": "b0-1", "permutation": "shared"},
-    ),
-    "LayerSkip b0-1 attn": (
-        "LayerSkip",
-        LayerSkip(2.0, layers="b0-1", mode="attn"),
-        {"scale": 2.0, "layers": "b0-1", "mode": "attn"},
-    ),
-    "LayerSkip b0-1 ff": (
-        "LayerSkip",
-        LayerSkip(2.0, layers="b0-1", mode="ff"),
-        {"scale": 2.0, "layers": "b0-1", "mode": "ff"},
-    ),
-    "SEG b0-1 sigma 1": (
-        "SEG",
-        SEG(2.0, blur_sigma=1.0, layers="b0-1"),
-        {"scale": 2.0, "blur_sigma": 1.0, "layers": "b0-1"},
-    ),
-    "UncondQueryShuffle b0-1 0.7": (
-        "UncondQueryShuffle",
-        UncondQueryShuffle(0.7, layers="b0-1"),
-        {"strength": 0.7, "layers": "b0-1"},
-    ),
+    "PAG diagonal b0": case("PAG", PAG, scale=2.0, layers="b0"),
+    "PAG value b1": case("PAG", PAG, scale=2.0, layers="b1", semantics="value"),
+    "TPG b0-1": case("TPG", TPG, scale=2.0, layers="b0-1"),
+    "SEG b1 sigma inf": case("SEG", SEG, scale=2.0, layers="b1"),
+    "LayerSkip b0-1 ff": case("LayerSkip", LayerSkip, scale=2.0, layers="b0-1", mode="ff"),
+    **shared_cases("b0-1"),
 }
 
 
@@ -333,13 +296,9 @@ def flux_file(tmp_path_factory):
 
 
 FLUX_ENGINE_TERMS = {  # node, the diffguide term, the node's inputs; the same explicit blocks
-    "PAG diagonal": ("PAG", PAG(2.0, layers="b1,s0"), {"scale": 2.0, "layers": "b1,s0"}),
-    "PAG value": (
-        "PAG",
-        PAG(2.0, layers="b1,s0", semantics="value"),
-        {"scale": 2.0, "layers": "b1,s0", "semantics": "value"},
-    ),
-    "TPG": ("TPG", TPG(2.0, layers="b1,s0"), {"scale": 2.0, "layers": "b1,s0"}),
+    "PAG diagonal": case("PAG", PAG, scale=2.0, layers="b1,s0"),
+    "PAG value": case("PAG", PAG, scale=2.0, layers="b1,s0", semantics="value"),
+    "TPG": case("TPG", TPG, scale=2.0, layers="b1,s0"),
 }
 FLUX_ENGINE_SAMPLING = {  # FluxGuidance on the positive, cfg 1 (no uncond) / on both, cfg 2.5
     "cfg 1": ({"cfg": 1.0}, 4),
@@ -374,31 +333,8 @@ def flux_wf(flux_file):
 
 
 FLUX_ENGINE_CASES = {  # a double and a single block: the single block's queries span [text, image]
-    "SEG b1,s0 sigma 1": (
-        "SEG",
-        SEG(2.0, blur_sigma=1.0, layers="b1,s0"),
-        {"scale": 2.0, "blur_sigma": 1.0, "layers": "b1,s0"},
-    ),
-    "UncondQueryShuffle b1,s0 0.7": (
-        "UncondQueryShuffle",
-        UncondQueryShuffle(0.7, layers="b1,s0"),
-        {"strength": 0.7, "layers": "b1,s0"},
-    ),
-    "TPG b1,s0 shared": (
-        "TPG",
-        TPG(2.0, layers="b1,s0", permutation="shared"),
-        {"scale": 2.0, "layers": "b1,s0", "permutation": "shared"},
-    ),
-    "LayerSkip b1,s0 attn": (
-        "LayerSkip",
-        LayerSkip(2.0, layers="b1,s0", mode="attn"),
-        {"scale": 2.0, "layers": "b1,s0", "mode": "attn"},
-    ),
-    "LayerSkip b0,s1 ff": (
-        "LayerSkip",
-        LayerSkip(2.0, layers="b0,s1", mode="ff"),
-        {"scale": 2.0, "layers": "b0,s1", "mode": "ff"},
-    ),
+    **shared_cases("b1,s0"),
+    "LayerSkip b0,s1 ff": case("LayerSkip", LayerSkip, scale=2.0, layers="b0,s1", mode="ff"),
 }
 
 
