@@ -206,7 +206,8 @@ def test_check_ranges_and_table():
         seconds=2.0,
     )
     assert check_ranges({"settings": [row]}) == []
-    assert "| cond/none | 4 | 1.00 | 50.0% | 100.0% | 0.250 | 0.750 | 2 |" in markdown_table([row])
+    assert "| cond/none | 4 | 1.00 | 50.0% | 100.0% | 0.250 | 0.750 | – | 2 |" in markdown_table([row])
+    assert "| 0.750 | 3.00 | 2 |" in markdown_table([{**row, "evaluations_per_step": 3.0}])
     assert check_ranges({"settings": [{**row, "fid": math.nan, "recall": 1.5}]})
 
 
@@ -270,6 +271,8 @@ def test_quick_mode_end_to_end_on_a_tiny_random_model(tmp_path, data_env):
     cond = results["settings"][0]
     assert cond["n"] == 8 and cond["digit_accuracy"] is not None and cond["garment_accuracy"] is not None
     assert results["settings"][2]["digit_accuracy"] is None  # unconditional: no prompt to score
+    # the cost per image and step: 1 unguided; cond + uncond + TPG's branch; unconditional + PAG's
+    assert [r["evaluations_per_step"] for r in results["settings"]] == [1.0, 3.0, 2.0]
     for name in ("results.md", "plot.png", "grids/cond_none.png", "grids/uncond_pag2.png"):
         assert (out / name).is_file(), name
     # resuming with the same options samples nothing new and gives the same numbers

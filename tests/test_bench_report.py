@@ -22,7 +22,7 @@ def _features(rng, shift: float) -> np.ndarray:
     return rng.normal(size=(N, D)) + shift
 
 
-def _run(tmp_path, name: str, settings: dict[str, np.ndarray], ref_path, **header):
+def _run(tmp_path, name: str, settings: dict[str, np.ndarray], ref_path, evals: float | None = 2.0, **header):
     out = tmp_path / name
     (out / "settings").mkdir(parents=True)
     (out / "grids").mkdir()
@@ -36,7 +36,7 @@ def _run(tmp_path, name: str, settings: dict[str, np.ndarray], ref_path, **heade
             {"setting": setting, "conditional": s.conditional, "method": s.method, "cfg_scale": s.cfg,
              "pag_scale": s.pag, "tpg_scale": s.tpg, "n": len(feats), "fid": fid(feats),
              "digit_accuracy": None, "garment_accuracy": None, "precision": 0.5, "recall": 0.5,
-             "seconds": 1.0}
+             "seconds": 1.0, **({} if evals is None else {"evaluations_per_step": evals})}
         )  # fmt: skip
     results = {
         "model_hashes": {"unet": "abc"}, "steps": 20, "scheduler": "euler", "seed": 0,
@@ -186,3 +186,30 @@ def test_cli_report(runs, tmp_path):
     assert "TPG 3 alone vs no guidance" in res.stdout and "bootstrap sd" in res.stdout
     bad = CliRunner().invoke(app, ["bench", "report", str(tmp_path / "nope")])
     assert bad.exit_code == 2 and "does not exist" in bad.output
+
+
+def test_merge_counts_the_model_evaluations_of_older_runs(tmp_path):
+    """Runs written before the bench counted evaluations: the report counts them on the run's model."""
+    from diffguide.pipeline import GuidedPipeline
+    from diffguide.testing import tiny_sd15
+
+    model = tmp_path / "tiny"
+    tiny_sd15().save_pretrained(model)
+    hashes = GuidedPipeline.from_pretrained(str(model)).component_hashes()
+    rng = np.random.default_rng(3)
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, features=rng.normal(size=(200, D)))
+    expected = {  # per image and step: cond, + uncond, + PAG's branch; CFG on the first half only
+        "cond/none": 1.0,
+        "cond/cfg3": 2.0,
+        "cond/cfg3+pag2": 3.0,
+        "cond/cfg:scale=3,window=0:0.5": 1.5,
+    }
+    settings = {name: _features(rng, 0.5) for name in expected}
+    run = _run(tmp_path, "a", settings, ref, evals=None, model=str(model), model_hashes=hashes, steps=4)
+    merged = merge([run], tmp_path / "out", resamples=4)
+    assert {r["setting"]: r["evaluations_per_step"] for r in merged["settings"]} == expected
+    assert "| 1.50 |" in (tmp_path / "out" / "results.md").read_text()
+    other = _run(tmp_path, "b", settings, ref, evals=None, model=str(model), model_hashes={"unet": "x"})
+    with pytest.raises(DiffguideError, match="not the model these runs sampled"):
+        merge([other], tmp_path / "out2", resamples=4)

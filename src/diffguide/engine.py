@@ -124,6 +124,7 @@ class GuidedModel:
         self.ctx.negative_pooled = None if uncond is None else uncond.tensors.get("pooled")
         self._rows_cache: dict[tuple[str, ...], Conditioning] = {}
         self.forward_calls = 0
+        self.rows_evaluated = 0  # batch rows through the model, summed over the calls (the cost)
         self.rows_schedule = check_rows_schedule(rows_schedule)
         self.fallbacks: dict[int, int] = {}  # step -> max_rows from then on, after running out of memory
         self.prefix_sharing = prefix_sharing
@@ -213,6 +214,7 @@ class GuidedModel:
                 tt = t[start:stop] if t.ndim > 0 else t
                 outs.append(self.denoiser(x[start:stop], tt, cond.rows(start, stop)))
                 self.forward_calls += 1
+                self.rows_evaluated += stop - start
             finally:
                 self.ctx.rows = {}
                 self._chunk.units = None

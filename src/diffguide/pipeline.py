@@ -423,6 +423,9 @@ class GuidedPipeline:
             m["output"] = {"latents_hash": tensor_hash(latents[i : i + 1]), "shape": list(latents.shape[1:])}
             m["engine"] = {
                 "forward_calls": guided.forward_calls,
+                # model evaluations of one image over the run: its rows in every call (cond,
+                # uncond, each perturbed branch; those outside their window are not run)
+                "model_evaluations": guided.rows_evaluated / len(seeds),
                 "out_of_memory_fallbacks": {str(k): v for k, v in sorted(guided.fallbacks.items())},
                 "prefix_sharing": guided.prefix_sharing,
                 "compact_text": compact_record(cfg.compact_text, compaction, self.family.name),

@@ -346,6 +346,20 @@ def _generate(pipe: Any, opts: BenchOptions, setting: Setting, start: int, stop:
     return images, labels.astype(np.int64)
 
 
+def evaluations_per_step(pipe: Any, opts: BenchOptions, setting: Setting, captions: list[str]) -> float:
+    """The cost of ``setting``: model evaluations per image and sampling step, counted by the engine
+    on one probe image with the bench's steps and scheduler (1 unguided, 2 with CFG, plus each
+    perturbed branch over the steps of its window; a term that edits rows in place adds none)."""
+    from ..pipeline import GenerateConfig
+
+    prompts = [captions[CLASS_ORDER[0]]] if setting.conditional else [""]
+    cfg = GenerateConfig.create(
+        prompts, "", guidance=setting.terms(layer_specs(opts)), steps=opts.steps, scheduler=opts.scheduler,
+        seed=opts.seed,
+    )  # fmt: skip
+    return float(pipe.generate(cfg).manifests[0]["engine"]["model_evaluations"]) / opts.steps
+
+
 @dataclass
 class Reference:
     features: np.ndarray
@@ -425,6 +439,7 @@ def run(opts: BenchOptions, log: Log = print) -> dict[str, Any]:
     denoiser = next((k for k in ("unet", "transformer") if k in hashes), None)
     log(f"model {opts.model} ({denoiser} {hashes[denoiser][:12]})" if denoiser else f"model {opts.model}")
 
+    evals = {s: evaluations_per_step(pipe, opts, s, captions) for s in opts.settings}
     keys = {s: _key(hashes, opts, s) for s in opts.settings}
     paths = {s: opts.out / "settings" / f"{s.file_stem}.npz" for s in opts.settings}
     state: dict[Setting, SettingData] = {}
@@ -468,13 +483,13 @@ def run(opts: BenchOptions, log: Log = print) -> dict[str, Any]:
             d.save(paths[s])
             state[s] = d
             log(f"{s.name}: {d.n}/{opts.n} images (sampling {t1 - t0:.0f}s, features {t2 - t1:.0f}s)")
-        results = _report(opts, state, target, ref, classifiers, hashes, t_start, EXTRACTOR_ID)
+        results = _report(opts, state, target, ref, classifiers, hashes, t_start, EXTRACTOR_ID, evals)
         log(f"round n={target}: reports written to {opts.out}")
     return results
 
 
 # ----------------------------------------------------------------------------- reports
-def _report(opts, state, n, ref, classifiers, hashes, t_start, extractor_id) -> dict[str, Any]:
+def _report(opts, state, n, ref, classifiers, hashes, t_start, extractor_id, evals) -> dict[str, Any]:
     rows = []
     for s in opts.settings:
         d = state[s]
@@ -493,6 +508,7 @@ def _report(opts, state, n, ref, classifiers, hashes, t_start, extractor_id) -> 
                 **m,
                 "seconds": per_image * n,
                 "feature_seconds": d.feat_seconds / d.n * n,
+                "evaluations_per_step": evals[s],
             }
         )
         _grid(d.images[: opts.grid_size], s, opts.out / "grids" / f"{s.file_stem}.png")
@@ -546,13 +562,15 @@ def _pct(x: float | None) -> str:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| setting | N | FID ↓ | digit acc. | garment acc. | precision | recall | seconds |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| setting | N | FID ↓ | digit acc. | garment acc. | precision | recall | evaluations / step | seconds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        evals = r.get("evaluations_per_step")
         lines.append(
             f"| {r['setting']} | {r['n']} | {r['fid']:.2f} | {_pct(r['digit_accuracy'])} | "
-            f"{_pct(r['garment_accuracy'])} | {r['precision']:.3f} | {r['recall']:.3f} | {r['seconds']:.0f} |"
+            f"{_pct(r['garment_accuracy'])} | {r['precision']:.3f} | {r['recall']:.3f} | "
+            f"{'–' if evals is None else f'{evals:.2f}'} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines)
 

@@ -142,6 +142,7 @@ def paired_difference(full: tuple[float, float], boot_a: np.ndarray, boot_b: np.
 def merge(dirs: list[Path], out: Path, resamples: int = 100, seed: int = 0) -> dict[str, Any]:
     """Merge runs into ``out`` (results.json, results.md, plot.png, grids/) with comparisons."""
     head, rows = load_runs(dirs)
+    fill_evaluations(head, rows)
     sizes = sorted({r["n"] for r in rows})
     if len(sizes) > 1:
         raise DiffguideError(
@@ -169,6 +170,32 @@ def merge(dirs: list[Path], out: Path, resamples: int = 100, seed: int = 0) -> d
     merged["bootstrap"] = {"resamples": resamples, "seed": seed, "paired": "same image indices in a and b"}
     write(merged, out, dirs)
     return merged
+
+
+def fill_evaluations(head: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """Rows of runs made before the bench counted model evaluations get them now: one probe image
+    per setting on the run's model (checked by its hashes), steps, scheduler and layer specs."""
+    missing = [r for r in rows if r.get("evaluations_per_step") is None]
+    if not missing:
+        return
+    from ..pipeline import GuidedPipeline
+    from .quality import BenchOptions, evaluations_per_step
+    from .reference import captions
+
+    def spec(value: str | None) -> str | None:  # results.json writes "preset (...)" for None
+        return None if value is None or value.startswith("preset") else value
+
+    pipe = GuidedPipeline.from_pretrained(head["model"])
+    if pipe.component_hashes() != head["model_hashes"]:
+        raise DiffguideError(f"{head['model']} is not the model these runs sampled (its hashes differ)")
+    opts = BenchOptions(
+        model=head["model"], out=Path("."), steps=head["steps"], scheduler=head["scheduler"], seed=head["seed"],
+        pag_layers=spec(head.get("pag_layers")), tpg_layers=spec(head.get("tpg_layers")),
+        layers=dict(head.get("layers") or {}),
+    )  # fmt: skip
+    texts = captions()
+    for r in missing:
+        r["evaluations_per_step"] = evaluations_per_step(pipe, opts, Setting.parse(r["setting"]), texts)
 
 
 def by_name(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
