@@ -14,38 +14,20 @@ from typing import Any
 
 import torch
 from diffusers import (
-    AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from transformers import T5Config, T5EncoderModel
 
-from diffguide.testing import byte_tokenizer
+from diffguide.testing import _text, byte_tokenizer
+from diffguide.testing_dit import _vae
 
 CLIP_DIM = 32  # each CLIP encoder's hidden size and projection (pooled: 2 x 32 = 64)
 T5_DIM = 64  # T5 d_model = the transformer's joint_attention_dim (CLIP states are padded to it)
 LATENT_CHANNELS = 16  # as real SD3
 #: SD3's VAE latent statistics (scaling and shift factor), so decode's shift is exercised.
 SD3_SCALING, SD3_SHIFT = 1.5305, 0.0609
-
-
-def tiny_clip(seed: int) -> CLIPTextModelWithProjection:
-    torch.manual_seed(seed)
-    cfg = CLIPTextConfig(
-        bos_token_id=512,
-        eos_token_id=513,
-        pad_token_id=513,
-        hidden_size=CLIP_DIM,
-        intermediate_size=2 * CLIP_DIM,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=600,
-        max_position_embeddings=77,
-        projection_dim=CLIP_DIM,
-        hidden_act="gelu",
-    )
-    return CLIPTextModelWithProjection(cfg).eval()
 
 
 def tiny_t5(seed: int) -> T5EncoderModel:
@@ -63,26 +45,6 @@ def tiny_t5(seed: int) -> T5EncoderModel:
         decoder_start_token_id=0,
     )
     return T5EncoderModel(cfg).eval()
-
-
-def tiny_flow_vae(seed: int, channels: int = LATENT_CHANNELS) -> AutoencoderKL:
-    """A 2-level VAE (x2 downsampling) with SD3's scaling and shift factors."""
-    torch.manual_seed(seed)
-    vae: Any = AutoencoderKL(
-        block_out_channels=(8, 16),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=channels,
-        norm_num_groups=8,
-        sample_size=32,
-        scaling_factor=SD3_SCALING,
-        shift_factor=SD3_SHIFT,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
-    return vae.eval()
 
 
 def sd3_transformer(seed: int = 0, layers: int = 4, sd35: bool = False) -> SD3Transformer2DModel:
@@ -110,10 +72,10 @@ def tiny_sd3(seed: int = 0, layers: int = 4, sd35: bool = False) -> StableDiffus
     pipe = StableDiffusion3Pipeline(
         transformer=sd3_transformer(seed, layers, sd35),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=tiny_flow_vae(seed + 1),
-        text_encoder=tiny_clip(seed + 2),
+        vae=_vae(seed + 1, LATENT_CHANNELS, shift=SD3_SHIFT, scale=SD3_SCALING),
+        text_encoder=_text(seed + 2, CLIP_DIM, projection=True),
         tokenizer=byte_tokenizer(),
-        text_encoder_2=tiny_clip(seed + 3),
+        text_encoder_2=_text(seed + 3, CLIP_DIM, projection=True),
         tokenizer_2=byte_tokenizer(),
         text_encoder_3=tiny_t5(seed + 4),
         tokenizer_3=byte_tokenizer(),
