@@ -1,11 +1,13 @@
 """Shared helpers for the model-side guidance tests (SEG, SLG / layer skip on UNets, the TPG
-variants): an independent reference sampling loop, and the checks every method must pass
-(one forward per step with CFG + PAG, windows, the model left as it was)."""
+variants): an independent reference sampling loop, reference attention processors swapped in for
+it, and the checks every method must pass (one forward per step with CFG + PAG, windows, the
+model left as it was)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
 
 import pytest
 import torch
@@ -56,6 +58,25 @@ def reference(
             g = c + (w - 1.0) * (c - u) + s * (c - p)
             latents = sched.step(g, t, latents).prev_sample
     return latents
+
+
+@contextmanager
+def swapped_processors(
+    unet, pre_hook: Callable[..., None], *, where: Callable[[str], bool], processor: Callable[[str], Any]
+) -> Iterator[None]:
+    """Inside: ``pre_hook`` on the UNet's forward (with kwargs) and ``processor(name)`` as the
+    attention processor of every module whose name ``where`` takes; both removed afterwards."""
+    handle = unet.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    mods = {n: m for n, m in unet.named_modules() if where(n)}
+    saved = {n: m.processor for n, m in mods.items()}
+    for n, m in mods.items():
+        m.processor = processor(n)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for n, m in mods.items():
+            m.processor = saved[n]
 
 
 def run(gp, terms, prompts=PROMPTS, negatives=NEGATIVES, **kwargs):

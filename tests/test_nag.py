@@ -3,11 +3,20 @@ an independent reference loop on the tiny models, windows, batches, chunks, comp
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import pytest
 import torch
-from guide_support import NEGATIVES, PROMPTS, STEPS, check_restored, maxdiff, reference, run
+from guide_support import (
+    NEGATIVES,
+    PROMPTS,
+    STEPS,
+    check_restored,
+    maxdiff,
+    reference,
+    run,
+    swapped_processors,
+)
 from test_tpg_reference import encode
 
 from diffguide import CFG, PAG, ConfigError, Window
@@ -27,20 +36,27 @@ def test_nag_mix_known_values():
     assert torch.equal(nag_mix(pos, neg, 1.0, 2.5, 0.25), pos)  # phi 1: off
 
 
+def softmax(scores: torch.Tensor) -> torch.Tensor:
+    return scores.softmax(-1)
+
+
 class RefNagProcessor:
-    """attn2 head by head; on the conditional calls, NAG with the negative prompt (the official steps)."""
+    """attn2 head by head with the map ``amap``; on the conditional calls, NAG with the negative
+    prompt (the official steps)."""
 
-    def __init__(self, negative: torch.Tensor, phi: float, tau: float, alpha: float, state: dict) -> None:
+    def __init__(
+        self, negative: torch.Tensor, phi: float, tau: float, alpha: float, state: dict, amap=softmax
+    ) -> None:
         self.negative, self.phi, self.tau, self.alpha, self.state = negative, phi, tau, alpha, state
+        self.amap = amap
 
-    @staticmethod
-    def attend(attn, q, context):
+    def attend(self, attn, q, context):
         k, v = attn.to_k(context), attn.to_v(context)
         d = q.shape[-1] // attn.heads
         heads = []
         for j in range(attn.heads):
             sl = slice(j * d, (j + 1) * d)
-            heads.append((q[..., sl] @ k[..., sl].transpose(-1, -2) / d**0.5).softmax(-1) @ v[..., sl])
+            heads.append(self.amap(q[..., sl] @ k[..., sl].transpose(-1, -2) / d**0.5) @ v[..., sl])
         return torch.cat(heads, dim=-1)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
@@ -57,7 +73,9 @@ class RefNagProcessor:
         return attn.to_out[1](attn.to_out[0](pos))
 
 
-def ref_nag(pipe, w: float, phi: float, tau: float, alpha: float, on_steps: set[int] | None = None):
+def ref_nag(
+    pipe, w: float, phi: float, tau: float, alpha: float, on_steps: set[int] | None = None, amap=softmax
+):
     """NAG on every attn2 for the conditional calls of :func:`reference` (c first, then u when w != 1)."""
     unet = pipe.unet
     size = unet.config.sample_size * pipe.vae_scale_factor
@@ -65,26 +83,17 @@ def ref_nag(pipe, w: float, phi: float, tau: float, alpha: float, on_steps: set[
     state = {"on": True, "calls": 0}
     per_step = 2 if w != 1.0 else 1
 
-    @contextmanager
-    def install():
-        def pre(m, a, kw):
-            step, k = divmod(state["calls"], per_step)
-            state["on"] = k == 0 and (on_steps is None or step in on_steps)
-            state["calls"] += 1
+    def pre(m, a, kw):
+        step, k = divmod(state["calls"], per_step)
+        state["on"] = k == 0 and (on_steps is None or step in on_steps)
+        state["calls"] += 1
 
-        handle = unet.register_forward_pre_hook(pre, with_kwargs=True)
-        mods = {n: m for n, m in unet.named_modules() if n.endswith("attn2")}
-        saved = {n: m.processor for n, m in mods.items()}
-        for m in mods.values():
-            m.processor = RefNagProcessor(negative, phi, tau, alpha, state)
-        try:
-            yield
-        finally:
-            handle.remove()
-            for n, m in mods.items():
-                m.processor = saved[n]
-
-    return install
+    return lambda: swapped_processors(
+        unet,
+        pre,
+        where=lambda n: n.endswith("attn2"),
+        processor=lambda n: RefNagProcessor(negative, phi, tau, alpha, state, amap),
+    )
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])

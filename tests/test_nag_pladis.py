@@ -7,13 +7,13 @@ in any term order, chunked, with PAG and per image."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import pytest
 import torch
 from guide_support import NEGATIVES, PROMPTS, STEPS, check_restored, maxdiff, reference, run
+from test_nag import ref_nag
 from test_pladis import entmax_bisect
-from test_tpg_reference import encode
 
 from diffguide import CFG, PAG, ConfigError, Window
 from diffguide.guidance import NAG, PLADIS
@@ -22,63 +22,15 @@ TOL = 1e-4
 PHI, TAU, ALPHA, LAM = 4.0, 2.0, 0.5, 2.0
 
 
-class RefBoth:
-    """attn2 head by head with the PLADIS map (entmax 1.5 by bisection); NAG on the conditional calls."""
-
-    def __init__(self, negative: torch.Tensor, state: dict) -> None:
-        self.negative, self.state = negative, state
-
-    @staticmethod
-    def attend(attn, q, context):
-        k, v = attn.to_k(context), attn.to_v(context)
-        d = q.shape[-1] // attn.heads
-        heads = []
-        for j in range(attn.heads):
-            sl = slice(j * d, (j + 1) * d)
-            scores = q[..., sl] @ k[..., sl].transpose(-1, -2) / d**0.5
-            dense = scores.softmax(-1)
-            heads.append((dense + LAM * (entmax_bisect(scores, 1.5) - dense)) @ v[..., sl])
-        return torch.cat(heads, dim=-1)
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
-        q = attn.to_q(hidden_states)
-        pos = self.attend(attn, q, encoder_hidden_states)
-        if self.state["cond"]:
-            neg = self.attend(attn, q, self.negative)
-            g = pos * PHI - neg * (PHI - 1)
-            s = torch.norm(g, p=1, dim=-1, keepdim=True) / (torch.norm(pos, p=1, dim=-1, keepdim=True) + 1e-7)
-            g = g * torch.minimum(s, torch.full_like(s, TAU)) / (s + 1e-7)
-            pos = g * ALPHA + pos * (1 - ALPHA)
-        return attn.to_out[1](attn.to_out[0](pos))
+def ref_pladis_map(scores: torch.Tensor) -> torch.Tensor:
+    """PLADIS's map: softmax + LAM (entmax 1.5 by bisection - softmax)."""
+    dense = scores.softmax(-1)
+    return dense + LAM * (entmax_bisect(scores, 1.5) - dense)
 
 
 def ref_both(pipe, w: float):
-    """The reference loop's UNet calls per step: c first, then u when w != 1 (guide_support.reference)."""
-    unet = pipe.unet
-    size = unet.config.sample_size * pipe.vae_scale_factor
-    negative = encode(pipe, PROMPTS, NEGATIVES, size)[1]["encoder_hidden_states"]
-    state = {"cond": True, "calls": 0}
-    per_step = 2 if w != 1.0 else 1
-
-    @contextmanager
-    def install():
-        def pre(m, a, kw):
-            state["cond"] = state["calls"] % per_step == 0
-            state["calls"] += 1
-
-        handle = unet.register_forward_pre_hook(pre, with_kwargs=True)
-        mods = {n: m for n, m in unet.named_modules() if n.endswith("attn2")}
-        saved = {n: m.processor for n, m in mods.items()}
-        for m in mods.values():
-            m.processor = RefBoth(negative, state)
-        try:
-            yield
-        finally:
-            handle.remove()
-            for n, m in mods.items():
-                m.processor = saved[n]
-
-    return install
+    """attn2 head by head with the PLADIS map; NAG on the conditional calls (test_nag.ref_nag)."""
+    return ref_nag(pipe, w, PHI, TAU, ALPHA, amap=ref_pladis_map)
 
 
 TERMS = [NAG(PHI, tau=TAU, alpha=ALPHA), PLADIS(LAM)]

@@ -3,12 +3,12 @@ reference loop on the tiny models, windows, batches, chunks, composition and a c
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import pytest
 import torch
 from diffusers import EulerDiscreteScheduler
-from guide_support import PROMPTS, STEPS, check_restored, maxdiff, reference, run
+from guide_support import PROMPTS, STEPS, check_restored, maxdiff, reference, run, swapped_processors
 
 from diffguide import CFG, PAG, ConfigError, Window
 from diffguide.guidance import PLADIS, UncondQueryShuffle
@@ -71,29 +71,19 @@ def ref_pladis(pipe, lam: float, alpha: float, on_steps: set[int] | None = None)
     """PLADIS on every attn2 of the UNet (every call, or the calls at the step indices ``on_steps``)."""
     unet, sched = pipe.unet, EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     state = {"on": True}
+    sched.set_timesteps(STEPS)
+    times = [float(t) for t in sched.timesteps]
 
-    @contextmanager
-    def install():
-        sched.set_timesteps(STEPS)
-        times = [float(t) for t in sched.timesteps]
+    def pre(m, a, kw):
+        if on_steps is not None:
+            state["on"] = times.index(float(a[1])) in on_steps
 
-        def pre(m, a, kw):
-            if on_steps is not None:
-                state["on"] = times.index(float(a[1])) in on_steps
-
-        handle = unet.register_forward_pre_hook(pre, with_kwargs=True)
-        mods = {n: m for n, m in unet.named_modules() if n.endswith("attn2")}
-        saved = {n: m.processor for n, m in mods.items()}
-        for m in mods.values():
-            m.processor = RefPladisProcessor(lam, alpha, state)
-        try:
-            yield
-        finally:
-            handle.remove()
-            for n, m in mods.items():
-                m.processor = saved[n]
-
-    return install
+    return lambda: swapped_processors(
+        unet,
+        pre,
+        where=lambda n: n.endswith("attn2"),
+        processor=lambda n: RefPladisProcessor(lam, alpha, state),
+    )
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])

@@ -20,6 +20,7 @@ from guide_support import (
     maxdiff,
     reference,
     run,
+    swapped_processors,
 )
 from test_tpg_reference import blocks_under, encode
 
@@ -179,22 +180,14 @@ class RefQueryShuffleProcessor:
 
 
 def query_shuffled(unet, prefix: str, strength: float):
-    @contextmanager
     def install():
         state = {}
-        handle = unet.register_forward_pre_hook(
-            lambda m, a, kw: state.update(t=float(a[1])), with_kwargs=True
+        return swapped_processors(
+            unet,
+            lambda m, a, kw: state.update(t=float(a[1])),
+            where=lambda n: n.startswith(prefix) and n.endswith("attn1"),
+            processor=lambda n: RefQueryShuffleProcessor(n, strength, state),
         )
-        mods = {n: m for n, m in unet.named_modules() if n.startswith(prefix) and n.endswith("attn1")}
-        saved = {n: m.processor for n, m in mods.items()}
-        for n, m in mods.items():
-            m.processor = RefQueryShuffleProcessor(n, strength, state)
-        try:
-            yield
-        finally:
-            handle.remove()
-            for n, m in mods.items():
-                m.processor = saved[n]
 
     return install
 
