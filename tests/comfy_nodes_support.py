@@ -97,7 +97,7 @@ _NODE_STANDINS = ("av", "torchvision")  # imported by comfy_api.latest (video) a
 
 def import_comfy_extra(name: str):
     """``comfy_extras.<name>``, with import-only stand-ins for missing _NODE_STANDINS (removed
-    again afterwards), as tests/test_comfy_pag_parity.py imports the PAG node."""
+    again afterwards)."""
     import importlib
     import importlib.util
     import shutil
@@ -131,3 +131,26 @@ def run_io_node(node, **inputs):
     """An io-style ComfyUI node's first output, executed as ComfyUI's executor runs it."""
     cls = node.PREPARE_CLASS_CLONE(None)
     return getattr(cls, cls.FUNCTION)(**inputs).result[0]
+
+
+def slg_models(patcher, *, end_percent: float, double_layers: str, single_layers: str, layers: str):
+    """ComfyUI's SkipLayerGuidanceDiT (scale 3 from 1% to ``end_percent``) and diffguide's SLG node
+    (scale 3 on ``layers``, the same window in sigmas) applied to ``patcher``: (theirs, ours, listing)."""
+    from diffguide.comfy_nodes import NODE_CLASS_MAPPINGS
+
+    ms = patcher.get_model_object("model_sampling")
+    top, bottom = ms.percent_to_sigma(0.01), ms.percent_to_sigma(end_percent)
+    theirs = run_io_node(
+        import_comfy_extra("nodes_slg").SkipLayerGuidanceDiT,
+        model=patcher,
+        scale=3.0,
+        start_percent=0.01,
+        end_percent=end_percent,
+        double_layers=double_layers,
+        single_layers=single_layers,
+    )
+    ours, listing = run_node(
+        NODE_CLASS_MAPPINGS["DiffguideSLG"], patcher, scale=3.0, layers=layers, start=0.0, stop=1.0,
+        window_sigma_min=bottom, window_sigma_max=top,
+    )  # fmt: skip
+    return theirs, ours, listing

@@ -243,8 +243,14 @@ def comfy_unavailable_reason() -> str | None:
 # --------------------------------------------------------------------------------------------------
 
 
-def tiny_unet(seed: int = 0, cross_attention_dim: int = 32, sample_size: int = 16):
-    """A tiny SD1.5-shaped diffusers UNet (conv proj_in, 8 heads, GroupNorm 32), seeded init, eval mode."""
+def tiny_unet(
+    seed: int = 0,
+    cross_attention_dim: int = 32,
+    sample_size: int = 16,
+    transformer_layers_per_block: int | tuple[int, ...] = 1,
+):
+    """A tiny SD1.5-shaped diffusers UNet (conv proj_in, 8 heads, GroupNorm 32), seeded init, eval mode;
+    ``transformer_layers_per_block`` per level (the mid block takes the last level's)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -259,6 +265,7 @@ def tiny_unet(seed: int = 0, cross_attention_dim: int = 32, sample_size: int = 1
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=8,
         norm_num_groups=32,
+        transformer_layers_per_block=transformer_layers_per_block,
     )
     return unet.eval().requires_grad_(False)
 
@@ -402,6 +409,36 @@ def comfy_ksampler(
             seed=seed,
             disable_pbar=True,
         )
+
+
+def k_sample(ms, denoise, latent: torch.Tensor, *, sampler: str, schedule: str, steps: int, seed: int):
+    """ComfyUI's KSampler path from ``calculate_sigmas`` and ``prepare_noise`` to the final latent,
+    with ``denoise(x, sigma)`` (x0, CFG combined) as the model and ``ms`` as its model sampling:
+    k-diffusion's euler, dpmpp_2m, heun, or for euler_ancestral its RF variant."""
+    import comfy.k_diffusion.sampling as kd
+
+    c = load_comfy()
+    sigmas = c.samplers.calculate_sigmas(ms, schedule, steps)
+    noise = c.sample.prepare_noise(latent, seed)
+    x = ms.noise_scaling(sigmas[0], noise, latent, True)
+    extra = {"seed": seed}
+    with torch.inference_mode():
+        if sampler == "euler":
+            return kd.sample_euler(denoise, x, sigmas, extra_args=extra, disable=True)
+        if sampler == "dpmpp_2m":
+            return kd.sample_dpmpp_2m(denoise, x, sigmas, extra_args=extra, disable=True)
+        if sampler == "heun":
+            return kd.sample_heun(denoise, x, sigmas, extra_args=extra, disable=True)
+
+        class Model:  # sample_euler_ancestral_RF reads the model sampling's noise scale
+            inner_model = types.SimpleNamespace(
+                model_patcher=types.SimpleNamespace(get_model_object=lambda name: ms)
+            )
+
+            def __call__(self, x, sigma, **kw):
+                return denoise(x, sigma)
+
+        return kd.sample_euler_ancestral_RF(Model(), x, sigmas, extra_args=extra, disable=True)
 
 
 def comfy_calculate_sigmas(model_patcher, scheduler: str, steps: int, denoise: float = 1.0) -> torch.Tensor:

@@ -21,6 +21,7 @@ from comfy_nodes_support import (
     run_node,
     sdxl_cond,
     sdxl_twin,
+    slg_models,
     tiny_sd3_comfy,
 )
 
@@ -126,29 +127,16 @@ def test_tpg_node_equals_diffguide_comfy_policy_sdxl(sdxl):
 
 def test_slg_node_vs_comfyui_skip_layer_guidance_sd3(comfy):
     patcher = tiny_sd3_comfy()
-    ms = patcher.get_model_object("model_sampling")
-    top, bottom = ms.percent_to_sigma(0.01), ms.percent_to_sigma(0.5)
     g = torch.Generator().manual_seed(0)
     pos = [[torch.randn(2, 8, 32, generator=g), {"pooled_output": torch.randn(2, 32, generator=g)}]]
     neg = [[torch.randn(2, 8, 32, generator=g), {"pooled_output": torch.randn(2, 32, generator=g)}]]
     kw = dict(seed=5, steps=STEPS, cfg=4.0)
     latent = torch.zeros(2, 16, 8, 8)
-    slg = import_comfy_extra("nodes_slg").SkipLayerGuidanceDiT
-    theirs_model = run_io_node(
-        slg,
-        model=patcher,
-        scale=3.0,
-        start_percent=0.01,
-        end_percent=0.5,
-        double_layers="1",
-        single_layers="",
+    theirs_model, ours_model, listing = slg_models(
+        patcher, end_percent=0.5, double_layers="1", single_layers="", layers="b1"
     )
     with counting(patcher) as theirs_calls:
         theirs = ksample(theirs_model, pos, neg, latent, **kw)
-    ours_model, listing = run_node(
-        node("SLG"), patcher, scale=3.0, layers="b1", start=0.0, stop=1.0,
-        window_sigma_min=bottom, window_sigma_max=top,
-    )  # fmt: skip
     with counting(patcher) as ours_calls:
         ours = ksample(ours_model, pos, neg, latent, **kw)
     d = err(ours, theirs)

@@ -26,7 +26,7 @@ import comfy_workflow_support as cws
 import pytest
 import torch
 from comfy_dit_nodes_support import flux_conds, reference_model, tiny_flux_comfy
-from comfy_nodes_support import counting, import_comfy_extra, ksample, run_io_node, run_node
+from comfy_nodes_support import counting, ksample, run_node, slg_models
 
 from diffguide import PAG, TPG
 from diffguide.comfy_nodes import NODE_CLASS_MAPPINGS
@@ -91,23 +91,10 @@ def test_flux_node_vs_extra_call_reference(flux, case):
 def test_flux_slg_node_vs_comfyui_skip_layer_guidance(flux):
     """Flux's blocks add to their inputs in place: the skipped rows are kept from before the block."""
     patcher, pos, neg = flux
-    ms = patcher.get_model_object("model_sampling")
-    top, bottom = ms.percent_to_sigma(0.01), ms.percent_to_sigma(0.6)
-    slg = import_comfy_extra("nodes_slg").SkipLayerGuidanceDiT
-    theirs_model = run_io_node(
-        slg,
-        model=patcher,
-        scale=3.0,
-        start_percent=0.01,
-        end_percent=0.6,
-        double_layers="1",
-        single_layers="0",
+    theirs_model, ours_model, _ = slg_models(
+        patcher, end_percent=0.6, double_layers="1", single_layers="0", layers="b1,s0"
     )
     theirs = ksample(theirs_model, pos, neg, LATENT, **KW)
-    ours_model, _ = run_node(
-        node("SLG"), patcher, scale=3.0, layers="b1,s0", start=0.0, stop=1.0,
-        window_sigma_min=bottom, window_sigma_max=top,
-    )  # fmt: skip
     with counting(patcher) as calls:
         ours = ksample(ours_model, pos, neg, LATENT, **KW)
     d = err(ours, theirs)

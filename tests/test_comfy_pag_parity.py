@@ -16,16 +16,10 @@ every transformer block of every SpatialTransformer of the middle block: diffgui
 
 from __future__ import annotations
 
-import importlib.util
-import shutil
-import sys
-import tempfile
-from pathlib import Path
-
 import comfy_support
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
+from comfy_nodes_support import import_comfy_extra, run_io_node
 
 from diffguide import CFG, PAG, GuidedPipeline
 from diffguide.pipeline import GenerateConfig
@@ -35,67 +29,14 @@ from diffguide.testing import tiny_sd15
 STEPS = 8
 SEED = 42
 TOL = 1e-4  # as the CFG parity tests: float rounding of eps-space vs x0-space combination
-# Imported by comfy_api.latest (video types) but never used by the PAG node.
-_NODE_STANDINS = ("av",)
-
-
-def _import_pag_node():
-    """``comfy_extras.nodes_pag``, with import-only stand-ins for the missing _NODE_STANDINS,
-    removed again afterwards (as comfy_support does for torchvision)."""
-    comfy_support.load_comfy()
-    missing = [n for n in _NODE_STANDINS if importlib.util.find_spec(n) is None]
-    standin_dir = Path(tempfile.mkdtemp(prefix="diffguide-comfy-node-standins-"))
-    for name in missing:
-        (standin_dir / name).mkdir()
-        (standin_dir / name / "__init__.py").write_text(comfy_support._LENIENT_STANDIN)
-    sys.path.insert(0, str(standin_dir))
-    try:
-        import comfy_extras.nodes_pag as nodes_pag
-    except Exception as exc:  # ComfyUI core is there: a node that does not import is a failure, not a skip
-        raise RuntimeError(
-            f"ComfyUI's comfy_extras/nodes_pag.py does not import: {type(exc).__name__}: {exc}"
-        ) from exc
-    finally:
-        for mod in list(sys.modules):
-            if mod.split(".")[0] in missing:
-                del sys.modules[mod]
-        sys.meta_path[:] = [f for f in sys.meta_path if type(f).__module__ not in missing]
-        sys.path.remove(str(standin_dir))
-        shutil.rmtree(standin_dir, ignore_errors=True)
-    return nodes_pag
 
 
 @pytest.fixture(scope="module")
 def pag_node():
     try:
-        return _import_pag_node().PerturbedAttentionGuidance
+        return import_comfy_extra("nodes_pag").PerturbedAttentionGuidance
     except comfy_support.ComfyUnavailable as exc:
         pytest.skip(f"ComfyUI core not available: {exc}")
-
-
-def comfy_pag(node, patcher, scale: float):
-    """The MODEL output of the node, executed as ComfyUI's executor runs io-style nodes."""
-    cls = node.PREPARE_CLASS_CLONE(None)
-    return getattr(cls, cls.FUNCTION)(model=patcher, scale=scale).result[0]
-
-
-def _mid2_unet():
-    """comfy_support.tiny_unet with 2 transformer blocks in the mid block (down/up keep 1)."""
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-        transformer_layers_per_block=(1, 2),  # the mid block takes the last level's depth
-    )
-    return unet.eval().requires_grad_(False)
 
 
 def _setup(unet):
@@ -111,7 +52,10 @@ def setup(pag_node):
 
 @pytest.fixture(scope="module")
 def setup_mid2(pag_node):
-    return _setup(_mid2_unet())
+    # 2 transformer blocks in the mid block (down/up keep 1)
+    return _setup(
+        comfy_support.tiny_unet(seed=0, cross_attention_dim=32, transformer_layers_per_block=(1, 2))
+    )
 
 
 def _run_both(gp, patcher, node, prompts, negatives, w, s, layers="mid", plain=True):
@@ -139,7 +83,7 @@ def _run_both(gp, patcher, node, prompts, negatives, w, s, layers="mid", plain=T
         sampler_name="euler",
         scheduler="normal",
     )
-    theirs = comfy_support.comfy_ksampler(comfy_pag(node, patcher, s), **kwargs)
+    theirs = comfy_support.comfy_ksampler(run_io_node(node, model=patcher, scale=s), **kwargs)
     if not plain:
         return ours, theirs * SD_SCALE_FACTOR, None
     return ours, theirs * SD_SCALE_FACTOR, comfy_support.comfy_ksampler(patcher, **kwargs) * SD_SCALE_FACTOR

@@ -93,8 +93,8 @@ def qwen_conditioning() -> ConditioningFile:
 
 
 def comfy_run(comfy, gp, cfg, ms, sampler, schedule, conditioning=None):
-    """ComfyUI's KSampler path from prepare_noise to the final (unpacked) latent."""
-    kd, fam, model = comfy.kd, gp.family, gp.model
+    """ComfyUI's KSampler path from prepare_noise to the final (unpacked) latent (comfy_support.k_sample)."""
+    fam, model = gp.family, gp.model
     if conditioning is None:
         cond, uncond = gp.encode(cfg, SIZE, SIZE)
     else:
@@ -113,26 +113,10 @@ def comfy_run(comfy, gp, cfg, ms, sampler, schedule, conditioning=None):
         )
         return x0u + W * (x0c - x0u)  # ComfyUI's CFG, in x0 space
 
-    sigmas = comfy.c.samplers.calculate_sigmas(ms, schedule, STEPS)
     latent = torch.zeros(fam.latent_shape(gp.pipe, 2, SIZE, SIZE))
-    noise = comfy.c.sample.prepare_noise(latent, SEED)
-    x = ms.noise_scaling(sigmas[0], noise, latent, True)
-    extra = {"seed": SEED}
-    with torch.inference_mode():
-        if sampler == "euler":
-            return kd.sample_euler(denoise, x, sigmas, extra_args=extra, disable=True)
-        if sampler == "dpmpp_2m":
-            return kd.sample_dpmpp_2m(denoise, x, sigmas, extra_args=extra, disable=True)
-        if sampler == "heun":
-            return kd.sample_heun(denoise, x, sigmas, extra_args=extra, disable=True)
-
-        class Model:  # sample_euler_ancestral_RF reads the model sampling's noise scale
-            inner_model = SimpleNamespace(model_patcher=SimpleNamespace(get_model_object=lambda name: ms))
-
-            def __call__(self, x, sigma, **kw):
-                return denoise(x, sigma)
-
-        return kd.sample_euler_ancestral_RF(Model(), x, sigmas, extra_args=extra, disable=True)
+    return comfy_support.k_sample(
+        ms, denoise, latent, sampler=sampler, schedule=schedule, steps=STEPS, seed=SEED
+    )
 
 
 def run_both(comfy, gp, model, guidance, scheduler, sampler, schedule, conditioning=None):

@@ -26,7 +26,6 @@ def comfy():
     reason = comfy_support.comfy_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
-    import comfy.k_diffusion.sampling as kd
     import comfy.model_sampling as cms
 
     class FlowSD3(cms.ModelSamplingDiscreteFlow, cms.CONST):
@@ -34,7 +33,7 @@ def comfy():
 
     ms = FlowSD3()
     ms.set_parameters(shift=3.0, multiplier=1000)
-    return SimpleNamespace(kd=kd, ms=ms, c=comfy_support.load_comfy())
+    return SimpleNamespace(ms=ms, c=comfy_support.load_comfy())
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +49,7 @@ def test_flow_sigmas_match_comfyui(comfy, schedule):
 
 
 def _comfy_run(comfy, gp, cond, uncond, sampler, schedule):
-    ms, kd = comfy.ms, comfy.kd
+    ms = comfy.ms
     fam, model = gp.family, gp.model
     both = Conditioning.cat([uncond, cond])
 
@@ -60,24 +59,10 @@ def _comfy_run(comfy, gp, cond, uncond, sampler, schedule):
         x0u, x0c = (ms.calculate_denoised(sigma, o, x) for o in out.chunk(2))
         return x0u + W * (x0c - x0u)  # ComfyUI's CFG, in x0 space
 
-    sigmas = comfy.c.samplers.calculate_sigmas(ms, schedule, STEPS)
     latent = torch.zeros(2, 16, 16, 16)
-    noise = comfy.c.sample.prepare_noise(latent, SEED)
-    x = ms.noise_scaling(sigmas[0], noise, latent, True)
-    extra = {"seed": SEED}
-    with torch.inference_mode():
-        if sampler == "euler":
-            return kd.sample_euler(denoise, x, sigmas, extra_args=extra, disable=True)
-        if sampler == "dpmpp_2m":
-            return kd.sample_dpmpp_2m(denoise, x, sigmas, extra_args=extra, disable=True)
-
-        class Model:  # sample_euler_ancestral_RF reads the model sampling's noise scale
-            inner_model = SimpleNamespace(model_patcher=SimpleNamespace(get_model_object=lambda name: ms))
-
-            def __call__(self, x, sigma, **kw):
-                return denoise(x, sigma)
-
-        return kd.sample_euler_ancestral_RF(Model(), x, sigmas, extra_args=extra, disable=True)
+    return comfy_support.k_sample(
+        ms, denoise, latent, sampler=sampler, schedule=schedule, steps=STEPS, seed=SEED
+    )
 
 
 @pytest.mark.parametrize(
