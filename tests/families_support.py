@@ -1,8 +1,10 @@
 """Tiny transformer-family pipelines built from configs (never downloaded), for tests.
 
 Reusable by every family's tests: :func:`tiny_sd3` (SD3, or SD3.5 with ``sd35=True``: dual
-attention + qk norm) with two tiny CLIP encoders and a tiny T5 encoder, and :func:`save_tiny`
-to write any pipeline as a diffusers folder (for loading tests). The text encoders reuse the
+attention + qk norm) with two tiny CLIP encoders and a tiny T5 encoder, :func:`save_tiny`
+to write any pipeline as a diffusers folder (for loading tests), and the two sides of a
+family's parity test (:func:`pipeline_latents`, :func:`guided_latents`) and its CLI round trip
+(:func:`check_generate_and_replay`). The text encoders reuse the
 byte-level CLIP tokenizer of :mod:`diffguide.testing` (the T5 encoder too: any tokenizer that
 pads to a fixed length serves a random T5).
 """
@@ -20,6 +22,7 @@ from diffusers import (
 )
 from transformers import T5Config, T5EncoderModel
 
+from diffguide import GuidedPipeline
 from diffguide.testing import _text, byte_tokenizer
 from diffguide.testing_dit import _vae
 
@@ -88,6 +91,54 @@ def save_tiny(pipe: Any, folder: Path) -> Path:
     """The pipeline as a diffusers folder (safetensors weights)."""
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return folder
+
+
+def pipeline_latents(pipe: Any, prompts, negatives, *, steps: int, seed: int, **kwargs: Any) -> torch.Tensor:
+    """The diffusers pipeline's final latents (a new pipeline of ``pipe``'s class over the same
+    components), one CPU generator per image (``seed + i``)."""
+    ref = type(pipe)(**pipe.components)
+    ref.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    out = ref(
+        prompts,
+        negative_prompt=negatives,
+        generator=gens,
+        num_inference_steps=steps,
+        output_type="latent",
+        **kwargs,
+    )
+    return out.images
+
+
+def guided_latents(
+    pipe: Any, guidance, prompts, negatives, *, steps: int, seed: int
+) -> tuple[torch.Tensor, list[int]]:
+    """diffguide's final latents and the row count of every transformer forward (one per step)."""
+    gp = GuidedPipeline(pipe)
+    rows: list[int] = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: rows.append(int((a[0] if a else k["hidden_states"]).shape[0])), with_kwargs=True
+    )
+    try:
+        out = gp.generate(prompts, negatives, guidance=guidance, steps=steps, seed=seed, decode=False)
+    finally:
+        handle.remove()
+    assert out.forward_calls == steps == len(rows)
+    return out.latents, rows
+
+
+def check_generate_and_replay(args: list[str], out: Path) -> None:
+    """``diffguide generate`` with ``args`` into ``out`` succeeds, and replaying its first image
+    is bit-identical."""
+    from typer.testing import CliRunner
+
+    from diffguide.cli.main import app
+
+    res = CliRunner().invoke(app, [*args, "-o", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    png = next(line for line in res.output.splitlines() if line.endswith("-001-1.png"))
+    res = CliRunner().invoke(app, ["replay", png])
+    assert res.exit_code == 0 and "bit-identical" in res.output and "NOT" not in res.output, res.output
 
 
 def max_diff(got, ref) -> float:

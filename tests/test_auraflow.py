@@ -15,7 +15,7 @@ import pytest
 import torch
 from diffusers import AuraFlowPipeline
 from dit_support import _liven as liven
-from families_support import max_diff, save_tiny
+from families_support import check_generate_and_replay, guided_latents, max_diff, pipeline_latents, save_tiny
 
 from diffguide import CFG, ConfigError, GuidedPipeline
 from diffguide.conditioning import load_conditioning, save_conditioning
@@ -42,34 +42,13 @@ def aura_pipe():
 
 
 def reference(pipe, prompts, negatives, steps=STEPS, **kwargs):
-    ref = AuraFlowPipeline(**pipe.components)
-    ref.set_progress_bar_config(disable=True)
-    gens = [torch.Generator().manual_seed(SEED + i) for i in range(len(prompts))]
-    out = ref(
-        prompts,
-        negative_prompt=negatives,
-        height=SIZE,
-        width=SIZE,
-        generator=gens,
-        num_inference_steps=steps,
-        output_type="latent",
-        **kwargs,
+    return pipeline_latents(
+        pipe, prompts, negatives, steps=steps, seed=SEED, height=SIZE, width=SIZE, **kwargs
     )
-    return out.images
 
 
 def ours(pipe, guidance, prompts, negatives, steps=STEPS):
-    gp = GuidedPipeline(pipe)
-    rows: list[int] = []
-    handle = pipe.transformer.register_forward_pre_hook(
-        lambda m, a, k: rows.append(int(a[0].shape[0])), with_kwargs=True
-    )
-    try:
-        out = gp.generate(prompts, negatives, guidance=guidance, steps=steps, seed=SEED, decode=False)
-    finally:
-        handle.remove()
-    assert out.forward_calls == steps == len(rows)
-    return out.latents, rows
+    return guided_latents(pipe, guidance, prompts, negatives, steps=steps, seed=SEED)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -162,17 +141,9 @@ def test_errors(aura_pipe):
 
 
 def test_cli_generate_replay(aura_pipe, tmp_path):
-    from typer.testing import CliRunner
-
-    from diffguide.cli.main import app
-
     folder = save_tiny(aura_pipe, tmp_path / "tiny-auraflow")
     run = ["generate", "--model", str(folder), "-p", "a cat", "-p", "a dog", "--cfg", "5", "--steps", "3"]
-    res = CliRunner().invoke(app, [*run, "-o", str(tmp_path / "out"), "-q"])
-    assert res.exit_code == 0, res.output
-    png = next(line for line in res.output.splitlines() if line.endswith("-001-1.png"))
-    res = CliRunner().invoke(app, ["replay", png])
-    assert res.exit_code == 0 and "bit-identical" in res.output and "NOT" not in res.output, res.output
+    check_generate_and_replay(run, tmp_path / "out")
 
 
 def test_pag_tpg_slg_one_forward_exact_layers(aura_pipe):

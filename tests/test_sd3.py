@@ -12,7 +12,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
-from families_support import max_diff, save_tiny, tiny_sd3
+from families_support import (
+    check_generate_and_replay,
+    guided_latents,
+    max_diff,
+    pipeline_latents,
+    save_tiny,
+    tiny_sd3,
+)
 
 from diffguide import CFG, SLG, Conditioning, ConfigError, GenerateConfig, GuidedPipeline
 from diffguide.conditioning import load_conditioning, save_conditioning
@@ -39,38 +46,11 @@ def sd35_pipe():
 
 def reference(pipe, prompts, negatives, steps=STEPS, **kwargs):
     """The diffusers pipeline's final latents (a new pipeline object over the same components)."""
-    ref = StableDiffusion3Pipeline(**pipe.components)
-    ref.set_progress_bar_config(disable=True)
-    gens = [torch.Generator().manual_seed(SEED + i) for i in range(len(prompts))]
-    out = ref(
-        prompts,
-        negative_prompt=negatives,
-        generator=gens,
-        num_inference_steps=steps,
-        output_type="latent",
-        **kwargs,
-    )
-    return out.images
-
-
-def forward_rows(model):
-    """A list that fills with the row count of every forward of ``model``, and the hook handle."""
-    rows: list[int] = []
-    handle = model.register_forward_pre_hook(
-        lambda m, a, k: rows.append(int(k["hidden_states"].shape[0])), with_kwargs=True
-    )
-    return rows, handle
+    return pipeline_latents(pipe, prompts, negatives, steps=steps, seed=SEED, **kwargs)
 
 
 def ours(pipe, guidance, prompts, negatives, steps=STEPS):
-    gp = GuidedPipeline(pipe)
-    rows, handle = forward_rows(pipe.transformer)
-    try:
-        out = gp.generate(prompts, negatives, guidance=guidance, steps=steps, seed=SEED, decode=False)
-    finally:
-        handle.remove()
-    assert out.forward_calls == steps == len(rows)
-    return out.latents, rows
+    return guided_latents(pipe, guidance, prompts, negatives, steps=steps, seed=SEED)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -190,17 +170,9 @@ def test_family_errors(sd3_pipe):
 
 
 def test_cli_generate_replay(sd3_pipe, tmp_path):
-    from typer.testing import CliRunner
-
-    from diffguide.cli.main import app
-
     folder = save_tiny(sd3_pipe, tmp_path / "tiny-sd3")
     run = ["generate", "-m", str(folder), "-p", "a cat", "-p", "a dog", "--cfg", "5", "--steps", "3"]
-    res = CliRunner().invoke(app, [*run, "-o", str(tmp_path / "out"), "-q"])
-    assert res.exit_code == 0, res.output
-    png = next(line for line in res.output.splitlines() if line.endswith("-001-1.png"))
-    res = CliRunner().invoke(app, ["replay", png])
-    assert res.exit_code == 0 and "bit-identical" in res.output and "NOT" not in res.output
+    check_generate_and_replay(run, tmp_path / "out")
 
 
 @pytest.fixture(scope="module")
