@@ -108,6 +108,17 @@ def check_window(gp, term_in_window, unet_calls, extra_rows: int = 1) -> None:
     assert log.rows == [2 * b, 2 * b, (2 + extra_rows) * b]
 
 
+def check_chunks_and_per_image(gp, terms, out, tol: float, chunks: tuple[int, ...] = (1, 3)) -> None:
+    """``out`` (the run of ``terms``) again in chunks of ``chunks`` rows, without prefix sharing,
+    and image by image (seed + i): the same latents within ``tol``."""
+    for max_rows in chunks:
+        assert maxdiff(out.latents, run(gp, terms, max_rows=max_rows).latents) <= tol
+    assert maxdiff(out.latents, run(gp, terms, prefix_sharing=False).latents) <= tol
+    for i, prompt in enumerate(PROMPTS):
+        one = run(gp, terms, prompts=[prompt], negatives=[NEGATIVES[i]], seed=SEED + i).latents
+        assert maxdiff(one[0], out.latents[i]) <= tol
+
+
 def probe(model) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 16, 16, generator=g)

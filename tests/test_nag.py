@@ -11,6 +11,7 @@ from guide_support import (
     NEGATIVES,
     PROMPTS,
     STEPS,
+    check_chunks_and_per_image,
     check_restored,
     maxdiff,
     reference,
@@ -125,12 +126,7 @@ def test_nag_batch_chunks_and_composition(sd15, unet_calls):
     assert log.rows == [3 * b] * STEPS and out.forward_calls == STEPS
     assert maxdiff(out.latents, run(sd15, [CFG(4.0), PAG(2.0)]).latents) > 1e-3
     # on PAG's rows too (prompt rows), in every chunk and with or without prefix sharing
-    assert maxdiff(out.latents, run(sd15, terms, max_rows=1).latents) <= TOL
-    assert maxdiff(out.latents, run(sd15, terms, max_rows=3).latents) <= TOL
-    assert maxdiff(out.latents, run(sd15, terms, prefix_sharing=False).latents) <= TOL
-    for i, prompt in enumerate(PROMPTS):
-        one = run(sd15, terms, prompts=[prompt], negatives=[NEGATIVES[i]], seed=11 + i).latents
-        assert maxdiff(one[0], out.latents[i]) <= TOL
+    check_chunks_and_per_image(sd15, terms, out, TOL)
 
 
 def test_nag_restored_and_errors(sd15):

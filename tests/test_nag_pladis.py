@@ -11,7 +11,15 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from guide_support import NEGATIVES, PROMPTS, STEPS, check_restored, maxdiff, reference, run
+from guide_support import (
+    PROMPTS,
+    STEPS,
+    check_chunks_and_per_image,
+    check_restored,
+    maxdiff,
+    reference,
+    run,
+)
 from test_nag import ref_nag
 from test_pladis import entmax_bisect
 
@@ -57,12 +65,7 @@ def test_nag_and_pladis_chunks_pag_and_per_image(sd15, unet_calls):
     with unet_calls(sd15.unet) as log:
         out = run(sd15, terms)
     assert log.rows == [3 * len(PROMPTS)] * STEPS and out.forward_calls == STEPS
-    assert maxdiff(out.latents, run(sd15, terms, max_rows=1).latents) <= TOL
-    assert maxdiff(out.latents, run(sd15, terms, max_rows=3).latents) <= TOL
-    assert maxdiff(out.latents, run(sd15, terms, prefix_sharing=False).latents) <= TOL
-    for i, prompt in enumerate(PROMPTS):
-        one = run(sd15, terms, prompts=[prompt], negatives=[NEGATIVES[i]], seed=11 + i).latents
-        assert maxdiff(one[0], out.latents[i]) <= TOL
+    check_chunks_and_per_image(sd15, terms, out, TOL)
 
 
 def test_nag_and_pladis_windows(sd15):
