@@ -248,7 +248,7 @@ def test_comfy_churn_matches_comfyui(comfy_setup, sampler, knobs):
         ({"s_churn": "5", "scheduler": "euler"}, "s_churn must be a number, got str '5'"),
         ({"s_noise": math.nan, "scheduler": "euler"}, "s_noise must be a finite number >= 0, got nan"),
         ({"s_churn": 1.0, "s_tmin": 2.0, "s_tmax": 1.0, "scheduler": "euler"}, "s_tmax (1.0) must be >= s_tmin (2.0)"),
-        ({"s_churn": 1.0, "scheduler": "ddim"}, "s_churn apply to the diffusers policy's euler only, not 'ddim' (diffusers noise policy)"),
+        ({"s_churn": 1.0, "scheduler": "ddim"}, "s_churn applies to the diffusers policy's euler only, not 'ddim' (diffusers noise policy)"),
         ({"s_noise": 0.5, "scheduler": "euler"}, "s_noise only take effect with s_churn > 0"),
         ({"ancestral_eta": 0.5, "scheduler": "euler_a"}, "ancestral_eta applies to the comfy policy's euler_a only, not 'euler_a' (diffusers noise policy)"),
         ({"s_churn": 1.0, "scheduler": "dpmpp_2m", "noise": "comfy"}, "s_churn: churn in the comfy noise policy is for euler and heun only, not 'dpmpp_2m' (comfy noise policy)"),
@@ -343,7 +343,7 @@ def test_prompt_file_knob_keys(tmp_path):
         plan(load_prompts(path), family_defaults("sd15"))
     assert (
         str(err.value)
-        == f"{path}:3: s_churn apply to the diffusers policy's euler only, not 'ddim' (diffusers noise policy)"
+        == f"{path}:3: s_churn applies to the diffusers policy's euler only, not 'ddim' (diffusers noise policy)"
     )
     path.write_text("prompts:\n  - prompt: b\n    scheduler: ddim\n    dynamic_thresholding: [0.9, 1.5]\n")
     (job,) = plan(load_prompts(path), family_defaults("sd15"))

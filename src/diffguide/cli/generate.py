@@ -216,7 +216,7 @@ def generate(
         Noise,
         typer.Option(
             "--noise",
-            help="Noise policy: diffusers (per-image CPU generators, as diffusers) or comfy (as ComfyUI's KSampler; --scheduler euler, euler_a or dpmpp_2m, schedule from --schedule).",
+            help="Noise policy: diffusers (per-image CPU generators, as diffusers) or comfy (as ComfyUI's KSampler; --scheduler euler, euler_a, heun or dpmpp_2m, schedule from --schedule).",
             rich_help_panel=P_PROMPT,
         ),
     ] = DEFAULT_NOISE,
@@ -441,7 +441,7 @@ def generate(
             "--threads",
             min=1,
             help="CPU threads for torch (recorded in the manifest). Default: torch's, except 1 for "
-            "UNets under 10M parameters on the CPU, where more threads only add synchronisation.",
+            "models under 10M parameters on the CPU, where more threads only add synchronisation.",
             show_default="torch's default",
             rich_help_panel=P_MODEL,
         ),

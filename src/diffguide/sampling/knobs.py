@@ -229,7 +229,8 @@ def check_config_knobs(cfg: Any) -> None:
     if "ancestral_eta" in changed:
         raise ConfigError(f"ancestral_eta applies to the comfy policy's euler_a only, not {where}")
     if cfg.scheduler != "euler":
-        raise ConfigError(f"{', '.join(changed)} apply to the diffusers policy's euler only, not {where}")
+        verb = "applies" if len(changed) == 1 else "apply"
+        raise ConfigError(f"{', '.join(changed)} {verb} to the diffusers policy's euler only, not {where}")
     if v["s_churn"] == 0:
         raise ConfigError(f"{', '.join(changed)} only take effect with s_churn > 0")
 
