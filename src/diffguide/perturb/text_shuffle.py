@@ -11,6 +11,7 @@ and stay. Each model call draws a fresh permutation per image from that image's 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,12 +20,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checks import GuidanceWarning
 from ..errors import DiffguideError
 from .base import ForwardContext
 from .dit import arg_namer
 
 TEXT = "encoder_hidden_states"
 MASKS = ("encoder_hidden_states_mask", "encoder_attention_mask")
+# Denoisers whose attention gives text tokens no position: shuffling them only reorders a set
+# (measured: final latents move by 1e-5 or less; docs/methods.md, "PromptShuffle")
+ORDER_FREE = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
 
 
 def permute_rows(x: torch.Tensor, start: int, perms: torch.Tensor) -> torch.Tensor:
@@ -48,6 +53,14 @@ class TextShuffle:
 
     @contextmanager
     def install(self, model: nn.Module, branch: str, ctx: ForwardContext) -> Iterator[None]:
+        if type(model).__name__ in ORDER_FREE:
+            warnings.warn(
+                f"PromptShuffle changes nothing but float rounding on {type(model).__name__}: its attention "
+                "gives text tokens no position, so a shuffle only reorders them (docs/methods.md); to perturb "
+                "word order, shuffle before the text encoder",
+                GuidanceWarning,
+                stacklevel=2,
+            )
         named = arg_namer(model.forward)
 
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
