@@ -19,14 +19,18 @@ TOKENIZER = Path(__file__).resolve().parents[1] / "src/diffguide/assets/tiny-sd/
 
 @pytest.fixture(scope="module")
 def recipes():
-    threads = torch.get_num_threads()
+    """The recipe modules, imported from training/ and dropped from sys.modules afterwards (their
+    names, e.g. ``data``, must not shadow anything for later tests)."""
+    threads, before = torch.get_num_threads(), set(sys.modules)
     sys.path.insert(0, str(TRAINING))
     try:
-        mods = {m: importlib.import_module(m) for m in ("common", "train", "train_sd3")}
+        yield {m: importlib.import_module(m) for m in ("common", "train", "train_sd3")}
     finally:
         sys.path.remove(str(TRAINING))
         torch.set_num_threads(threads)  # the recipes pin one thread at import
-    return mods
+        for name in set(sys.modules) - before:
+            if str(TRAINING) in (getattr(sys.modules[name], "__file__", None) or ""):
+                del sys.modules[name]
 
 
 class Stop(Exception):
